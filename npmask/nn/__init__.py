@@ -1,4 +1,18 @@
 """Layers with hand-written forward and backward passes."""
 from .module import Module, ParamRef
+from .linear import Linear, linear_forward, linear_backward
+from .batchnorm import BatchNorm1d, BatchNorm2d
+from .activation import Dropout, Flatten, ReLU
+from .pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
+from .container import Sequential
+from .loss import SoftmaxCrossEntropy, accuracy, softmax_cross_entropy
 
-__all__ = ["Module", "ParamRef"]
+__all__ = [
+    "Module", "ParamRef",
+    "Linear", "linear_forward", "linear_backward",
+    "BatchNorm1d", "BatchNorm2d",
+    "ReLU", "Dropout", "Flatten",
+    "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
+    "Sequential",
+    "softmax_cross_entropy", "SoftmaxCrossEntropy", "accuracy",
+]
