@@ -1,0 +1,385 @@
+"""Optimisers (SGD, Adam), named groups of optimisers, and learning-rate schedulers.
+
+An optimiser holds a list of :class:`~npmask.nn.module.ParamRef` (from ``model.parameter_refs()``)
+and reads ``ref.data`` / ``ref.grad`` at every step, so it always sees the module's current arrays.
+Parameters are updated **in place** (``p -= ...``), so every other reference to them stays valid.
+A parameter whose gradient is ``None`` (frozen) is skipped: no update, no state.
+
+The update rules follow PyTorch's ``torch.optim.SGD`` and ``torch.optim.Adam`` exactly. With
+gradient ``g``, parameter ``p``, learning rate ``lr`` and weight decay ``wd``:
+
+SGD (momentum ``mu``, dampening ``d``)::
+
+    g   <- g + wd * p                          (L2 weight decay, added to the gradient)
+    buf <- g                                   (first step: the buffer starts at the gradient)
+    buf <- mu * buf + (1 - d) * g              (later steps)
+    g   <- g + mu * buf   (Nesterov)   or   g <- buf   (classical momentum)
+    p   <- p - lr * g
+
+Adam (``beta1``, ``beta2``, ``eps``; ``t`` counts this parameter's steps, starting at 1)::
+
+    g <- g + wd * p
+    m <- beta1 * m + (1 - beta1) * g           (first moment, starts at 0)
+    v <- beta2 * v + (1 - beta2) * g**2        (second moment, starts at 0)
+    p <- p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+The bias corrections undo the pull of the zero initialisation of ``m`` and ``v`` towards 0 in the
+first steps. Optimiser state lives on the parameter's backend and in its dtype (float32 parameters
+get float32 moments).
+
+Two optimisers for two parts of a model, as in the paper's protocol, are one line::
+
+    opt = Optimizers(body=Adam(model.parameter_refs(exclude=("fc",)), lr=1e-4),
+                     head=SGD(model.parameter_refs(include=("fc",)), lr=1e-3, momentum=0.9))
+    opt["head"].lr = 1e-2          # each group's learning rate can be changed by hand
+    sched = MultiStepLR(opt, milestones=[45], gamma=0.1)   # scales every group's base lr
+
+``state_dict()`` of an optimiser, a group of optimisers or a scheduler is a flat
+``{str: numpy.ndarray}`` dict (scalars as 0-d arrays), ready for ``numpy.savez`` and loadable with
+``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+
+from .backend import backend_name, get_array_module, to_device, to_numpy
+
+
+class Optimizer:
+    """Base class: a list of ParamRefs, hyper-parameters, and per-parameter state.
+
+    ``state[param_name]`` is a dict of arrays (and the int ``"step"`` where used). Subclasses
+    list their scalar hyper-parameters in ``hyper`` and implement :meth:`_update`.
+    """
+
+    hyper: tuple = ("lr",)
+    buffers: tuple = ()  # names of the per-parameter state arrays, for state_dict validation
+
+    def __init__(self, refs, lr: float):
+        self.refs = list(refs)
+        names = [r.name for r in self.refs]
+        if len(set(names)) != len(names):
+            raise ValueError("an optimiser was given the same parameter twice: "
+                             f"{sorted({n for n in names if names.count(n) > 1})}")
+        if not lr >= 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        self.lr = float(lr)
+        self.state: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place."""
+        for ref in self.refs:
+            grad = ref.grad
+            if grad is None:  # frozen: no gradient is computed or stored for it
+                continue
+            self._update(ref.name, ref.data, grad, self.state.setdefault(ref.name, {}))
+
+    def _update(self, name, p, g, state) -> None:
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        """Set the gradients of this optimiser's parameters to zero, in place."""
+        for ref in self.refs:
+            g = ref.grad
+            if g is not None:
+                g.fill(0)
+
+    # ------------------------------------------------------------------ saving
+    def state_dict(self) -> dict:
+        """Flat ``{key: numpy array}``: hyper-parameters and per-parameter state, as copies.
+
+        Keys: ``"lr"`` (and the other hyper-parameters, e.g. ``"momentum"``, ``"betas"``) and
+        ``"state.<param name>.<buffer>"`` (e.g. ``"state.fc.weight.exp_avg"``,
+        ``"state.fc.weight.step"``). Arrays are NumPy copies in the parameter's dtype.
+        """
+        out = {}
+        for h in self.hyper:
+            out[h] = np.asarray(getattr(self, h), dtype=np.float64)
+        for pname, st in self.state.items():
+            for key, val in st.items():
+                if key == "step":
+                    out[f"state.{pname}.{key}"] = np.asarray(val, dtype=np.int64)
+                else:
+                    out[f"state.{pname}.{key}"] = np.array(to_numpy(val), copy=True)
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore hyper-parameters and state saved by :meth:`state_dict` (values are copied).
+
+        State arrays are cast to each parameter's dtype and moved to its backend. A key naming a
+        parameter this optimiser does not hold, an unknown buffer, or a wrong shape is an error.
+        """
+        missing = [h for h in self.hyper if h not in sd]
+        if missing:
+            raise KeyError(f"{type(self).__name__} state_dict lacks hyper-parameters {missing}")
+        refs = {r.name: r for r in self.refs}
+        new_state: dict[str, dict] = {}
+        for key, val in sd.items():
+            if key in self.hyper:
+                continue
+            if not key.startswith("state."):
+                raise KeyError(f"unexpected key {key!r} in a {type(self).__name__} state_dict")
+            pname, _, buf = key[len("state."):].rpartition(".")
+            if pname not in refs:
+                raise KeyError(f"state_dict key {key!r}: this optimiser holds no parameter {pname!r}")
+            if buf != "step" and buf not in self.buffers:
+                raise KeyError(f"state_dict key {key!r}: {type(self).__name__} keeps no buffer "
+                               f"{buf!r} (it keeps {list(self.buffers)} and 'step')")
+            p = refs[pname].data
+            if buf == "step":
+                new_state.setdefault(pname, {})[buf] = int(np.asarray(val))
+                continue
+            if tuple(np.shape(val)) != tuple(p.shape):
+                raise ValueError(f"state_dict key {key!r} has shape {tuple(np.shape(val))}, "
+                                 f"parameter {pname!r} has shape {tuple(p.shape)}")
+            arr = to_device(np.asarray(val), backend_name(p))
+            new_state.setdefault(pname, {})[buf] = arr.astype(p.dtype, copy=True)
+        for h in self.hyper:
+            value = np.asarray(sd[h], dtype=np.float64)
+            setattr(self, h, float(value) if value.ndim == 0 else tuple(float(v) for v in value))
+        self.state = new_state
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{h}={getattr(self, h)}" for h in self.hyper)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.refs)} params, {self.extra_repr()})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
+
+    See the module docstring for the update; it matches ``torch.optim.SGD``.
+    """
+
+    hyper = ("lr", "momentum", "dampening", "weight_decay")
+    buffers = ("momentum_buffer",)
+
+    def __init__(self, refs, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, dampening: float = 0.0):
+        super().__init__(refs, lr)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = float(weight_decay)
+        self.dampening = float(dampening)
+
+    def _update(self, name, p, g, state):
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p  # a new array: the module's gradient is left untouched
+        if self.momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= self.lr * g
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", nesterov=True" if self.nesterov else "")
+
+
+class Adam(Optimizer):
+    """Adam with bias correction and optional L2 weight decay, as ``torch.optim.Adam``.
+
+    See the module docstring for the update. ``state[name]["step"]`` counts the steps this
+    parameter has taken (a parameter frozen for a while does not advance its count).
+    """
+
+    hyper = ("lr", "betas", "eps", "weight_decay")
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, refs, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(refs, lr)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"Adam betas must lie in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self.betas = (float(b1), float(b2))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+
+    def _update(self, name, p, g, state):
+        xp = get_array_module(p)
+        b1, b2 = self.betas
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(p)
+            state["exp_avg_sq"] = xp.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        step_size = self.lr / (1 - b1 ** t)
+        denom = xp.sqrt(v)
+        denom /= math.sqrt(1 - b2 ** t)
+        denom += self.eps
+        # p -= step_size * m / denom, reusing denom's memory for the update
+        xp.divide(m, denom, out=denom)
+        denom *= step_size
+        p -= denom
+
+
+class Optimizers:
+    """Named optimisers stepped together: ``Optimizers(body=Adam(...), head=SGD(...))``.
+
+    ``opt["head"]`` (or ``opt.groups["head"]``) is one optimiser; its ``lr`` can be set by hand or
+    by a scheduler built on the whole group. The named optimisers must not share parameters.
+    """
+
+    def __init__(self, **groups: Optimizer):
+        if not groups:
+            raise ValueError("Optimizers needs at least one named optimiser")
+        seen: dict[str, str] = {}
+        for gname, opt in groups.items():
+            if not isinstance(opt, Optimizer):
+                raise TypeError(f"group {gname!r} is a {type(opt).__name__}, not an Optimizer")
+            for r in opt.refs:
+                if r.name in seen:
+                    raise ValueError(f"parameter {r.name!r} is in both groups {seen[r.name]!r} "
+                                     f"and {gname!r}")
+                seen[r.name] = gname
+        self.groups: dict[str, Optimizer] = dict(groups)
+
+    def __getitem__(self, name: str) -> Optimizer:
+        try:
+            return self.groups[name]
+        except KeyError:
+            raise KeyError(f"no optimiser group {name!r}; groups are {list(self.groups)}") from None
+
+    @property
+    def lr(self) -> dict:
+        """``{group name: learning rate}`` (read-only view; set ``opt[name].lr`` to change one)."""
+        return {k: o.lr for k, o in self.groups.items()}
+
+    def step(self) -> None:
+        for opt in self.groups.values():
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.groups.values():
+            opt.zero_grad()
+
+    def state_dict(self) -> dict:
+        """Flat dict: each group's keys prefixed with ``"<group>/"`` (e.g. ``"head/lr"``)."""
+        out = {}
+        for gname, opt in self.groups.items():
+            for key, val in opt.state_dict().items():
+                out[f"{gname}/{key}"] = val
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        parts: dict[str, dict] = {g: {} for g in self.groups}
+        for key, val in sd.items():
+            gname, sep, rest = key.partition("/")
+            if not sep or gname not in parts:
+                raise KeyError(f"state_dict key {key!r} names no group of {list(self.groups)}")
+            parts[gname][rest] = val
+        for gname, opt in self.groups.items():
+            opt.load_state_dict(parts[gname])
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={o!r}" for k, o in self.groups.items())
+        return f"Optimizers({inner})"
+
+
+def _leaves(optimizer) -> dict[str, Optimizer]:
+    """``{group name: Optimizer}``; a single optimiser is the group ``""``."""
+    if isinstance(optimizer, Optimizers):
+        return optimizer.groups
+    if isinstance(optimizer, Optimizer):
+        return {"": optimizer}
+    raise TypeError(f"a scheduler needs an Optimizer or Optimizers, got {type(optimizer).__name__}")
+
+
+class LRScheduler:
+    """Base of the epoch-wise schedulers: ``lr = base_lr * factor(last_epoch)`` for every group.
+
+    ``base_lrs`` are the learning rates when the scheduler is created (epoch 0). Call
+    :meth:`step` once at the end of every epoch; ``last_epoch`` counts those calls. The rate is
+    recomputed from ``base_lr`` (closed form), so a rate set by hand is overwritten at the next step.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.base_lrs = {k: o.lr for k, o in _leaves(optimizer).items()}
+        self.last_epoch = 0
+
+    def factor(self, epoch: int) -> float:
+        raise NotImplementedError
+
+    def get_lr(self) -> dict:
+        """``{group name: lr}`` at ``last_epoch`` (group ``""`` for a single optimiser)."""
+        f = self.factor(self.last_epoch)
+        return {k: b * f for k, b in self.base_lrs.items()}
+
+    def _apply(self) -> None:
+        leaves = _leaves(self.optimizer)
+        for k, lr in self.get_lr().items():
+            leaves[k].lr = lr
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        """``{"last_epoch": ..., "base_lr/<group>": ...}`` as NumPy scalars."""
+        out = {"last_epoch": np.asarray(self.last_epoch, dtype=np.int64)}
+        for k, b in self.base_lrs.items():
+            out[f"base_lr/{k}"] = np.asarray(b, dtype=np.float64)
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore the epoch counter and base rates, and set the optimiser's rates accordingly."""
+        expected = {f"base_lr/{k}" for k in self.base_lrs} | {"last_epoch"}
+        if set(sd) != expected:
+            raise KeyError(f"scheduler state_dict keys {sorted(sd)} do not match {sorted(expected)}")
+        self.last_epoch = int(np.asarray(sd["last_epoch"]))
+        self.base_lrs = {k: float(np.asarray(sd[f"base_lr/{k}"])) for k in self.base_lrs}
+        self._apply()
+
+
+class StepLR(LRScheduler):
+    """``lr = base_lr * gamma ** (epoch // step_size)``: decay by ``gamma`` every ``step_size`` epochs."""
+
+    def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
+        if step_size < 1:
+            raise ValueError(f"step_size must be >= 1, got {step_size}")
+        self.step_size = int(step_size)
+        self.gamma = float(gamma)
+        super().__init__(optimizer)
+
+    def factor(self, epoch: int) -> float:
+        return self.gamma ** (epoch // self.step_size)
+
+
+class MultiStepLR(LRScheduler):
+    """``lr = base_lr * gamma ** (number of milestones <= epoch)``, e.g. milestones=[45], gamma=0.1
+    for the Decathlon protocol (x0.1 after 45 epochs)."""
+
+    def __init__(self, optimizer, milestones, gamma: float = 0.1):
+        ms = [int(m) for m in milestones]
+        if ms != sorted(ms):
+            raise ValueError(f"milestones must be increasing, got {list(milestones)}")
+        self.milestones = ms
+        self.gamma = float(gamma)
+        super().__init__(optimizer)
+
+    def factor(self, epoch: int) -> float:
+        return self.gamma ** bisect.bisect_right(self.milestones, epoch)

@@ -1,0 +1,283 @@
+"""Optimisers and schedulers against the update formulas, computed by hand on hand-made numbers."""
+import math
+
+import numpy as np
+import pytest
+
+from npmask.nn.module import Module
+from npmask.optim import SGD, Adam, MultiStepLR, Optimizers, StepLR
+
+
+class Params(Module):
+    """A module that only holds parameters (no forward), for driving optimisers by hand."""
+
+    def __init__(self, dtype=np.float64, **arrays):
+        super().__init__()
+        for name, value in arrays.items():
+            self.register_param(name, np.array(value, dtype=dtype))
+
+
+def toy(dtype=np.float64):
+    """A two-part 'model': body.w = [1, -2], head.b = [3]."""
+    m = Module()
+    m.body = Params(dtype, w=[1.0, -2.0])
+    m.head = Params(dtype, b=[3.0])
+    return m
+
+
+def set_grads(m, w, b=(0.0,)):
+    m.body.grads["w"][...] = w
+    m.head.grads["b"][...] = b
+
+
+G1 = [0.5, 0.25]   # the gradient of the first step
+G2 = [1.0, -1.0]   # the gradient of the second step
+
+
+def run(opt, m, grads):
+    out = []
+    for g in grads:
+        set_grads(m, g)
+        opt.step()
+        out.append(m.body.params["w"].copy())
+    return out
+
+
+# ---------------------------------------------------------------------------- SGD
+def test_sgd_plain():
+    m = toy()
+    (p1, p2) = run(SGD(m.parameter_refs(include=("body",)), lr=0.1), m, [G1, G2])
+    np.testing.assert_allclose(p1, [1 - 0.05, -2 - 0.025], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(p2, [0.95 - 0.1, -2.025 + 0.1], rtol=0, atol=1e-15)
+
+
+def test_sgd_momentum_buffer_starts_at_the_first_gradient():
+    m = toy()
+    p1, p2 = run(SGD(m.parameter_refs(include=("body",)), lr=0.1, momentum=0.9), m, [G1, G2])
+    # step 1: buf = g1 = [0.5, 0.25];  p = [1, -2] - 0.1 * buf
+    np.testing.assert_allclose(p1, [0.95, -2.025], rtol=0, atol=1e-15)
+    # step 2: buf = 0.9 * [0.5, 0.25] + [1, -1] = [1.45, -0.775]
+    np.testing.assert_allclose(p2, [0.95 - 0.145, -2.025 + 0.0775], rtol=0, atol=1e-15)
+
+
+def test_sgd_nesterov():
+    m = toy()
+    p1, p2 = run(SGD(m.parameter_refs(include=("body",)), lr=0.1, momentum=0.9, nesterov=True),
+                 m, [G1, G2])
+    # step 1: buf = [0.5, 0.25]; d = g + 0.9 * buf = [0.95, 0.475]
+    np.testing.assert_allclose(p1, [0.905, -2.0475], rtol=0, atol=1e-15)
+    # step 2: buf = [1.45, -0.775]; d = [1 + 1.305, -1 - 0.6975] = [2.305, -1.6975]
+    np.testing.assert_allclose(p2, [0.905 - 0.2305, -2.0475 + 0.16975], rtol=0, atol=1e-15)
+
+
+def test_sgd_dampening_applies_from_the_second_step():
+    m = toy()
+    p1, p2 = run(SGD(m.parameter_refs(include=("body",)), lr=0.1, momentum=0.9, dampening=0.5),
+                 m, [G1, G2])
+    np.testing.assert_allclose(p1, [0.95, -2.025], rtol=0, atol=1e-15)
+    # buf = 0.9 * [0.5, 0.25] + 0.5 * [1, -1] = [0.95, -0.275]
+    np.testing.assert_allclose(p2, [0.95 - 0.095, -2.025 + 0.0275], rtol=0, atol=1e-15)
+
+
+def test_sgd_weight_decay_leaves_the_gradient_untouched():
+    m = toy()
+    opt = SGD(m.parameter_refs(include=("body",)), lr=0.1, weight_decay=0.1)
+    (p1,) = run(opt, m, [G1])
+    # d = g + 0.1 * p = [0.5 + 0.1, 0.25 - 0.2] = [0.6, 0.05]
+    np.testing.assert_allclose(p1, [0.94, -2.005], rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(m.body.grads["w"], G1)
+
+
+def test_sgd_rejects_bad_settings():
+    m = toy()
+    with pytest.raises(ValueError, match="Nesterov"):
+        SGD(m.parameter_refs(), lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="learning rate"):
+        SGD(m.parameter_refs(), lr=-1.0)
+
+
+# ---------------------------------------------------------------------------- Adam
+def test_adam_first_step_moves_by_lr_times_sign():
+    """After bias correction, m_hat = g and v_hat = g**2 at step 1: the step is lr * g / (|g| + eps)."""
+    m = toy()
+    (p1,) = run(Adam(m.parameter_refs(include=("body",)), lr=0.1, eps=0.1), m, [G1])
+    # a large eps shows where it enters: added to sqrt(v_hat), after the bias correction
+    np.testing.assert_allclose(p1, [1 - 0.1 * 0.5 / 0.6, -2 - 0.1 * 0.25 / 0.35], rtol=1e-14)
+
+
+def test_adam_second_step_bias_correction():
+    m = toy()
+    p1, p2 = run(Adam(m.parameter_refs(include=("body",)), lr=0.1), m, [G1, G2])
+    p1_expected = [1 - 0.1 * 0.5 / (0.5 + 1e-8), -2 - 0.1 * 0.25 / (0.25 + 1e-8)]  # ~ [0.9, -2.1]
+    np.testing.assert_allclose(p1, p1_expected, rtol=1e-14)
+    # by hand: m = 0.9 * 0.1 * g1 + 0.1 * g2, v = 0.999 * 0.001 * g1^2 + 0.001 * g2^2,
+    # corrections 1 - 0.9^2 = 0.19 and 1 - 0.999^2 = 0.001999
+    m2 = [0.145, -0.0775]
+    v2 = [0.00124975, 0.0010624375]
+    expected = [p - 0.1 * (mi / 0.19) / (math.sqrt(vi / 0.001999) + 1e-8)
+                for p, mi, vi in zip(p1, m2, v2)]
+    # = [0.9 - 0.0965166..., -2.1 + 0.0559498...]
+    np.testing.assert_allclose(p2, expected, rtol=1e-13)
+    np.testing.assert_allclose(p2, [0.80348, -2.04405], atol=1e-5)
+
+
+def test_adam_weight_decay():
+    m = toy()
+    (p1,) = run(Adam(m.parameter_refs(include=("body",)), lr=0.1, eps=0.1, weight_decay=0.5), m, [G1])
+    g = [0.5 + 0.5 * 1.0, 0.25 + 0.5 * -2.0]  # = [1.0, -0.75]
+    np.testing.assert_allclose(p1, [1 - 0.1 * 1.0 / 1.1, -2 + 0.1 * 0.75 / 0.85], rtol=1e-14)
+    assert g[1] < 0  # weight decay flipped the sign of the second gradient: the step goes up
+
+
+# ---------------------------------------------------------------------------- frozen, dtype, groups
+@pytest.mark.parametrize("make", [lambda r: SGD(r, lr=0.1, momentum=0.9), lambda r: Adam(r, lr=0.1)])
+def test_frozen_parameters_are_skipped(make):
+    m = toy()
+    opt = make(m.parameter_refs(trainable_only=False))  # holds the head too
+    m.head.freeze("b")
+    m.body.grads["w"][...] = G1
+    opt.step()
+    assert m.head.params["b"][0] == 3.0
+    assert "head.b" not in opt.state and "body.w" in opt.state
+    assert not np.array_equal(m.body.params["w"], [1.0, -2.0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: SGD(r, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    lambda r: Adam(r, lr=0.1, weight_decay=1e-2),
+])
+def test_float32_is_kept(make):
+    m = toy(np.float32)
+    opt = make(m.parameter_refs())
+    w = m.body.params["w"]
+    for g in (G1, G2):
+        set_grads(m, g, [0.5])
+        opt.step()
+    assert m.body.params["w"] is w and w.dtype == np.float32  # updated in place
+    assert m.head.params["b"].dtype == np.float32
+    for st in opt.state.values():
+        for key, val in st.items():
+            if key != "step":
+                assert val.dtype == np.float32, key
+    for key, val in opt.state_dict().items():
+        if key.startswith("state.") and not key.endswith(".step"):
+            assert val.dtype == np.float32, key
+
+
+def paper_optimiser(m):
+    return Optimizers(body=Adam(m.parameter_refs(exclude=("head",)), lr=1e-1),
+                      head=SGD(m.parameter_refs(include=("head",)), lr=1e-2, momentum=0.9))
+
+
+def test_optimizers_group_steps_each_part_with_its_own_rule():
+    m = toy()
+    opt = paper_optimiser(m)
+    set_grads(m, G1, [2.0])
+    opt.step()
+    np.testing.assert_allclose(m.body.params["w"], [0.9, -2.1], rtol=1e-7)  # Adam: ~ lr * sign
+    np.testing.assert_allclose(m.head.params["b"], [3.0 - 0.02], rtol=1e-15)  # SGD: lr * g
+    opt["head"].lr = 0.5
+    assert opt.lr == {"body": 0.1, "head": 0.5}
+    opt.zero_grad()
+    assert not m.body.grads["w"].any() and not m.head.grads["b"].any()
+    with pytest.raises(ValueError, match="both groups"):
+        Optimizers(a=SGD(m.parameter_refs(), lr=1.0), b=SGD(m.parameter_refs(include=("head",)), lr=1.0))
+    with pytest.raises(KeyError, match="groups are"):
+        opt["classifier"]
+
+
+def test_state_dict_round_trip_gives_identical_updates(tmp_path):
+    m = toy(np.float32)
+    opt = paper_optimiser(m)
+    sched = MultiStepLR(opt, milestones=[1], gamma=0.1)
+    for g in (G1, G2):
+        set_grads(m, g, [0.7])
+        opt.step()
+    sched.step()
+    path = tmp_path / "opt.npz"
+    np.savez(path, **opt.state_dict(), **{f"sched/{k}": v for k, v in sched.state_dict().items()})
+
+    m2 = toy(np.float32)
+    m2.load_state_dict(m.state_dict())
+    opt2 = paper_optimiser(m2)
+    sched2 = MultiStepLR(opt2, milestones=[1], gamma=0.1)
+    with np.load(path, allow_pickle=False) as f:
+        saved = {k: f[k] for k in f.files}
+    opt2.load_state_dict({k: v for k, v in saved.items() if not k.startswith("sched/")})
+    sched2.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("sched/")})
+    assert opt2.lr == opt.lr == pytest.approx({"body": 1e-2, "head": 1e-3})
+    assert opt2["body"].state["body.w"]["step"] == 2
+
+    for g in ([0.3, -0.1], [-2.0, 4.0]):
+        for model in (m, m2):
+            set_grads(model, g, [0.1])
+        opt.step()
+        opt2.step()
+        for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+            np.testing.assert_array_equal(a, b, err_msg=n)
+    # without the state the next update differs (so the test above can fail)
+    m3 = toy(np.float32)
+    m3.load_state_dict(m2.state_dict())
+    fresh = paper_optimiser(m3)
+    set_grads(m3, G1, [0.1])
+    set_grads(m2, G1, [0.1])
+    fresh.step()
+    opt2.step()
+    assert not np.array_equal(m3.body.params["w"], m2.body.params["w"])
+
+
+def test_load_state_dict_rejects_foreign_state():
+    m = toy()
+    opt = Adam(m.parameter_refs(), lr=0.1)
+    set_grads(m, G1, [1.0])
+    opt.step()
+    sd = opt.state_dict()
+    other = SGD(m.parameter_refs(), lr=0.1, momentum=0.9)
+    with pytest.raises(KeyError):
+        other.load_state_dict(sd)
+    narrow = Adam(m.parameter_refs(include=("head",)), lr=0.1)
+    with pytest.raises(KeyError, match="body.w"):
+        narrow.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------- schedulers
+def lr_sequence(sched, opt, epochs):
+    out = [opt.lr]
+    for _ in range(epochs):
+        sched.step()
+        out.append(opt.lr)
+    return out
+
+
+def test_step_lr_sequence():
+    m = toy()
+    opt = SGD(m.parameter_refs(), lr=1.0)
+    sched = StepLR(opt, step_size=2, gamma=0.1)
+    np.testing.assert_allclose(lr_sequence(sched, opt, 5), [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-12)
+    assert sched.last_epoch == 5
+
+
+def test_multistep_lr_on_a_group_scales_each_base_lr():
+    m = toy()
+    opt = paper_optimiser(m)  # body 0.1, head 0.01
+    sched = MultiStepLR(opt, milestones=[2, 5], gamma=0.5)
+    seq = lr_sequence(sched, opt, 6)
+    factors = [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+    np.testing.assert_allclose([s["body"] for s in seq], [0.1 * f for f in factors], rtol=1e-12)
+    np.testing.assert_allclose([s["head"] for s in seq], [0.01 * f for f in factors], rtol=1e-12)
+
+
+def test_scheduler_state_dict_round_trip():
+    m = toy()
+    opt = SGD(m.parameter_refs(), lr=1.0)
+    sched = MultiStepLR(opt, milestones=[1, 3], gamma=0.1)
+    for _ in range(3):
+        sched.step()
+    sd = sched.state_dict()
+    opt2 = SGD(toy().parameter_refs(), lr=1.0)
+    sched2 = MultiStepLR(opt2, milestones=[1, 3], gamma=0.1)
+    sched2.load_state_dict(sd)
+    assert sched2.last_epoch == 3 and opt2.lr == pytest.approx(0.01)
+    sched.step()
+    sched2.step()
+    assert opt2.lr == opt.lr
