@@ -1,0 +1,149 @@
+"""The fast convolution against the naive loop reference, numeric gradient checks, dtype and contracts."""
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from npmask.gradcheck import check_layer, rel_error
+from npmask.nn.conv import Conv2d, conv2d_backward, conv2d_forward
+from npmask.nn.conv_reference import conv2d_backward_naive, conv2d_forward_naive
+
+
+@st.composite
+def conv_cases(draw, max_batch=3, max_channels=5, max_size=9):
+    """A valid (x shape, weight shape, stride, padding, bias?, seed) combination."""
+    n = draw(st.integers(1, max_batch))
+    c = draw(st.integers(1, max_channels))
+    o = draw(st.integers(1, max_channels))
+    h = draw(st.integers(1, max_size))
+    w = draw(st.integers(1, max_size))
+    kh = draw(st.integers(1, 4))
+    kw = draw(st.sampled_from([kh, draw(st.integers(1, 4))]))  # mostly square, sometimes not
+    stride = draw(st.integers(1, 3))
+    padding = draw(st.integers(0, 2))
+    assume(h + 2 * padding >= kh and w + 2 * padding >= kw)      # the kernel must fit
+    assume(padding < max(kh, kw))                                # output not all padding
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (n, c, h, w), (o, c, kh, kw), stride, padding, bias, seed
+
+
+def _arrays(xshape, wshape, bias, seed, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xshape).astype(dtype)
+    weight = rng.standard_normal(wshape).astype(dtype)
+    b = rng.standard_normal(wshape[0]).astype(dtype) if bias else None
+    return x, weight, b, rng
+
+
+@given(conv_cases())
+def test_fast_conv_matches_naive_reference(case):
+    xshape, wshape, stride, padding, bias, seed = case
+    x, weight, b, rng = _arrays(xshape, wshape, bias, seed)
+    y, cache = conv2d_forward(x, weight, b, stride, padding)
+    y_ref = conv2d_forward_naive(x, weight, b, stride, padding)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+
+    dy = rng.standard_normal(y.shape)
+    dy_copy = dy.copy()
+    dx, dweight, dbias = conv2d_backward(dy, cache)
+    dx_ref, dw_ref, db_ref = conv2d_backward_naive(dy, x, weight, stride, padding, with_bias=bias)
+    np.testing.assert_array_equal(dy, dy_copy)                   # backward never writes into dy
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dweight, dw_ref, rtol=1e-10, atol=1e-10)
+    if bias:
+        np.testing.assert_allclose(dbias, db_ref, rtol=1e-10, atol=1e-10)
+    else:
+        assert dbias is None
+
+
+@given(conv_cases(max_batch=2, max_channels=3, max_size=6))
+@settings(max_examples=15)
+def test_conv2d_layer_gradcheck(case):
+    xshape, wshape, stride, padding, bias, seed = case
+    o, c, kh, kw = wshape
+    layer = Conv2d(c, o, (kh, kw), stride=stride, padding=padding, bias=bias, dtype=np.float64, rng=seed)
+    x = np.random.default_rng(seed + 1).standard_normal(xshape)
+    report = check_layer(layer, x, seed=seed)                   # raises on failure
+    assert set(report.errors) == {"x", "weight"} | ({"bias"} if bias else set())
+
+
+def test_naive_reference_against_hand_computed_example():
+    # A 1x1x3x3 input, a 2x2 kernel: every output is a hand-checkable dot product.
+    x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)
+    w = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    y = conv2d_forward_naive(x, w)
+    expected = np.array([[0 + 2 + 9 + 16, 1 + 4 + 12 + 20], [3 + 8 + 18 + 28, 4 + 10 + 21 + 32]])
+    np.testing.assert_array_equal(y[0, 0], expected)
+
+
+@pytest.mark.parametrize("shape", [
+    # (N, C, H, O, k, stride, padding): the fast paths used by WRN (3x3 padded, 1x1, strided).
+    (4, 8, 12, 16, 3, 1, 1), (4, 8, 12, 16, 3, 2, 1), (3, 6, 8, 10, 1, 1, 0), (3, 6, 8, 10, 1, 2, 0),
+    (40, 3, 8, 4, 3, 1, 1),                                      # many images: several chunks
+])
+def test_float32_in_float32_out_and_close_to_float64(shape):
+    n, c, h, o, k, stride, padding = shape
+    x64, w64, b64, rng = _arrays((n, c, h, h), (o, c, k, k), True, 0)
+    y64, cache64 = conv2d_forward(x64, w64, b64, stride, padding)
+    dy64 = rng.standard_normal(y64.shape)
+    grads64 = conv2d_backward(dy64, cache64)
+
+    x, w, b, dy = (a.astype(np.float32) for a in (x64, w64, b64, dy64))
+    y, cache = conv2d_forward(x, w, b, stride, padding)
+    grads = conv2d_backward(dy, cache)
+    assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
+    assert rel_error(y, y64) < 1e-5
+    for g, g64 in zip(grads, grads64):
+        assert rel_error(g, g64) < 1e-5
+
+
+def test_frozen_weight_and_first_layer_skip_their_gradients():
+    layer = Conv2d(3, 4, 3, padding=1, bias=True, rng=0)
+    x = np.random.default_rng(1).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    dy = np.random.default_rng(2).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    layer.freeze("weight")
+    layer.forward(x)
+    dx = layer.backward(dy)
+    assert "weight" not in layer.grads and dx.shape == x.shape
+    np.testing.assert_allclose(layer.grads["bias"], dy.sum(axis=(0, 2, 3)), rtol=1e-5)
+
+    layer.need_input_grad = False
+    layer.forward(x)
+    assert layer.backward(dy) is None
+    _, dweight, _ = conv2d_backward(dy, conv2d_forward(x, layer.params["weight"], None, 1, 1)[1],
+                                    need_dweight=False)
+    assert dweight is None
+
+
+def test_gradients_accumulate_and_init_statistics():
+    layer = Conv2d(16, 64, 3, padding=1, rng=0)
+    assert layer.params["weight"].shape == (64, 16, 3, 3) and "bias" not in layer.params
+    assert layer.params["weight"].dtype == np.float32
+    # He normal with fan_out: std sqrt(2 / (64 * 9)) = 0.0589.
+    assert abs(layer.params["weight"].std() / np.sqrt(2 / (64 * 9)) - 1) < 0.05
+    x = np.random.default_rng(1).standard_normal((2, 16, 4, 4)).astype(np.float32)
+    dy = np.random.default_rng(2).standard_normal((2, 64, 4, 4)).astype(np.float32)
+    layer.forward(x)
+    layer.backward(dy)
+    once = layer.grads["weight"].copy()
+    layer.forward(x)
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.grads["weight"], 2 * once, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(x=(2, 3, 5, 5), w=(4, 2, 3, 3)),                       # channel mismatch
+    dict(x=(2, 3, 5), w=(4, 3, 3, 3)),                          # x not 4-D
+    dict(x=(2, 3, 2, 2), w=(4, 3, 3, 3)),                       # kernel larger than input
+])
+def test_bad_shapes_give_clear_errors(bad):
+    x = np.zeros(bad["x"], dtype=np.float32)
+    w = np.zeros(bad["w"], dtype=np.float32)
+    with pytest.raises(ValueError):
+        conv2d_forward(x, w, None, 1, 0)
+
+
+def test_mixed_dtypes_rejected():
+    with pytest.raises(ValueError, match="dtype"):
+        conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 3, 3), dtype=np.float32), None, 1, 0)
