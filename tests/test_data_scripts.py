@@ -1,0 +1,286 @@
+"""Offline tests of data_scripts/: each converter runs on a tiny fixture written in the source's
+real format (file layout, headers, binary records, .mat, IDX, COCO json, tar/zip archives), and
+the download helper runs against a local HTTP server on 127.0.0.1 that honours Range requests.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import struct
+import sys
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "data_scripts"))
+
+import _common as C  # noqa: E402
+from npmask.data.format import load_domain  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# fixture helpers
+# ---------------------------------------------------------------------------------------------
+
+def rng_image(seed, h, w, mode="RGB"):
+    """A random image (so every fixture image differs and label mix-ups are detectable)."""
+    r = np.random.default_rng(seed)
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(r.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def encode(img, fmt):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path, members: dict, mode="w:gz"):
+    """members: {name: bytes}."""
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_zip(path, members: dict):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def tar_bytes(members: dict, mode="w"):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def truncate(path, keep=0.5):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+
+
+def assert_no_domain(folder):
+    folder = Path(folder)
+    assert not folder.exists()
+    # no temporary folder left beside it either
+    if folder.parent.exists():
+        assert not [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# download helper: local HTTP server with Range support
+# ---------------------------------------------------------------------------------------------
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    cut_after = None          # serve only this many bytes then drop the connection
+    honour_range = True
+    log = []
+
+    def do_GET(self):  # noqa: N802
+        data = self.payload
+        start = 0
+        rng = self.headers.get("Range")
+        type(self).log.append(rng)
+        if rng and self.honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.cut_after is not None:
+            body = body[: self.cut_after]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    handler = type("H", (_RangeHandler,), {"log": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"http://127.0.0.1:{httpd.server_address[1]}/file.bin"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_resumes_partial_file_with_range(server, tmp_path):
+    handler, url = server
+    payload = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    handler.payload = payload
+    md5 = hashlib.md5(payload).hexdigest()
+    dest = tmp_path / "file.bin"
+    # a previous run left the first 20,000 bytes
+    (tmp_path / "file.bin.part").write_bytes(payload[:20_000])
+    C.download(url, dest, md5=md5, size=len(payload), quiet=True)
+    assert dest.read_bytes() == payload
+    assert handler.log == ["bytes=20000-"]
+    assert not (tmp_path / "file.bin.part").exists()
+    # present and verified: no second request
+    C.download(url, dest, md5=md5, quiet=True)
+    assert handler.log == ["bytes=20000-"]
+
+
+def test_download_interrupted_then_resumed(server, tmp_path):
+    handler, url = server
+    payload = bytes(range(256)) * 100
+    handler.payload = payload
+    sha = hashlib.sha256(payload).hexdigest()
+    dest = tmp_path / "a.bin"
+    handler.cut_after = 10_000        # connection drops mid-transfer
+    with pytest.raises(C.DataScriptError, match="interrupted"):
+        C.download(url, dest, sha256=sha, size=len(payload), quiet=True)
+    assert not dest.exists()
+    part = tmp_path / "a.bin.part"
+    assert 0 < part.stat().st_size < len(payload)
+    handler.cut_after = None
+    C.download(url, dest, sha256=sha, size=len(payload), quiet=True)
+    assert dest.read_bytes() == payload
+    assert handler.log[-1] == f"bytes={10_000}-"
+
+
+def test_download_server_without_range_restarts(server, tmp_path):
+    handler, url = server
+    payload = b"x" * 3000 + b"y" * 3000
+    handler.payload = payload
+    handler.honour_range = False
+    (tmp_path / "b.bin.part").write_bytes(b"garbage!")
+    C.download(url, tmp_path / "b.bin", md5=hashlib.md5(payload).hexdigest(), quiet=True)
+    assert (tmp_path / "b.bin").read_bytes() == payload
+
+
+def test_download_checksum_mismatch_is_clear_and_leaves_nothing(server, tmp_path):
+    handler, url = server
+    handler.payload = b"not the published file"
+    with pytest.raises(C.DataScriptError, match="md5 checksum mismatch"):
+        C.download(url, tmp_path / "c.bin", md5="0" * 32, quiet=True)
+    assert not (tmp_path / "c.bin").exists()
+    assert not (tmp_path / "c.bin.part").exists()
+
+
+def test_download_file_url_and_offline_fetch(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"hello" * 100)
+    md5 = hashlib.md5(src.read_bytes()).hexdigest()
+    out = C.fetch([{"url": src.as_uri(), "filename": "dst.bin", "md5": md5}], tmp_path / "dl",
+                  quiet=True)
+    assert out["dst.bin"].read_bytes() == src.read_bytes()
+    with pytest.raises(C.DataScriptError, match="missing"):
+        C.fetch([{"url": src.as_uri(), "filename": "other.bin"}], tmp_path / "dl", offline=True)
+
+
+def test_download_unreachable_is_clear(tmp_path):
+    with pytest.raises(C.DataScriptError, match="failed"):
+        C.download("http://127.0.0.1:9/none", tmp_path / "x", quiet=True, timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR
+# ---------------------------------------------------------------------------------------------
+
+def cifar_records(n, label_bytes, seed, num_classes):
+    r = np.random.default_rng(seed)
+    labels = r.integers(0, num_classes, n).astype(np.uint8)
+    images = r.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    rows = [bytes([int(lab) // 5] * (label_bytes - 1) + [int(lab)])
+            + images[i].transpose(2, 0, 1).tobytes() for i, lab in enumerate(labels)]
+    return b"".join(rows), images, labels
+
+
+def test_cifar10_binary(tmp_path):
+    import cifar
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    members, train_imgs, train_labels = {}, [], []
+    for i in range(1, 6):
+        data, imgs, labs = cifar_records(3, 1, i, 10)
+        members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = data
+        train_imgs.append(imgs)
+        train_labels.append(labs)
+    test_data, test_imgs, test_labels = cifar_records(4, 1, 99, 10)
+    members["cifar-10-batches-bin/test_batch.bin"] = test_data
+    members["cifar-10-batches-bin/batches.meta.txt"] = ("\n".join(names) + "\n\n").encode()
+    archive = write_tar(tmp_path / "cifar-10-binary.tar.gz", members)
+    cifar.convert(archive, tmp_path / "out" / "cifar10", "cifar10")
+    d = load_domain(tmp_path / "out" / "cifar10")
+    assert d.class_names == names and d.mirror
+    np.testing.assert_array_equal(d.train[0], np.concatenate(train_imgs))
+    np.testing.assert_array_equal(d.train[1], np.concatenate(train_labels))
+    np.testing.assert_array_equal(d.test[0], test_imgs)
+    np.testing.assert_array_equal(d.test[1], test_labels)
+    assert C.domain_is_complete(tmp_path / "out" / "cifar10", {"which": "cifar10"})
+
+
+def test_cifar100_fine_labels_and_truncation(tmp_path):
+    import cifar
+    names = [f"class{i}" for i in range(100)]
+    train, train_imgs, train_labels = cifar_records(6, 2, 1, 100)
+    test, _, test_labels = cifar_records(3, 2, 2, 100)
+    members = {"cifar-100-binary/train.bin": train, "cifar-100-binary/test.bin": test,
+               "cifar-100-binary/fine_label_names.txt": "\n".join(names).encode(),
+               "cifar-100-binary/coarse_label_names.txt": b"a\nb\n"}
+    archive = write_tar(tmp_path / "cifar-100-binary.tar.gz", members)
+    cifar.convert(archive, tmp_path / "cifar100", "cifar100")
+    d = load_domain(tmp_path / "cifar100")
+    assert d.num_classes == 100
+    np.testing.assert_array_equal(d.train[0], train_imgs)
+    np.testing.assert_array_equal(d.train[1], train_labels)
+    np.testing.assert_array_equal(d.test[1], test_labels)
+
+    truncate(archive, 0.6)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        cifar.convert(archive, tmp_path / "again", "cifar100")
+    assert_no_domain(tmp_path / "again")
+
+
+def test_cifar_main_is_idempotent_and_offline(tmp_path, capsys):
+    import cifar
+    data, _, _ = cifar_records(2, 1, 0, 10)
+    members = {f"cifar-10-batches-bin/data_batch_{i}.bin": data for i in range(1, 6)}
+    members["cifar-10-batches-bin/test_batch.bin"] = data
+    members["cifar-10-batches-bin/batches.meta.txt"] = "\n".join("abcdefghij").encode()
+    dl = tmp_path / "root" / "_downloads" / "cifar"
+    dl.mkdir(parents=True)
+    write_tar(dl / "cifar-10-binary.tar.gz", members)
+    spec = cifar.SOURCES["cifar10"]["resource"]
+    old = spec["md5"]
+    spec["md5"] = C.file_hash(dl / "cifar-10-binary.tar.gz")
+    try:
+        args = ["--root", str(tmp_path / "root"), "--which", "cifar10", "--offline", "--quiet"]
+        assert C.run_cli(cifar.main, args) == 0
+        assert "written" in capsys.readouterr().out
+        assert C.run_cli(cifar.main, args) == 0
+        assert "skipped" in capsys.readouterr().out
+        # a missing archive (cifar100, offline) is a one-line error, not a traceback
+        assert C.run_cli(cifar.main, ["--root", str(tmp_path / "root"), "--which", "cifar100",
+                                      "--offline"]) == 1
+        assert "missing" in capsys.readouterr().err
+        assert_no_domain(tmp_path / "root" / "cifar100")
+    finally:
+        spec["md5"] = old
