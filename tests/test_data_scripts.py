@@ -284,3 +284,82 @@ def test_cifar_main_is_idempotent_and_offline(tmp_path, capsys):
         assert_no_domain(tmp_path / "root" / "cifar100")
     finally:
         spec["md5"] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# SVHN
+# ---------------------------------------------------------------------------------------------
+
+def write_svhn_mat(path, n, seed):
+    from scipy.io import savemat
+    r = np.random.default_rng(seed)
+    images = r.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    digits = np.arange(n) % 10
+    y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)   # SVHN: 10 means 0
+    savemat(path, {"X": images.transpose(1, 2, 3, 0), "y": y})
+    return images, digits
+
+
+def test_svhn_mat(tmp_path):
+    import svhn
+    tr_imgs, tr_digits = write_svhn_mat(tmp_path / "train_32x32.mat", 12, 0)
+    te_imgs, te_digits = write_svhn_mat(tmp_path / "test_32x32.mat", 5, 1)
+    svhn.convert({"train": tmp_path / "train_32x32.mat", "test": tmp_path / "test_32x32.mat"},
+                 tmp_path / "svhn")
+    d = load_domain(tmp_path / "svhn")
+    assert d.class_names == [str(i) for i in range(10)] and not d.mirror
+    np.testing.assert_array_equal(d.train[0], tr_imgs)
+    np.testing.assert_array_equal(d.train[1], tr_digits)
+    np.testing.assert_array_equal(d.test[0], te_imgs)
+    np.testing.assert_array_equal(d.test[1], te_digits)
+
+    truncate(tmp_path / "train_32x32.mat", 0.5)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        svhn.convert({"train": tmp_path / "train_32x32.mat", "test": tmp_path / "test_32x32.mat"},
+                     tmp_path / "svhn2")
+    assert_no_domain(tmp_path / "svhn2")
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST
+# ---------------------------------------------------------------------------------------------
+
+def write_idx_gz(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "i" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_idx(tmp_path):
+    import mnist
+    r = np.random.default_rng(0)
+    files, truth = {}, {}
+    for split, n in (("train", 7), ("test", 3)):
+        imgs = r.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labs = r.integers(0, 10, n).astype(np.uint8)
+        write_idx_gz(tmp_path / f"{split}-images.gz", imgs)
+        write_idx_gz(tmp_path / f"{split}-labels.gz", labs)
+        files[f"{split}_images"] = tmp_path / f"{split}-images.gz"
+        files[f"{split}_labels"] = tmp_path / f"{split}-labels.gz"
+        truth[split] = (imgs, labs)
+    mnist.convert(files, tmp_path / "mnist")
+    d = load_domain(tmp_path / "mnist")
+    assert d.train[0].shape == (7, 28, 28, 3) and not d.mirror
+    for c in range(3):
+        np.testing.assert_array_equal(d.train[0][..., c], truth["train"][0])
+    np.testing.assert_array_equal(d.test[1], truth["test"][1])
+
+    mnist.convert(files, tmp_path / "mnist32", size=32, channels=1)
+    d = load_domain(tmp_path / "mnist32")
+    assert d.train[0].shape == (7, 32, 32, 1) and d.meta["extra"]["options"]["size"] == 32
+
+    # an IDX whose payload is shorter than its header says
+    write_idx_gz(tmp_path / "train-images.gz", truth["train"][0])
+    raw = gzip.decompress((tmp_path / "train-images.gz").read_bytes())
+    (tmp_path / "train-images.gz").write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(C.DataScriptError, match="truncated"):
+        mnist.convert(files, tmp_path / "bad")
+    truncate(tmp_path / "train-images.gz", 0.5)          # a cut-short gzip stream
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        mnist.convert(files, tmp_path / "bad")
+    assert_no_domain(tmp_path / "bad")
