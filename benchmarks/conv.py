@@ -1,0 +1,147 @@
+"""Conv2d speed against the machine's float32 GEMM rate, for every conv shape of WRN-28-4.
+
+Run:  .venv/bin/python benchmarks/conv.py [--backend numpy|cupy] [--batch 32] [--repeats 5]
+
+Prints, in one run:
+1. the float32 GEMM rate (median of several 2048x2048 matmuls), the yardstick: a convolution is three
+   GEMMs in disguise (forward, input gradient, weight gradient), so its best possible speed is the
+   GEMM rate;
+2. for every distinct conv shape of WRN-28-4 at 64x64 input, the median time of forward + backward
+   (dx and dweight), its GFLOP/s (2*O*C*kh*kw*Ho*Wo*N per pass, 3 passes) and the fraction of the
+   GEMM rate;
+3. the total over all convs of the network, each shape weighted by how many times it occurs.
+
+Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npmask.backend import get_backend  # noqa: E402
+from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
+
+
+def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
+    """[(name, Cin, Cout, k, stride, H, count)] for the convs of WRN-depth-width (DESIGN.md section 2).
+
+    Stem 3x3 3->16; three stages of (depth-4)/6 basic blocks with widths 16k, 32k, 64k; the first
+    block of each stage has stride 2 and a 1x1 stride-2 projection shortcut.
+    """
+    blocks = (depth - 4) // 6
+    shapes = {}
+
+    def add(name, cin, cout, k, stride, h):
+        key = (cin, cout, k, stride, h)
+        prev = shapes.get(key)
+        shapes[key] = (prev[0] if prev else name, prev[1] + 1 if prev else 1)
+
+    add("stem", 3, 16, 3, 1, size)
+    cin, h = 16, size
+    for stage, cout in enumerate((16 * width, 32 * width, 64 * width), start=1):
+        add(f"layer{stage}.0.conv1", cin, cout, 3, 2, h)
+        add(f"layer{stage}.0.shortcut", cin, cout, 1, 2, h)
+        h //= 2
+        add(f"layer{stage}.*.conv", cout, cout, 3, 1, h)          # block 0 conv2, then 2 per block
+        for _ in range(blocks - 1):
+            add(f"layer{stage}.*.conv", cout, cout, 3, 1, h)
+            add(f"layer{stage}.*.conv", cout, cout, 3, 1, h)
+        cin = cout
+    return [(name, *key, count) for key, (name, count) in shapes.items()]
+
+
+class Timer:
+    """Median wall time of a callable: perf_counter on NumPy, CUDA events on CuPy."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.gpu = xp is not np
+
+    def median(self, fn, repeats: int) -> float:
+        fn()  # warm-up (allocations, BLAS threads, CUDA kernels compiled)
+        times = []
+        for _ in range(repeats):
+            if self.gpu:
+                start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times.append(self.xp.cuda.get_elapsed_time(start, stop) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+
+def gemm_rate(xp, timer: Timer, n: int = 2048, repeats: int = 7) -> float:
+    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul."""
+    rng = np.random.default_rng(0)
+    a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
+    b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
+    out = xp.empty((n, n), dtype=xp.float32)
+    t = timer.median(lambda: xp.matmul(a, b, out=out), repeats)
+    return 2 * n**3 / t / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    args = ap.parse_args(argv)
+
+    xp = get_backend(args.backend)
+    timer = Timer(xp)
+    rate = gemm_rate(xp, timer)
+    print(f"backend {args.backend}, float32, batch {args.batch}, input {args.size}x{args.size}, "
+          f"median of {args.repeats}")
+    print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s\n")
+
+    header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
+              f"{'ms fwd':>9}{'ms bwd':>9}{'ms tot':>9}{'GFLOP/s':>9}{'x GEMM':>8}")
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    total_time = total_flops = 0.0
+    for name, cin, cout, k, stride, h, count in wrn_conv_shapes(size=args.size):
+        pad = k // 2
+        x = xp.asarray(rng.standard_normal((args.batch, cin, h, h)), dtype=xp.float32)
+        w = xp.asarray(rng.standard_normal((cout, cin, k, k)) * 0.05, dtype=xp.float32)
+        ho = conv_output_size(h, k, stride, pad)
+        dy = xp.asarray(rng.standard_normal((args.batch, cout, ho, ho)), dtype=xp.float32)
+        state = {}
+
+        def fwd():
+            state["cache"] = conv2d_forward(x, w, None, stride, pad)[1]
+
+        def bwd():
+            conv2d_backward(dy, state["cache"], need_dx=True, need_dweight=True)
+
+        t_fwd = timer.median(fwd, args.repeats)
+        t_bwd = timer.median(bwd, args.repeats)
+        t = t_fwd + t_bwd
+        flops = 3 * 2 * args.batch * cout * cin * k * k * ho * ho
+        gflops = flops / t / 1e9
+        total_time += count * t
+        total_flops += count * flops
+        print(f"{name:<22}{cin:>5}{cout:>5}{k:>3}{stride:>3}{h:>5}{count:>6}"
+              f"{t_fwd * 1e3:>9.2f}{t_bwd * 1e3:>9.2f}{t * 1e3:>9.2f}{gflops:>9.1f}{gflops / rate:>8.2f}")
+    print("-" * len(header))
+    gflops = total_flops / total_time / 1e9
+    print(f"all {sum(s[-1] for s in wrn_conv_shapes(size=args.size))} convs of WRN-28-4, "
+          f"forward + backward: {total_time:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
+          f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
+          f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
