@@ -1,0 +1,152 @@
+"""The affine mask transform: fast path == reference, gradients by finite differences."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from npmask.gradcheck import numeric_gradient, rel_error
+from npmask.masking.transform import (apply_affine, surrogate_derivative, transform_backward,
+                                      transform_backward_reference, transform_forward,
+                                      transform_forward_reference)
+
+# Each k: fixed 0, fixed 1, fixed other, or learned (array).
+K_CHOICES = ("zero", "one", "fixed", "learned")
+shapes = st.sampled_from([(3, 2, 3, 3), (4, 1, 1, 1), (2, 5), (5, 3, 1, 3), (1, 4, 3, 3)])
+
+
+def make_case(shape, choices, channelwise, seed, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal(shape).astype(dtype)
+    R = rng.uniform(-1, 1, shape).astype(dtype)
+    R[np.abs(R) < 1e-3] = 0.5  # away from the threshold
+    n = shape[0] if channelwise else 1
+    ks = []
+    for c in choices:
+        if c == "zero":
+            ks.append(0.0)
+        elif c == "one":
+            ks.append(1.0)
+        elif c == "fixed":
+            ks.append(float(rng.uniform(-2, 2)))
+        else:
+            ks.append(rng.uniform(-2, 2, n).astype(dtype))
+    G = rng.standard_normal(shape).astype(dtype)
+    return W, R, tuple(ks), G
+
+
+case = st.tuples(shapes, st.tuples(*[st.sampled_from(K_CHOICES)] * 4), st.booleans(),
+                 st.integers(0, 2**31 - 1), st.sampled_from(["identity", "sigmoid"]),
+                 st.sampled_from([0.0, 0.3]))
+
+
+@given(case)
+def test_fast_forward_and_backward_equal_reference(c):
+    shape, choices, channelwise, seed, surrogate, tau = c
+    W, R, ks, G = make_case(shape, choices, channelwise, seed)
+    Wt, cache = transform_forward(W, R, ks, tau)
+    np.testing.assert_allclose(Wt, transform_forward_reference(W, R, ks, tau), rtol=1e-12, atol=1e-12)
+    assert Wt.dtype == W.dtype and Wt.shape == W.shape
+    G_copy = G.copy()
+    dks, dR, dW = transform_backward(G, cache, need_R=True, need_W=True, surrogate=surrogate)
+    assert np.array_equal(G, G_copy), "backward wrote into G"
+    rks, rR, rW = transform_backward_reference(G, W, R, ks, tau, surrogate)
+    for j, k in enumerate(ks):
+        if isinstance(k, float):
+            assert dks[j] is None
+        else:
+            assert dks[j].shape == k.shape
+            np.testing.assert_allclose(dks[j], rks[j], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dR, rR, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dW, rW, rtol=1e-12, atol=1e-12)
+
+
+@given(case)
+def test_k_and_weight_gradients_by_finite_differences(c):
+    shape, choices, channelwise, seed, surrogate, tau = c
+    assume("learned" in choices)
+    W, R, ks, G = make_case(shape, choices, channelwise, seed)
+    _, cache = transform_forward(W, R, ks, tau)
+    dks, _, dW = transform_backward(G, cache, need_W=True, surrogate=surrogate)
+
+    def f():
+        return transform_forward(W, R, ks, tau)[0]
+
+    for j, k in enumerate(ks):
+        if not isinstance(k, float):
+            assert rel_error(dks[j], numeric_gradient(f, k, G)) < 1e-7, f"k{j}"
+    assert rel_error(dW, numeric_gradient(f, W, G)) < 1e-7
+
+
+@given(case)
+def test_R_gradient_is_surrogate_times_dL_dM(c):
+    """dL/dR = h~'(R - tau) ∘ dL/dM, with dL/dM by finite differences on a real-valued M."""
+    shape, choices, channelwise, seed, surrogate, tau = c
+    W, R, ks, G = make_case(shape, choices, channelwise, seed)
+    _, cache = transform_forward(W, R, ks, tau)
+    _, dR, _ = transform_backward(G, cache, surrogate=surrogate)
+    M = (R > tau).astype(W.dtype)
+    dM = numeric_gradient(lambda: apply_affine(W, M, ks), M, G)
+    expected = surrogate_derivative(R - tau, surrogate) * dM
+    np.testing.assert_allclose(dR, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_R_gradient_is_zero_when_k2_k3_are_zero():
+    """DESIGN.md pitfall: at init of simple/full (k2 = k3 = 0) dL/dR is exactly 0."""
+    W, R, _, G = make_case((3, 2, 3, 3), "llll", False, 1)
+    ks = (1.0, np.zeros(1), np.zeros(1), np.zeros(1))
+    _, cache = transform_forward(W, R, ks)
+    _, dR, _ = transform_backward(G, cache)
+    assert not dR.any()
+
+
+def test_mask_is_a_hard_threshold_and_piggyback_is_W_times_M():
+    W, R, _, _ = make_case((4, 3, 3, 3), "llll", False, 2)
+    Wt, cache = transform_forward(W, R, (0.0, 0.0, 0.0, 1.0), 0.0)
+    assert cache.M.dtype == bool
+    assert np.array_equal(Wt, W * (R > 0))
+
+
+def test_float32_stays_float32():
+    W, R, ks, G = make_case((8, 4, 3, 3), ("fixed", "learned", "learned", "learned"), True, 3,
+                            dtype=np.float32)
+    Wt, cache = transform_forward(W, R, ks)
+    dks, dR, dW = transform_backward(G, cache, need_W=True, surrogate="sigmoid")
+    assert Wt.dtype == dR.dtype == dW.dtype == np.float32
+    assert all(d.dtype == np.float32 for d in dks if d is not None)
+
+
+@pytest.mark.parametrize("bad", ["shape", "k_shape", "k_dtype", "surrogate"])
+def test_bad_inputs_are_clear_errors(bad):
+    W, R, _, G = make_case((4, 3, 3, 3), "llll", False, 4)
+    ks = [1.0, np.zeros(1), np.zeros(1), np.zeros(1)]
+    if bad == "shape":
+        with pytest.raises(ValueError, match="shape"):
+            transform_forward(W, R[:2], ks)
+    elif bad == "k_shape":
+        ks[2] = np.zeros(3)
+        with pytest.raises(ValueError, match="k2"):
+            transform_forward(W, R, ks)
+    elif bad == "k_dtype":
+        ks[1] = np.zeros(1, dtype=np.float32)
+        with pytest.raises(ValueError, match="dtype"):
+            transform_forward(W, R, ks)
+    else:
+        _, cache = transform_forward(W, R, ks)
+        with pytest.raises(ValueError, match="surrogate"):
+            transform_backward(G, cache, surrogate="tanh")
+
+
+def test_every_fixed_learned_combination_matches_reference():
+    """Exhaustive over the 4^4 combinations on one shape (hypothesis samples them; this covers all)."""
+    for choices in itertools.product(K_CHOICES, repeat=4):
+        W, R, ks, G = make_case((3, 2, 2, 2), choices, True, 5)
+        Wt, cache = transform_forward(W, R, ks)
+        np.testing.assert_allclose(Wt, transform_forward_reference(W, R, ks), atol=1e-12)
+        dks, dR, dW = transform_backward(G, cache, need_W=True)
+        rks, rR, rW = transform_backward_reference(G, W, R, ks)
+        np.testing.assert_allclose(dR, rR, atol=1e-12)
+        np.testing.assert_allclose(dW, rW, atol=1e-12)
+        for d, r, k in zip(dks, rks, ks):
+            if not isinstance(k, float):
+                np.testing.assert_allclose(d, r, atol=1e-12)
