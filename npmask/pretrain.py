@@ -1,0 +1,195 @@
+"""Pretrain a backbone on one domain: ``python -m npmask.pretrain``.
+
+The paper starts every target domain from a network pretrained on ImageNet. Here any domain folder
+can play that role; by default the synthetic ``base`` domain (the shipped backbone was made this
+way, with the command recorded in ``npmask/pretrained/wrn16_1_synthetic.json``).
+
+The run is an ordinary from-scratch training (SGD with Nesterov momentum and weight decay, step
+decay of the learning rate), with a checkpoint after every epoch and ``--resume``. At the end the
+weights are written as a backbone ``.npz`` with a ``.json`` beside it recording the command, every
+setting, the library versions and the test accuracy (on the whole test set and on its first
+``--eval-subset`` images, the figure the test suite re-checks).
+
+Examples::
+
+    python -m npmask.pretrain                                   # synthetic base, wrn16_1
+    python -m npmask.pretrain --data-root data/decathlon --domain imagenet12 \\
+        --model wrn28_4 --input-size 64 --epochs 30 --lr-decay-epochs 20,25
+    python -m npmask.pretrain --out runs/pre1 --resume          # continue after a kill
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backend import get_backend
+from .training import cli
+from .training.config import PretrainConfig, environment, load_config, save_config
+from .training.errors import ConfigError, exit_on_error
+
+PROG = "python -m npmask.pretrain"
+
+FLAGS = {  # config field -> flag, for messages
+    "data_root": "--data-root", "domain": "--domain", "model": "--model",
+    "input_size": "--input-size", "epochs": "--epochs", "batch_size": "--batch-size",
+    "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
+    "lr_decay_epochs": "--lr-decay-epochs", "lr_decay": "--lr-decay", "max_train": "--max-train",
+    "eval_subset": "--eval-subset", "seed": "--seed", "backend": "--backend", "dtype": "--dtype",
+    "augmentation": "--augmentation", "save": "--save",
+}
+
+
+def build_parser():
+    d = PretrainConfig()
+    p = cli.parser(PROG, __doc__.split("\n\n")[0], epilog=__doc__.split("Examples::")[1])
+    p.add_argument("--data-root", metavar="DIR",
+                   help="folder of domain folders (default: the synthetic benchmark's cache, "
+                        "generated on first use)")
+    p.add_argument("--domain", help=f"the domain to learn (default: {d.domain})")
+    p.add_argument("--model", help=f"architecture, e.g. wrn16_1, wrn16_2, wrn28_4 (default: {d.model})")
+    p.add_argument("--input-size", type=int, help=f"input side in pixels (default: {d.input_size})")
+    p.add_argument("--epochs", type=int, help=f"epochs (default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"SGD learning rate (default: {d.lr})")
+    p.add_argument("--momentum", type=float, help=f"SGD Nesterov momentum (default: {d.momentum})")
+    p.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default: {d.weight_decay})")
+    p.add_argument("--lr-decay-epochs", type=cli.int_list, metavar="E1,E2",
+                   help="epochs after which the rate is multiplied by --lr-decay "
+                        f"(default: {','.join(map(str, d.lr_decay_epochs))})")
+    p.add_argument("--lr-decay", type=float, help=f"decay factor (default: {d.lr_decay})")
+    p.add_argument("--max-train", type=int, metavar="N",
+                   help="train on a fixed random subset of N images (default: all)")
+    p.add_argument("--eval-subset", type=int, metavar="N",
+                   help=f"also record the accuracy on the first N test images (default: {d.eval_subset})")
+    p.add_argument("--seed", type=int, help=f"seed of initialisation, order, augmentation (default: {d.seed})")
+    p.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: numpy)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="float type (default: float32)")
+    p.add_argument("--augmentation", choices=["auto", "pad_crop", "decathlon", "none"],
+                   help="augmentation protocol of the loader (default: auto, from the data)")
+    p.add_argument("--save", metavar="PATH",
+                   help="where to write the backbone .npz (default: <out>/backbone.npz)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/pretrain-<model>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default: the newest runs/pretrain-*) from its "
+                        "last checkpoint, with its saved settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--stop-after-epochs", type=int, metavar="N",
+                   help="stop (as if killed) after N epochs of this invocation; for testing --resume")
+    return p
+
+
+def config_from_args(args) -> PretrainConfig:
+    given = {k: v for k, v in vars(args).items() if k in FLAGS}
+    cfg = PretrainConfig(**given)
+    return cfg.validate()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_error(PROG):
+        result = run(args, argv)
+        print(f"backbone written to {result['save']} (test accuracy {result['test_acc']:.2f}%, "
+              f"first {result['eval_subset']} test images {result['subset_acc']:.2f}%)")
+    return 0
+
+
+def run(args, argv=None) -> dict:
+    from .training.run_folder import RunFolder, newest_run
+    ns = vars(args)
+    if ns.get("resume"):
+        out = ns.get("out") or newest_run_of("runs", "pretrain-")
+        if out is None:
+            raise ConfigError("--resume: no run folder given (--out) and none found under runs/")
+        folder = RunFolder(out)
+        cfg = load_config(str(folder.config), PretrainConfig)
+        cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(), FLAGS)
+    else:
+        cfg = config_from_args(args)
+        out = ns.get("out") or cli.default_out("pretrain", cfg.model, cfg.domain)
+        folder = RunFolder(out)
+        if folder.exists():
+            raise ConfigError(f"run folder {out} already exists; pass --resume to continue it "
+                              "or choose another --out")
+        folder.create()
+        cfg.save = cfg.save or str(Path(out) / "backbone.npz")
+        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.pretrain", argv)})
+    return pretrain(cfg, folder, progress=not ns.get("quiet", False),
+                    stop_after=ns.get("stop_after_epochs"),
+                    command=cli.command_line("npmask.pretrain", argv))
+
+
+def newest_run_of(root, prefix):
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    runs = [p for p in root.iterdir() if p.name.startswith(prefix) and (p / "config.json").is_file()]
+    return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+
+
+def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, command="") -> dict:
+    """Train ``cfg.model`` from scratch on ``cfg.domain``; write the backbone; return the figures."""
+    from . import models
+    from .optim import SGD, MultiStepLR
+    from .pretrained import save_backbone
+    from .training import batches
+    from .training.benchmarks import resolve_data_root
+    from .training.fit import fit
+    from .training.loop import evaluate
+
+    get_backend(cfg.backend)  # BackendError (one line) before any work
+    cli.check_model(cfg.model)
+    root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root)
+    from .data.format import list_domains
+    if cfg.domain not in list_domains(root):
+        raise ConfigError(f"unknown domain {cfg.domain!r} in {root}; available: "
+                          f"{', '.join(list_domains(root)) or 'none'}")
+    domain = batches.load(root, cfg.domain)
+    dtype = np.dtype(cfg.dtype)
+    train_it, test_it = batches.make_iterators(
+        domain, batch_size=cfg.batch_size, seed=cfg.seed, backend=cfg.backend, dtype=dtype,
+        protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size)
+    model = models.create(cfg.model, num_classes=domain.num_classes, input_size=cfg.input_size,
+                          dtype=dtype, seed=cfg.seed)
+    if cfg.backend != "numpy":
+        model.to(cfg.backend)
+    opt = SGD(model.parameter_refs(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+              weight_decay=cfg.weight_decay)
+    sched = MultiStepLR(opt, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay)
+    start = time.time()
+    history = fit(
+        model=model, optimizer=opt, scheduler=sched,
+        batches_for_epoch=train_it.epoch, num_batches=len(train_it), epochs=cfg.epochs,
+        checkpoint_path=folder.checkpoint("pretrain"),
+        state_fn=model.state_dict, load_state_fn=model.load_state_dict,
+        evaluate_fn=lambda: evaluate(model, test_it),
+        log_fn=lambda r: folder.log({"domain": cfg.domain, **r}), desc=f"pretrain {cfg.domain}",
+        progress=progress, extra={"model": cfg.model, "domain": cfg.domain, "seed": cfg.seed},
+        epoch_budget=[stop_after] if stop_after else None)
+    full = evaluate(model, test_it)
+    sub_it = batches.make_iterators(domain, batch_size=cfg.batch_size, seed=cfg.seed,
+                                    backend=cfg.backend, dtype=dtype, protocol=cfg.augmentation,
+                                    max_train=cfg.max_train, max_test=cfg.eval_subset)[1]
+    sub = evaluate(model, sub_it)
+    info = {
+        "model": cfg.model, "num_classes": domain.num_classes, "input_size": cfg.input_size,
+        "dtype": cfg.dtype, "domain": cfg.domain, "data_root": str(root),
+        "test_acc": round(full["acc"], 4), "test_images": full["n"],
+        "eval_subset": int(sub["n"]), "subset_acc": round(sub["acc"], 4),
+        "train_seconds_this_session": round(time.time() - start, 1),
+        "epochs": cfg.epochs, "history": history,
+        "command": command, "config": cfg.to_dict(), "environment": environment(),
+        "domain_meta": {k: domain.meta.get(k) for k in ("source", "counts", "image_size")},
+    }
+    save_backbone(cfg.save, model, info)
+    from .training.plots import plot_learning_curves
+    plot_learning_curves([{"domain": cfg.domain, **r} for r in history],
+                         folder.plots / "learning_curves.png", title=f"pretraining {cfg.model}")
+    return {"save": cfg.save, "test_acc": full["acc"], "subset_acc": sub["acc"],
+            "eval_subset": sub["n"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

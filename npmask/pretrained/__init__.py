@@ -1,0 +1,88 @@
+"""Pretrained backbones: the one shipped with npmask, and saving/loading any other.
+
+A backbone is two files side by side::
+
+    <name>.npz    the model's state_dict (dotted PyTorch-style names -> arrays), allow_pickle=False
+    <name>.json   how to rebuild and judge it: model name, classes, input size, dtype, the command
+                  and settings that produced it, and its test accuracy on the pretraining domain
+
+The shipped backbone (``wrn16_1_synthetic``) was pretrained on the synthetic ``base`` domain by
+``python -m npmask.pretrain``; its JSON records the exact command. It plays the role ImageNet
+plays in the paper: target domains start from its weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHIPPED = "wrn16_1_synthetic"
+
+
+class BackboneError(RuntimeError):
+    """A backbone file is missing or does not match its description."""
+
+
+def shipped_path(name: str = SHIPPED) -> Path:
+    """Path of the shipped backbone ``.npz`` (it may be absent in a source checkout)."""
+    return HERE / f"{name}.npz"
+
+
+def info_path(npz_path) -> Path:
+    p = Path(npz_path)
+    return p.with_suffix(".json")
+
+
+def read_info(npz_path) -> dict:
+    """The JSON description stored beside a backbone ``.npz``."""
+    p = info_path(npz_path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BackboneError(f"backbone description {p} not found (it is written beside the .npz "
+                            "by python -m npmask.pretrain)") from None
+    except json.JSONDecodeError as err:
+        raise BackboneError(f"backbone description {p} is not valid JSON ({err})") from None
+
+
+def save_backbone(path, model, info: dict) -> None:
+    """Write ``model.state_dict()`` to ``path`` (.npz) and ``info`` to the .json beside it, atomically."""
+    from ..backend import to_numpy
+    from ..training.checkpoint import atomic_write_bytes, atomic_write_text
+    arrays = {k: to_numpy(v) for k, v in model.state_dict().items()}
+    atomic_write_bytes(str(path), lambda f: np.savez(f, **arrays))
+    atomic_write_text(str(info_path(path)), json.dumps(info, indent=2) + "\n")
+
+
+def load_backbone(path=None, *, dtype=None, backend: str = "numpy"):
+    """Rebuild the model described beside ``path`` and load its weights; returns (model, info).
+
+    path: a backbone ``.npz`` (default: the shipped one). dtype: override the stored dtype.
+    """
+    from .. import models
+    path = Path(path) if path is not None else shipped_path()
+    if not path.is_file():
+        raise BackboneError(f"backbone {path} not found; create one with python -m npmask.pretrain")
+    info = read_info(path)
+    dt = np.dtype(dtype or info.get("dtype", "float32"))
+    model = models.create(info["model"], num_classes=int(info["num_classes"]),
+                          input_size=int(info["input_size"]), dtype=dt, seed=0)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+    except Exception as err:
+        raise BackboneError(f"backbone {path} cannot be read ({type(err).__name__}: {err})") from None
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as err:
+        raise BackboneError(f"backbone {path} does not fit model {info['model']!r}: {err}") from None
+    if backend != "numpy":
+        model.to(backend)
+    return model, info
+
+
+def exists(path=None) -> bool:
+    return os.path.isfile(path if path is not None else shipped_path())

@@ -1,0 +1,158 @@
+"""Atomic checkpoints: nested training state (arrays, numbers, strings) in one ``.npz`` file.
+
+A checkpoint holds everything needed to continue a run exactly where it stopped: the trainable
+state of the model, the optimisers' moments and step counts, the learning-rate schedulers, the
+epoch counter and any random-generator states. Such state is a nested structure of dicts and lists
+whose leaves are arrays or plain values; :func:`flatten` splits it into
+
+- a dict of NumPy arrays (``"a0"``, ``"a1"``, ...), stored as the ``.npz`` members, and
+- a JSON *skeleton* that records the structure, the plain values and, where an array was, a
+  reference ``{"__array__": "a3"}``. The skeleton is stored in the same file as a uint8 member
+  ``"__skeleton__"``, so one file is one checkpoint.
+
+Why one file and ``os.replace``: the file is written to a temporary name in the same folder,
+flushed to disk, and renamed over the old checkpoint. A rename within one file system is atomic,
+so a reader (or a resumed run) sees either the old complete checkpoint or the new complete one,
+never a half-written file, whenever the process is killed. Loading uses ``allow_pickle=False``:
+a checkpoint can never execute code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from ..backend import to_numpy
+
+SKELETON_KEY = "__skeleton__"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, or not in the expected format."""
+
+
+# ---------------------------------------------------------------------------------------- flatten
+def _is_array(x) -> bool:
+    # numpy arrays, and cupy arrays (anything array-like with a dtype and a shape that is not a
+    # numpy scalar); numpy scalars (np.float32(1.0)) are stored as plain numbers.
+    return hasattr(x, "dtype") and hasattr(x, "shape") and not isinstance(x, np.generic)
+
+
+def flatten(state) -> tuple[dict, dict[str, np.ndarray]]:
+    """Split nested ``state`` into (JSON-able skeleton, {member name: NumPy array}).
+
+    Supported leaves: arrays (NumPy or CuPy, copied to host), None, bool, int, float, str and
+    NumPy scalars. Containers: dict (keys str or int), list, tuple.
+    """
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(x):
+        if _is_array(x):
+            name = f"a{len(arrays)}"
+            arrays[name] = np.array(to_numpy(x), copy=True)  # a snapshot, not a view of live state
+            return {"__array__": name}
+        if isinstance(x, dict):
+            # Keys keep their type (optimisers may key state by int index).
+            items = []
+            for k, v in x.items():
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise TypeError(f"checkpoint dict keys must be str or int, got {k!r}")
+                items.append([k, walk(v)])
+            return {"__dict__": items}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v) for v in x]}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        if x is None or isinstance(x, (bool, int, float, str)):
+            if isinstance(x, float) and not np.isfinite(x):
+                return {"__float__": repr(x)}  # JSON has no inf/nan
+            return x
+        raise TypeError(f"cannot store a {type(x).__name__} in a checkpoint")
+
+    return walk(state), arrays
+
+
+def unflatten(skeleton, arrays) -> object:
+    """Inverse of :func:`flatten`: rebuild the nested state (arrays come back as NumPy arrays)."""
+    def walk(x):
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, dict):
+            if "__array__" in x:
+                return arrays[x["__array__"]]
+            if "__dict__" in x:
+                return {k: walk(v) for k, v in x["__dict__"]}
+            if "__tuple__" in x:
+                return tuple(walk(v) for v in x["__tuple__"])
+            if "__float__" in x:
+                return float(x["__float__"])
+            raise CheckpointError(f"unknown node in checkpoint skeleton: {sorted(x)}")
+        return x
+
+    return walk(skeleton)
+
+
+# ---------------------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
+
+    If anything fails (or the process dies) before the rename, ``path`` keeps its old content;
+    the temporary file is removed on a Python exception.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str, state) -> None:
+    """Write nested ``state`` to ``path`` (an ``.npz``) atomically."""
+    skeleton, arrays = flatten(state)
+    header = json.dumps({"format": "npmask-checkpoint", "version": FORMAT_VERSION,
+                         "state": skeleton}).encode("utf-8")
+    members = dict(arrays)
+    members[SKELETON_KEY] = np.frombuffer(header, dtype=np.uint8)
+    atomic_write_bytes(path, lambda f: np.savez(f, **members))
+
+
+def load_checkpoint(path: str):
+    """Read a checkpoint written by :func:`save_checkpoint`; returns the nested state.
+
+    Raises CheckpointError (naming the file) when it is missing, truncated or malformed.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if SKELETON_KEY not in z.files:
+                raise CheckpointError(f"checkpoint {path} has no {SKELETON_KEY} member: "
+                                      "not an npmask checkpoint")
+            header = json.loads(bytes(z[SKELETON_KEY]).decode("utf-8"))
+            arrays = {k: z[k] for k in z.files if k != SKELETON_KEY}
+    except CheckpointError:
+        raise
+    except Exception as err:  # zipfile.BadZipFile, ValueError, JSON errors, ...
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+                              "it is truncated or corrupt") from None
+    if header.get("format") != "npmask-checkpoint":
+        raise CheckpointError(f"checkpoint {path} is not an npmask checkpoint")
+    return unflatten(header["state"], arrays)

@@ -1,0 +1,91 @@
+"""The epoch loop with a checkpoint after every epoch, and resuming from it bit for bit.
+
+:func:`fit` is used for pretraining a backbone and for training each domain. After epoch ``e``
+it writes, atomically, one checkpoint holding
+
+- ``epoch``: the number of completed epochs,
+- ``model``: the arrays being trained and the BN running statistics (``state_fn()``),
+- ``optimizer`` and ``scheduler``: their ``state_dict()`` (Adam moments and step counts, SGD
+  momentum buffers, the scheduler's epoch counter),
+- ``history``: the per-epoch records so far,
+
+and only then appends the epoch's line to metrics.jsonl. Everything random in an epoch (the
+sample order, crops, flips) comes from the loader's ``(seed, epoch)`` generator, so a run resumed
+from the checkpoint of epoch ``e`` runs epoch ``e + 1`` exactly as the uninterrupted run did: the
+final numbers are identical, not just close.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loop import train_epoch
+
+
+class StopRequested(Exception):
+    """Raised by :func:`fit` after ``stop_after`` epochs (simulates a kill; used to test resume)."""
+
+
+def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epochs: int,
+        checkpoint_path, state_fn, load_state_fn, evaluate_fn=None, log_fn=None,
+        desc: str = "", progress: bool = True, extra: dict | None = None,
+        epoch_budget=None) -> list[dict]:
+    """Train for ``epochs`` epochs, resuming from ``checkpoint_path`` when it exists.
+
+    batches_for_epoch(e): the iterable of ``(x, y)`` batches of epoch ``e`` (0-based).
+    state_fn(): ``{name: array}`` of the model state to checkpoint; load_state_fn(d) restores it.
+    evaluate_fn(): optional ``{"loss", "acc", ...}`` on held-out data after every epoch.
+    log_fn(record): called with each epoch's record after its checkpoint is on disk.
+    extra: plain values stored in the checkpoint and checked on resume (e.g. the variant), so a
+        checkpoint of another configuration is never continued by mistake.
+    epoch_budget: a one-element list counting the epochs this process may still run; at 0,
+        StopRequested is raised after the checkpoint (``--stop-after-epochs``, for tests).
+
+    Returns the list of per-epoch records (the resumed ones included).
+    """
+    extra = dict(extra or {})
+    start, history = 0, []
+    if os.path.isfile(checkpoint_path):
+        state = load_checkpoint(str(checkpoint_path))
+        saved_extra = state.get("extra", {})
+        if saved_extra != extra:
+            from .errors import ConfigError
+            diff = sorted(k for k in set(extra) | set(saved_extra)
+                          if extra.get(k) != saved_extra.get(k))
+            raise ConfigError(f"checkpoint {checkpoint_path} was written with other settings "
+                              f"({', '.join(diff)}); delete it or use another --out")
+        load_state_fn(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["epoch"])
+        history = list(state.get("history", []))
+    for epoch in range(start, epochs):
+        lrs = {k: float(v) for k, v in _lrs(optimizer).items()}
+        stats = train_epoch(model, batches_for_epoch(epoch), optimizer, num_batches=num_batches,
+                            desc=f"{desc} epoch {epoch + 1}/{epochs}".strip(), progress=progress,
+                            where=f"in {desc} epoch {epoch + 1}".replace("  ", " "))
+        scheduler.step()
+        record = {"kind": "epoch", "epoch": epoch + 1, **stats, "lr": lrs}
+        if evaluate_fn is not None:
+            ev = evaluate_fn()
+            record.update({"test_loss": ev["loss"], "test_acc": ev["acc"],
+                           "test_seconds": ev.get("seconds")})
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in record.items()}
+        history.append(record)
+        save_checkpoint(str(checkpoint_path), {
+            "epoch": epoch + 1, "model": state_fn(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "extra": extra})
+        if log_fn is not None:
+            log_fn(record)
+        if epoch_budget is not None:
+            epoch_budget[0] -= 1
+            if epoch_budget[0] <= 0:
+                raise StopRequested(f"stopped after epoch {epoch + 1} as requested")
+    return history
+
+
+def _lrs(optimizer) -> dict:
+    lr = optimizer.lr
+    return lr if isinstance(lr, dict) else {"": lr}

@@ -1,0 +1,112 @@
+"""One epoch of training and one pass of evaluation, shared by train, pretrain and compare.
+
+A training step is the textbook sequence, with the backward pass written by hand in every layer::
+
+    logits = model.forward(x)                       # (B, K), caches what backward needs
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    optimizer.zero_grad()
+    model.backward(dlogits)                         # accumulates grads of every trained param
+    optimizer.step()                                # updates them in place
+
+The loss is checked after every step: a NaN or infinite loss raises :class:`NonFiniteLossError`
+*before* the epoch's checkpoint is written, so the checkpoint on disk stays the last good one.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..nn.loss import softmax_cross_entropy
+from .errors import NonFiniteLossError
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
+
+
+def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, desc: str = "train",
+                progress: bool = True, where: str = "") -> dict:
+    """Train ``model`` on every ``(x, y)`` of ``batches`` once; returns the epoch's statistics.
+
+    model:     a Module with forward(x) -> logits (B, K) and backward(dlogits).
+    optimizer: anything with zero_grad() and step() (an Optimizer or Optimizers).
+    Returns ``{"train_loss": mean loss, "train_acc": accuracy in %, "train_seconds": s,
+    "steps": number of steps}``; the means are over images (weighted by batch size).
+    Raises NonFiniteLossError when a loss is NaN or infinite (``where`` names the run position).
+    """
+    model.train()
+    start = time.perf_counter()
+    total_loss = 0.0
+    correct = 0
+    seen = 0
+    steps = 0
+    bar = _progress(batches, num_batches, desc, progress)
+    for x, y in (bar if bar is not None else batches):
+        logits = model.forward(x)
+        loss, dlogits = softmax_cross_entropy(logits, y)
+        if not math.isfinite(loss):
+            if bar is not None:
+                bar.close()
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) {where} at step {steps + 1}; the last good checkpoint is "
+                "kept on disk. Lower the learning rates (--lr-body/--lr-head) and --resume")
+        optimizer.zero_grad()
+        model.backward(dlogits)
+        optimizer.step()
+        n = int(y.shape[0])
+        total_loss += loss * n
+        correct += int((logits.argmax(axis=1) == y).sum())
+        seen += n
+        steps += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+    if bar is not None:
+        bar.close()
+    if seen == 0:
+        raise ValueError("training epoch saw no batch (fewer images than one batch with drop_last?)")
+    return {"train_loss": total_loss / seen, "train_acc": 100.0 * correct / seen,
+            "train_seconds": time.perf_counter() - start, "steps": steps}
+
+
+def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "test",
+             progress: bool = False) -> dict:
+    """Loss and accuracy of ``model`` (in eval mode: running BN statistics) over ``batches``.
+
+    Returns ``{"loss": mean loss, "acc": accuracy in %, "n": images, "seconds": s}``.
+    """
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    total_loss = 0.0
+    correct = 0
+    seen = 0
+    bar = _progress(batches, num_batches, desc, progress)
+    for x, y in (bar if bar is not None else batches):
+        logits = model.forward(x)
+        loss, _ = softmax_cross_entropy(logits, y)
+        n = int(y.shape[0])
+        total_loss += loss * n
+        correct += int((logits.argmax(axis=1) == y).sum())
+        seen += n
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    if seen == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "n": 0, "seconds": 0.0}
+    return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "n": seen,
+            "seconds": time.perf_counter() - start}
+
+
+def predict_labels(model, batches) -> np.ndarray:
+    """Arg-max predictions (NumPy int64) of ``model`` in eval mode over ``batches``."""
+    from ..backend import to_numpy
+    was_training = model.training
+    model.eval()
+    out = [to_numpy(model.forward(x).argmax(axis=1)) for x, _ in batches]
+    model.train(was_training)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
