@@ -413,3 +413,25 @@ def run_cli(main, argv=None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def decode_tar_images(archive, want, prepare, *, desc: str = "images", quiet: bool = False,
+                      extra_files=None) -> tuple[dict, dict]:
+    """Stream a tar(.gz) once: decode every image member for which ``want(name)`` is true with
+    ``prepare(PIL image) -> uint8 array``, and keep the raw bytes of members for which
+    ``extra_files(name)`` is true (label lists, split files).
+
+    Returns ``(arrays, files)``: {member name: (H, W, C) uint8}, {member name: bytes}. One
+    sequential pass because a gzip stream cannot seek: the label files may come after the images.
+    """
+    arrays, files = {}, {}
+    keep = extra_files or (lambda name: False)
+    bar = tqdm(desc=desc, unit="img", disable=quiet, leave=False)
+    for name, data in iter_tar(archive, want=lambda n: want(n) or keep(n)):
+        if keep(name):
+            files[name] = data
+        else:
+            arrays[name] = to_array(prepare(open_image(data, name=f"{archive}:{name}")))
+            bar.update(1)
+    bar.close()
+    return arrays, files

@@ -363,3 +363,155 @@ def test_mnist_idx(tmp_path):
     with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
         mnist.convert(files, tmp_path / "bad")
     assert_no_domain(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# GTSRB
+# ---------------------------------------------------------------------------------------------
+
+HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+
+
+def sign_image(color, w=30, h=28):
+    """A ppm whose ROI (5..w-6, 5..h-6, inclusive) is `color` and whose margin is black."""
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[5:h - 5, 5:w - 5] = color
+    return encode(Image.fromarray(a), "PPM")
+
+
+def test_gtsrb_roi_and_labels(tmp_path):
+    import gtsrb
+    train = {}
+    colors = {0: (200, 0, 0), 1: (0, 200, 0), 42: (0, 0, 200)}
+    for c, color in colors.items():
+        folder = f"GTSRB/Final_Training/Images/{c:05d}"
+        rows = [HEADER]
+        for k in range(2):
+            name = f"{k:05d}_{k:05d}.ppm"
+            train[f"{folder}/{name}"] = sign_image(color)
+            rows.append(f"{name};30;28;5;5;24;22;{c}")
+        train[f"{folder}/GT-{c:05d}.csv"] = ("\r\n".join(rows) + "\r\n").encode()
+    write_zip(tmp_path / "train.zip", train)
+    test_rows, test_imgs = [HEADER], {}
+    for i, c in enumerate([42, 0, 1]):
+        test_imgs[f"GTSRB/Final_Test/Images/{i:05d}.ppm"] = sign_image(colors[c])
+        test_rows.append(f"{i:05d}.ppm;30;28;5;5;24;22;{c}")
+    test_imgs["GTSRB/Final_Test/Images/GT-final_test.test.csv"] = b"Filename;Width\n"
+    write_zip(tmp_path / "test.zip", test_imgs)
+    write_zip(tmp_path / "gt.zip", {"GT-final_test.csv": "\n".join(test_rows).encode()})
+    files = {"train": tmp_path / "train.zip", "test": tmp_path / "test.zip",
+             "test_gt": tmp_path / "gt.zip"}
+    gtsrb.convert(files, tmp_path / "gtsrb", size=16)
+    d = load_domain(tmp_path / "gtsrb")
+    assert d.num_classes == 43 and not d.mirror and d.image_size == (16, 16)
+    np.testing.assert_array_equal(d.train[1], [0, 0, 1, 1, 42, 42])
+    np.testing.assert_array_equal(d.test[1], [42, 0, 1])
+    # the ROI crop removed the black margin: every pixel has the class colour
+    for images, labels in (d.train, d.test):
+        for img, lab in zip(images, labels):
+            np.testing.assert_array_equal(img, np.broadcast_to(colors[int(lab)], img.shape))
+
+    truncate(tmp_path / "train.zip", 0.7)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        gtsrb.convert(files, tmp_path / "bad")
+    assert_no_domain(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# Omniglot
+# ---------------------------------------------------------------------------------------------
+
+def test_omniglot_zips_and_split(tmp_path):
+    import omniglot
+    files = {}
+    for key, alphabets in (("background", ["Latin", "Greek"]), ("evaluation", ["Atlantean"])):
+        members = {}
+        for a in alphabets:
+            for ch in (1, 2):
+                for drawer in range(1, 5):
+                    img = Image.new("1", (105, 105), 1)
+                    members[f"images_{key}/{a}/character{ch:02d}/09{ch}{len(a)}_{drawer:02d}.png"] = \
+                        encode(img, "PNG")
+        files[key] = write_zip(tmp_path / f"images_{key}.zip", members)
+    omniglot.convert(files, tmp_path / "omniglot", size=20, train_per_class=3)
+    d = load_domain(tmp_path / "omniglot")
+    assert d.class_names == ["Atlantean/character01", "Atlantean/character02",
+                             "Greek/character01", "Greek/character02",
+                             "Latin/character01", "Latin/character02"]
+    assert d.train[0].shape == (18, 20, 20, 3) and d.test[0].shape == (6, 20, 20, 3)
+    np.testing.assert_array_equal(np.bincount(d.train[1]), [3] * 6)
+    np.testing.assert_array_equal(d.test[1], np.arange(6))
+    assert not d.mirror
+
+    with pytest.raises(C.DataScriptError, match="only 4 drawings"):
+        omniglot.convert(files, tmp_path / "bad", train_per_class=4)
+    truncate(files["evaluation"], 0.5)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        omniglot.convert(files, tmp_path / "bad")
+    assert_no_domain(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG-Flowers 102
+# ---------------------------------------------------------------------------------------------
+
+def test_flowers102_mat_splits(tmp_path):
+    import flowers102
+    from scipy.io import savemat
+    n = 9
+    members = {f"jpg/image_{i:05d}.jpg": encode(rng_image(i, 40 + i, 50), "JPEG")
+               for i in range(1, n + 1)}
+    write_tar(tmp_path / "102flowers.tgz", members)
+    labels = np.array([[1, 102, 5, 1, 2, 3, 102, 7, 9]], dtype=np.uint8)      # 1 x 8189 in reality
+    savemat(tmp_path / "imagelabels.mat", {"labels": labels})
+    savemat(tmp_path / "setid.mat", {"trnid": np.array([[1, 2, 3, 4]], dtype=np.uint16),
+                                     "valid": np.array([[5, 6]], dtype=np.uint16),
+                                     "tstid": np.array([[9, 8, 7]], dtype=np.uint16)})
+    files = {"images": tmp_path / "102flowers.tgz", "labels": tmp_path / "imagelabels.mat",
+             "setid": tmp_path / "setid.mat"}
+    flowers102.convert(files, tmp_path / "flowers", size=24)
+    d = load_domain(tmp_path / "flowers")
+    assert d.num_classes == 102 and d.mirror and d.image_size == (24, 24)
+    np.testing.assert_array_equal(d.train[1], [0, 101, 4, 0])
+    np.testing.assert_array_equal(d.val[1], [1, 2])
+    np.testing.assert_array_equal(d.test[1], [8, 6, 101])
+    # the image order follows setid: test[0] is image 9, centre-cropped from 49x50 to 24x24
+    expected = C.to_array(C.square(Image.open(io.BytesIO(members["jpg/image_00009.jpg"])).convert("RGB"), 24))
+    np.testing.assert_array_equal(d.test[0][0], expected)
+
+    truncate(tmp_path / "102flowers.tgz", 0.5)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        flowers102.convert(files, tmp_path / "bad", size=24)
+    assert_no_domain(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# DTD
+# ---------------------------------------------------------------------------------------------
+
+def test_dtd_partition_files(tmp_path):
+    import dtd
+    classes = ["zigzagged", "banded", "dotted"]
+    members, lists = {}, {"train": [], "val": [], "test": []}
+    for c in classes:
+        for k in range(3):
+            entry = f"{c}/{c}_{k:04d}.jpg"
+            members[f"dtd/images/{entry}"] = encode(rng_image(len(members), 30, 36), "JPEG")
+            lists[["train", "val", "test"][k]].append(entry)
+    # split lists come after the images in the real archive too: one streaming pass must cope
+    for split, entries in lists.items():
+        members[f"dtd/labels/{split}1.txt"] = ("\n".join(entries) + "\n").encode()
+        members[f"dtd/labels/{split}2.txt"] = b"banded/banded_0000.jpg\n"
+    members["dtd/labels/labels_joint_anno.txt"] = b"ignored\n"
+    archive = write_tar(tmp_path / "dtd-r1.0.1.tar.gz", members)
+    dtd.convert(archive, tmp_path / "dtd", size=16, partition=1)
+    d = load_domain(tmp_path / "dtd")
+    assert d.class_names == ["banded", "dotted", "zigzagged"] and d.mirror
+    np.testing.assert_array_equal(d.train[1], [2, 0, 1])
+    np.testing.assert_array_equal(d.val[1], [2, 0, 1])
+    assert d.test[0].shape == (3, 16, 16, 3)
+
+    truncate(archive, 0.5)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        dtd.convert(archive, tmp_path / "bad", size=16)
+    assert_no_domain(tmp_path / "bad")
