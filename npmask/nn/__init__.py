@@ -5,6 +5,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d
 from .activation import Dropout, Flatten, ReLU
 from .pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 from .container import Sequential
+from .conv import Conv2d, conv2d_backward, conv2d_forward
 from .loss import SoftmaxCrossEntropy, accuracy, softmax_cross_entropy
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "ReLU", "Dropout", "Flatten",
     "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
     "Sequential",
+    "Conv2d", "conv2d_forward", "conv2d_backward",
     "softmax_cross_entropy", "SoftmaxCrossEntropy", "accuracy",
 ]
