@@ -342,7 +342,8 @@ def stack(images: list, labels: list, what: str) -> tuple[np.ndarray, np.ndarray
 
 def domain_is_complete(folder, options: dict | None = None) -> bool:
     """True when ``folder`` holds a complete domain (meta.json valid, every split file present)
-    written with the same converter ``options`` (stored in meta["extra"]["options"])."""
+    written with the same values for the converter ``options`` given (each key compared with
+    meta["extra"]["options"])."""
     folder = Path(folder)
     try:
         meta = read_meta(folder)
@@ -350,7 +351,8 @@ def domain_is_complete(folder, options: dict | None = None) -> bool:
         return False
     if not all((folder / f"{s}.npz").is_file() for s in meta["counts"]):
         return False
-    if options is not None and meta.get("extra", {}).get("options") != options:
+    stored = meta.get("extra", {}).get("options") or {}
+    if options is not None and any(stored.get(k) != v for k, v in options.items()):
         return False
     return True
 

@@ -515,3 +515,144 @@ def test_dtd_partition_files(tmp_path):
     with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
         dtd.convert(archive, tmp_path / "bad", size=16)
     assert_no_domain(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# generic image folder (ImageNet-to-Sketch as Piggyback distributes it)
+# ---------------------------------------------------------------------------------------------
+
+def image_tree(members_prefix=""):
+    members = {}
+    for split, n in (("train", 2), ("test", 1), ("val", 1)):
+        for c in ("001.Black_footed_Albatross", "002.Laysan_Albatross"):
+            for k in range(n):
+                members[f"{members_prefix}{split}/{c}/img{k}.jpg"] = encode(
+                    rng_image(len(members), 20, 26), "JPEG")
+    members[f"{members_prefix}train/.DS_Store"] = b"junk"
+    return members
+
+
+def test_image_folder_dir_zip_and_tar(tmp_path):
+    import image_folder
+    members = image_tree()
+    src = tmp_path / "cubs_cropped"
+    for name, data in members.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    image_folder.convert(src, tmp_path / "out" / "cubs", name="cubs", size=16)
+    d = load_domain(tmp_path / "out" / "cubs")
+    assert d.class_names == ["001.Black_footed_Albatross", "002.Laysan_Albatross"] and d.mirror
+    np.testing.assert_array_equal(d.train[1], [0, 0, 1, 1])
+    np.testing.assert_array_equal(d.test[1], [0, 1])
+    np.testing.assert_array_equal(d.val[1], [0, 1])
+    assert d.train[0].shape == (4, 16, 16, 3)
+
+    write_zip(tmp_path / "sketches.zip", image_tree("sketches/"))
+    image_folder.convert(tmp_path / "sketches.zip", tmp_path / "sk", name="sketches", size=16,
+                         mirror=False)
+    d2 = load_domain(tmp_path / "sk")
+    assert not d2.mirror
+    np.testing.assert_array_equal(d2.train[0], d.train[0])      # same images, same order
+
+    write_tar(tmp_path / "t.tar.gz", image_tree("x/"))
+    image_folder.convert(tmp_path / "t.tar.gz", tmp_path / "tt", name="t", size=16)
+    np.testing.assert_array_equal(load_domain(tmp_path / "tt").test[0], d.test[0])
+
+    no_test = {k: v for k, v in members.items() if not k.startswith("test/")}
+    write_zip(tmp_path / "no_test.zip", no_test)
+    with pytest.raises(C.DataScriptError, match="'test/<class>/'"):
+        image_folder.convert(tmp_path / "no_test.zip", tmp_path / "bad", name="bad")
+    truncate(tmp_path / "t.tar.gz", 0.5)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        image_folder.convert(tmp_path / "t.tar.gz", tmp_path / "bad", name="bad")
+    assert_no_domain(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual Decathlon
+# ---------------------------------------------------------------------------------------------
+
+def coco(entries, categories):
+    """entries: [(image_id, file_name, category_id or None)]."""
+    out = {"images": [{"id": i, "file_name": f, "width": 1, "height": 1} for i, f, _ in entries],
+           "categories": [{"id": c, "name": n} for c, n in categories]}
+    if any(c is not None for _, _, c in entries):
+        out["annotations"] = [{"id": k, "image_id": i, "category_id": c, "segmentation": [],
+                               "area": 1, "bbox": [], "iscrowd": 0}
+                              for k, (i, _, c) in enumerate(entries) if c is not None]
+    return out
+
+
+def decathlon_fixture(tmp_path, datasets=("svhn", "dtd")):
+    """A devkit tar.gz, a data tar.gz with <ds>.tar inside, and a test-labels zip."""
+    annotations, inner, test_labels, truth = {}, {}, {}, {}
+    for d_i, ds in enumerate(datasets):
+        base = 10_000 * (d_i + 1)                      # real category ids are offset per data set
+        cats = [(base + k + 1, f"{ds}_class{k}") for k in range(3)]
+        members, entries = {}, {"train": [], "val": [], "test": []}
+        image_id = base * 10
+        for split, n in (("train", 4), ("val", 2), ("test", 3)):
+            for k in range(n):
+                image_id += 1
+                w = 72 + 9 * k                          # shorter side 72, various widths
+                name = f"{ds}/{split}/{image_id}.jpg"
+                members[name] = encode(rng_image(image_id, 72, w), "JPEG")
+                entries[split].append((image_id, "data/" + name, base + 1 + (k % 3)))
+        # annotations deliberately listed in reverse so only an image_id join gets them right
+        annotations[f"{ds}_train.json"] = coco(entries["train"][::-1], cats)
+        annotations[f"{ds}_val.json"] = coco(entries["val"], cats)
+        annotations[f"{ds}_test_stripped.json"] = coco([(i, f, None) for i, f, _ in entries["test"]], cats)
+        test_labels[f"{ds}_test.json"] = coco(entries["test"], cats)
+        inner[f"{ds}.tar"] = tar_bytes(members)
+        truth[ds] = {s: [c - base - 1 for _, _, c in e] for s, e in entries.items()}
+        truth[ds]["members"] = members
+    devkit = write_tar(tmp_path / "decathlon-1.0-devkit.tar.gz",
+                       {f"decathlon-1.0/annotations/{k}": json.dumps(v).encode()
+                        for k, v in annotations.items()})
+    data = write_tar(tmp_path / "decathlon-1.0-data.tar.gz", inner)
+    labels = write_zip(tmp_path / "labels_test.zip",
+                       {k: json.dumps(v).encode() for k, v in test_labels.items()})
+    return {"devkit": devkit, "data": data, "test_labels": labels}, truth
+
+
+def test_decathlon_coco_annotations_and_test_labels(tmp_path):
+    import decathlon
+    files, truth = decathlon_fixture(tmp_path)
+    decathlon.convert(files, tmp_path / "out", ["svhn", "dtd"], quiet=True)
+    for ds in ("svhn", "dtd"):
+        d = load_domain(tmp_path / "out" / ds)
+        assert d.class_names == [f"{ds}_class{k}" for k in range(3)]
+        assert d.image_size == (72, 72) and d.mirror == (ds == "dtd")
+        # train annotations were reversed in the json: labels follow the annotation order
+        np.testing.assert_array_equal(d.train[1], truth[ds]["train"][::-1])
+        np.testing.assert_array_equal(d.val[1], truth[ds]["val"])
+        np.testing.assert_array_equal(d.test[1], truth[ds]["test"])
+        assert "published test labels" in d.meta["extra"]["test_split"]
+    # the 3rd test image is 72 x 90: shorter side kept, centre crop 72 x 72
+    member = next(n for n in truth["dtd"]["members"] if "/test/" in n)
+    img = Image.open(io.BytesIO(truth["dtd"]["members"][member])).convert("RGB")
+    np.testing.assert_array_equal(load_domain(tmp_path / "out" / "dtd").test[0][0],
+                                  C.to_array(C.center_crop(img, 72)))
+
+
+def test_decathlon_without_test_labels_uses_val(tmp_path):
+    import decathlon
+    files, truth = decathlon_fixture(tmp_path, ("gtsrb",))
+    files.pop("test_labels")
+    decathlon.convert(files, tmp_path / "out", ["gtsrb"], size=64, quiet=True)
+    d = load_domain(tmp_path / "out" / "gtsrb")
+    assert d.val is None and not d.mirror and d.image_size == (64, 64)
+    np.testing.assert_array_equal(d.test[1], truth["gtsrb"]["val"])
+    assert "validation" in d.meta["extra"]["test_split"]
+
+
+def test_decathlon_truncated_or_incomplete_archives(tmp_path):
+    import decathlon
+    files, _ = decathlon_fixture(tmp_path, ("svhn",))
+    with pytest.raises(C.DataScriptError, match=r"omniglot\.tar missing|annotation files missing"):
+        decathlon.convert(files, tmp_path / "out", ["svhn", "omniglot"], quiet=True)
+    truncate(files["data"], 0.5)
+    with pytest.raises(C.DataScriptError, match="truncated or corrupt"):
+        decathlon.convert(files, tmp_path / "out", ["svhn"], quiet=True)
+    assert_no_domain(tmp_path / "out" / "svhn")
+    assert not any((tmp_path / "out").glob(".*scratch*"))
