@@ -656,3 +656,15 @@ def test_decathlon_truncated_or_incomplete_archives(tmp_path):
         decathlon.convert(files, tmp_path / "out", ["svhn"], quiet=True)
     assert_no_domain(tmp_path / "out" / "svhn")
     assert not any((tmp_path / "out").glob(".*scratch*"))
+
+
+@pytest.mark.parametrize("script", ["cifar", "svhn", "mnist", "gtsrb", "omniglot", "flowers102",
+                                    "dtd", "image_folder", "decathlon"])
+def test_every_script_documents_its_flags(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--root", "--offline", "--force", "--downloads"):
+        assert flag in text
