@@ -1,0 +1,71 @@
+"""The post-activation basic block of Wide ResNets (DESIGN.md section 2).
+
+    main(x)     = BN2(conv2(ReLU(BN1(conv1(x)))))      conv1: 3x3, stride s; conv2: 3x3, stride 1
+    shortcut(x) = x                                     when s = 1 and the channel count is kept
+                = BN_s(conv_s(x))                       otherwise (conv_s: 1x1, stride s)
+    y           = ReLU(main(x) + shortcut(x))
+
+Backward: the final ReLU lets the gradient through where its input was positive,
+``d = dy * [main + shortcut > 0]``; the addition then hands the *same* ``d`` to both branches, and
+the two input gradients add up where the branches meet again, at ``x``:
+
+    dx = main.backward(d) + shortcut.backward(d)        (shortcut.backward(d) = d for the identity)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import rng as make_rng
+from .activation import ReLU
+from .batchnorm import BatchNorm2d
+from .container import Sequential
+from .conv import Conv2d
+from .module import Module
+
+
+class BasicBlock(Module):
+    """WRN basic block: (N, in_planes, H, W) -> (N, out_planes, ceil(H/s), ceil(W/s)).
+
+    Children (PyTorch-like names): ``conv1``, ``bn1``, ``relu1``, ``conv2``, ``bn2``, ``shortcut``
+    (``Sequential(Conv2d 1x1, BatchNorm2d)``, so ``shortcut.0.weight``; ``None`` for the identity),
+    ``relu2``. Every conv is bias-free (the BN after it has the bias) and has
+    ``followed_by_bn = True``.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 1, dtype=np.float32, rng=None):
+        super().__init__()
+        gen = make_rng(rng)
+        self.in_planes, self.out_planes, self.stride = int(in_planes), int(out_planes), int(stride)
+        self.conv1 = Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, dtype=dtype, rng=gen)
+        self.bn1 = BatchNorm2d(out_planes, dtype=dtype)
+        self.relu1 = ReLU()
+        self.conv2 = Conv2d(out_planes, out_planes, 3, stride=1, padding=1, dtype=dtype, rng=gen)
+        self.bn2 = BatchNorm2d(out_planes, dtype=dtype)
+        if stride != 1 or in_planes != out_planes:
+            # the projection makes x's shape match the main branch's output
+            self.shortcut = Sequential(Conv2d(in_planes, out_planes, 1, stride=stride, dtype=dtype, rng=gen),
+                                       BatchNorm2d(out_planes, dtype=dtype))
+            self.shortcut[0].followed_by_bn = True
+        else:
+            self.shortcut = None
+        self.relu2 = ReLU()
+        self.conv1.followed_by_bn = True
+        self.conv2.followed_by_bn = True
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return self.relu2(out + skip)
+
+    def backward(self, dy):
+        d = self.relu2.backward(dy)  # gradient of the sum, shared by both branches
+        dmain = self.bn2.backward(d)
+        dmain = self.conv2.backward(dmain)
+        dmain = self.bn1.backward(self.relu1.backward(dmain))
+        dmain = self.conv1.backward(dmain)
+        dskip = d if self.shortcut is None else self.shortcut.backward(d)
+        return dmain + dskip
+
+    def extra_repr(self) -> str:
+        return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
