@@ -1,0 +1,85 @@
+"""What a domain learned, layer by layer: mask density and k values (figures 3 and 4 of the paper).
+
+    stats = mask_statistics(model.network("svhn"))         # one row per masked layer, network order
+    plot_mask_statistics({"svhn": stats, "dtd": ...}, "masks.png")
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..backend import to_numpy
+from .layers import _MaskedLayer
+
+
+def mask_statistics(net) -> list[dict]:
+    """Per masked layer, in network (module) order: ``{"layer", "shape", "density", "learned", "k0".."k3"}``.
+
+    density = fraction of ones in M = 1[R > tau]. Each k is a float (fixed or one learned scalar) or,
+    for channel-wise k's, the list of per-channel values (plotted as their mean).
+    """
+    rows = []
+    for name, m in net.named_modules():
+        if not isinstance(m, _MaskedLayer):
+            continue
+        row = {"layer": name, "shape": tuple(int(s) for s in m.weight.shape),
+               "density": float(to_numpy(m.mask()).mean()),
+               "learned": [f"k{j}" for j in range(4) if f"k{j}" in m.params]}
+        for j, k in enumerate(m.ks):
+            if isinstance(k, float):
+                row[f"k{j}"] = k
+            else:
+                v = to_numpy(k).astype(float)
+                row[f"k{j}"] = float(v[0]) if v.size == 1 else v.tolist()
+        rows.append(row)
+    return rows
+
+
+def _mean(v) -> float:
+    return float(np.mean(v)) if isinstance(v, list) else float(v)
+
+
+def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) -> str:
+    """Draw mask density per layer depth per domain, and k1, k2, k3 per layer; save a PNG at ``path``.
+
+    ``stats_by_domain``: ``{domain: mask_statistics(net)}``. Left panel: percentage of ones in the mask
+    against layer index (one line per domain, as the paper's figures 3/4 compare domains and
+    Piggyback); the other three panels: k1, k2, k3 against layer index. Returns the path.
+    """
+    import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    if not stats_by_domain:
+        raise ValueError("nothing to plot: stats_by_domain is empty")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
+    for domain, rows in stats_by_domain.items():
+        if not rows:
+            continue
+        depth = np.arange(1, len(rows) + 1)
+        axes[0].plot(depth, [100 * r["density"] for r in rows], marker="o", ms=3, label=domain)
+        for ax, key in zip(axes[1:], ("k1", "k2", "k3")):
+            if not any(key in r["learned"] for r in rows):
+                continue  # fixed for this variant (e.g. Piggyback's k3 = 1): nothing learned to show
+            ax.plot(depth, [_mean(r[key]) for r in rows], marker="o", ms=3, label=domain)
+    axes[0].set_ylabel("% of ones in the mask")
+    axes[0].set_ylim(0, 105)
+    for ax, label in zip(axes, ("mask density", "k1", "k2", "k3")):
+        ax.set_xlabel("layer (network order)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[1:]:
+        ax.axhline(0, color="k", lw=0.6)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
