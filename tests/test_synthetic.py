@@ -1,0 +1,83 @@
+"""The synthetic benchmark: determinism, balanced classes, meta data, cache reuse (tiny sizes)."""
+import numpy as np
+import pytest
+
+from npmask.data import synthetic
+from npmask.data.format import load_domain
+from npmask.data.synthetic import DOMAINS, ensure_synthetic, generate_domain, save_grid
+
+TINY = dict(n_train=60, n_test=50, base_train=120, base_test=60, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return ensure_synthetic(tmp_path_factory.mktemp("syn") / "bench", seed=0, **TINY)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_same_seed_same_arrays(domain):
+    a = generate_domain(domain, "train", 12, seed=5, image_size=16)
+    b = generate_domain(domain, "train", 12, seed=5, image_size=16)
+    c = generate_domain(domain, "train", 12, seed=6, image_size=16)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0].shape == (12, 16, 16, 3) and a[0].dtype == np.uint8
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].std() > 10  # not blank
+
+
+def test_result_does_not_depend_on_workers(monkeypatch):
+    a = generate_domain("signs", "test", 30, seed=1)
+    monkeypatch.setattr(synthetic, "_CHUNK", 7)  # seeds are per chunk: same chunk size needed
+    b = generate_domain("signs", "test", 30, seed=1)
+    assert not np.array_equal(a[0], b[0])  # documents that chunk size is part of the recipe
+    import multiprocessing
+    with multiprocessing.get_context().Pool(2) as pool:
+        c = generate_domain("signs", "test", 30, seed=1, pool=pool)
+    np.testing.assert_array_equal(b[0], c[0])
+
+
+def test_domains_meta_and_class_balance(tiny_root):
+    expected_mirror = {"base": True, "digits": False, "signs": False, "glyphs": False,
+                       "textures": False, "sketches": True}
+    for name in DOMAINS:
+        d = load_domain(tiny_root / name)
+        n_train, n_test = (120, 60) if name == "base" else (60, 50)
+        assert d.name == name and d.mirror == expected_mirror[name]
+        assert d.train[0].shape == (n_train, 32, 32, 3) and d.test[0].shape[0] == n_test
+        counts = np.bincount(d.train[1], minlength=d.num_classes)
+        assert counts.max() - counts.min() <= 1  # balanced
+        extra = d.meta["extra"]
+        assert extra["fonts"] == synthetic.available_fonts() and extra["config"]["seed"] == 0
+        assert d.meta["licence"] and d.meta["source"].startswith("npmask synthetic")
+    assert load_domain(tiny_root / "base").num_classes >= 50
+    assert load_domain(tiny_root / "digits").num_classes == 10
+
+
+def test_cache_is_reused_and_size_change_regenerates(tiny_root):
+    stamp = (tiny_root / "base" / "train.npz").stat().st_mtime_ns
+    assert ensure_synthetic(tiny_root, seed=0, **TINY) == tiny_root
+    assert (tiny_root / "base" / "train.npz").stat().st_mtime_ns == stamp
+    other = dict(TINY, n_test=40)
+    ensure_synthetic(tiny_root, seed=0, domains=("glyphs",), **other)
+    assert load_domain(tiny_root / "glyphs").test[0].shape[0] == 40
+
+
+def test_default_root_names_seed_and_hash(monkeypatch, tmp_path):
+    monkeypatch.setenv("NPMASK_DATA", str(tmp_path))
+    config = synthetic._config(3, 10, 10, 10, 10, 32, ["x"])
+    root = synthetic.default_root(config)
+    assert root.parent == tmp_path and root.name.startswith(f"synthetic-v{synthetic.VERSION}-3-")
+    assert synthetic.default_root(synthetic._config(3, 10, 11, 10, 10, 32, ["x"])) != root
+    assert synthetic.default_root(synthetic._config(3, 10, 10, 10, 10, 32, ["y"])) != root
+
+
+def test_unknown_domain():
+    with pytest.raises(ValueError, match="unknown synthetic domain"):
+        generate_domain("imagenet", "train", 4)
+
+
+def test_save_grid(tiny_root, tmp_path):
+    from PIL import Image
+    path = save_grid(tiny_root / "signs", tmp_path / "g.png", classes=4, per_class=3, zoom=2)
+    assert Image.open(path).size == (3 * 32 * 2, 4 * 32 * 2)
