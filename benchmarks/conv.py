@@ -3,13 +3,13 @@
 Run:  .venv/bin/python benchmarks/conv.py [--backend numpy|cupy] [--batch 32] [--repeats 5]
 
 Prints, in one run:
-1. the float32 GEMM rate (median of several 2048x2048 matmuls), the yardstick: a convolution is three
-   GEMMs in disguise (forward, input gradient, weight gradient), so its best possible speed is the
-   GEMM rate;
-2. for every distinct conv shape of WRN-28-4 at 64x64 input, the median time of forward + backward
-   (dx and dweight), its GFLOP/s (2*O*C*kh*kw*Ho*Wo*N per pass, 3 passes) and the fraction of the
-   GEMM rate;
+1. the float32 GEMM rate (2048x2048 matmuls), the yardstick: a convolution is three GEMMs in
+   disguise (forward, input gradient, weight gradient), so its best possible speed is the GEMM rate;
+2. for every distinct conv shape of WRN-28-4 at 64x64 input, the time of forward + backward (dx and
+   dweight), its GFLOP/s (2*O*C*kh*kw*Ho*Wo*N per pass, 3 passes) and the fraction of the GEMM rate;
 3. the total over all convs of the network, each shape weighted by how many times it occurs.
+Each time is the median over --repeats runs (--stat min: the minimum, robust when other jobs share
+the machine); the GEMM rate is measured again at the end as a check on such interference.
 
 Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 """
@@ -57,13 +57,14 @@ def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
 
 
 class Timer:
-    """Median wall time of a callable: perf_counter on NumPy, CUDA events on CuPy."""
+    """Median (or minimum) wall time of a callable: perf_counter on NumPy, CUDA events on CuPy."""
 
-    def __init__(self, xp):
+    def __init__(self, xp, stat: str = "median"):
         self.xp = xp
         self.gpu = xp is not np
+        self.reduce = np.median if stat == "median" else np.min
 
-    def median(self, fn, repeats: int) -> float:
+    def time(self, fn, repeats: int) -> float:
         fn()  # warm-up (allocations, BLAS threads, CUDA kernels compiled)
         times = []
         for _ in range(repeats):
@@ -78,7 +79,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(self.reduce(times))
 
 
 def gemm_rate(xp, timer: Timer, n: int = 2048, repeats: int = 7) -> float:
@@ -87,7 +88,7 @@ def gemm_rate(xp, timer: Timer, n: int = 2048, repeats: int = 7) -> float:
     a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
     b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
     out = xp.empty((n, n), dtype=xp.float32)
-    t = timer.median(lambda: xp.matmul(a, b, out=out), repeats)
+    t = timer.time(lambda: xp.matmul(a, b, out=out), repeats)
     return 2 * n**3 / t / 1e9
 
 
@@ -97,14 +98,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    ap.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="statistic over repeats; min is robust on a machine shared with other jobs")
     args = ap.parse_args(argv)
 
     xp = get_backend(args.backend)
-    timer = Timer(xp)
+    timer = Timer(xp, args.stat)
     rate = gemm_rate(xp, timer)
     print(f"backend {args.backend}, float32, batch {args.batch}, input {args.size}x{args.size}, "
-          f"median of {args.repeats}")
-    print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s\n")
+          f"{args.stat} of {args.repeats} repeats")
+    print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s "
+          f"(fractions below are of this rate)\n")
 
     header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
               f"{'ms fwd':>9}{'ms bwd':>9}{'ms tot':>9}{'GFLOP/s':>9}{'x GEMM':>8}")
@@ -126,8 +130,8 @@ def main(argv=None):
         def bwd():
             conv2d_backward(dy, state["cache"], need_dx=True, need_dweight=True)
 
-        t_fwd = timer.median(fwd, args.repeats)
-        t_bwd = timer.median(bwd, args.repeats)
+        t_fwd = timer.time(fwd, args.repeats)
+        t_bwd = timer.time(bwd, args.repeats)
         t = t_fwd + t_bwd
         flops = 3 * 2 * args.batch * cout * cin * k * k * ho * ho
         gflops = flops / t / 1e9
@@ -141,6 +145,9 @@ def main(argv=None):
           f"forward + backward: {total_time:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
           f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
           f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)")
+    rate_end = gemm_rate(xp, timer)
+    print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "
+          "(a large difference means the machine was busy with other work during the run)")
 
 
 if __name__ == "__main__":

@@ -78,14 +78,18 @@ def _check_shapes(x, weight, bias, stride: int, padding: int):
     return ho, wo
 
 
-# Column floats per chunk of images: about 1M (4 MB in float32), so that a chunk's columns are still
-# in the CPU cache when the GEMM reads them. Tests lower it to exercise several (and partial) chunks.
+# Column floats per chunk of images: about 1M (4 MB in float32) on the CPU, so that a chunk's columns
+# are still in the cache when the GEMM reads them. Tests lower it to exercise several (and partial)
+# chunks. On a GPU the loop over chunks would only add kernel launches: there a chunk holds up to
+# 64M floats (256 MB), in practice the whole batch.
 CHUNK_FLOATS = 1 << 20
+GPU_CHUNK_FLOATS = 1 << 26
 
 
-def _chunk_size(n: int, col_floats: int) -> int:
+def _chunk_size(xp, n: int, col_floats: int) -> int:
     """Images per chunk: enough to make the GEMM wide, few enough for the columns to stay in cache."""
-    return max(1, min(n, CHUNK_FLOATS // max(col_floats, 1)))
+    limit = CHUNK_FLOATS if xp is np else GPU_CHUNK_FLOATS
+    return max(1, min(n, limit // max(col_floats, 1)))
 
 
 class _Columns:
@@ -186,7 +190,7 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
     o, _, kh, kw = weight.shape
     w_mat = weight.reshape(o, c * kh * kw)
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
-    nb = _chunk_size(n, c * kh * kw * ho * wo)
+    nb = _chunk_size(xp, n, c * kh * kw * ho * wo)
     im2col = _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo)
     for n0 in range(0, n, nb):
         n1 = min(n, n0 + nb)
@@ -221,12 +225,12 @@ def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     _, o, ho, wo = dy.shape
     k = c * kh * kw
     dw_t = xp.zeros((k, o), dtype=x.dtype)
-    nb = _chunk_size(n, k * ho * wo)
+    nb = _chunk_size(xp, n, k * ho * wo)
     im2col = _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo)
     for n0 in range(0, n, nb):
         n1 = min(n, n0 + nb)
         dw_t += im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T
-    return dw_t.T.reshape(o, c, kh, kw)
+    return xp.ascontiguousarray(dw_t.T).reshape(o, c, kh, kw)
 
 
 def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
@@ -238,7 +242,7 @@ def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     k = c * kh * kw
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
-    nb = _chunk_size(n, k * ho * wo)
+    nb = _chunk_size(xp, n, k * ho * wo)
     dxpad = xp.empty((nb, c, h + 2 * padding, w + 2 * padding), dtype=dy.dtype)
     for n0 in range(0, n, nb):
         n1 = min(n, n0 + nb)
