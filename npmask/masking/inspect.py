@@ -55,15 +55,16 @@ def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) 
     if not stats_by_domain:
         raise ValueError("nothing to plot: stats_by_domain is empty")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
-    for domain, rows in stats_by_domain.items():
+    for i, (domain, rows) in enumerate(stats_by_domain.items()):
         if not rows:
             continue
+        color = f"C{i % 10}"  # one colour per domain in every panel, even where a k is not drawn
         depth = np.arange(1, len(rows) + 1)
-        axes[0].plot(depth, [100 * r["density"] for r in rows], marker="o", ms=3, label=domain)
+        axes[0].plot(depth, [100 * r["density"] for r in rows], marker="o", ms=3, color=color, label=domain)
         for ax, key in zip(axes[1:], ("k1", "k2", "k3")):
             if not any(key in r["learned"] for r in rows):
                 continue  # fixed for this variant (e.g. Piggyback's k3 = 1): nothing learned to show
-            ax.plot(depth, [_mean(r[key]) for r in rows], marker="o", ms=3, label=domain)
+            ax.plot(depth, [_mean(r[key]) for r in rows], marker="o", ms=3, color=color, label=domain)
     axes[0].set_ylabel("% of ones in the mask")
     axes[0].set_ylim(0, 105)
     for ax, label in zip(axes, ("mask density", "k1", "k2", "k3")):
