@@ -1,0 +1,301 @@
+"""One training step of a masked WRN-28-4 against the machine's floor (issue 7).
+
+Run:  .venv/bin/python benchmarks/train_step.py [--backend numpy|cupy] [--model wrn28_4]
+          [--size 64] [--batch 32] [--repeats 5] [--variants full,piggyback] [--profile]
+Quick check:  .venv/bin/python benchmarks/train_step.py --model wrn16_1 --size 32 --repeats 2
+
+Prints, in one run on the chosen backend:
+
+1. the float32 GEMM rate (2048x2048 matmuls), measured now, in this process: every training step is
+   mostly GEMMs, so the GEMM rate is the yardstick (measured again at the end: a large change means
+   other jobs shared the machine);
+2. the FLOPs of one training step, counted from the layer shapes of the network: per conv
+   ``2*N*O*C*kh*kw*Ho*Wo`` for each of forward, weight gradient and input gradient (the first conv's
+   input gradient is not needed and not counted), the same three GEMMs for the classifier; the
+   floor is FLOPs / GEMM rate, the time the step would take if it were nothing but GEMMs at full
+   speed;
+3. for each variant, the median time of a whole step -- forward, softmax cross-entropy, backward,
+   optimiser update (Adam for masks/k's/BN, SGD with momentum for the head, as the paper) -- as a
+   multiple of the floor; ``own floor`` is the same for only the GEMMs the variant needs
+   (``classifier_only`` needs only the forward pass of the backbone);
+4. the share of a ``full`` step spent in the mask transform (forward and backward, gradient
+   accumulation included), timed inside the step;
+5. peak memory: on NumPy the peak of traced allocations during one step (tracemalloc, which NumPy
+   reports its array buffers to) and the process's maximum resident set size; on CuPy the memory
+   pool's peak.
+
+``--profile`` adds a breakdown of the ``full`` step by layer type (where the time goes).
+Times on CuPy use CUDA events around the step (GPU time, after a synchronising warm-up).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import sys
+import time
+import tracemalloc
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+
+from npmask import models  # noqa: E402
+from npmask.backend import get_backend  # noqa: E402
+from npmask.masking import layers as masked_layers  # noqa: E402
+from npmask.multidomain import MultiDomainModel  # noqa: E402
+from npmask.nn.conv import Conv2d  # noqa: E402
+from npmask.nn.linear import Linear  # noqa: E402
+from npmask.nn.loss import softmax_cross_entropy  # noqa: E402
+from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
+
+VARIANTS = ("classifier_only", "piggyback", "simple", "full", "finetune")
+
+
+# ---------------------------------------------------------------------------------- timing
+class Clock:
+    """Wall time on NumPy (perf_counter); GPU time between CUDA events on CuPy."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.gpu = xp is not np
+
+    def time(self, fn) -> float:
+        if self.gpu:
+            start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            return self.xp.cuda.get_elapsed_time(start, stop) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def median(self, fn, repeats: int) -> float:
+        fn()  # warm-up: buffers allocated, BLAS threads up, CUDA kernels compiled
+        return float(np.median([self.time(fn) for _ in range(repeats)]))
+
+
+def gemm_rate(xp, clock: Clock, n: int = 2048, repeats: int = 7) -> float:
+    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul."""
+    rng = np.random.default_rng(0)
+    a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
+    b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
+    out = xp.empty((n, n), dtype=xp.float32)
+    return 2 * n**3 / clock.median(lambda: xp.matmul(a, b, out=out), repeats) / 1e9
+
+
+# ---------------------------------------------------------------------------------- FLOPs
+def step_flops(net, x) -> tuple[float, float]:
+    """(FLOPs of a training step, FLOPs of its forward pass) of ``net`` on the batch ``x``.
+
+    Counted from the shapes the layers actually see: one forward pass is run in eval mode and the
+    input shape of every Conv2d/Linear is read from its cache. Each conv is three GEMMs of
+    2*N*O*C*kh*kw*Ho*Wo flops (forward, weight gradient, input gradient); the first layer's input
+    gradient (the image's) is not needed and not counted. Elementwise work (BN, ReLU, the mask
+    transform, the optimiser) is not counted: the floor is the GEMM work alone.
+    """
+    net.eval()
+    net.forward(x)
+    forward = backward = 0.0
+    first = True
+    for _, m in net.named_modules():
+        if isinstance(m, Conv2d):
+            xin, w = m._cache[0], m.params["weight"]
+            n = xin.shape[0]
+            o, c, kh, kw = w.shape
+            ho = (xin.shape[2] + 2 * m.padding - kh) // m.stride + 1
+            wo = (xin.shape[3] + 2 * m.padding - kw) // m.stride + 1
+            f = 2.0 * n * o * c * kh * kw * ho * wo
+        elif isinstance(m, Linear):
+            n = m._x.shape[0]
+            f = 2.0 * n * m.in_features * m.out_features
+        else:
+            continue
+        forward += f
+        backward += f if first else 2 * f      # weight gradient (+ input gradient)
+        first = False
+    return forward + backward, forward
+
+
+# ---------------------------------------------------------------------------------- one step
+def make_step(model: MultiDomainModel, x, y):
+    """The training step of npmask.training.loop.train_epoch, for one fixed batch."""
+    groups = model.parameter_groups()
+    opt = Optimizers(body=Adam(groups["body"], lr=1e-4), head=SGD(groups["head"], lr=1e-3, momentum=0.9))
+
+    def step():
+        logits = model.forward(x)
+        loss, dlogits = softmax_cross_entropy(logits, y)
+        opt.zero_grad()
+        model.backward(dlogits)
+        opt.step()
+        return loss
+
+    return step
+
+
+class TransformTimer:
+    """Accumulates the time spent in the masked layers' transform forward and backward.
+
+    Wraps ``_MaskedLayer._forward_weight`` (W~ from W, R, k) and ``_backward_weight`` (dL/dR and
+    dL/dk from G, accumulated into the gradients) for the duration of a ``with`` block.
+    """
+
+    def __init__(self, clock: Clock):
+        self.clock, self.total = clock, 0.0
+
+    @contextlib.contextmanager
+    def active(self):
+        cls = masked_layers._MaskedLayer
+        fwd, bwd = cls._forward_weight, cls._backward_weight
+        timer = self
+
+        def timed_fwd(layer):
+            out = {}
+            timer.total += timer.clock.time(lambda: out.setdefault("w", fwd(layer)))
+            return out["w"]
+
+        def timed_bwd(layer, G):
+            timer.total += timer.clock.time(lambda: bwd(layer, G))
+
+        cls._forward_weight, cls._backward_weight = timed_fwd, timed_bwd
+        try:
+            yield self
+        finally:
+            cls._forward_weight, cls._backward_weight = fwd, bwd
+
+
+@contextlib.contextmanager
+def layer_profile(net, clock: Clock, table: dict):
+    """Adds the forward and backward time of every leaf module of ``net`` to ``table`` by type."""
+    patched = []
+    for _, m in net.named_modules():
+        if m.children and type(m).__name__ not in ("SharedFrozen",):
+            continue
+        name = type(m).__name__
+        fwd, bwd = m.forward, m.backward
+
+        def tf(x, fwd=fwd, name=name):
+            out = {}
+            table[name + " fwd"] += clock.time(lambda: out.setdefault("y", fwd(x)))
+            return out["y"]
+
+        def tb(dy, bwd=bwd, name=name):
+            out = {}
+            table[name + " bwd"] += clock.time(lambda: out.setdefault("d", bwd(dy)))
+            return out["d"]
+
+        object.__setattr__(m, "forward", tf)
+        object.__setattr__(m, "backward", tb)
+        patched.append(m)
+    try:
+        yield table
+    finally:
+        for m in patched:
+            del m.__dict__["forward"], m.__dict__["backward"]
+
+
+def peak_memory(xp, step) -> str:
+    """Peak memory of one step: traced NumPy allocations (tracemalloc), or the CuPy pool's peak."""
+    if xp is np:
+        tracemalloc.start()   # traces allocations made from now on (arrays held before are not seen)
+        step()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return (f"{peak / 2**20:.0f} MiB allocated by the step at its peak (tracemalloc: activations, "
+                f"caches, temporaries; weights held before the step not included); process max RSS "
+                f"{rss:.0f} MiB")
+    pool = xp.get_default_memory_pool()
+    step()
+    xp.cuda.Device().synchronize()
+    used, total = pool.used_bytes(), pool.total_bytes()
+    return f"CuPy memory pool: {used / 2**20:.0f} MiB in use after the step, {total / 2**20:.0f} MiB held"
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap.add_argument("--model", default="wrn28_4")
+    ap.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", action="store_true", help="break the full step down by layer type")
+    args = ap.parse_args(argv)
+
+    xp = get_backend(args.backend)
+    clock = Clock(xp)
+    print("command: " + " ".join(["python benchmarks/train_step.py"] + (argv if argv is not None else sys.argv[1:])))
+    rate = gemm_rate(xp, clock)
+    print(f"backend {args.backend}, float32, {args.model} at {args.size}x{args.size}, batch {args.batch}, "
+          f"median of {args.repeats} steps")
+    print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s")
+
+    backbone = models.create(args.model, num_classes=args.classes, input_size=args.size, seed=0)
+    if xp is not np:
+        backbone.to("cupy")
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((args.batch, 3, args.size, args.size)), dtype=xp.float32)
+    y = xp.asarray(rng.integers(0, args.classes, args.batch))
+    flops, fwd_flops = step_flops(backbone, x)
+    floor = flops / 1e9 / rate
+    print(f"FLOPs of one training step (forward, input and weight gradients): {flops / 1e9:.1f} GFLOP "
+          f"({fwd_flops / 1e9 / args.batch:.3f} GFLOP forward per image)")
+    print(f"floor = FLOPs / GEMM rate = {floor:.3f} s\n")
+
+    header = f"{'variant':<17}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}{'images/s':>10}"
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for name in args.variants.split(","):
+        model = MultiDomainModel(backbone)
+        model.add_domain(name, num_classes=args.classes, variant=name, seed=0)
+        model.set_domain(name).train()
+        step = make_step(model, x, y)
+        t = clock.median(step, args.repeats)
+        own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / rate
+        results[name] = (model, step, t)
+        print(f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}")
+        if name not in ("full",):
+            results[name] = (None, None, t)    # free the network: only `full` is used again
+        del model, step
+    print("-" * len(header))
+
+    if "full" in results:
+        model, step, t_full = results["full"]
+        tt = TransformTimer(clock)
+        shares = []
+        with tt.active():
+            step()
+            for _ in range(args.repeats):
+                tt.total = 0.0
+                t = clock.time(step)
+                shares.append((tt.total, t))
+        tr, st = np.median([s[0] for s in shares]), np.median([s[1] for s in shares])
+        print(f"mask transform (forward + backward) in a full step: {tr:.3f} s of {st:.3f} s = "
+              f"{100 * tr / st:.1f}%")
+        if args.profile:
+            table = defaultdict(float)
+            with layer_profile(model.network(), clock, table):
+                step()
+                table.clear()
+                total = sum(clock.time(step) for _ in range(args.repeats))
+            print(f"\nwhere a full step's time goes (mean of {args.repeats} steps, {total / args.repeats:.3f} s):")
+            for key, v in sorted(table.items(), key=lambda kv: -kv[1]):
+                print(f"  {key:<24}{v / args.repeats:>8.3f} s {100 * v / total:>6.1f}%")
+            print(f"  {'rest (loss, optimiser)':<24}{(total - sum(table.values())) / args.repeats:>8.3f} s")
+        print("peak memory of a full step: " + peak_memory(xp, step))
+    rate_end = gemm_rate(xp, clock)
+    print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "
+          "(a large difference means other work shared the machine during the run)")
+
+
+if __name__ == "__main__":
+    main()
