@@ -100,7 +100,7 @@ def run(args, argv=None) -> dict:
     from .training.run_folder import RunFolder, newest_run
     ns = vars(args)
     if ns.get("resume"):
-        out = ns.get("out") or newest_run_of("runs", "pretrain-")
+        out = ns.get("out") or newest_run("runs", "pretrain-")
         if out is None:
             raise ConfigError("--resume: no run folder given (--out) and none found under runs/")
         folder = RunFolder(out)
@@ -121,17 +121,8 @@ def run(args, argv=None) -> dict:
                     command=cli.command_line("npmask.pretrain", argv))
 
 
-def newest_run_of(root, prefix):
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    runs = [p for p in root.iterdir() if p.name.startswith(prefix) and (p / "config.json").is_file()]
-    return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
-
-
 def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, command="") -> dict:
     """Train ``cfg.model`` from scratch on ``cfg.domain``; write the backbone; return the figures."""
-    from . import models
     from .optim import SGD, MultiStepLR
     from .pretrained import save_backbone
     from .training import batches
@@ -140,7 +131,7 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
     from .training.loop import evaluate
 
     get_backend(cfg.backend)  # BackendError (one line) before any work
-    cli.check_model(cfg.model)
+    cli.check_model(cfg.model, cfg.input_size)
     root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root)
     from .data.format import list_domains
     if cfg.domain not in list_domains(root):
@@ -151,7 +142,7 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
     train_it, test_it = batches.make_iterators(
         domain, batch_size=cfg.batch_size, seed=cfg.seed, backend=cfg.backend, dtype=dtype,
         protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size)
-    model = models.create(cfg.model, num_classes=domain.num_classes, input_size=cfg.input_size,
+    model = cli.create_model(cfg.model, num_classes=domain.num_classes, input_size=cfg.input_size,
                           dtype=dtype, seed=cfg.seed)
     if cfg.backend != "numpy":
         model.to(cfg.backend)

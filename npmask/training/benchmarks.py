@@ -17,19 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..metrics import decathlon_emax
 from .errors import ConfigError
 
 PAPER_LR_BODY = 1e-4  # Adam: masks, k's, batch norm (paper, section 4)
 PAPER_LR_HEAD = 1e-3  # SGD with momentum 0.9: the classifier
 SYNTHETIC_LR_SCALE = 10.0
 
-# Published fine-tuning accuracies of the Decathlon (Rebuffi et al. 2017; DESIGN.md section 1):
-# Emax_d = 2 * (100 - acc_d).
-DECATHLON_FINETUNE_ACC = {
-    "imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82,
-    "dtd": 55.53, "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69, "svhn": 96.55,
-    "ucf101": 51.20,
-}
 DECATHLON_TARGETS = ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "vgg-flowers",
                      "omniglot", "svhn", "ucf101"]
 
@@ -47,7 +41,7 @@ class Benchmark:
     lr_decay_epochs: list
     base_domain: str | None
     default_domains: list | None = None   # None: every domain under the data root but the base
-    emax: dict | None = None              # None: from a finetune run
+    emax: dict | None = None              # {domain: Emax as a fraction}; None: from a finetune run
     emax_source: str | None = None
     augmentation: str = "auto"
     notes: str = ""
@@ -66,7 +60,7 @@ BENCHMARKS = {
         name="decathlon", model="wrn28_4", input_size=64, epochs=60,
         lr_body=PAPER_LR_BODY, lr_head=PAPER_LR_HEAD, lr_decay_epochs=[45],
         base_domain="imagenet12", default_domains=DECATHLON_TARGETS,
-        emax={d: round(2 * (100.0 - a), 4) for d, a in DECATHLON_FINETUNE_ACC.items()},
+        emax=decathlon_emax(),
         emax_source="published fine-tuning errors x2 (Rebuffi et al. 2017)",
         augmentation="decathlon", notes="the paper's Decathlon protocol"),
     "folder": Benchmark(

@@ -50,24 +50,18 @@ def default_out(kind: str, *parts) -> str:
     return os.path.join("runs", name)
 
 
-def check_model(name: str) -> None:
-    """ConfigError listing the known architectures when ``name`` is not one of them."""
+def create_model(name: str, **kwargs):
+    """``models.create`` with an unknown name (or impossible size) reported as a ConfigError."""
     from .. import models
-    known = _model_names(models)
-    if known is not None and name not in known:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(known)}")
+    try:
+        return models.create(name, **kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
-def _model_names(models):
-    for attr in ("available", "names", "list_models"):
-        f = getattr(models, attr, None)
-        if callable(f):
-            return list(f())
-    for attr in ("MODELS", "REGISTRY", "BUILDERS"):
-        reg = getattr(models, attr, None)
-        if isinstance(reg, dict):
-            return list(reg)
-    return None
+def check_model(name: str, input_size: int = 32) -> None:
+    """ConfigError listing the known architectures when ``name`` is not one of them."""
+    create_model(name, num_classes=2, input_size=input_size)
 
 
 def check_variant(name: str) -> None:

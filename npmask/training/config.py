@@ -47,7 +47,7 @@ class TrainConfig:
     seed:          everything random (mask init, heads, batch order, augmentation) derives from it.
     backend:       "numpy" or "cupy". dtype: "float32" (default) or "float64".
     augmentation:  the loader's protocol: "auto", "pad_crop", "decathlon" or "none".
-    emax:          {domain: Emax in %} used for the S-score (None: look for a finetune run).
+    emax:          {domain: Emax as an error fraction} for the S-score (None: no finetune run known).
     emax_source:   where ``emax`` came from (a published table, a finetune run folder).
     notes:         free text recorded with the run (e.g. why the learning rates were scaled).
     """

@@ -79,7 +79,7 @@ def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "tes
 
     Returns ``{"loss": mean loss, "acc": accuracy in %, "n": images, "seconds": s}``.
     """
-    was_training = model.training
+    was_training = getattr(model, "training", True)
     model.eval()
     start = time.perf_counter()
     total_loss = 0.0
@@ -105,7 +105,7 @@ def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "tes
 def predict_labels(model, batches) -> np.ndarray:
     """Arg-max predictions (NumPy int64) of ``model`` in eval mode over ``batches``."""
     from ..backend import to_numpy
-    was_training = model.training
+    was_training = getattr(model, "training", True)
     model.eval()
     out = [to_numpy(model.forward(x).argmax(axis=1)) for x, _ in batches]
     model.train(was_training)

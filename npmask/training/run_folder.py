@@ -119,10 +119,12 @@ class RunFolder:
         atomic_write_text(str(self.progress_file), json.dumps(prog, indent=2) + "\n")
 
 
-def newest_run(root) -> Path | None:
-    """The most recently modified run folder (one holding config.json) directly under ``root``."""
+def newest_run(root, prefix: str = "") -> str | None:
+    """The most recently modified run folder (one holding config.json) under ``root`` whose name
+    starts with ``prefix``; None when there is none."""
     root = Path(root)
     if not root.is_dir():
         return None
-    runs = [p for p in root.iterdir() if (p / "config.json").is_file()]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+    runs = [p for p in root.iterdir()
+            if p.name.startswith(prefix) and (p / "config.json").is_file()]
+    return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None

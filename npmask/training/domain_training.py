@@ -1,0 +1,209 @@
+"""Train a list of target domains on a shared backbone, one after the other, resumably.
+
+This is steps 2-4 of the main job (issue 5): for every target domain
+
+1. add it to the :class:`~npmask.multidomain.MultiDomainModel` with the run's variant;
+2. train it with the paper's protocol -- Adam for the body group (real masks, learned k's, domain
+   BN; every weight for ``finetune``), SGD with momentum for the head, both decayed by
+   ``lr_decay`` after each of ``lr_decay_epochs`` -- checkpointing after every epoch;
+3. store it (1-bit masks) as ``domains/<d>.npz`` and record its test accuracy in progress.json;
+
+then score the run (accuracy per domain, S-score, # Params, S_p from the stored files) and draw the
+plots. Domains are independent: each gets its own seed derived from (run seed, domain name), so a
+domain's result does not depend on which domains came before it, nor on being resumed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+
+import numpy as np
+
+from ..backend import get_backend
+from .checkpoint import atomic_write_text
+from .errors import ConfigError
+
+
+def domain_seed(seed: int, domain: str) -> int:
+    """A seed for one domain: a function of the run seed and the domain's name only."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(domain.encode())]).generate_state(1)[0])
+
+
+def build_optimizers(model, cfg):
+    """The paper's two optimisers for the active domain, and the step-decay scheduler.
+
+    body (masks, k's, BN; all weights for finetune): Adam(lr_body); head: SGD(lr_head, momentum).
+    ``classifier_only`` has an empty body group: its Adam simply holds no parameter.
+    """
+    from ..optim import SGD, Adam, MultiStepLR, Optimizers
+    groups = model.parameter_groups()
+    opt = Optimizers(body=Adam(groups["body"], lr=cfg.lr_body, weight_decay=cfg.weight_decay),
+                     head=SGD(groups["head"], lr=cfg.lr_head, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay))
+    sched = MultiStepLR(opt, milestones=sorted(cfg.lr_decay_epochs), gamma=cfg.lr_decay)
+    return opt, sched
+
+
+def load_run_backbone(cfg):
+    """The pretrained backbone of a run as a MultiDomainModel (checked against cfg.model)."""
+    from ..multidomain import MultiDomainModel
+    from ..pretrained import BackboneError, load_backbone
+    try:
+        backbone, info = load_backbone(cfg.backbone, dtype=cfg.dtype, backend=cfg.backend)
+    except BackboneError as err:
+        raise ConfigError(str(err)) from None
+    if info["model"] != cfg.model:
+        raise ConfigError(f"backbone {cfg.backbone} is a {info['model']}, but the run asks for "
+                          f"--model {cfg.model}; pretrain one with python -m npmask.pretrain "
+                          f"--model {cfg.model} and pass it with --backbone")
+    if int(info["input_size"]) != int(cfg.input_size):
+        raise ConfigError(f"backbone {cfg.backbone} was trained on {info['input_size']}px inputs, "
+                          f"the run uses {cfg.input_size}px")
+    return MultiDomainModel(backbone, base_domain=info.get("domain", "base")), info
+
+
+def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print) -> dict:
+    """Train every domain of ``cfg`` not yet finished in ``folder``; returns the results dict."""
+    from ..storage import load_domain as load_stored_domain
+    from ..storage import save_domain
+    from . import batches
+    from .fit import fit
+    from .loop import evaluate
+
+    get_backend(cfg.backend)
+    model, info = load_run_backbone(cfg)
+    if cfg.backend != "numpy":
+        model.to(cfg.backend)
+    dtype = np.dtype(cfg.dtype)
+    budget = [stop_after] if stop_after else None
+    started = time.time()
+    for d in cfg.domains:
+        done = folder.progress()["done"]
+        if d in done and folder.domain_file(d).is_file():
+            load_stored_domain(model, folder.domain_file(d), name=d)
+            continue
+        seed = domain_seed(cfg.seed, d)
+        domain = batches.load(data_root, d)
+        train_it, test_it = batches.make_iterators(
+            domain, batch_size=cfg.batch_size, seed=seed, backend=cfg.backend, dtype=dtype,
+            protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size)
+        if d in model.domains:
+            raise ConfigError(f"domain {d!r} has the name of the pretraining domain")
+        model.add_domain(d, domain.num_classes, cfg.variant, seed=seed)
+        model.set_domain(d)
+        net = model.network(d)
+        opt, sched = build_optimizers(model, cfg)
+        t0 = time.time()
+        history = fit(
+            model=model, optimizer=opt, scheduler=sched, batches_for_epoch=train_it.epoch,
+            num_batches=len(train_it), epochs=cfg.epochs, checkpoint_path=folder.checkpoint(d),
+            state_fn=net.state_dict, load_state_fn=net.load_state_dict,
+            evaluate_fn=lambda: evaluate(model, test_it),
+            log_fn=lambda r, d=d: folder.log({"domain": d, "variant": cfg.variant, **r}),
+            desc=f"{d} ({cfg.variant})", progress=progress,
+            extra={"variant": cfg.variant, "domain": d, "seed": cfg.seed, "model": cfg.model,
+                   "epochs": cfg.epochs, "batch_size": cfg.batch_size},
+            epoch_budget=budget)
+        final = history[-1]
+        save_domain(model, d, folder.domain_file(d))
+        result = {"test_acc": final["test_acc"], "test_loss": final["test_loss"],
+                  "train_acc": final["train_acc"], "epochs": len(history),
+                  "seconds_this_session": round(time.time() - t0, 1),
+                  "train_images": train_it.num_samples, "test_images": test_it.num_samples}
+        folder.mark_done(d, result)
+        folder.checkpoint(d).unlink(missing_ok=True)  # the domain file now holds what matters
+        if log:
+            log(f"{d}: test accuracy {final['test_acc']:.2f}% after {len(history)} epochs "
+                f"({result['seconds_this_session']:.0f} s)")
+    return finish(cfg, folder, model, seconds=time.time() - started)
+
+
+def emax_from_run(run_dir) -> tuple[dict, str]:
+    """Emax (fractions) from a finished ``finetune`` run folder: 2 x its test error per domain."""
+    from pathlib import Path
+
+    from ..metrics import emax_from_accuracies
+    p = Path(run_dir) / "results.json"
+    try:
+        res = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--emax-from {run_dir}: no results.json (is it a finished run?)") from None
+    if res.get("variant") != "finetune":
+        raise ConfigError(f"--emax-from {run_dir}: that run trained variant {res.get('variant')!r}; "
+                          "Emax comes from a 'finetune' run")
+    return (emax_from_accuracies(res["acc"], percent=True),
+            f"2 x the test error of the finetune run in {run_dir}")
+
+
+def score(acc: dict, emax: dict | None, domain_files) -> dict:
+    """S-score (eq. 3), # Params and S_p for test accuracies ``acc`` (in %) and stored files.
+
+    The S-score sums over the domains in ``acc``; it is None when Emax is missing for any of them.
+    """
+    from ..metrics import decathlon_score, params_ratio, score_per_parameter
+    params = params_ratio(domain_files) if domain_files else None
+    s = sp = None
+    per = None
+    if emax is not None and all(d in emax for d in acc):
+        s, per = decathlon_score({d: 1.0 - a / 100.0 for d, a in acc.items()}, emax)
+        sp = score_per_parameter(s, params) if params else None
+    return {"score": s, "score_per_domain": per, "params": params, "sp": sp}
+
+
+def finish(cfg, folder, model, seconds: float = 0.0) -> dict:
+    """Score the finished run, write results.md/results.json and the plots; returns the results."""
+    from .plots import plot_learning_curves
+    from .results import markdown_table
+    done = folder.progress()["done"]
+    acc = {d: done[d]["test_acc"] for d in cfg.domains if d in done}
+    files = [folder.domain_file(d) for d in cfg.domains if d in done]
+    sc = score(acc, cfg.emax, files)
+    res = {"variant": cfg.variant, "model": cfg.model, "benchmark": cfg.benchmark,
+           "domains": cfg.domains, "acc": acc, **sc, "emax": cfg.emax,
+           "emax_source": cfg.emax_source, "seed": cfg.seed, "epochs": cfg.epochs,
+           "seconds_this_session": round(seconds, 1)}
+    atomic_write_text(str(folder.results_json), json.dumps(res, indent=2) + "\n")
+    row = {"method": cfg.variant, "acc": acc, "score": sc["score"], "params": sc["params"],
+           "sp": sc["sp"]}
+    notes = [f"Backbone: `{cfg.backbone}` ({cfg.model}, {cfg.input_size}x{cfg.input_size}); "
+             f"variant `{cfg.variant}`; {cfg.epochs} epochs per domain, batch {cfg.batch_size}, "
+             f"Adam lr {cfg.lr_body:g} (masks, k's, BN), SGD lr {cfg.lr_head:g} momentum "
+             f"{cfg.momentum:g} (head), x{cfg.lr_decay:g} after epoch(s) "
+             f"{', '.join(map(str, cfg.lr_decay_epochs)) or 'none'}; seed {cfg.seed}."]
+    if sc["score"] is None:
+        notes.append("S-score and S_p: **missing** -- Emax comes from the fine-tuning baseline, "
+                     "which has not been run for these domains. Run `python -m npmask.train "
+                     "--variant finetune --out runs/finetune` with the same settings and pass "
+                     "`--emax-from runs/finetune`, or use `python -m npmask.compare`.")
+    else:
+        notes.append(f"Emax: {cfg.emax_source}.")
+    notes.append("# Params = 1 + sum of the bits the stored domain files add / (32 N_p), "
+                 "classifiers excluded (paper, footnote 3), with the pretraining domain as one of T.")
+    if cfg.notes:
+        notes.append(f"Notes: {cfg.notes}")
+    text = (f"# Results: {cfg.benchmark} benchmark, `{cfg.variant}`\n\n"
+            + markdown_table([row], cfg.domains) + "\n" + "\n\n".join(notes) + "\n")
+    atomic_write_text(str(folder.results_md), text)
+    plot_learning_curves(folder.read_metrics(), folder.plots / "learning_curves.png",
+                         title=f"{cfg.variant} on {cfg.benchmark}")
+    _plot_masks(cfg, folder, model)
+    return res
+
+
+def _plot_masks(cfg, folder, model) -> None:
+    """Figures 3/4 of the paper (mask density and k's per layer) for mask variants."""
+    from ..masking.inspect import mask_statistics, plot_mask_statistics
+    from ..masking.variants import get_variant
+    if not get_variant(cfg.variant).has_mask:
+        return
+    stats = {d: mask_statistics(model.network(d)) for d in cfg.domains if d in model.domains}
+    stats = {d: s for d, s in stats.items() if s}
+    if stats:
+        plot_mask_statistics(stats, folder.plots / "masks_and_ks.png",
+                             title=f"{cfg.variant}: mask density and k per layer")
+
+
+def finite_or_none(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
