@@ -1,0 +1,114 @@
+"""The fused CUDA transform kernels (npmask/masking/cuda.py).
+
+With a GPU: the kernels give the generic NumPy path's numbers (forward and every gradient) for every
+variant's coefficient pattern and both surrogates, and the transform dispatches CuPy arrays to them.
+Without one (CI, this machine): those tests are skipped with the reason, and what can be checked
+without a device is: the module imports without importing CuPy, the kernel objects can be built
+(CUDA compiles them only on their first call), and NumPy arrays never take the CUDA path.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from npmask.backend import cupy_available, to_device, to_numpy
+from npmask.masking import cuda, transform
+from npmask.masking.variants import get_variant, variant_names
+
+GPU = cupy_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no usable CUDA device (CuPy not installed or no GPU): "
+                               "the CUDA kernels can only be compared with the generic path on a GPU")
+
+MASK_VARIANTS = [v for v in variant_names() if get_variant(v).has_mask]
+
+
+def _problem(variant: str, followed_by_bn: bool, shape=(6, 4, 3, 3), seed=0, dtype=np.float32):
+    """W, R (about half the mask bits on), the ks of ``variant`` with random learned values, G."""
+    rng = np.random.default_rng(seed)
+    v = get_variant(variant)
+    W = rng.standard_normal(shape).astype(dtype)
+    R = rng.uniform(-1, 1, shape).astype(dtype)
+    G = rng.standard_normal(shape).astype(dtype)
+    n_k = shape[0] if v.channelwise else 1
+    ks = []
+    for j in range(4):
+        kind, value = v.k_spec(j, followed_by_bn)
+        ks.append(value if kind == "fixed" else (value + 0.3 * rng.standard_normal(n_k)).astype(dtype))
+    return W, R, tuple(ks), G, v.surrogate
+
+
+def test_module_imports_without_cupy():
+    code = "import sys, npmask.masking.cuda, npmask.masking.transform; assert 'cupy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernel_objects_build_without_a_device():
+    pytest.importorskip("cupy")
+    k = cuda.kernels()
+    assert set(k) == {"forward", "grad_r", "grad_w", "sums"} and len(k["sums"]) == 4
+    assert type(k["forward"]).__name__ == "ElementwiseKernel"
+    assert type(k["sums"][3]).__name__ == "ReductionKernel"
+
+
+def test_numpy_arrays_take_the_generic_path(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the CUDA path was taken for NumPy arrays")
+    monkeypatch.setattr(cuda, "transform_forward", boom)
+    monkeypatch.setattr(cuda, "transform_backward", boom)
+    W, R, ks, G, surrogate = _problem("full", followed_by_bn=False)
+    assert not cuda.applies(W, R)
+    Wt, cache = transform.transform_forward(W, R, ks)
+    dks, dR, _ = transform.transform_backward(G, cache, surrogate=surrogate)
+    assert Wt.dtype == dR.dtype == np.float32
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+@pytest.mark.parametrize("followed_by_bn", [True, False])
+def test_kernels_equal_generic_path(variant, followed_by_bn):
+    W, R, ks, G, surrogate = _problem(variant, followed_by_bn)
+    Wt_ref, cache_ref = transform.transform_forward(W, R, ks)
+    dks_ref, dR_ref, dW_ref = transform.transform_backward(G, cache_ref, need_W=True, surrogate=surrogate)
+
+    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
+    Wc, Rc, Gc, ksc = gpu(W), gpu(R), gpu(G), tuple(gpu(k) for k in ks)
+    Wt, cache = cuda.transform_forward(Wc, Rc, ksc)
+    dks, dR, dW = cuda.transform_backward(Gc, cache, need_W=True, surrogate=surrogate)
+
+    np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(dR), dR_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(to_numpy(dW), dW_ref, rtol=1e-6, atol=1e-7)
+    for j in range(4):
+        assert (dks[j] is None) == (dks_ref[j] is None), f"k{j}"
+        if dks[j] is not None:
+            assert dks[j].shape == ks[j].shape and dks[j].dtype == W.dtype
+            np.testing.assert_allclose(to_numpy(dks[j]), dks_ref[j], rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+def test_transform_dispatches_cupy_arrays_to_the_kernels(monkeypatch):
+    calls = []
+    fwd, bwd = cuda.transform_forward, cuda.transform_backward
+    monkeypatch.setattr(cuda, "transform_forward", lambda *a, **k: calls.append("f") or fwd(*a, **k))
+    monkeypatch.setattr(cuda, "transform_backward", lambda *a, **k: calls.append("b") or bwd(*a, **k))
+    W, R, ks, G, surrogate = _problem("full", followed_by_bn=True)
+    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
+    Wt, cache = transform.transform_forward(gpu(W), gpu(R), tuple(gpu(k) for k in ks))
+    transform.transform_backward(gpu(G), cache, surrogate=surrogate)
+    assert calls == ["f", "b"]
+
+
+@needs_gpu
+def test_kernels_float64():
+    W, R, ks, G, surrogate = _problem("full_sigmoid", followed_by_bn=False, dtype=np.float64)
+    Wt_ref, cache_ref = transform.transform_forward(W, R, ks)
+    _, dR_ref, _ = transform.transform_backward(G, cache_ref, surrogate=surrogate)
+    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
+    Wt, cache = cuda.transform_forward(gpu(W), gpu(R), tuple(gpu(k) for k in ks))
+    _, dR, _ = cuda.transform_backward(gpu(G), cache, surrogate=surrogate)
+    assert Wt.dtype == dR.dtype == np.float64
+    np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(dR), dR_ref, rtol=1e-12)
