@@ -1,0 +1,198 @@
+"""Compare variants and baselines on the same domains and backbone: ``python -m npmask.compare``.
+
+Trains every variant in ``--variants`` (default: the rows of tables 1 and 5 of the paper that
+matter most) with identical settings -- same backbone, domains, epochs, learning rates and seed --
+each in its own run folder ``<out>/<variant>/`` (an ordinary ``npmask.train`` run, so each is
+resumable), then writes ``<out>/results.md``: one row per variant, one column per domain (test
+accuracy in %), the S-score with Emax = 2 x the error of the ``finetune`` row, ``# Params`` from
+the stored domain files and S_p = S / # Params. ``--table PATH`` also writes the table there
+together with the command that produced it (how ``benchmarks/results/compare_synthetic.md`` was
+made).
+
+``finetune`` is trained first because it defines Emax; without it the S-score columns say n/a.
+
+Examples::
+
+    python -m npmask.compare                                   # synthetic benchmark, 8 rows
+    python -m npmask.compare --variants classifier_only,finetune,full --domains digits,textures
+    python -m npmask.compare --out runs/cmp --resume           # continue after a kill
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .training import cli
+from .training.checkpoint import atomic_write_text
+from .training.errors import ConfigError, exit_on_error
+
+PROG = "python -m npmask.compare"
+DEFAULT_VARIANTS = ["classifier_only", "finetune", "piggyback", "piggyback_bn", "simple", "full",
+                    "full_sigmoid", "full_channelwise"]
+
+
+def build_parser():
+    from .train import build_parser as train_parser
+    p = cli.parser(PROG, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1]
+                   .split("Examples::")[0].strip(), epilog="examples:" + __doc__.split("Examples::")[1])
+    p.add_argument("--variants", type=cli.name_list, metavar="V1,V2",
+                   help="variants and baselines to train, in table order (default: "
+                        + ",".join(DEFAULT_VARIANTS) + ")")
+    p.add_argument("--table", metavar="PATH",
+                   help="also write the markdown table and the command that produced it to PATH")
+    # Every setting of npmask.train applies to all variants alike.
+    skip = {"--variant", "--emax-from", "--out", "--resume", "--help", "-h", "--stop-after-epochs"}
+    for action in train_parser()._actions:
+        if not action.option_strings or set(action.option_strings) & skip:
+            continue
+        kwargs = {"help": action.help, "default": argparse.SUPPRESS}
+        if action.nargs == 0:
+            kwargs["action"] = "store_true"
+        else:
+            for attr in ("type", "choices", "metavar"):
+                if getattr(action, attr) is not None:
+                    kwargs[attr] = getattr(action, attr)
+        p.add_argument(*action.option_strings, **kwargs)
+    p.add_argument("--out", metavar="DIR", help="comparison folder (default: runs/compare-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the comparison in --out (default: the newest runs/compare-*)")
+    p.add_argument("--stop-after-epochs", type=int, metavar="N",
+                   help="stop (as if killed) after N epochs in total; for testing --resume")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_error(PROG):
+        start = time.time()
+        text = run(vars(args), argv)
+        if text is None:
+            return 0
+        print(text)
+        print(f"wall time {time.time() - start:.0f} s")
+    return 0
+
+
+def run(ns: dict, argv=None) -> str | None:
+    """Train every variant (resuming finished or partial ones) and write the comparison table."""
+    from .train import FLAGS, config_from_args
+    from .training.config import TrainConfig, load_config, save_config
+    from .training.domain_training import train_domains
+    from .training.fit import StopRequested
+    from .training.run_folder import RunFolder, newest_run
+
+    if ns.get("resume"):
+        out = ns.get("out") or newest_run("runs", "compare-")
+        if out is None:
+            raise ConfigError("--resume: no comparison folder given (--out) and none under runs/")
+        doc = _read_json(Path(out) / "compare.json")
+        variants, base = doc["variants"], TrainConfig.from_dict(doc["config"])
+        given = {k: v for k, v in ns.items() if k in FLAGS}
+        cli.check_resume_conflicts(given, base.to_dict(), FLAGS)
+        if ns.get("variants") and ns["variants"] != variants:
+            raise ConfigError(f"--variants differs from the comparison's {variants}")
+        command = doc["command"]
+    else:
+        variants = ns.get("variants") or list(DEFAULT_VARIANTS)
+        if len(set(variants)) != len(variants):
+            raise ConfigError(f"--variants lists a variant twice: {variants}")
+        for v in variants:
+            cli.check_variant(v)
+        base = config_from_args({**{k: v for k, v in ns.items() if k in FLAGS}, "variant": "full"})
+        out = ns.get("out") or cli.default_out("compare", base.benchmark)
+        if (Path(out) / "compare.json").is_file():
+            raise ConfigError(f"comparison folder {out} already exists; pass --resume to continue "
+                              "it or choose another --out")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        command = cli.command_line("npmask.compare", argv)
+        atomic_write_text(str(Path(out) / "compare.json"), json.dumps(
+            {"variants": variants, "config": base.to_dict(), "command": command}, indent=2) + "\n")
+    # finetune first: its errors are Emax for every row's S-score
+    order = sorted(variants, key=lambda v: v != "finetune")
+    budget = ns.get("stop_after_epochs")
+    results = {}
+    emax, emax_source = base.emax, base.emax_source
+    for v in order:
+        folder = RunFolder(Path(out) / v)
+        if folder.exists():
+            cfg = load_config(str(folder.config))
+        else:
+            cfg = TrainConfig.from_dict({**base.to_dict(), "variant": v})
+            folder.create()
+            save_config(str(folder.config), cfg, {"command": command, "part_of": str(out)})
+        if emax is not None and cfg.emax != emax:
+            cfg.emax, cfg.emax_source = emax, emax_source
+        print(f"== {v} ==", file=sys.stderr)
+        done_before = _epochs_done(folder, cfg)
+        try:
+            res = train_domains(cfg, folder, data_root=cfg.data_root,
+                                progress=not ns.get("quiet", False), stop_after=budget,
+                                log=lambda s: print(s, file=sys.stderr))
+        except StopRequested as stop:
+            print(f"{stop}; continue with: {PROG} --resume --out {out}", file=sys.stderr)
+            return None
+        if budget:
+            budget -= _epochs_done(folder, cfg) - done_before
+            if budget <= 0:
+                print(f"stopped as requested; continue with: {PROG} --resume --out {out}",
+                      file=sys.stderr)
+                return None
+        results[v] = res
+        if v == "finetune" and emax is None:
+            from .training.domain_training import emax_from_run
+            emax, emax_source = emax_from_run(folder.path)
+            emax_source = "2 x the test error of the finetune row"
+    return write_table(out, variants, results, base, emax, emax_source, command, ns.get("table"))
+
+
+def _epochs_done(folder, cfg) -> int:
+    done = folder.progress()["done"]
+    return sum(int(done[d]["epochs"]) for d in cfg.domains if d in done)
+
+
+def write_table(out, variants, results, base, emax, emax_source, command, table_path=None) -> str:
+    """Score every row with the common Emax and write results.md (and ``table_path``)."""
+    from .training.domain_training import score
+    from .training.results import markdown_table
+    rows = []
+    for v in variants:
+        res = results[v]
+        files = [Path(out) / v / "domains" / f"{d}.npz" for d in base.domains]
+        sc = score(res["acc"], emax, files)
+        rows.append({"method": v, "acc": res["acc"], **sc})
+    table = markdown_table(rows, base.domains)
+    ordered = "; ".join(f"{r['method']} {r['score']:.0f}" for r in
+                        sorted(rows, key=lambda r: -(r["score"] or 0)) if r["score"] is not None)
+    text = (f"# Variants compared on the {base.benchmark} benchmark\n\n" + table + "\n"
+            f"Backbone `{Path(base.backbone).name}` ({base.model}, {base.input_size}x{base.input_size}), "
+            f"{base.epochs} epochs per domain, batch {base.batch_size}, Adam lr {base.lr_body:g} "
+            f"(masks, k's, BN; every weight for finetune), SGD lr {base.lr_head:g} momentum "
+            f"{base.momentum:g} (head), x{base.lr_decay:g} after epoch(s) "
+            f"{', '.join(map(str, base.lr_decay_epochs)) or 'none'}, "
+            f"{'all' if base.max_train is None else base.max_train} training images per domain, "
+            f"seed {base.seed}.\n\n"
+            f"Emax: {emax_source or 'missing (no finetune row)'}. # Params from the stored domain "
+            "files (paper, footnote 3; classifiers excluded, T counts the pretraining domain).\n\n"
+            + (f"S-score ranking: {ordered}.\n\n" if ordered else "")
+            + f"Produced by:\n\n    {command}\n")
+    atomic_write_text(str(Path(out) / "results.md"), text)
+    atomic_write_text(str(Path(out) / "results.json"), json.dumps(
+        {"variants": variants, "rows": rows, "emax": emax, "emax_source": emax_source,
+         "command": command}, indent=2) + "\n")
+    if table_path:
+        atomic_write_text(str(table_path), text)
+    return text
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: not a comparison folder") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
