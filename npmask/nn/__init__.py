@@ -6,6 +6,7 @@ from .activation import Dropout, Flatten, ReLU
 from .pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 from .container import Sequential
 from .conv import Conv2d, conv2d_backward, conv2d_forward
+from .residual import BasicBlock
 from .loss import SoftmaxCrossEntropy, accuracy, softmax_cross_entropy
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
     "Sequential",
     "Conv2d", "conv2d_forward", "conv2d_backward",
+    "BasicBlock",
     "softmax_cross_entropy", "SoftmaxCrossEntropy", "accuracy",
 ]
