@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npmask.backend import get_backend  # noqa: E402
+from npmask.backend import BackendError, get_backend  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
 
 
@@ -102,7 +102,10 @@ def main(argv=None):
                     help="statistic over repeats; min is robust on a machine shared with other jobs")
     args = ap.parse_args(argv)
 
-    xp = get_backend(args.backend)
+    try:
+        xp = get_backend(args.backend)
+    except BackendError as err:
+        sys.exit(f"benchmarks/conv.py: {err}")
     timer = Timer(xp, args.stat)
     rate = gemm_rate(xp, timer)
     print(f"backend {args.backend}, float32, batch {args.batch}, input {args.size}x{args.size}, "
