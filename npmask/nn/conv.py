@@ -20,14 +20,18 @@ machine's peak:
 
     y  = W_mat @ cols          W_mat = W.reshape(O, C*kh*kw)
     dW = dy_mat @ cols.T       dy_mat[o, (n, i, j)] = dy[n, o, i, j]
-    dcols = W_mat.T @ dy_mat   then "col2im": each column entry is added back to the input pixel
-                               it was copied from, one strided-slice ``+=`` per kernel offset (u, v),
-                               which is deterministic (no scatter-add atomics).
+    dx:  for stride 1, the input gradient is itself a convolution, of dy (padded by k-1-p) with the
+         kernel flipped in both spatial axes and its channel axes swapped, so it takes the same
+         im2col + GEMM route. Otherwise dcols = W_mat.T @ dy_mat, then "col2im": each column entry
+         is added back to the input pixel it was copied from, one strided-slice ``+=`` per kernel
+         offset (u, v), which is deterministic (no scatter-add atomics).
 
 The batch is processed in chunks of a few images: the column matrix of a whole batch can be tens of
 megabytes, and streaming it through memory (not the arithmetic) is what costs time; a chunk's columns
-stay in the CPU cache between the copy and the GEMM. 1x1 convolutions need no columns at all (the
-input *is* the column matrix, after a strided slice when the stride is 2).
+stay in the CPU cache between the copy and the GEMM. For stride 1 the columns are built from
+contiguous slices of the flattened padded image ("wide rows", see :class:`_Columns`). 1x1
+convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
+the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout.
 
 The functional API (``conv2d_forward`` / ``conv2d_backward``) is what other layers build on (the
 masked convolution calls it with its transformed weight); :class:`Conv2d` is the layer.
