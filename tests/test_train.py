@@ -1,0 +1,302 @@
+"""python -m npmask.train on a tiny benchmark: every output file, exact resume, clean errors.
+
+The data are two tiny 16x16 domains written in the npmask format, the backbone a randomly
+initialised WRN-10-1 saved as a backbone file (no pretraining needed to test the machinery).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npmask import train
+from npmask.backend import cupy_available
+from npmask.data.format import write_domain
+from npmask.training import checkpoint as ck
+from npmask.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_benchmark(root: Path, size: int = 16, n_train: int = 64, n_test: int = 32) -> Path:
+    """Domains base (5 classes), a (3), b (4): class k has a bright square in quadrant-ish k."""
+    rng = np.random.default_rng(123)
+    for name, k, mirror in [("base", 5, True), ("a", 3, True), ("b", 4, False)]:
+        def split(n):
+            y = rng.integers(0, k, n)
+            x = rng.integers(0, 90, (n, size, size, 3))
+            for i, c in enumerate(y):
+                r0 = (c * 3) % (size - 6)
+                x[i, r0:r0 + 6, r0:r0 + 6, c % 3] += 150
+            return x.astype(np.uint8), y.astype(np.int64)
+        write_domain(root / name, name=name, train=split(n_train), test=split(n_test),
+                     class_names=[f"c{i}" for i in range(k)], mirror=mirror, source="test fixture",
+                     licence="none")
+    return root
+
+
+def write_random_backbone(path: Path, size: int = 16) -> Path:
+    from npmask import models
+    from npmask.pretrained import save_backbone
+    model = models.create("wrn10_1", num_classes=5, input_size=size, seed=3)
+    save_backbone(path, model, {"model": "wrn10_1", "num_classes": 5, "input_size": size,
+                                "dtype": "float32", "domain": "base"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_tiny_benchmark(root / "data")
+    backbone = write_random_backbone(root / "backbone.npz")
+    return {"data": data, "backbone": backbone, "tmp": root}
+
+
+def base_args(tiny, out, *extra):
+    return ["--benchmark", "folder", "--data-root", str(tiny["data"]), "--domains", "a,b",
+            "--model", "wrn10_1", "--input-size", "16", "--backbone", str(tiny["backbone"]),
+            "--epochs", "2", "--batch-size", "16", "--lr-body", "1e-3", "--lr-head", "1e-2",
+            "--lr-decay-epochs", "1", "--out", str(out), "--quiet", *extra]
+
+
+def run_cli(args):
+    return train.main(args)
+
+
+def comparable_metrics(run: Path):
+    """metrics.jsonl without wall-clock fields (those differ between runs)."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: v for k, v in r.items() if "seconds" not in k and k != "time"})
+    return out
+
+
+def domain_arrays(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny):
+    """An uninterrupted run: the numbers every resumed run must reproduce exactly."""
+    out = tiny["tmp"] / "reference"
+    assert run_cli(base_args(tiny, out)) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------- outputs
+def test_end_to_end_writes_every_output_file(reference_run, capsys):
+    run = reference_run
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["seed"] == 0 and cfg["config"]["variant"] == "full"
+    assert cfg["config"]["domains"] == ["a", "b"]
+    for key in ("python", "numpy", "npmask"):
+        assert cfg["environment"][key]
+    assert cfg["command"].startswith("python -m npmask.train")
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["domain"], r["epoch"]) for r in records] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    for r in records:
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "time"):
+            assert key in r, key
+        assert set(r["lr"]) == {"body", "head"}
+    # step decay after epoch 1: epoch 2 runs at a tenth of the rates
+    assert records[1]["lr"]["body"] == pytest.approx(records[0]["lr"]["body"] * 0.1)
+    assert records[1]["lr"]["head"] == pytest.approx(1e-3)
+
+    from npmask.storage import read_domain_file
+    for d in ("a", "b"):
+        meta, arrays = read_domain_file(run / "domains" / f"{d}.npz")
+        assert meta["variant"] == "full" and any(k.startswith("mask/") for k in arrays)
+    res = json.loads((run / "results.json").read_text())
+    assert set(res["acc"]) == {"a", "b"} and res["score"] is None  # no finetune run: no Emax
+    assert res["acc"]["a"] == pytest.approx(records[1]["test_acc"])
+    assert 1.0 < res["params"] < 1.2  # two domains of just over 1 bit per weight
+    md = (run / "results.md").read_text()
+    assert "| full |" in md and "missing" in md
+    for png in ("learning_curves.png", "masks_and_ks.png"):
+        data = (run / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not list((run / "checkpoints").iterdir())  # finished domains need no checkpoint
+
+
+def test_emax_from_a_finetune_run_gives_the_score(tiny, reference_run, tmp_path):
+    ft = tmp_path / "ft"
+    assert run_cli(base_args(tiny, ft, "--variant", "finetune", "--epochs", "1")) == 0
+    out = tmp_path / "full"
+    assert run_cli(base_args(tiny, out, "--epochs", "1", "--emax-from", str(ft))) == 0
+    res = json.loads((out / "results.json").read_text())
+    ft_acc = json.loads((ft / "results.json").read_text())["acc"]
+    expected = 0.0
+    for d, a in res["acc"].items():
+        emax = 2 * (1 - ft_acc[d] / 100)
+        expected += 1000 / emax ** 2 * max(0.0, emax - (1 - a / 100)) ** 2
+    assert res["score"] == pytest.approx(expected)
+    assert res["sp"] == pytest.approx(res["score"] / res["params"])
+
+
+# ---------------------------------------------------------------------------------- resume
+def test_resume_after_stop_is_bit_identical(tiny, reference_run, tmp_path):
+    out = tmp_path / "resumed"
+    assert run_cli(base_args(tiny, out, "--stop-after-epochs", "1")) == 0
+    state = load_checkpoint(str(out / "checkpoints" / "a.npz"))
+    assert state["epoch"] == 1 and not (out / "results.json").exists()
+    assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["acc"] == \
+        json.loads((reference_run / "results.json").read_text())["acc"]
+    assert comparable_metrics(out) == comparable_metrics(reference_run)
+    for d in ("a", "b"):
+        got, want = domain_arrays(out / "domains" / f"{d}.npz"), domain_arrays(
+            reference_run / "domains" / f"{d}.npz")
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_kill_at_any_moment_keeps_a_checkpoint_and_resume_matches(tiny, reference_run, tmp_path):
+    """SIGKILL a real training process as soon as the first checkpoint exists (mid-epoch or
+    mid-write), then resume: the result equals the uninterrupted run."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "npmask.train", *base_args(tiny, out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "a.npz"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [p.name for p in (out / "checkpoints").iterdir()] if (out / "checkpoints").exists() else []
+    # whatever was on disk is either a complete checkpoint or nothing; temporaries are ignored
+    for name in leftovers:
+        if not name.startswith("."):
+            assert load_checkpoint(str(out / "checkpoints" / name))["epoch"] >= 1
+    assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
+    assert comparable_metrics(out) == comparable_metrics(reference_run)
+    for d in ("a", "b"):
+        got, want = domain_arrays(out / "domains" / f"{d}.npz"), domain_arrays(
+            reference_run / "domains" / f"{d}.npz")
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_resume_refuses_changed_settings(tiny, reference_run):
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--resume", "--out", str(reference_run), "--epochs", "5", "--quiet"])
+    assert "--epochs 5" in str(e.value) and "(the run has 2)" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_keeps_structure_types_and_bits():
+    rng = np.random.default_rng(0)
+    state = {"epoch": 3, "model": {"layer.mask_real": rng.random((2, 3), dtype=np.float32)},
+             "optimizer": {"body/lr": np.asarray(1e-4), "body/state.w.step": np.asarray(7)},
+             "history": [{"loss": 0.5, "lr": {"": 0.1}, "bad": float("nan")}],
+             "extra": {"seed": 1, 2: (1, "x", None, True)}}
+    path = os.path.join(pytest.importorskip("tempfile").mkdtemp(), "c.npz")
+    save_checkpoint(path, state)
+    back = load_checkpoint(path)
+    assert back["epoch"] == 3 and back["extra"] == {"seed": 1, 2: (1, "x", None, True)}
+    np.testing.assert_array_equal(back["model"]["layer.mask_real"], state["model"]["layer.mask_real"])
+    assert back["model"]["layer.mask_real"].dtype == np.float32
+    assert np.isnan(back["history"][0]["bad"]) and back["history"][0]["lr"] == {"": 0.1}
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    save_checkpoint(str(path), {"epoch": 1, "w": np.arange(5.0)})
+    before = path.read_bytes()
+
+    def crash(f, **arrays):  # write half a file, then die as a kill would
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(path), {"epoch": 2, "w": np.arange(5.0)})
+    assert path.read_bytes() == before
+    assert load_checkpoint(str(path))["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary left behind
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.npz"
+    save_checkpoint(str(path), {"epoch": 1, "w": np.arange(50.0)})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(str(path))
+
+
+# ---------------------------------------------------------------------------------- errors
+def expect_exit(args, *fragments):
+    with pytest.raises(SystemExit) as e:
+        run_cli(args)
+    msg = str(e.value.code)
+    assert isinstance(e.value.code, str) and msg.startswith("python -m npmask.train: error: ")
+    assert "\n" not in msg and "Traceback" not in msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def test_unknown_model_variant_domain_are_one_line_errors(tiny, tmp_path):
+    args = base_args(tiny, tmp_path / "x")
+    expect_exit(args + ["--model", "resnet9000"], "unknown model 'resnet9000'", "wrn")
+    expect_exit(args + ["--variant", "fancy"], "unknown variant 'fancy'", "piggyback", "full")
+    expect_exit(args + ["--domains", "a,zebra"], "unknown domain(s) zebra", "available: a, b, base")
+    assert not (tmp_path / "x").exists()  # nothing written for a rejected command
+
+
+def test_missing_or_malformed_data_folder(tiny, tmp_path):
+    expect_exit(base_args(tiny, tmp_path / "x") + ["--data-root", str(tmp_path / "nope")],
+                "data folder", "does not exist")
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(tiny["data"], bad)
+    (bad / "a" / "meta.json").write_text("{ not json")
+    expect_exit(base_args(tiny, tmp_path / "y") + ["--data-root", str(bad), "--domains", "a"],
+                "meta.json")
+    (bad / "b" / "train.npz").write_bytes(b"garbage")
+    expect_exit(base_args(tiny, tmp_path / "z") + ["--data-root", str(bad), "--domains", "b"],
+                "train.npz")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_exit(base_args(tiny, tmp_path / "w") + ["--data-root", str(empty)], "holds no domain")
+
+
+@pytest.mark.skipif(cupy_available(), reason="a usable GPU is present")
+def test_cupy_without_gpu_is_a_clear_error(tiny, tmp_path):
+    expect_exit(base_args(tiny, tmp_path / "x") + ["--backend", "cupy"], "cupy")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    from npmask.training import loop
+    real = loop.softmax_cross_entropy
+    calls = {"n": 0}
+    steps_per_epoch = 64 // 16
+
+    def poisoned(logits, labels):  # the loss turns NaN in the middle of epoch 2
+        calls["n"] += 1
+        loss, d = real(logits, labels)
+        return (float("nan"), d) if calls["n"] > steps_per_epoch + 1 else (loss, d)
+    monkeypatch.setattr(loop, "softmax_cross_entropy", poisoned)
+    out = tmp_path / "nan"
+    expect_exit(base_args(tiny, out), "non-finite loss", "epoch 2", "last good checkpoint")
+    assert load_checkpoint(str(out / "checkpoints" / "a.npz"))["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--backend", "--model", "--variant", "--domains", "--epochs", "--batch-size",
+                 "--lr-body", "--lr-head", "--lr-decay-epochs", "--seed", "--data-root", "--out",
+                 "--resume", "--benchmark", "--backbone", "--emax-from"):
+        assert flag in text, flag
