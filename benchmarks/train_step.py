@@ -56,11 +56,17 @@ VARIANTS = ("classifier_only", "piggyback", "simple", "full", "finetune")
 
 # ---------------------------------------------------------------------------------- timing
 class Clock:
-    """Wall time on NumPy (perf_counter); GPU time between CUDA events on CuPy."""
+    """Wall time on NumPy (perf_counter); GPU time between CUDA events on CuPy.
 
-    def __init__(self, xp):
+    ``cpu=True`` (NumPy only) measures the CPU time of this process instead (``process_time``, all
+    threads summed): on a machine shared with other jobs it is far less noisy than wall time, and
+    with ``OPENBLAS_NUM_THREADS=1`` it is what the step would take on one idle core.
+    """
+
+    def __init__(self, xp, cpu: bool = False):
         self.xp = xp
         self.gpu = xp is not np
+        self.now = time.process_time if cpu else time.perf_counter
 
     def time(self, fn) -> float:
         if self.gpu:
@@ -70,9 +76,9 @@ class Clock:
             stop.record()
             stop.synchronize()
             return self.xp.cuda.get_elapsed_time(start, stop) / 1e3
-        t0 = time.perf_counter()
+        t0 = self.now()
         fn()
-        return time.perf_counter() - t0
+        return self.now() - t0
 
     def median(self, fn, repeats: int) -> float:
         fn()  # warm-up: buffers allocated, BLAS threads up, CUDA kernels compiled
@@ -199,6 +205,21 @@ def layer_profile(net, clock: Clock, table: dict):
             del m.__dict__["forward"], m.__dict__["backward"]
 
 
+def profile(model, step, clock: Clock, repeats: int, name: str) -> None:
+    """Print where the step's time goes, by layer type (forward and backward separately)."""
+    table = defaultdict(float)
+    with layer_profile(model.network(), clock, table):
+        step()
+        table.clear()
+        total = sum(clock.time(step) for _ in range(repeats))
+    print(f"    where a {name} step's time goes (mean of {repeats} steps, {total / repeats:.3f} s):")
+    for key, v in sorted(table.items(), key=lambda kv: -kv[1]):
+        if v / total >= 0.002:
+            print(f"      {key:<26}{v / repeats:>8.3f} s {100 * v / total:>6.1f}%")
+    rest = total - sum(table.values())
+    print(f"      {'rest (loss, optimiser)':<26}{rest / repeats:>8.3f} s {100 * rest / total:>6.1f}%")
+
+
 def peak_memory(xp, step) -> str:
     """Peak memory of one step: traced NumPy allocations (tracemalloc), or the CuPy pool's peak."""
     if xp is np:
@@ -227,15 +248,24 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--profile", action="store_true", help="break the full step down by layer type")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="NumPy only: cpu = CPU time of the process (robust when the machine is shared; "
+                         "use with OPENBLAS_NUM_THREADS=1)")
+    ap.add_argument("--profile", default="", metavar="VARIANTS",
+                    help="comma-separated variants whose step is broken down by layer type")
     args = ap.parse_args(argv)
 
     xp = get_backend(args.backend)
-    clock = Clock(xp)
+    if args.clock == "cpu" and xp is not np:
+        ap.error("--clock cpu is for the numpy backend (CuPy steps are timed with CUDA events)")
+    clock = Clock(xp, cpu=args.clock == "cpu")
     print("command: " + " ".join(["python benchmarks/train_step.py"] + (argv if argv is not None else sys.argv[1:])))
     rate = gemm_rate(xp, clock)
+    import os
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"backend {args.backend}, float32, {args.model} at {args.size}x{args.size}, batch {args.batch}, "
-          f"median of {args.repeats} steps")
+          f"median of {args.repeats} steps, {args.clock} clock, BLAS threads: {threads} "
+          f"({os.cpu_count()} CPUs)")
     print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s")
 
     backbone = models.create(args.model, num_classes=args.classes, input_size=args.size, seed=0)
@@ -263,7 +293,9 @@ def main(argv=None):
         own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / rate
         results[name] = (model, step, t)
         print(f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}")
-        if name not in ("full",):
+        if name in args.profile.split(","):
+            profile(model, step, clock, args.repeats, name)
+        if name != "full":
             results[name] = (None, None, t)    # free the network: only `full` is used again
         del model, step
     print("-" * len(header))
@@ -281,16 +313,6 @@ def main(argv=None):
         tr, st = np.median([s[0] for s in shares]), np.median([s[1] for s in shares])
         print(f"mask transform (forward + backward) in a full step: {tr:.3f} s of {st:.3f} s = "
               f"{100 * tr / st:.1f}%")
-        if args.profile:
-            table = defaultdict(float)
-            with layer_profile(model.network(), clock, table):
-                step()
-                table.clear()
-                total = sum(clock.time(step) for _ in range(args.repeats))
-            print(f"\nwhere a full step's time goes (mean of {args.repeats} steps, {total / args.repeats:.3f} s):")
-            for key, v in sorted(table.items(), key=lambda kv: -kv[1]):
-                print(f"  {key:<24}{v / args.repeats:>8.3f} s {100 * v / total:>6.1f}%")
-            print(f"  {'rest (loss, optimiser)':<24}{(total - sum(table.values())) / args.repeats:>8.3f} s")
         print("peak memory of a full step: " + peak_memory(xp, step))
     rate_end = gemm_rate(xp, clock)
     print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "
