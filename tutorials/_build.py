@@ -1,4 +1,4 @@
-"""Build the tutorial notebooks from their reviewable Python sources, and optionally run them.
+r"""Build the tutorial notebooks from their reviewable Python sources, and optionally run them.
 
 Every notebook ``tutorials/NN_name.ipynb`` is generated from ``tutorials/src/NN_name.py``, a plain
 Python file in the "percent" cell format::

@@ -190,8 +190,8 @@ for variant in ("piggyback_bn", piggyback_sigmoid):
 
 fig, axes = plt.subplots(1, 2, figsize=(8, 2.6))
 for name, (losses, agreement, _) in curves.items():
-    axes[0].semilogy(np.maximum(losses, 1e-8), label=name)
-    axes[1].plot(100 * np.array(agreement), label=name)
+    axes[0].semilogy(np.maximum(losses, 1e-8), "--" if name == "sigmoid" else "-", label=name)
+    axes[1].plot(100 * np.array(agreement), "--" if name == "sigmoid" else "-", label=name)
 axes[0].set(title="loss", xlabel="Adam step")
 axes[1].set(title="% of bits equal to the hidden mask", xlabel="Adam step", ylim=(40, 101))
 axes[0].legend()
