@@ -32,6 +32,16 @@ from ..backend import get_array_module
 from .module import Module
 
 
+def _channel_dot(a, b):
+    """sum over every axis but the channel axis (1) of a * b, without the product's temporary.
+
+    a, b (N, C) or (N, C, H, W) -> (C,). einsum adds the products of each (n, c) row as it goes.
+    """
+    xp = get_array_module(a, b)
+    n, c = a.shape[:2]
+    return xp.einsum("ncl,ncl->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
+
+
 class _BatchNorm(Module):
     """Shared core: subclasses say which input rank they take; the channel axis is always 1."""
 
@@ -74,36 +84,53 @@ class _BatchNorm(Module):
                                  f"channel (got input of shape {tuple(x.shape)}); use eval() or a larger batch")
             mean = x.mean(axis=axes)
             centred = x - mean.reshape(shape)
-            var = (centred * centred).mean(axis=axes)  # biased: this is what normalises the batch
+            var = _channel_dot(centred, centred) / m  # biased: this is what normalises the batch
             mom = self.momentum
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             # in place, so references held elsewhere stay valid; running var is unbiased (M / (M-1))
             rm[...] = (1 - mom) * rm + mom * mean.astype(rm.dtype)
             rv[...] = (1 - mom) * rv + mom * (var * (m / (m - 1))).astype(rv.dtype)
         else:
-            centred = x - self.buffers["running_mean"].reshape(shape)
-            var = self.buffers["running_var"]
+            mean, var, centred = self.buffers["running_mean"].copy(), self.buffers["running_var"], None
         inv_std = 1 / xp.sqrt(var + self.eps)  # s_c, reused unchanged by backward
-        xhat = centred * inv_std.reshape(shape)
-        self._cache = (xhat, inv_std, axes, shape, self.training)
-        return xhat * self.params["weight"].reshape(shape) + self.params["bias"].reshape(shape)
+        # y = weight * xhat + bias with xhat = (x - mean) * s folded into one per-channel scale, so the
+        # activation-sized arrays are written twice (centred, y) instead of four times; backward
+        # rebuilds what it needs from ``centred`` (or x) and s.
+        scale = (self.params["weight"] * inv_std).reshape(shape)
+        if centred is None:   # eval: y = x * scale + (bias - mean * scale), a fixed affine map
+            y = x * scale
+            y += (self.params["bias"] - mean * scale.reshape(-1)).reshape(shape)
+        else:
+            y = centred * scale
+            y += self.params["bias"].reshape(shape)
+        self._cache = (x, mean, centred, inv_std, axes, shape, self.training)
+        return y
 
     def backward(self, dy):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        xhat, inv_std, axes, shape, training = self._cache
+        x, mean, centred, inv_std, axes, shape, training = self._cache
+        need_w, need_b = self.requires_grad("weight"), self.requires_grad("bias")
+        scale = self.params["weight"] * inv_std  # weight * s, per channel
+        if not training and not (need_w or need_b):
+            return dy * scale.reshape(shape)      # a frozen BN in eval mode is a fixed scaling
+        if centred is None:
+            centred = x - mean.reshape(shape)
         dbias = dy.sum(axis=axes)
-        dweight = (dy * xhat).sum(axis=axes)
-        if self.requires_grad("weight"):
+        dweight = _channel_dot(dy, centred) * inv_std  # sum dy * xhat, with xhat = centred * s
+        if need_w:
             self.accumulate_grad("weight", dweight)
-        if self.requires_grad("bias"):
+        if need_b:
             self.accumulate_grad("bias", dbias)
-        scale = (self.params["weight"] * inv_std).reshape(shape)
         if not training:
-            return dy * scale
+            return dy * scale.reshape(shape)
         m = dy.size // self.num_features
-        # dx = weight * s / M * (M dy - sum(dy) - xhat * sum(dy * xhat)); the two sums are dbias, dweight
-        return (scale / m) * (m * dy - dbias.reshape(shape) - xhat * dweight.reshape(shape))
+        # dx = weight * s / M * (M dy - dbias - xhat * dweight), expanded so that each activation-sized
+        # array is read once: dx = dy * (w s) - centred * (w s * s * dweight / M) - (w s * dbias / M)
+        dx = dy * scale.reshape(shape)
+        dx -= centred * (scale * inv_std * (dweight / m)).reshape(shape)
+        dx -= (scale * (dbias / m)).reshape(shape)
+        return dx
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -1,0 +1,60 @@
+"""The batch norm's expanded forward/backward against the textbook formulas, term by term.
+
+npmask/nn/batchnorm.py folds xhat = (x - mean) * s into per-channel scales and expands the backward
+formula so that each activation-sized array is read once; this checks it against the formulas of
+its docstring written out directly (float64), in training and eval mode, trained and frozen.
+"""
+import numpy as np
+import pytest
+
+from npmask import nn
+
+
+def _reference(x, dy, weight, bias, running_mean, running_var, eps, training):
+    """(y, dx, dweight, dbias) by the docstring's formulas, xhat materialised."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = x.size // x.shape[1]
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    else:
+        mean, var = running_mean, running_var
+    s = 1 / np.sqrt(var + eps)
+    xhat = (x - mean.reshape(shape)) * s.reshape(shape)
+    y = weight.reshape(shape) * xhat + bias.reshape(shape)
+    dbias = dy.sum(axis=axes)
+    dweight = (dy * xhat).sum(axis=axes)
+    if training:
+        dx = (weight * s / m).reshape(shape) * (m * dy - dbias.reshape(shape) - xhat * dweight.reshape(shape))
+    else:
+        dx = (weight * s).reshape(shape) * dy
+    return y, dx, dweight, dbias
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (7, 5)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fast_batchnorm_matches_formulas(shape, training, frozen):
+    rng = np.random.default_rng(len(shape) + 2 * training + 4 * frozen)
+    layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(np.float64)
+    layer.params["weight"][...] = rng.uniform(0.5, 2, shape[1])
+    layer.params["bias"][...] = rng.standard_normal(shape[1])
+    layer.buffers["running_mean"][...] = rng.standard_normal(shape[1])
+    layer.buffers["running_var"][...] = rng.uniform(0.5, 2, shape[1])
+    if frozen:
+        layer.freeze()
+    layer.train(training)
+    x = rng.standard_normal(shape) * 3 + 1
+    dy = rng.standard_normal(shape)
+    ref = _reference(x, dy, layer.params["weight"], layer.params["bias"],
+                     layer.buffers["running_mean"].copy(), layer.buffers["running_var"].copy(),
+                     layer.eps, training)
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    np.testing.assert_allclose(y, ref[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, ref[1], rtol=1e-10, atol=1e-12)
+    if frozen:
+        assert layer.grads == {}
+    else:
+        np.testing.assert_allclose(layer.grads["weight"], ref[2], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(layer.grads["bias"], ref[3], rtol=1e-10, atol=1e-12)
