@@ -89,8 +89,13 @@ def config_from_args(args) -> PretrainConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .training.fit import StopRequested
     with exit_on_error(PROG):
-        result = run(args, argv)
+        try:
+            result = run(args, argv)
+        except StopRequested as stop:
+            print(f"{stop}; continue with: {PROG} --resume --out <run folder>", file=sys.stderr)
+            return 0
         print(f"backbone written to {result['save']} (test accuracy {result['test_acc']:.2f}%, "
               f"first {result['eval_subset']} test images {result['subset_acc']:.2f}%)")
     return 0
@@ -108,6 +113,7 @@ def run(args, argv=None) -> dict:
         cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(), FLAGS)
     else:
         cfg = config_from_args(args)
+        check(cfg)
         out = ns.get("out") or cli.default_out("pretrain", cfg.model, cfg.domain)
         folder = RunFolder(out)
         if folder.exists():
@@ -121,22 +127,28 @@ def run(args, argv=None) -> dict:
                     command=cli.command_line("npmask.pretrain", argv))
 
 
+def check(cfg: PretrainConfig) -> str:
+    """Validate backend, model and data before anything is written; returns the data root."""
+    from .data.format import list_domains
+    from .training.benchmarks import resolve_data_root
+    get_backend(cfg.backend)  # BackendError (one line) before any work
+    cli.check_model(cfg.model, cfg.input_size)
+    root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root)
+    if cfg.domain not in list_domains(root):
+        raise ConfigError(f"unknown domain {cfg.domain!r} in {root}; available: "
+                          f"{', '.join(list_domains(root)) or 'none'}")
+    return root
+
+
 def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, command="") -> dict:
     """Train ``cfg.model`` from scratch on ``cfg.domain``; write the backbone; return the figures."""
     from .optim import SGD, MultiStepLR
     from .pretrained import save_backbone
     from .training import batches
-    from .training.benchmarks import resolve_data_root
     from .training.fit import fit
     from .training.loop import evaluate
 
-    get_backend(cfg.backend)  # BackendError (one line) before any work
-    cli.check_model(cfg.model, cfg.input_size)
-    root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root)
-    from .data.format import list_domains
-    if cfg.domain not in list_domains(root):
-        raise ConfigError(f"unknown domain {cfg.domain!r} in {root}; available: "
-                          f"{', '.join(list_domains(root)) or 'none'}")
+    root = check(cfg)
     domain = batches.load(root, cfg.domain)
     dtype = np.dtype(cfg.dtype)
     train_it, test_it = batches.make_iterators(
@@ -173,6 +185,9 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
         "epochs": cfg.epochs, "history": history,
         "command": command, "config": cfg.to_dict(), "environment": environment(),
         "domain_meta": {k: domain.meta.get(k) for k in ("source", "counts", "image_size")},
+        # what the test of a shipped backbone needs to rebuild and normalise the same test images
+        "data_config": (domain.meta.get("extra") or {}).get("config"),
+        "mean": [float(v) for v in domain.mean], "std": [float(v) for v in domain.std],
     }
     save_backbone(cfg.save, model, info)
     from .training.plots import plot_learning_curves

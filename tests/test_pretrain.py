@@ -1,0 +1,109 @@
+"""python -m npmask.pretrain (tiny run, resume) and the shipped backbone's recorded accuracy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npmask import pretrain
+from npmask.pretrained import load_backbone, read_info, shipped_path
+from test_train import write_tiny_benchmark
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_benchmark(tmp_path_factory.mktemp("pre") / "data")
+
+
+def args(data, out, *extra):
+    return ["--data-root", str(data), "--domain", "base", "--model", "wrn10_1", "--input-size", "16",
+            "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--lr-decay-epochs", "1",
+            "--eval-subset", "20", "--out", str(out), "--quiet", *extra]
+
+
+def evaluate_backbone(npz: Path, images, labels, mean, std) -> float:
+    from npmask.data.loader import BatchIterator
+    from npmask.training.loop import evaluate
+    model, _ = load_backbone(npz)
+    it = BatchIterator(images, labels, 100, mean=mean, std=std)
+    return evaluate(model, it)["acc"]
+
+
+def test_pretrain_writes_a_backbone_that_reproduces_its_recorded_accuracy(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain.main(args(data, out)) == 0
+    info = read_info(out / "backbone.npz")
+    assert info["model"] == "wrn10_1" and info["num_classes"] == 5 and info["input_size"] == 16
+    assert info["command"].startswith("python -m npmask.pretrain --data-root")
+    assert info["config"]["epochs"] == 2 and info["environment"]["numpy"] == np.__version__
+    assert [h["epoch"] for h in info["history"]] == [1, 2]
+    from npmask.data.format import load_domain
+    dom = load_domain(data / "base")
+    x, y = dom.test
+    assert evaluate_backbone(out / "backbone.npz", x, y, dom.mean, dom.std) == info["test_acc"]
+    assert evaluate_backbone(out / "backbone.npz", x[:20], y[:20], dom.mean, dom.std) == info["subset_acc"]
+    assert (out / "plots" / "learning_curves.png").is_file()
+    assert "backbone written to" in capsys.readouterr().out
+
+
+def test_pretrain_resume_gives_the_same_backbone(data, tmp_path):
+    ref, res = tmp_path / "ref", tmp_path / "res"
+    assert pretrain.main(args(data, ref)) == 0
+    assert pretrain.main(args(data, res, "--stop-after-epochs", "1")) == 0
+    assert not (res / "backbone.npz").exists()
+    assert pretrain.main(["--resume", "--out", str(res), "--quiet"]) == 0
+    with np.load(ref / "backbone.npz") as a, np.load(res / "backbone.npz") as b:
+        assert a.files == b.files
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_pretrain_errors_are_one_line(data, tmp_path):
+    for extra, fragment in [(["--domain", "nope"], "unknown domain 'nope'"),
+                            (["--model", "wrn11_1"], "WRN depth must be 6n + 4"),
+                            (["--data-root", str(tmp_path / "missing")], "does not exist")]:
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(args(data, tmp_path / "x") + extra)
+        assert str(e.value.code).startswith("python -m npmask.pretrain: error: ")
+        assert fragment in str(e.value.code)
+
+
+# ---------------------------------------------------------------------------------- shipped
+def base_test_split(info, n):
+    """The first ``n`` synthetic base test images, exactly as the shipped backbone saw them.
+
+    Only the test split is drawn (generate_domain is what ensure_synthetic writes, image for
+    image), which takes seconds instead of generating the whole benchmark.
+    """
+    from npmask.data import synthetic
+    cfg = info["data_config"]
+    x, y = synthetic.generate_domain("base", "test", cfg["base_test"], seed=cfg["seed"],
+                                     image_size=cfg["image_size"])
+    return x[:n], y[:n], cfg["fonts"] == synthetic.available_fonts()
+
+
+@pytest.mark.skipif(not shipped_path().is_file(), reason="no shipped backbone in this checkout")
+def test_shipped_backbone_reaches_its_recorded_base_accuracy():
+    """Loads npmask/pretrained/wrn16_1_synthetic.npz and checks its accuracy on the first
+    ``eval_subset`` base test images against the figure recorded beside it. The synthetic data
+    depend on the fonts found (recorded in the JSON); with other fonts the images differ, so the
+    tolerance is wider there."""
+    info = read_info(shipped_path())
+    assert info["model"] == "wrn16_1" and info["domain"] == "base"
+    assert info["command"].startswith("python -m npmask.pretrain")
+    n = info["eval_subset"]
+    x, y, same_fonts = base_test_split(info, n)
+    acc = evaluate_backbone(shipped_path(), x, y, np.asarray(info["mean"]), np.asarray(info["std"]))
+    same_data = same_fonts and info["data_config"].get("generator_sha1") == _generator_sha1()
+    tol = 0.5 if same_data else 5.0
+    assert abs(acc - info["subset_acc"]) <= tol, (acc, info["subset_acc"], same_data)
+    assert info["subset_acc"] > 100.0 / info["num_classes"] * 3  # far above chance
+
+
+def _generator_sha1():
+    """The current generator's hash as the synthetic module records it (None if it records none)."""
+    from npmask.data import synthetic
+    f = getattr(synthetic, "_source_hash", None)
+    return f() if callable(f) else None
