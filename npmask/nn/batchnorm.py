@@ -103,7 +103,9 @@ class _BatchNorm(Module):
         else:
             y = centred * scale
             y += self.params["bias"].reshape(shape)
-        self._cache = (x, mean, centred, inv_std, axes, shape, self.training)
+        # x is kept only in eval mode (where there is no centred copy): holding both would keep an
+        # extra activation-sized array alive until the backward pass.
+        self._cache = (x if centred is None else None, mean, centred, inv_std, axes, shape, self.training)
         return y
 
     def backward(self, dy):
