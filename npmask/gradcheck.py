@@ -85,7 +85,10 @@ def check_layer(layer, x, upstream=None, seed: int = 0, h: float = 1e-6, tol: fl
     layer.zero_grad()
     y = layer.forward(x)
     if upstream is None:
-        upstream = xp.asarray(np.random.default_rng(seed).standard_normal(y.shape), dtype=y.dtype)
+        # A stream of its own: a caller drawing x from default_rng(seed) must not get upstream == x
+        # (for batch norm that makes dx vanish and hides errors).
+        upstream_rng = np.random.default_rng([seed, 0x6772616463686B])
+        upstream = xp.asarray(upstream_rng.standard_normal(y.shape), dtype=y.dtype)
     upstream_copy = upstream.copy()
     dx = layer.backward(upstream)
     if not bool(xp.array_equal(upstream, upstream_copy)):
