@@ -16,7 +16,8 @@ Prints, in one run on the chosen backend:
    speed;
 3. for each variant, the median time of a whole step -- forward, softmax cross-entropy, backward,
    optimiser update (Adam for masks/k's/BN, SGD with momentum for the head, as the paper) -- as a
-   multiple of the floor; ``own floor`` is the same for only the GEMMs the variant needs
+   multiple of the floor, with the GEMM rate re-measured around each variant (the mean of the rates
+   just before and just after it); ``x own floor`` counts only the GEMMs the variant needs
    (``classifier_only`` needs only the forward pass of the backbone);
 4. the share of a ``full`` step spent in the mask transform (forward and backward, gradient
    accumulation included), timed inside the step;
@@ -278,21 +279,32 @@ def main(argv=None):
     floor = flops / 1e9 / rate
     print(f"FLOPs of one training step (forward, input and weight gradients): {flops / 1e9:.1f} GFLOP "
           f"({fwd_flops / 1e9 / args.batch:.3f} GFLOP forward per image)")
-    print(f"floor = FLOPs / GEMM rate = {floor:.3f} s\n")
+    print(f"floor = FLOPs / GEMM rate = {floor:.3f} s (at the rate above; each row below uses the rate "
+          "measured around it)\n")
 
-    header = f"{'variant':<17}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}{'images/s':>10}"
+    # The GEMM rate is measured again around every variant and each step is compared with the mean
+    # of the two rates that bracket it: on a machine shared with other jobs the rate drifts by tens
+    # of percent within a run, and a floor from one early measurement would move every ratio.
+    header = (f"{'variant':<17}{'step s':>9}{'GEMM GF/s':>11}{'floor s':>9}{'x floor':>9}{'x own floor':>13}"
+              f"{'images/s':>10}")
     print(header)
     print("-" * len(header))
     results = {}
+    rate_before = rate
     for name in args.variants.split(","):
         model = MultiDomainModel(backbone)
         model.add_domain(name, num_classes=args.classes, variant=name, seed=0)
         model.set_domain(name).train()
         step = make_step(model, x, y)
         t = clock.median(step, args.repeats)
-        own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / rate
+        rate_after = gemm_rate(xp, clock)
+        r = (rate_before + rate_after) / 2
+        rate_before = rate_after
+        floor_v = flops / 1e9 / r
+        own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / r
         results[name] = (model, step, t)
-        print(f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}")
+        print(f"{name:<17}{t:>9.3f}{r:>11.1f}{floor_v:>9.3f}{t / floor_v:>9.2f}{t / own:>13.2f}"
+              f"{args.batch / t:>10.1f}")
         if name in args.profile.split(","):
             profile(model, step, clock, args.repeats, name)
         if name != "full":
