@@ -29,6 +29,9 @@ Two implementations live here:
   pass reuses it, so dL/dR costs one multiplication. Terms whose k is fixed to 0 are skipped, a k
   fixed to 1 costs no multiplication, M stays a 1-byte boolean array, and the full sums
   Σ G∘W and Σ (G∘M)∘W are BLAS dot products (no temporary).
+
+On CuPy arrays the fast path hands over to :mod:`npmask.masking.cuda`, where each direction is one
+fused GPU kernel (plus one reduction per learned k) computing the same formulas.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from numbers import Number
 from typing import NamedTuple
 
 from ..backend import get_array_module
+from . import cuda
 
 SURROGATES = ("identity", "sigmoid")
 
@@ -158,6 +162,8 @@ def transform_forward(W, R, ks, tau: float = 0.0):
     Computed as ``W~ = (k0*W + k1) + M∘A`` with ``A = k2 + k3*W``, kept for the backward pass.
     """
     _check(W, R, ks, tau)
+    if cuda.applies(W):                                # CuPy: one fused kernel (masking/cuda.py)
+        return cuda.transform_forward(W, R, ks, tau)
     xp = get_array_module(W, R)
     nd = W.ndim
     k0, k1, k2, k3 = (_bcast(k, nd) for k in ks)
@@ -199,6 +205,8 @@ def transform_backward(G, cache: TransformCache, need_k=(True, True, True, True)
         raise ValueError(f"G has shape {tuple(G.shape)}, the transformed weight has {tuple(cache.W.shape)}")
     if surrogate not in SURROGATES:
         raise ValueError(f"unknown surrogate {surrogate!r}; known: {', '.join(SURROGATES)}")
+    if cuda.applies(cache.W):                          # CuPy: fused kernels (masking/cuda.py)
+        return cuda.transform_backward(G, cache, need_k, need_R, need_W, surrogate)
     W, R, M, A, ks, tau = cache
     xp = get_array_module(G, W)
     nd = W.ndim
