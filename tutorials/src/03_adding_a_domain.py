@@ -44,7 +44,7 @@ from npmask.training.loop import evaluate, train_epoch
 QUICK = os.environ.get("NPMASK_TUTORIAL_QUICK") == "1"
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 EPOCHS = 1 if QUICK else 2
-MAX_TRAIN = 600 if QUICK else 2500           # training images used (the domain has 5000)
+MAX_TRAIN = 600 if QUICK else None           # None: all 5000 training images
 out_dir = tempfile.mkdtemp(prefix="npmask-tutorial-")
 
 
@@ -66,26 +66,7 @@ test accuracy on the pretraining domain.
 """
 
 # %%
-def get_backbone():
-    """(model, info, path) of the shipped backbone; if this checkout has none, pretrain a small one here (slow, weaker)."""
-    if pretrained.exists():
-        return (*pretrained.load_backbone(), pretrained.shipped_path())
-    from npmask.pretrain import pretrain
-    from npmask.training.config import PretrainConfig
-    from npmask.training.run_folder import RunFolder
-
-    print("no shipped backbone in this checkout: pretraining a small one on the base domain now")
-    n = 640 if QUICK else 6400
-    base_root = ensure_synthetic(domains=("base",), base_train=n, base_test=200)
-    folder = RunFolder(os.path.join(out_dir, "pretrain"))
-    folder.create()
-    cfg = PretrainConfig(data_root=str(base_root), epochs=1, max_train=n, eval_subset=200,
-                         save=os.path.join(out_dir, "backbone.npz"))
-    pretrain(cfg, folder, progress=False, command="(pretrained inside the tutorial)")
-    return (*pretrained.load_backbone(cfg.save), cfg.save)
-
-
-backbone, info, backbone_path = get_backbone()
+backbone, info = pretrained.load_backbone()
 print(f"{info['model']} pretrained on '{info['domain']}' ({info['num_classes']} classes): "
       f"test accuracy {info['test_acc']:.1f}%")
 print("made by:", info["command"])
@@ -259,7 +240,7 @@ identical to the trained model's.
 """
 
 # %%
-fresh_backbone, _ = pretrained.load_backbone(backbone_path)
+fresh_backbone, _ = pretrained.load_backbone()
 fresh = MultiDomainModel(fresh_backbone, base_domain="base")
 load_domain_file(fresh, path)
 images = next(iter(test_it))[0]
