@@ -47,14 +47,15 @@ def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) 
     against layer index (one line per domain, as the paper's figures 3/4 compare domains and
     Piggyback); the other three panels: k1, k2, k3 against layer index. Returns the path.
     """
-    import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # A bare Figure (no pyplot) draws to a file without touching the global backend, so calling this
+    # from a notebook leaves its inline plots working.
+    from matplotlib.figure import Figure  # noqa: PLC0415  (plotting is optional at import time)
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     if not stats_by_domain:
         raise ValueError("nothing to plot: stats_by_domain is empty")
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
+    fig = Figure(figsize=(16, 3.8), constrained_layout=True)
+    axes = fig.subplots(1, 4)
     for i, (domain, rows) in enumerate(stats_by_domain.items()):
         if not rows:
             continue
@@ -81,6 +82,5 @@ def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
