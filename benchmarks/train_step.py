@@ -1,31 +1,35 @@
 """One training step of a masked WRN-28-4 against the machine's floor (issue 7).
 
 Run:  .venv/bin/python benchmarks/train_step.py [--backend numpy|cupy] [--model wrn28_4]
-          [--size 64] [--batch 32] [--repeats 5] [--variants full,piggyback] [--profile]
+          [--size 64] [--batch 32] [--repeats 5] [--stat median|min] [--clock wall|cpu]
+          [--variants full,piggyback,...] [--profile full,...]
 Quick check:  .venv/bin/python benchmarks/train_step.py --model wrn16_1 --size 32 --repeats 2
+On a machine shared with other jobs, two BLAS threads time erratically; for figures that can be
+compared from run to run use  OPENBLAS_NUM_THREADS=1 ... --clock cpu  (one core, CPU time).
 
 Prints, in one run on the chosen backend:
 
-1. the float32 GEMM rate (2048x2048 matmuls), measured now, in this process: every training step is
-   mostly GEMMs, so the GEMM rate is the yardstick (measured again at the end: a large change means
-   other jobs shared the machine);
+1. the float32 GEMM rate (2048x2048 matmuls), measured in this process, between the timed steps:
+   every training step is mostly GEMMs, so the GEMM rate is the yardstick (measured again at the
+   end: a large change means other jobs shared the machine);
 2. the FLOPs of one training step, counted from the layer shapes of the network: per conv
    ``2*N*O*C*kh*kw*Ho*Wo`` for each of forward, weight gradient and input gradient (the first conv's
    input gradient is not needed and not counted), the same three GEMMs for the classifier; the
    floor is FLOPs / GEMM rate, the time the step would take if it were nothing but GEMMs at full
    speed;
-3. for each variant, the median (``--stat min``: minimum) time of a whole step -- forward, softmax cross-entropy, backward,
-   optimiser update (Adam for masks/k's/BN, SGD with momentum for the head, as the paper) -- as a
-   multiple of the floor, with the GEMM rate re-measured around each variant (the mean of the rates
-   just before and just after it); ``x own floor`` counts only the GEMMs the variant needs
-   (``classifier_only`` needs only the forward pass of the backbone);
+3. for each variant, the median (``--stat min``: minimum) time of a whole step -- forward, softmax
+   cross-entropy, backward, optimiser update (Adam for masks/k's/BN, SGD with momentum for the
+   head, as the paper) -- as a multiple of the floor; ``x own`` counts only the GEMMs the variant
+   needs (``classifier_only`` needs only the forward pass of the backbone). The steps of all
+   variants and the GEMM timings run interleaved, round by round, so that a change of machine load
+   during the run affects them all alike;
 4. the share of a ``full`` step spent in the mask transform (forward and backward, gradient
    accumulation included), timed inside the step;
 5. peak memory: on NumPy the peak of traced allocations during one step (tracemalloc, which NumPy
    reports its array buffers to) and the process's maximum resident set size; on CuPy the memory
    pool's peak.
 
-``--profile`` adds a breakdown of the ``full`` step by layer type (where the time goes).
+``--profile full,...`` adds a breakdown of those variants' steps by layer type (where the time goes).
 Times on CuPy use CUDA events around the step (GPU time, after a synchronising warm-up).
 """
 from __future__ import annotations
@@ -90,7 +94,7 @@ class Clock:
 
 
 def gemm_rate(xp, clock: Clock, n: int = 2048, repeats: int = 7) -> float:
-    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul."""
+    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul (median, or best with stat=min)."""
     rng = np.random.default_rng(0)
     a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
     b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
@@ -267,13 +271,11 @@ def main(argv=None):
         ap.error("--clock cpu is for the numpy backend (CuPy steps are timed with CUDA events)")
     clock = Clock(xp, cpu=args.clock == "cpu", stat=args.stat)
     print("command: " + " ".join(["python benchmarks/train_step.py"] + (argv if argv is not None else sys.argv[1:])))
-    rate = gemm_rate(xp, clock)
     import os
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"backend {args.backend}, float32, {args.model} at {args.size}x{args.size}, batch {args.batch}, "
           f"{args.stat} of {args.repeats} steps, {args.clock} clock, BLAS threads: {threads} "
           f"({os.cpu_count()} CPUs)")
-    print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s")
 
     backbone = models.create(args.model, num_classes=args.classes, input_size=args.size, seed=0)
     if xp is not np:
@@ -282,44 +284,49 @@ def main(argv=None):
     x = xp.asarray(rng.standard_normal((args.batch, 3, args.size, args.size)), dtype=xp.float32)
     y = xp.asarray(rng.integers(0, args.classes, args.batch))
     flops, fwd_flops = step_flops(backbone, x)
-    floor = flops / 1e9 / rate
-    print(f"FLOPs of one training step (forward, input and weight gradients): {flops / 1e9:.1f} GFLOP "
-          f"({fwd_flops / 1e9 / args.batch:.3f} GFLOP forward per image)")
-    print(f"floor = FLOPs / GEMM rate = {floor:.3f} s (at the rate above; each row below uses the rate "
-          "measured around it)\n")
 
-    # The GEMM rate is measured again around every variant and each step is compared with the mean
-    # of the two rates that bracket it: on a machine shared with other jobs the rate drifts by tens
-    # of percent within a run, and a floor from one early measurement would move every ratio.
-    header = (f"{'variant':<17}{'step s':>9}{'GEMM GF/s':>11}{'floor s':>9}{'x floor':>9}{'x own floor':>13}"
-              f"{'images/s':>10}")
-    print(header)
-    print("-" * len(header))
-    results = {}
-    rate_before = rate
-    for name in args.variants.split(","):
+    # Every variant's network is built first, then the timed steps run round-robin (one step of each
+    # variant per round, and one GEMM-rate measurement per round). On a machine shared with other
+    # jobs the speed drifts by tens of percent within a run; interleaving spreads that drift evenly
+    # over the variants and the yardstick, so the ratios stay comparable.
+    names = args.variants.split(",")
+    steps = {}
+    for name in names:
         model = MultiDomainModel(backbone)
         model.add_domain(name, num_classes=args.classes, variant=name, seed=0)
         model.set_domain(name).train()
-        step = make_step(model, x, y)
-        t = clock.repeat(step, args.repeats)
-        rate_after = gemm_rate(xp, clock)
-        r = (rate_before + rate_after) / 2
-        rate_before = rate_after
-        floor_v = flops / 1e9 / r
-        own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / r
-        results[name] = (model, step, t)
-        print(f"{name:<17}{t:>9.3f}{r:>11.1f}{floor_v:>9.3f}{t / floor_v:>9.2f}{t / own:>13.2f}"
-              f"{args.batch / t:>10.1f}")
-        if name in args.profile.split(","):
-            profile(model, step, clock, args.repeats, name)
-        if name != "full":
-            results[name] = (None, None, t)    # free the network: only `full` is used again
-        del model, step
+        steps[name] = (model, make_step(model, x, y))
+        steps[name][1]()                      # warm-up step: optimiser state, buffers
+    rates, times = [], {name: [] for name in names}
+    for _ in range(args.repeats):
+        rates.append(gemm_rate(xp, clock, repeats=3))
+        for name in names:
+            times[name].append(clock.time(steps[name][1]))
+    reduce = np.min if args.stat == "min" else np.median
+    rate = float(np.max(rates) if args.stat == "min" else np.median(rates))
+    floor = flops / 1e9 / rate
+    print(f"float32 GEMM rate (2048x2048 matmul, {args.stat} over the rounds): {rate:.1f} GFLOP/s "
+          f"(range {min(rates):.1f}-{max(rates):.1f})")
+    print(f"FLOPs of one training step (forward, input and weight gradients): {flops / 1e9:.1f} GFLOP "
+          f"({fwd_flops / 1e9 / args.batch:.3f} GFLOP forward per image)")
+    print(f"floor = FLOPs / GEMM rate = {floor:.3f} s\n")
+
+    header = f"{'variant':<17}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}{'images/s':>10}"
+    print(header)
     print("-" * len(header))
+    for name in names:
+        t = float(reduce(times[name]))
+        own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / rate
+        print(f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}")
+    print("-" * len(header))
+    for name in names:
+        if name in args.profile.split(","):
+            profile(steps[name][0], steps[name][1], clock, args.repeats, name)
+    results = {name: steps[name] for name in names if name == "full"}
+    del steps
 
     if "full" in results:
-        model, step, t_full = results["full"]
+        model, step = results["full"]
         tt = TransformTimer(clock)
         shares = []
         with tt.active():
