@@ -23,6 +23,12 @@ Backward, with the upstream gradient dy and sums over the M positions of channel
 The training formula is the compact per-channel form (as in Chainer): the mean and variance depend
 on every x, which gives the two correction terms. The same s_c computed in forward is reused in
 backward, so the two passes see exactly the same normalisation.
+
+For speed (these layers touch every activation twice per step) xhat is never stored: forward keeps
+the centred input x - mean_c and folds s_c into per-channel scales, ``y = centred * (weight_c s_c)
++ bias_c``, and backward expands the training formula into one pass over each array,
+``dx = dy * (w s) - centred * (w s^2 dweight / M) - w s dbias / M``. Sums of products per channel
+(the variance, dweight) use ``einsum``, which adds the products without a temporary array.
 """
 from __future__ import annotations
 
