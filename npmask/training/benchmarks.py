@@ -8,9 +8,10 @@
 
 Learning rates. The paper's rates (Adam 1e-4, SGD 1e-3) were tuned for 60 epochs over data sets
 of tens of thousands of images. The CPU default here is a few epochs over ~5,000 images per
-domain, ~50x fewer optimiser steps; with the paper's rates the masks barely move in that time
-(measured, see benchmarks/results/compare_synthetic.md), so the synthetic benchmark scales both
-rates by :data:`SYNTHETIC_LR_SCALE` and says so in config.json.
+domain, ~50x fewer optimiser steps; with the paper's rates the masks barely move in that time,
+so the synthetic benchmark scales both rates by :data:`SYNTHETIC_LR_SCALE` and says so in
+config.json. Measured (``full``, shipped backbone, 2 epochs on 2,000 training images, no decay;
+test accuracy digits / textures): paper's rates 36.3 / 43.4, x10 51.0 / 48.3, x30 33.7 / 27.2.
 """
 from __future__ import annotations
 
