@@ -1,7 +1,7 @@
 """Extend a pretrained network to new domains with binary masks: ``python -m npmask.train``.
 
-With no arguments this runs the whole story on the built-in synthetic benchmark, on NumPy, in a
-few minutes on a laptop:
+With no arguments this runs the whole story on the built-in synthetic benchmark, on NumPy, in
+under 10 minutes on a 2-core CPU:
 
 1. load the pretrained backbone shipped with npmask (a WRN-16-1 trained on the synthetic ``base``
    domain by ``python -m npmask.pretrain``; pretrained on the spot if the file is missing);

@@ -270,6 +270,26 @@ def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "w") + ["--data-root", str(empty)], "holds no domain")
 
 
+def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path):
+    from npmask.metrics import decathlon_emax
+    expect_exit(["--benchmark", "decathlon"], "--benchmark decathlon needs --data-root")
+    expect_exit(["--benchmark", "decathlon", "--data-root", str(tiny["data"])],
+                "lacks the decathlon domain(s) aircraft, cifar100", "available: a, b, base")
+    # with its domains present: WRN-28-4 at 64x64, the published Emax, and a backbone required
+    root = tmp_path / "dec"
+    root.mkdir()
+    for d in ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "vgg-flowers", "omniglot",
+              "svhn", "ucf101"]:
+        (root / d).symlink_to(tiny["data"] / "a")
+    expect_exit(["--benchmark", "decathlon", "--data-root", str(root)],
+                "needs --backbone", "--model wrn28_4 --input-size 64")
+    cfg = train.config_from_args({"benchmark": "decathlon", "data_root": str(root),
+                                  "backbone": str(tiny["backbone"])})
+    assert (cfg.model, cfg.input_size, cfg.epochs, cfg.lr_decay_epochs) == ("wrn28_4", 64, 60, [45])
+    assert (cfg.lr_body, cfg.lr_head, cfg.augmentation) == (1e-4, 1e-3, "decathlon")
+    assert cfg.emax == decathlon_emax() and "published" in cfg.emax_source
+
+
 @pytest.mark.skipif(cupy_available(), reason="a usable GPU is present")
 def test_cupy_without_gpu_is_a_clear_error(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "x") + ["--backend", "cupy"], "cupy")
