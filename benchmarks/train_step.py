@@ -305,7 +305,8 @@ def main(argv=None):
     reduce = np.min if args.stat == "min" else np.median
     rate = float(np.max(rates) if args.stat == "min" else np.median(rates))
     floor = flops / 1e9 / rate
-    print(f"float32 GEMM rate (2048x2048 matmul, {args.stat} over the rounds): {rate:.1f} GFLOP/s "
+    print(f"float32 GEMM rate (2048x2048 matmul, {'best' if args.stat == 'min' else 'median'} "
+          f"over the rounds): {rate:.1f} GFLOP/s "
           f"(range {min(rates):.1f}-{max(rates):.1f})")
     print(f"FLOPs of one training step (forward, input and weight gradients): {flops / 1e9:.1f} GFLOP "
           f"({fwd_flops / 1e9 / args.batch:.3f} GFLOP forward per image)")
