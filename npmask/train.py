@@ -45,6 +45,7 @@ FLAGS = {  # config field -> flag (for messages and --resume checks)
     "lr_body": "--lr-body", "lr_head": "--lr-head", "momentum": "--momentum",
     "lr_decay_epochs": "--lr-decay-epochs", "lr_decay": "--lr-decay",
     "weight_decay": "--weight-decay", "max_train": "--max-train", "seed": "--seed",
+    "mask_init": "--mask-init", "tau": "--tau",
     "backend": "--backend", "dtype": "--dtype", "augmentation": "--augmentation",
 }
 
@@ -93,6 +94,10 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, help="L2 weight decay (default: 0, as the paper)")
     g.add_argument("--max-train", type=int, metavar="N",
                    help="use a fixed random subset of N training images per domain (default: all)")
+    g.add_argument("--mask-init", type=cli.float_pair, metavar="LO,HI",
+                   help="real masks start as R ~ U(tau+LO, tau+HI), so M is all ones (default: "
+                        "1e-4,2e-4 as the paper; Piggyback's code starts 5e-3 above its threshold)")
+    g.add_argument("--tau", type=float, help="mask threshold: M = 1[R > tau] (default: 0)")
     g.add_argument("--seed", type=int, help="seed of mask init, heads, batch order, augmentation "
                                             "(default: 0)")
     g = p.add_argument_group("where and how")

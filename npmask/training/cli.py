@@ -32,6 +32,15 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def float_pair(text: str) -> list[float]:
+    """"1e-4,2e-4" -> [0.0001, 0.0002]."""
+    try:
+        lo, hi = (float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    return [lo, hi]
+
+
 def name_list(text: str) -> list[str]:
     """"a,b , c" -> ["a", "b", "c"]."""
     return [t.strip() for t in text.split(",") if t.strip()]

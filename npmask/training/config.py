@@ -44,6 +44,8 @@ class TrainConfig:
     lr_decay_epochs: epochs after which both rates are multiplied by lr_decay (a list; [] = none).
     weight_decay:  L2 weight decay of both optimisers (0 in the paper).
     max_train:     use at most this many training images per domain (None: all), a fixed subset.
+    mask_init:     [lo, hi]: real masks start as R ~ U(tau + lo, tau + hi) (paper: 1e-4, 2e-4).
+    tau:           the mask threshold, M = 1[R > tau] (paper: 0).
     seed:          everything random (mask init, heads, batch order, augmentation) derives from it.
     backend:       "numpy" or "cupy". dtype: "float32" (default) or "float64".
     augmentation:  the loader's protocol: "auto", "pad_crop", "decathlon" or "none".
@@ -68,6 +70,8 @@ class TrainConfig:
     lr_decay: float = 0.1
     weight_decay: float = 0.0
     max_train: int | None = None
+    mask_init: list = field(default_factory=lambda: [1e-4, 2e-4])
+    tau: float = 0.0
     seed: int = 0
     backend: str = "numpy"
     dtype: str = "float32"
@@ -94,6 +98,8 @@ class TrainConfig:
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"--max-train must be >= 1, got {self.max_train}")
+        if len(self.mask_init) != 2 or not 0 <= self.mask_init[0] <= self.mask_init[1]:
+            raise ConfigError(f"--mask-init must be LO,HI with 0 <= LO <= HI, got {self.mask_init}")
         if len(set(self.domains)) != len(self.domains):
             raise ConfigError(f"--domains lists a domain twice: {self.domains}")
         return self

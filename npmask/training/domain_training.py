@@ -91,7 +91,8 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
             protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size)
         if d in model.domains:
             raise ConfigError(f"domain {d!r} has the name of the pretraining domain")
-        model.add_domain(d, domain.num_classes, cfg.variant, seed=seed)
+        model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
+                         mask_init=tuple(cfg.mask_init))
         model.set_domain(d)
         net = model.network(d)
         opt, sched = build_optimizers(model, cfg)
