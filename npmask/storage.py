@@ -114,12 +114,25 @@ def read_domain_file(path) -> tuple[dict, dict]:
         raise DomainFileError(f"{path}: not a readable .npz domain file ({type(err).__name__}: {err})") from None
     if "__meta__" not in arrays:
         raise DomainFileError(f"{path}: no __meta__ entry; not an npmask domain file")
-    meta = json.loads(str(arrays.pop("__meta__")))
+    try:
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except ValueError as err:
+        raise DomainFileError(f"{path}: __meta__ is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise DomainFileError(f"{path}: __meta__ must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise DomainFileError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise DomainFileError(f"{path}: format version {meta.get('version')}, this code reads {VERSION}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise DomainFileError(f"{path}: __meta__ lacks {missing}; the file is incomplete or corrupt")
     return meta, arrays
+
+
+# What load_domain and the overhead accounting read from __meta__.
+_META_KEYS = ("domain", "variant", "num_classes", "tau", "mask_init", "backbone_fingerprint",
+              "backbone_parameters", "head_name", "mask_shapes")
 
 
 def load_domain(model, path, name: str | None = None, replace: bool = False) -> str:
@@ -175,7 +188,12 @@ def _fill(model, name, meta, arrays, path) -> None:
                     raise DomainFileError(f"{path}: no entry {entry!r} for masked layer {layer!r}")
                 shape = tuple(meta["mask_shapes"].get(layer, ()))
                 _check_shape(shape, dst.shape, entry, path)
-                bits = np.unpackbits(arrays[entry], count=int(np.prod(dst.shape))).reshape(dst.shape)
+                packed, n = arrays[entry], int(np.prod(dst.shape))
+                # unpackbits would silently pad a short array with zeros: check the size first
+                if packed.dtype != np.uint8 or packed.shape != ((n + 7) // 8,):
+                    raise DomainFileError(f"{path}: entry {entry!r} must be {(n + 7) // 8} packed uint8 "
+                                          f"bytes for {n} mask bits, got {packed.dtype} {packed.shape}")
+                bits = np.unpackbits(packed, count=n).reshape(dst.shape)
                 src = np.where(bits.astype(bool), tau + low, tau - low)
             used.add(f"mask/{layer}")
         else:

@@ -107,6 +107,27 @@ def test_shape_mismatch_and_bad_files_are_clear_errors(trained, tmp_path):
         save_domain(md, "base", tmp_path / "base.npz")
 
 
+def test_corrupt_meta_and_truncated_mask_bits_are_clear_errors(trained, tmp_path):
+    import json
+    md, _ = trained
+    meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
+    fresh = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
+    # truncated bit array: np.unpackbits would silently pad it with zeros (a wrong mask)
+    layer = next(k for k in arrays if k.startswith("mask/"))
+    short = dict(arrays, **{layer: arrays[layer][:-1], "__meta__": np.array(json.dumps(meta))})
+    np.savez(tmp_path / "short.npz", **short)
+    with pytest.raises(DomainFileError, match="packed uint8"):
+        load_domain(fresh, tmp_path / "short.npz")
+    assert fresh.domains == ["base"]
+    np.savez(tmp_path / "badjson.npz", **dict(arrays, __meta__=np.array("{not json")))
+    with pytest.raises(DomainFileError, match="not valid JSON"):
+        read_domain_file(tmp_path / "badjson.npz")
+    partial = {k: v for k, v in meta.items() if k != "num_classes"}
+    np.savez(tmp_path / "partial.npz", **dict(arrays, __meta__=np.array(json.dumps(partial))))
+    with pytest.raises(DomainFileError, match="num_classes"):
+        load_domain(fresh, tmp_path / "partial.npz")
+
+
 def test_bits_per_parameter_counts_what_is_stored(trained, tmp_path):
     md, _ = trained
     n_p = md.backbone_num_parameters()
