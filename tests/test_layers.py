@@ -365,3 +365,10 @@ def test_grads_accumulate_across_backward_calls():
     layer.backward(dy)
     for k in once:
         np.testing.assert_allclose(layer.grads[k], 2 * once[k])
+
+
+def test_linear_backward_rejects_a_wrong_upstream_shape():
+    lin = nn.Linear(4, 3, rng=0)
+    lin.forward(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"dy of shape \(N, out\) = \(2, 3\)"):
+        lin.backward(np.zeros((2, 9), np.float32))

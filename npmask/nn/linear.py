@@ -44,6 +44,9 @@ def linear_backward(dy, x, weight, need_dx: bool = True, need_dweight: bool = Tr
     ``dy`` (N, out) is the upstream gradient, ``x`` and ``weight`` the forward inputs. An entry that
     was not asked for (``need_dx``, ``need_dweight``, ``has_bias`` False) is None, and costs nothing.
     """
+    if dy.ndim != 2 or dy.shape != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"linear backward expects dy of shape (N, out) = ({x.shape[0]}, {weight.shape[0]}) "
+                         f"as the forward output, got shape {tuple(dy.shape)}")
     dx = dy @ weight if need_dx else None
     dweight = dy.T @ x if need_dweight else None
     dbias = dy.sum(axis=0) if has_bias else None
