@@ -24,6 +24,7 @@ import numpy as np
 
 from .backend import get_array_module, to_numpy
 from .masking.layers import DEFAULT_MASK_INIT
+from .masking.variants import get_variant
 from .models import get_submodule
 
 FORMAT = "npmask-domain"
@@ -151,18 +152,27 @@ def load_domain(model, path, name: str | None = None, replace: bool = False) -> 
             f"{path}: domain {meta['domain']!r} was trained on another backbone (fingerprint "
             f"{meta['backbone_fingerprint'][:12]}..., this model's backbone is {fp[:12]}...); load it "
             "into a model built from the same pretrained weights")
+    try:
+        get_variant(meta["variant"])
+    except KeyError as err:
+        raise DomainFileError(f"{path}: {err.args[0]}") from None
     if name in model.networks:
         if not replace:
             raise ValueError(f"domain {name!r} already exists in the model; pass replace=True to overwrite")
         if name == model.base_domain:
             raise ValueError("the pretraining domain cannot be replaced")
-        del model.networks[name], model.variants[name], model.settings[name]
-    model.add_domain(name, meta["num_classes"], meta["variant"], seed=0, tau=meta["tau"],
-                     mask_init=meta["mask_init"])
+    # the old domain (if any) is put back when the file turns out not to fit: a failed load changes nothing
+    old = ((model.networks.pop(name), model.variants.pop(name), model.settings.pop(name))
+           if name in model.networks else None)
     try:
+        model.add_domain(name, meta["num_classes"], meta["variant"], seed=0, tau=meta["tau"],
+                         mask_init=meta["mask_init"])
         _fill(model, name, meta, arrays, path)
     except Exception:
-        del model.networks[name], model.variants[name], model.settings[name]
+        for store in (model.networks, model.variants, model.settings):
+            store.pop(name, None)
+        if old is not None:
+            model.networks[name], model.variants[name], model.settings[name] = old
         raise
     return name
 

@@ -126,6 +126,17 @@ def test_corrupt_meta_and_truncated_mask_bits_are_clear_errors(trained, tmp_path
     np.savez(tmp_path / "partial.npz", **dict(arrays, __meta__=np.array(json.dumps(partial))))
     with pytest.raises(DomainFileError, match="num_classes"):
         load_domain(fresh, tmp_path / "partial.npz")
+    # an unknown variant is refused before an existing domain of that name is replaced
+    load_domain(fresh, tmp_path / "full.npz")
+    odd = dict(meta, variant="no_such_variant")
+    np.savez(tmp_path / "odd.npz", **dict(arrays, __meta__=np.array(json.dumps(odd))))
+    with pytest.raises(DomainFileError, match="unknown variant"):
+        load_domain(fresh, tmp_path / "odd.npz", replace=True)
+    assert fresh.domains == ["base", "full"]
+    kept = fresh.network("full")
+    with pytest.raises(DomainFileError, match="packed uint8"):
+        load_domain(fresh, tmp_path / "short.npz", replace=True)
+    assert fresh.network("full") is kept  # a failed replace keeps the old domain
 
 
 def test_bits_per_parameter_counts_what_is_stored(trained, tmp_path):
