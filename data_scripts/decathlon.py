@@ -228,9 +228,13 @@ def convert_dataset(ds, annotations, image_source, out_folder, *, size=72, test_
             licence=LICENCE, options={"size": size, "test_labels": test_note},
             extra={"preprocess": f"shorter side resized to {size} (the archives already have "
                                  f"shorter side 72), centre crop {size}x{size}",
-                   "protocol": ("train: random crop 64 + mirror; test: centre crop 64"
-                                if ds not in NO_MIRROR else
-                                "train and test: the 72x72 centre crop, no mirroring"),
+                   # read by npmask.data.loader (augmentation "auto"): the 72 -> 64 protocol,
+                   # and the whole 72x72 view for the no-mirror sets (DESIGN.md section 3)
+                   "protocol": "decathlon",
+                   "full_view": ds in NO_MIRROR,
+                   "protocol_note": ("train: random crop 64 + mirror; test: centre crop 64"
+                                     if ds not in NO_MIRROR else
+                                     "train and test: the whole 72x72 image, no mirroring"),
                    "test_split": test_note, "label_offset": offset})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
