@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npmask.backend import BackendError, get_backend  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
+
+from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 
 def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
@@ -56,42 +57,6 @@ def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
     return [(name, *key, count) for key, (name, count) in shapes.items()]
 
 
-class Timer:
-    """Median (or minimum) wall time of a callable: perf_counter on NumPy, CUDA events on CuPy."""
-
-    def __init__(self, xp, stat: str = "median"):
-        self.xp = xp
-        self.gpu = xp is not np
-        self.reduce = np.median if stat == "median" else np.min
-
-    def time(self, fn, repeats: int) -> float:
-        fn()  # warm-up (allocations, BLAS threads, CUDA kernels compiled)
-        times = []
-        for _ in range(repeats):
-            if self.gpu:
-                start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times.append(self.xp.cuda.get_elapsed_time(start, stop) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return float(self.reduce(times))
-
-
-def gemm_rate(xp, timer: Timer, n: int = 2048, repeats: int = 7) -> float:
-    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul."""
-    rng = np.random.default_rng(0)
-    a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
-    b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
-    out = xp.empty((n, n), dtype=xp.float32)
-    t = timer.time(lambda: xp.matmul(a, b, out=out), repeats)
-    return 2 * n**3 / t / 1e9
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
@@ -106,7 +71,7 @@ def main(argv=None):
         xp = get_backend(args.backend)
     except BackendError as err:
         sys.exit(f"benchmarks/conv.py: {err}")
-    timer = Timer(xp, args.stat)
+    timer = Clock(xp, stat=args.stat)
     rate = gemm_rate(xp, timer)
     print(f"backend {args.backend}, float32, batch {args.batch}, input {args.size}x{args.size}, "
           f"{args.stat} of {args.repeats} repeats")
@@ -133,8 +98,8 @@ def main(argv=None):
         def bwd():
             conv2d_backward(dy, state["cache"], need_dx=True, need_dweight=True)
 
-        t_fwd = timer.time(fwd, args.repeats)
-        t_bwd = timer.time(bwd, args.repeats)
+        t_fwd = timer.repeat(fwd, args.repeats)
+        t_bwd = timer.repeat(bwd, args.repeats)
         t = t_fwd + t_bwd
         flops = 3 * 2 * args.batch * cout * cin * k * k * ho * ho
         gflops = flops / t / 1e9

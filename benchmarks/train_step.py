@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import resource
 import sys
-import time
 import tracemalloc
 from collections import defaultdict
 from pathlib import Path
@@ -56,50 +55,9 @@ from npmask.nn.linear import Linear  # noqa: E402
 from npmask.nn.loss import softmax_cross_entropy  # noqa: E402
 from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
 
+from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
+
 VARIANTS = ("classifier_only", "piggyback", "simple", "full", "finetune")
-
-
-# ---------------------------------------------------------------------------------- timing
-class Clock:
-    """Wall time on NumPy (perf_counter); GPU time between CUDA events on CuPy.
-
-    ``cpu=True`` (NumPy only) measures the CPU time of this process instead (``process_time``, all
-    threads summed): on a machine shared with other jobs it is far less noisy than wall time, and
-    with ``OPENBLAS_NUM_THREADS=1`` it is what the step would take on one idle core.
-    """
-
-    def __init__(self, xp, cpu: bool = False, stat: str = "median"):
-        self.xp = xp
-        self.stat = stat
-        self.gpu = xp is not np
-        self.now = time.process_time if cpu else time.perf_counter
-
-    def time(self, fn) -> float:
-        if self.gpu:
-            start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            return self.xp.cuda.get_elapsed_time(start, stop) / 1e3
-        t0 = self.now()
-        fn()
-        return self.now() - t0
-
-    def repeat(self, fn, repeats: int) -> float:
-        """Median (or minimum, with stat="min") time of ``repeats`` calls after one warm-up call."""
-        fn()  # warm-up: buffers allocated, BLAS threads up, CUDA kernels compiled
-        times = [self.time(fn) for _ in range(repeats)]
-        return float(np.min(times) if self.stat == "min" else np.median(times))
-
-
-def gemm_rate(xp, clock: Clock, n: int = 2048, repeats: int = 7) -> float:
-    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul (median, or best with stat=min)."""
-    rng = np.random.default_rng(0)
-    a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
-    b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
-    out = xp.empty((n, n), dtype=xp.float32)
-    return 2 * n**3 / clock.repeat(lambda: xp.matmul(a, b, out=out), repeats) / 1e9
 
 
 # ---------------------------------------------------------------------------------- FLOPs
