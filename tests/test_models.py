@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from npmask.gradcheck import check_layer, directional_check
-from npmask.models import VGG, WRN, available, create, get_submodule, set_submodule
+from npmask.models import VGG, available, create, get_submodule, set_submodule
 from npmask.nn import BatchNorm2d, Dropout, Linear, softmax_cross_entropy
 from npmask.nn.conv import Conv2d
 from npmask.nn.residual import BasicBlock
