@@ -161,6 +161,7 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
     opt = SGD(model.parameter_refs(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
               weight_decay=cfg.weight_decay)
     sched = MultiStepLR(opt, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay)
+    _drop_metrics_after_checkpoint(folder)
     start = time.time()
     history = fit(
         model=model, optimizer=opt, scheduler=sched,
@@ -195,6 +196,17 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
                          folder.plots / "learning_curves.png", title=f"pretraining {cfg.model}")
     return {"save": cfg.save, "test_acc": full["acc"], "subset_acc": sub["acc"],
             "eval_subset": sub["n"]}
+
+
+def _drop_metrics_after_checkpoint(folder) -> None:
+    """On resume, drop metrics.jsonl lines of epochs the checkpoint does not hold (the process
+    died between the log line and the checkpoint, see npmask.training.fit): they run again."""
+    from .training.checkpoint import load_checkpoint
+    if not folder.metrics.is_file():
+        return
+    ck = folder.checkpoint("pretrain")
+    done = int(load_checkpoint(str(ck))["epoch"]) if ck.is_file() else 0
+    folder.truncate_metrics(lambda r: r.get("epoch", 0) <= done)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,31 @@ def test_pretrain_resume_gives_the_same_backbone(data, tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_pretrain_resume_after_a_kill_between_log_line_and_checkpoint(data, tmp_path, monkeypatch):
+    """Killed while logging epoch 2: the resumed run redoes epoch 2 and logs each epoch once."""
+    from npmask.training.run_folder import RunFolder
+    real_log = RunFolder.log
+    calls = {"n": 0}
+
+    def dies_on_second(self, record):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_log(self, record)  # the line is on disk, the checkpoint of epoch 2 is not
+            raise KeyboardInterrupt
+        return real_log(self, record)
+    ref, res = tmp_path / "ref", tmp_path / "res"
+    assert pretrain.main(args(data, ref)) == 0
+    monkeypatch.setattr(RunFolder, "log", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(args(data, res))
+    assert pretrain.main(["--resume", "--out", str(res), "--quiet"]) == 0
+
+    def epochs(run):
+        return [(r["epoch"], r["train_loss"], r["test_acc"])
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert epochs(res) == epochs(ref) and [e[0] for e in epochs(res)] == [1, 2]
+
+
 def test_pretrain_errors_are_one_line(data, tmp_path):
     for extra, fragment in [(["--domain", "nope"], "unknown domain 'nope'"),
                             (["--model", "wrn11_1"], "WRN depth must be 6n + 4"),

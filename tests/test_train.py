@@ -187,6 +187,27 @@ def test_kill_at_any_moment_keeps_a_checkpoint_and_resume_matches(tiny, referenc
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_a_kill_between_checkpoint_and_metrics_line_loses_no_line(tiny, reference_run, tmp_path,
+                                                                   monkeypatch):
+    """The process dies right after one of the two per-epoch writes (the metrics.jsonl line and
+    the checkpoint): the resumed run's metrics.jsonl still equals the uninterrupted run's."""
+    from npmask.training.run_folder import RunFolder
+    real_log = RunFolder.log
+    calls = {"n": 0}
+
+    def dies_once(self, record):  # killed while the epoch-1 line of domain "a" is being logged
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real_log(self, record)
+    monkeypatch.setattr(RunFolder, "log", dies_once)
+    out = tmp_path / "torn"
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(base_args(tiny, out))
+    assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
+    assert comparable_metrics(out) == comparable_metrics(reference_run)
+
+
 def test_resume_refuses_changed_settings(tiny, reference_run):
     with pytest.raises(SystemExit) as e:
         run_cli(["--resume", "--out", str(reference_run), "--epochs", "5", "--quiet"])

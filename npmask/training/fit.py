@@ -7,9 +7,13 @@ it writes, atomically, one checkpoint holding
 - ``model``: the arrays being trained and the BN running statistics (``state_fn()``),
 - ``optimizer`` and ``scheduler``: their ``state_dict()`` (Adam moments and step counts, SGD
   momentum buffers, the scheduler's epoch counter),
-- ``history``: the per-epoch records so far,
+- ``history``: the per-epoch records so far.
 
-and only then appends the epoch's line to metrics.jsonl. Everything random in an epoch (the
+The epoch's line is appended to metrics.jsonl just *before* that checkpoint is written. A process
+killed between the two writes leaves a line for an epoch the checkpoint does not hold yet; on
+resume the run folder drops such lines (``npmask.train``/``npmask.pretrain``) and the epoch is
+run again. The other order would lose the line for good: the resumed run starts after it.
+Everything random in an epoch (the
 sample order, crops, flips) comes from the loader's ``(seed, epoch)`` generator, so a run resumed
 from the checkpoint of epoch ``e`` runs epoch ``e + 1`` exactly as the uninterrupted run did: the
 final numbers are identical, not just close.
@@ -36,7 +40,7 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
     batches_for_epoch(e): the iterable of ``(x, y)`` batches of epoch ``e`` (0-based).
     state_fn(): ``{name: array}`` of the model state to checkpoint; load_state_fn(d) restores it.
     evaluate_fn(): optional ``{"loss", "acc", ...}`` on held-out data after every epoch.
-    log_fn(record): called with each epoch's record after its checkpoint is on disk.
+    log_fn(record): called with each epoch's record just before its checkpoint is written.
     extra: plain values stored in the checkpoint and checked on resume (e.g. the variant), so a
         checkpoint of another configuration is never continued by mistake.
     epoch_budget: a one-element list counting the epochs this process may still run; at 0,
@@ -74,11 +78,11 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         history.append(record)
+        if log_fn is not None:  # first the log line, then the checkpoint: see the module docstring
+            log_fn(record)
         save_checkpoint(str(checkpoint_path), {
             "epoch": epoch + 1, "model": state_fn(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "extra": extra})
-        if log_fn is not None:
-            log_fn(record)
         if epoch_budget is not None:
             epoch_budget[0] -= 1
             if epoch_budget[0] <= 0:

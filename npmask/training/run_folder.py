@@ -11,9 +11,9 @@ Layout (every file is written atomically, see :mod:`npmask.training.checkpoint`)
     <run>/results.json             the same numbers, machine-readable
     <run>/plots/*.png              learning curves, mask density and k values per layer
 
-``metrics.jsonl`` is appended after the checkpoint of the same epoch is on disk. On resume the
-lines of epochs *after* the checkpoint (possible only if the process died between the two writes)
-are dropped, so the log always matches the state the run continues from.
+``metrics.jsonl`` is appended just before the checkpoint of the same epoch is written. On resume
+the lines of epochs *after* the checkpoint (possible only if the process died between the two
+writes) are dropped, so the log always matches the state the run continues from.
 """
 from __future__ import annotations
 
