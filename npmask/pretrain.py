@@ -129,7 +129,7 @@ def run(args, argv=None) -> dict:
 
 def check(cfg: PretrainConfig) -> str:
     """Validate backend, model and data before anything is written; returns the data root."""
-    from .data.format import list_domains
+    from .data.format import list_domains, read_meta
     from .training.benchmarks import resolve_data_root
     get_backend(cfg.backend)  # BackendError (one line) before any work
     cli.check_model(cfg.model, cfg.input_size)
@@ -137,6 +137,7 @@ def check(cfg: PretrainConfig) -> str:
     if cfg.domain not in list_domains(root):
         raise ConfigError(f"unknown domain {cfg.domain!r} in {root}; available: "
                           f"{', '.join(list_domains(root)) or 'none'}")
+    read_meta(Path(root) / cfg.domain)  # a malformed meta.json stops here, before the run folder
     return root
 
 

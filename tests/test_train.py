@@ -283,6 +283,7 @@ def test_missing_or_malformed_data_folder(tiny, tmp_path):
     (bad / "a" / "meta.json").write_text("{ not json")
     expect_exit(base_args(tiny, tmp_path / "y") + ["--data-root", str(bad), "--domains", "a"],
                 "meta.json")
+    assert not (tmp_path / "y").exists()  # found before the run folder is created
     (bad / "b" / "train.npz").write_bytes(b"garbage")
     expect_exit(base_args(tiny, tmp_path / "z") + ["--data-root", str(bad), "--domains", "b"],
                 "train.npz")

@@ -102,7 +102,19 @@ def available_domains(root) -> list[str]:
 
 
 def choose_domains(bench: Benchmark, root, requested) -> list[str]:
-    """The target domains of a run: ``requested`` (checked to exist) or the benchmark default."""
+    """The target domains of a run: ``requested`` (checked to exist) or the benchmark default.
+
+    Each chosen domain's meta.json is read and checked here (cheap), so a malformed folder stops
+    the command before a run folder is created.
+    """
+    from ..data.format import read_meta
+    chosen = _choose(bench, root, requested)
+    for d in chosen:
+        read_meta(Path(root) / d)  # DataFormatError naming the file and the problem
+    return chosen
+
+
+def _choose(bench: Benchmark, root, requested) -> list[str]:
     have = available_domains(root)
     if not have:
         raise ConfigError(f"data folder {root} holds no domain (no sub-folder with a meta.json)")
