@@ -15,7 +15,6 @@ domain's result does not depend on which domains came before it, nor on being re
 from __future__ import annotations
 
 import json
-import math
 import time
 import zlib
 
@@ -204,7 +203,3 @@ def _plot_masks(cfg, folder, model) -> None:
     if stats:
         plot_mask_statistics(stats, folder.plots / "masks_and_ks.png",
                              title=f"{cfg.variant}: mask density and k per layer")
-
-
-def finite_or_none(v):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
-
 from ..nn.loss import softmax_cross_entropy
 from .errors import NonFiniteLossError
 
@@ -101,12 +99,3 @@ def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "tes
     return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "n": seen,
             "seconds": time.perf_counter() - start}
 
-
-def predict_labels(model, batches) -> np.ndarray:
-    """Arg-max predictions (NumPy int64) of ``model`` in eval mode over ``batches``."""
-    from ..backend import to_numpy
-    was_training = getattr(model, "training", True)
-    model.eval()
-    out = [to_numpy(model.forward(x).argmax(axis=1)) for x, _ in batches]
-    model.train(was_training)
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
