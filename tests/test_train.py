@@ -254,6 +254,29 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(path))
 
 
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_loses_nothing_else(tiny, reference_run,
+                                                                             tmp_path):
+    out = tmp_path / "damaged"
+    assert run_cli(base_args(tiny, out, "--stop-after-epochs", "3")) == 0  # a done, b at epoch 1
+    ckpt = out / "checkpoints" / "b.npz"
+    good = ckpt.read_bytes()
+    kept = {p: p.read_bytes() for p in [out / "domains" / "a.npz", out / "progress.json",
+                                       out / "metrics.jsonl", out / "config.json"]}
+    state = load_checkpoint(str(ckpt))
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name][:1]  # readable, but the wrong shape
+    save_checkpoint(str(ckpt), state)
+    expect_exit(["--resume", "--out", str(out), "--quiet"], str(ckpt), "does not fit this run",
+                name, "delete it")
+    ckpt.write_bytes(good[: len(good) // 2])  # truncated
+    expect_exit(["--resume", "--out", str(out), "--quiet"], str(ckpt), "truncated or corrupt")
+    for p, data in kept.items():
+        assert p.read_bytes() == data, p  # nothing but the damaged file is touched
+    ckpt.write_bytes(good)
+    assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
+    assert comparable_metrics(out) == comparable_metrics(reference_run)  # the good one resumes
+
+
 # ---------------------------------------------------------------------------------- errors
 def expect_exit(args, *fragments):
     with pytest.raises(SystemExit) as e:

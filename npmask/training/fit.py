@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import train_epoch
 
 
@@ -59,11 +59,18 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
                           if extra.get(k) != saved_extra.get(k))
             raise ConfigError(f"checkpoint {checkpoint_path} was written with other settings "
                               f"({', '.join(diff)}); delete it or use another --out")
-        load_state_fn(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["epoch"])
-        history = list(state.get("history", []))
+        try:
+            load_state_fn(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = int(state["epoch"])
+            history = list(state.get("history", []))
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            # A readable file whose content does not fit this run (edited by hand, or from an
+            # incompatible npmask): one clear line, not a traceback from load_state_dict.
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} does not fit this run ({type(err).__name__}: "
+                f"{err}); delete it to train this part again from epoch 0") from None
     for epoch in range(start, epochs):
         lrs = {k: float(v) for k, v in _lrs(optimizer).items()}
         stats = train_epoch(model, batches_for_epoch(epoch), optimizer, num_batches=num_batches,
