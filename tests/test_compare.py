@@ -59,6 +59,11 @@ def test_compare_resume_finishes_an_interrupted_comparison(tiny, tmp_path):
     assert compare.main(["--resume", "--out", str(out), "--quiet"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["finetune", "full"]
+    ref = tmp_path / "ref"  # the same comparison, uninterrupted: identical numbers
+    b = args(tiny, ref)
+    b[b.index("--variants") + 1] = "finetune,full"
+    assert compare.main(b) == 0
+    assert rows == json.loads((ref / "results.json").read_text())["rows"]
 
 
 def test_compare_rejects_unknown_variants(tiny, tmp_path):
