@@ -27,8 +27,23 @@ from .errors import ConfigError
 CONFIG_FILE = "config.json"
 
 
+class _Settings:
+    """to_dict/from_dict shared by the settings dataclasses (what config.json holds)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config has unknown settings {unknown}")
+        return cls(**d)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Settings):
     """All settings of one run of ``python -m npmask.train`` (one variant, several domains).
 
     benchmark:     "synthetic", "decathlon" or "folder" (where data, model and Emax come from).
@@ -104,16 +119,6 @@ class TrainConfig:
             raise ConfigError(f"--domains lists a domain twice: {self.domains}")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"config has unknown settings {unknown}")
-        return cls(**d)
 
 
 def environment() -> dict:
@@ -153,7 +158,7 @@ def load_config(path: str, cls=TrainConfig):
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(_Settings):
     """All settings of ``python -m npmask.pretrain`` (one network trained from scratch on one domain).
 
     data_root/domain: the domain folder to learn (default: the synthetic ``base`` domain).
@@ -196,13 +201,3 @@ class PretrainConfig:
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"config has unknown settings {unknown}")
-        return cls(**d)
