@@ -82,12 +82,10 @@ def run(ns: dict, argv=None) -> str | None:
     from .training.config import TrainConfig, load_config, save_config
     from .training.domain_training import train_domains
     from .training.fit import StopRequested
-    from .training.run_folder import RunFolder, newest_run
+    from .training.run_folder import RunFolder, resume_target
 
     if ns.get("resume"):
-        out = ns.get("out") or newest_run("runs", "compare-")
-        if out is None:
-            raise ConfigError("--resume: no comparison folder given (--out) and none under runs/")
+        out = resume_target(ns.get("out"), "compare-", what="comparison folder")
         doc = _read_json(Path(out) / "compare.json")
         variants, base = doc["variants"], TrainConfig.from_dict(doc["config"])
         given = {k: v for k, v in ns.items() if k in FLAGS}

@@ -102,13 +102,10 @@ def main(argv=None) -> int:
 
 
 def run(args, argv=None) -> dict:
-    from .training.run_folder import RunFolder, newest_run
+    from .training.run_folder import RunFolder, resume_target
     ns = vars(args)
     if ns.get("resume"):
-        out = ns.get("out") or newest_run("runs", "pretrain-")
-        if out is None:
-            raise ConfigError("--resume: no run folder given (--out) and none found under runs/")
-        folder = RunFolder(out)
+        folder = RunFolder(resume_target(ns.get("out"), "pretrain-"))
         cfg = load_config(str(folder.config), PretrainConfig)
         cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(), FLAGS)
     else:

@@ -193,11 +193,8 @@ def prepare(args, argv=None):
     from .training.run_folder import RunFolder
     ns = vars(args)
     if ns.get("resume"):
-        from .training.run_folder import newest_run
-        out = ns.get("out") or newest_run("runs", "train-")
-        if out is None:
-            raise ConfigError("--resume: no run folder given (--out) and none found under runs/")
-        folder = RunFolder(out)
+        from .training.run_folder import resume_target
+        folder = RunFolder(resume_target(ns.get("out"), "train-"))
         cfg = load_config(str(folder.config))
         given = {k: v for k, v in ns.items() if k in FLAGS}
         cli.check_resume_conflicts(given, cfg.to_dict(), FLAGS)

@@ -128,3 +128,14 @@ def newest_run(root, prefix: str = "") -> str | None:
     runs = [p for p in root.iterdir()
             if p.name.startswith(prefix) and (p / "config.json").is_file()]
     return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+
+
+def resume_target(out, prefix: str, what: str = "run folder") -> str:
+    """The folder ``--resume`` continues: ``out`` when given, else the newest ``runs/<prefix>*``.
+
+    Raises ConfigError when neither exists.
+    """
+    out = out or newest_run("runs", prefix)
+    if out is None:
+        raise ConfigError(f"--resume: no {what} given (--out) and none found under runs/")
+    return out
