@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go, on a machine with CuPy and an NVIDIA GPU:
+#   bash benchmarks/gpu_run.sh OUTDIR [part ...]      parts: info tests bench train suite (default: all)
+# From a checkout, no install needed (PYTHONPATH); logs go to OUTDIR, one file per part.
+set -u
+OUT=${1:?usage: gpu_run.sh OUTDIR [info|tests|bench|train|suite ...]}; shift
+PARTS=${*:-info tests bench train suite}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+for part in $PARTS; do
+  case $part in
+    info)   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+              $PY -c "import sys, numpy, cupy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())"
+              nproc; } 2>&1 | tee "$OUT/info.txt" ;;
+    tests)  $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_cuda_kernels.py \
+              tests/test_backend.py tests/test_data_loader.py tests/test_cupy_api.py \
+              "tests/test_train.py::test_cupy_training_is_reproducible_and_agrees_with_numpy" \
+              2>&1 | tee "$OUT/tests_gpu.txt" ;;
+    bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20
+              $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple
+              $PY benchmarks/conv.py --backend cupy --repeats 20; } 2>&1 | tee "$OUT/bench_cupy.txt" ;;
+    train)  { start=$(date +%s)
+              $PY -m npmask.train --backend cupy --out /tmp/npmask-gpu-run --quiet
+              echo "main job on cupy: $(( $(date +%s) - start )) s wall (synthetic data generation included)"
+              cat /tmp/npmask-gpu-run/results.md; } 2>&1 | tee "$OUT/train_cupy.txt" ;;
+    suite)  $PY -m pytest -q -n 16 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
+    *)      echo "unknown part $part"; exit 2 ;;
+  esac
+done
