@@ -2,7 +2,7 @@
 
 The rest of the suite runs on NumPy; these tests run the same code on CuPy arrays and compare. In
 float64 the two backends agree to ~1e-10 (only the order of the additions in sums and GEMMs differs);
-in float32 to ~1e-4 after a training step. Without a usable CUDA device every test here is skipped
+in float32 to ~1e-4 after a training step (but see the Adam note below). Without a usable CUDA device every test here is skipped
 with the reason (CI has none: ``tests/test_cupy_api.py`` checks the CuPy namespace there instead).
 """
 from __future__ import annotations
@@ -99,4 +99,12 @@ def test_training_steps_match_numpy(variant, dtype):
     assert p_gpu.keys() == p_cpu.keys()
     for n in p_cpu:
         assert p_gpu[n].dtype == p_cpu[n].dtype, n
-        np.testing.assert_allclose(p_gpu[n], p_cpu[n], err_msg=n, **tol)
+        if dtype == np.float64:
+            np.testing.assert_allclose(p_gpu[n], p_cpu[n], err_msg=n, **tol)
+        else:
+            # Adam divides by sqrt(v): for a weight whose gradient is ~0, float32 rounding in the
+            # gradient (sums in another order) moves the update by up to a step (lr = 1e-3). Such
+            # weights are rare; a real error would move most of them.
+            off = ~np.isclose(p_gpu[n], p_cpu[n], **tol)
+            assert off.mean() <= 0.005, f"{n}: {off.sum()} of {off.size} values differ"
+            np.testing.assert_allclose(p_gpu[n], p_cpu[n], rtol=0, atol=5e-3, err_msg=n)
