@@ -106,5 +106,5 @@ def test_training_steps_match_numpy(variant, dtype):
             # gradient (sums in another order) moves the update by up to a step (lr = 1e-3). Such
             # weights are rare; a real error would move most of them.
             off = ~np.isclose(p_gpu[n], p_cpu[n], **tol)
-            assert off.mean() <= 0.005, f"{n}: {off.sum()} of {off.size} values differ"
+            assert off.sum() <= max(1, 0.005 * off.size), f"{n}: {off.sum()} of {off.size} values differ"
             np.testing.assert_allclose(p_gpu[n], p_cpu[n], rtol=0, atol=5e-3, err_msg=n)
