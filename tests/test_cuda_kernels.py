@@ -112,3 +112,87 @@ def test_kernels_float64():
     assert Wt.dtype == dR.dtype == np.float64
     np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-12)
     np.testing.assert_allclose(to_numpy(dR), dR_ref, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- compilation
+def _nvrtc():
+    """CuPy's NVRTC binding when the NVRTC library can be loaded (no GPU or driver needed), else None."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception:  # cupy missing, or libnvrtc not installed (pip install nvidia-cuda-nvrtc-cu12)
+        return None
+
+
+def _record_kernels(monkeypatch):
+    """Build every CuPy kernel object npmask defines, recording the arguments they were built with."""
+    cp = pytest.importorskip("cupy")
+    from npmask import optim
+    from npmask.nn import batchnorm
+    built = []
+    monkeypatch.setattr(cp, "ElementwiseKernel", lambda *a, **k: built.append(("elementwise",) + a))
+    monkeypatch.setattr(cp, "ReductionKernel", lambda *a, **k: built.append(("reduction",) + a))
+    for factory in (cuda.kernels, optim._adam_kernel, batchnorm._cupy_dot_kernel):
+        factory.__wrapped__()
+    return built
+
+
+def _kernel_source(kind, in_params, out_params, body, *rest, T="float"):
+    """A CUDA source that declares the kernel's parameters the way CuPy does and contains its body.
+
+    Inputs become values, outputs references, each read from its own pointer at index i; for a
+    ReductionKernel the body is the map expression, combined by the reduce expression into ``out``.
+    """
+    def params(text):
+        return [({"int32": "int"}.get(t, t), name) for t, name in (p.split() for p in text.split(","))]
+    ins, outs = params(in_params), params(out_params)
+    args = ", ".join(f"{t}* _{name}" for t, name in ins + outs)
+    decls = " ".join([f"{t} {name} = _{name}[i];" for t, name in ins]
+                     + [f"{t}& {name} = _{name}[i];" for t, name in outs])
+    if kind == "reduction":
+        reduce_expr, post = rest[0], rest[1]
+        body = (f"T _mapped = ({body});\n"          # own scopes, as CuPy's: a, b may be parameter names
+                f"  {{ T a = _mapped, b = _mapped; T _reduced = ({reduce_expr}); {{ T a = _reduced; {post}; }} }}")
+    return (f"typedef {T} T;\nextern \"C\" __global__ void k({args}, int n) {{\n"
+            f"  int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= n) return;\n"
+            f"  {decls}\n  {body}\n}}\n")
+
+
+def test_kernel_source_harness_rejects_a_bad_body():
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12): the CUDA kernels' "
+                    "sources cannot be compiled on this machine")
+    src = _kernel_source("elementwise", "T x", "T y", "y = not_a_function(x);")
+    prog = nvrtc.createProgram(src, "bad.cu", [], [])
+    with pytest.raises(Exception):
+        nvrtc.compileProgram(prog, ["-arch=compute_70"])
+
+
+def test_every_kernel_body_compiles_with_nvrtc(monkeypatch):
+    """Without a GPU: each fused kernel's CUDA code (as CuPy would wrap it) compiles, float and double.
+
+    CuPy compiles a kernel only at its first launch, on a device; this catches a syntax or type error
+    in a kernel body on machines without one (CI), as long as NVRTC itself is installed.
+    """
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12): the CUDA kernels' "
+                    "sources cannot be compiled on this machine")
+    built = _record_kernels(monkeypatch)
+    import pathlib
+    import re
+    root = pathlib.Path(cuda.__file__).resolve().parents[1]
+    defined = sum(len(re.findall(r"\.(?:Elementwise|Reduction)Kernel\(", p.read_text()))
+                  for p in root.rglob("*.py"))
+    assert len({b[-1] for b in built}) >= defined, "a kernel in npmask/ is not covered by this test"
+    for spec in built:
+        kind, in_params, out_params, body = spec[:4]
+        for T in ("float", "double"):
+            src = _kernel_source(kind, in_params, out_params, body, *spec[4:], T=T)
+            prog = nvrtc.createProgram(src, f"{spec[-1]}.cu", [], [])
+            try:
+                nvrtc.compileProgram(prog, ["-arch=compute_70"])
+            except Exception as err:
+                raise AssertionError(f"{spec[-1]} ({T}) does not compile:\n{nvrtc.getProgramLog(prog)}\n{src}") from err
