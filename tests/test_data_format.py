@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from npmask.data import format as fmt
-from npmask.data.format import DataFormatError, list_domains, load_domain, write_domain
+from npmask.data.format import DataFormatError, check_domain_files, list_domains, load_domain, write_domain
 
 
 def _split(n, rng, size=(6, 5), c=3, k=4):
@@ -190,6 +190,24 @@ def test_load_reports_defects(tmp_path, damage, message):
     damage(folder)
     with pytest.raises(DataFormatError, match=message):
         load_domain(folder)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "test.npz").unlink(), "test.npz: missing file"),
+    (lambda f: (f / "train.npz").write_bytes((f / "train.npz").read_bytes()[:200]), "train.npz: corrupt"),
+    (lambda f: (f / "train.npz").write_bytes(b"not a zip file at all"), "train.npz: corrupt"),
+    (lambda f: _resave(f, "train", images=None), "expected arrays 'images' and 'labels'"),
+    (lambda f: _resave(f, "train", images=np.zeros((12, 6, 5, 3), np.float32)), "images are float32"),
+    (lambda f: _resave(f, "train", images=np.zeros((12, 6, 6, 3), np.uint8)), r"images are uint8 \(12, 6, 6, 3\)"),
+    (lambda f: _resave(f, "test", labels=np.zeros(5, np.int32)), "labels are int32"),
+    (lambda f: _resave(f, "val", labels=np.array([0, None, 1], dtype=object)), "val.npz: labels are object"),
+])
+def test_header_check_finds_defects_without_loading(tmp_path, damage, message):
+    folder, _ = _write(tmp_path / "toy")
+    assert check_domain_files(folder)["name"] == "toy"
+    damage(folder)
+    with pytest.raises(DataFormatError, match=message):
+        check_domain_files(folder)
 
 
 def test_missing_folder(tmp_path):

@@ -310,6 +310,12 @@ def test_missing_or_malformed_data_folder(tiny, tmp_path):
     (bad / "b" / "train.npz").write_bytes(b"garbage")
     expect_exit(base_args(tiny, tmp_path / "z") + ["--data-root", str(bad), "--domains", "b"],
                 "train.npz")
+    assert not (tmp_path / "z").exists()  # the npz headers are checked before the run folder too
+    good = (tiny["data"] / "b" / "train.npz").read_bytes()
+    (bad / "b" / "train.npz").write_bytes(good[: len(good) // 2])  # truncated
+    expect_exit(base_args(tiny, tmp_path / "t") + ["--data-root", str(bad), "--domains", "b"],
+                "train.npz", "corrupt")
+    assert not (tmp_path / "t").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     expect_exit(base_args(tiny, tmp_path / "w") + ["--data-root", str(empty)], "holds no domain")

@@ -339,6 +339,46 @@ def _load_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.nd
     return images, labels
 
 
+def check_domain_files(folder) -> dict:
+    """Check a domain folder without loading its images: meta.json, and each split's npz archive.
+
+    For every split meta.json lists: the zip directory can be read (a truncated or foreign file
+    fails here), it holds images.npy and labels.npy, and their .npy headers give the dtype and
+    shape meta.json promises. This reads a few hundred bytes per file, so a command can check its
+    data before it writes anything; :func:`load_domain` still checks the data themselves (CRCs,
+    label range). Returns the meta dict; raises :class:`DataFormatError` naming file and problem.
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    h, w = meta["image_size"]
+    for split, n in meta["counts"].items():
+        path = folder / f"{split}.npz"
+        if not path.is_file():
+            raise DataFormatError(f"{path}: missing file (meta.json lists split {split!r})")
+        expected = {"images": (np.dtype(np.uint8), (n, h, w, meta["channels"])),
+                    "labels": (np.dtype(np.int64), (n,))}
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = set(z.namelist())
+                if not {"images.npy", "labels.npy"} <= names:
+                    raise DataFormatError(f"{path}: expected arrays 'images' and 'labels', found "
+                                          f"{sorted(name[:-4] for name in names)}")
+                for key, (dtype, shape) in expected.items():
+                    with z.open(f"{key}.npy") as f:
+                        version = np.lib.format.read_magic(f)
+                        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                  else np.lib.format.read_array_header_2_0)(f)
+                    got_shape, _, got_dtype = header
+                    if got_dtype != dtype or tuple(got_shape) != shape:
+                        raise DataFormatError(f"{path}: {key} are {got_dtype} {tuple(got_shape)}, "
+                                              f"meta.json says {dtype} {shape}")
+        except DataFormatError:
+            raise
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+            raise DataFormatError(f"{path}: corrupt or unreadable npz ({type(err).__name__}: {err})") from None
+    return meta
+
+
 def load_domain(folder, splits=None) -> Domain:
     """Load and check one domain folder.
 

@@ -104,13 +104,14 @@ def available_domains(root) -> list[str]:
 def choose_domains(bench: Benchmark, root, requested) -> list[str]:
     """The target domains of a run: ``requested`` (checked to exist) or the benchmark default.
 
-    Each chosen domain's meta.json is read and checked here (cheap), so a malformed folder stops
-    the command before a run folder is created.
+    Each chosen domain's meta.json and the headers of its npz files are checked here (a few
+    hundred bytes each), so a malformed or truncated folder stops the command before a run folder
+    is created.
     """
-    from ..data.format import read_meta
+    from ..data.format import check_domain_files
     chosen = _choose(bench, root, requested)
     for d in chosen:
-        read_meta(Path(root) / d)  # DataFormatError naming the file and the problem
+        check_domain_files(Path(root) / d)  # DataFormatError naming the file and the problem
     return chosen
 
 
