@@ -193,3 +193,109 @@ def test_bad_shapes_give_clear_errors(bad):
 def test_mixed_dtypes_rejected():
     with pytest.raises(ValueError, match="dtype"):
         conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 3, 3), dtype=np.float32), None, 1, 0)
+
+
+# ------------------------------------------------------------------ copies on several threads
+@pytest.fixture
+def threaded_copies(monkeypatch):
+    """Every copy split over 3 threads (uneven parts), however small, and tiny chunks."""
+    monkeypatch.setattr(conv_module, "COPY_THREADS", 3)
+    monkeypatch.setattr(conv_module, "PARALLEL_MIN_FLOATS", 0)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES + [
+    (5, 7, 8, 8, 6, 3, 3, 1, 1),       # 3x3 stride 1, general (not wide) columns
+    (5, 7, 9, 9, 6, 3, 3, 2, 1),       # 3x3 stride 2: col2im split by channel
+    (4, 2, 6, 6, 3, 1, 1, 2, 0),       # 1x1 stride 2, fewer channels than threads
+])
+@pytest.mark.parametrize("chunk_floats", [1, 200, 1 << 20])      # 1 image/chunk, partial, one chunk
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_threaded_copies_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype,
+                                                               threaded_copies, monkeypatch):
+    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", chunk_floats)
+    n, c, h, w, o, kh, kw, stride, padding = geometry
+    x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 3, dtype)
+    dy = rng.standard_normal((n, o, conv_module.conv_output_size(h, kh, stride, padding),
+                              conv_module.conv_output_size(w, kw, stride, padding))).astype(dtype)
+
+    def run():
+        y, cache = conv2d_forward(x, weight, b, stride, padding)
+        return (y, *conv2d_backward(dy, cache))
+
+    threaded, again = run(), run()
+    monkeypatch.setattr(conv_module, "COPY_THREADS", 1)
+    serial = run()
+    for t, a, s in zip(threaded, again, serial):
+        assert t.dtype == dtype
+        np.testing.assert_array_equal(t, a)                      # deterministic run to run
+        np.testing.assert_array_equal(t, s)                      # and the same bits as 1 thread
+    y_ref = conv2d_forward_naive(x, weight, b, stride, padding)
+    refs = (y_ref, *conv2d_backward_naive(dy, x, weight, stride, padding, with_bias=True))
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    for got, want in zip(threaded, refs):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@given(conv_cases(max_batch=5, max_channels=6), st.integers(1, 300), st.integers(2, 4))
+@settings(max_examples=15)
+def test_threaded_chunked_batches_match_reference(case, chunk_floats, threads):
+    xshape, wshape, stride, padding, bias, seed = case
+    x, weight, b, rng = _arrays(xshape, wshape, bias, seed)
+    names = ("CHUNK_FLOATS", "COPY_THREADS", "PARALLEL_MIN_FLOATS")
+    saved = [getattr(conv_module, name) for name in names]
+    for name, value in zip(names, (chunk_floats, threads, 0)):   # (hypothesis forbids monkeypatch)
+        setattr(conv_module, name, value)
+    try:
+        y, cache = conv2d_forward(x, weight, b, stride, padding)
+        dy = rng.standard_normal(y.shape)
+        grads = conv2d_backward(dy, cache)
+    finally:
+        for name, value in zip(names, saved):
+            setattr(conv_module, name, value)
+    y_ref = conv2d_forward_naive(x, weight, b, stride, padding)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads[:2], conv2d_backward_naive(dy, x, weight, stride, padding)[:2]):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("items, threads", [(7, 3), (2, 4), (1, 2), (10, 1)])
+def test_in_parallel_covers_the_range_in_disjoint_parts(items, threads, monkeypatch):
+    monkeypatch.setattr(conv_module, "COPY_THREADS", threads)
+    parts = []
+    conv_module._in_parallel(np, items, 1 << 30, lambda lo, hi: parts.append((lo, hi)))
+    assert len(parts) == min(threads, items)
+    assert sorted(i for lo, hi in parts for i in range(lo, hi)) == list(range(items))
+
+
+def test_in_parallel_stays_serial_off_numpy_small_or_one_thread(monkeypatch):
+    monkeypatch.setattr(conv_module, "COPY_THREADS", 4)
+    calls = []
+
+    def record(lo, hi):
+        calls.append((lo, hi))
+    conv_module._in_parallel(object(), 8, 1 << 30, record)       # not NumPy (e.g. CuPy): serial
+    conv_module._in_parallel(np, 8, conv_module.PARALLEL_MIN_FLOATS - 1, record)  # small copy
+    monkeypatch.setattr(conv_module, "COPY_THREADS", 1)
+    conv_module._in_parallel(np, 8, 1 << 30, record)
+    assert calls == [(0, 8)] * 3
+
+
+def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(monkeypatch):
+    monkeypatch.setattr(conv_module, "COPY_THREADS", 2)
+    done = []
+
+    def fn(lo, hi):
+        if lo > 0:
+            raise RuntimeError("boom")
+        done.append(lo)
+    with pytest.raises(RuntimeError, match="boom"):
+        conv_module._in_parallel(np, 4, 1 << 30, fn)
+    assert done == [0]
+
+
+def test_thread_pool_is_recreated_in_a_forked_child(monkeypatch):
+    monkeypatch.setattr(conv_module, "COPY_THREADS", 2)
+    pool = conv_module._executor(2)
+    assert conv_module._executor(2) is pool                      # persistent
+    monkeypatch.setattr(conv_module.os, "getpid", lambda: -1)    # as seen from a child process
+    assert conv_module._executor(2) is not pool

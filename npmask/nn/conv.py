@@ -31,12 +31,17 @@ megabytes, and streaming it through memory (not the arithmetic) is what costs ti
 stay in the CPU cache between the copy and the GEMM. For stride 1 the columns are built from
 contiguous slices of the flattened padded image ("wide rows", see :class:`_Columns`). 1x1
 convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
-the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout.
+the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout. On NumPy the
+copies (im2col, col2im, the output's un-transpose) are split by channel over COPY_THREADS threads
+(see the comment above :func:`_in_parallel` for when that pays off).
 
 The functional API (``conv2d_forward`` / ``conv2d_backward``) is what other layers build on (the
 masked convolution calls it with its transformed weight); :class:`Conv2d` is the layer.
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -100,6 +105,78 @@ def _chunk_size(xp, n: int, col_floats: int) -> int:
     return max(1, min(n, limit // max(col_floats, 1)))
 
 
+# ------------------------------------------------------------------ copies on several CPU threads
+# The GEMMs run on all cores (BLAS has its own threads), but a NumPy copy such as building the
+# columns runs on one, and on a 2-core machine the copies are ~30-40% of a convolution's time. NumPy
+# releases the GIL inside a large copy, so plain Python threads copying *disjoint* slices (here:
+# disjoint ranges of channels) run truly in parallel: im2col alone is 1.8x faster with 2 threads.
+# Every element is still written by exactly one thread, with the same arithmetic as the serial
+# code (col2im adds the kernel offsets in the same order), so results are bit-identical to it.
+#
+# The catch: after each GEMM, OpenBLAS's worker threads keep a core busy for ~0.1 s waiting for
+# the next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so with OpenBLAS's default
+# the copy threads share the cores with spinning BLAS workers and gain ~nothing (measured: a
+# training step of WRN-28-4 on 2 cores 0-3% faster). Started with OPENBLAS_THREAD_TIMEOUT=4 (set
+# before NumPy is first imported) the workers sleep at once, and the step is ~10% faster.
+# Overlapping the copies of chunk i+1 with the GEMM of chunk i on a helper thread was slower still
+# (1.1-1.3x): the helper takes turns on a core with a BLAS thread, and the GEMM waits for it.
+#
+# COPY_THREADS = 1 (or the environment variable NPMASK_COPY_THREADS=1) gives the plain serial code;
+# CuPy arrays never use threads (a GPU copy is one kernel launch anyway). Copies smaller than
+# PARALLEL_MIN_FLOATS stay serial: handing work to a thread costs ~20-50 microseconds.
+
+
+def _default_copy_threads() -> int:
+    env = os.environ.get("NPMASK_COPY_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        cpus = len(os.sched_getaffinity(0))            # the CPUs this process may run on
+    except AttributeError:                             # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))                        # memory bandwidth is saturated beyond ~4
+
+
+COPY_THREADS = _default_copy_threads()
+PARALLEL_MIN_FLOATS = 1 << 16
+_pool = None                                           # (threads, process id, executor), made lazily
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """The persistent pool of ``threads - 1`` helper threads (the caller is the last thread).
+
+    Re-created when COPY_THREADS changes, and in a child process after a fork (threads do not
+    survive a fork, and a pool whose threads are gone would wait forever).
+    """
+    global _pool
+    if _pool is None or _pool[:2] != (threads, os.getpid()):
+        if _pool is not None and _pool[1] == os.getpid():
+            _pool[2].shutdown(wait=False)               # its threads exit once idle
+        _pool = (threads, os.getpid(), ThreadPoolExecutor(threads - 1, thread_name_prefix="npmask-copy"))
+    return _pool[2]
+
+
+def _in_parallel(xp, items: int, floats: int, fn) -> None:
+    """Call ``fn(lo, hi)`` on contiguous parts of ``range(items)`` that together cover it.
+
+    ``fn`` must write only to slices selected by [lo, hi), so the parts may run at the same time.
+    They do on NumPy, when ``floats`` (the size of the copy) is at least PARALLEL_MIN_FLOATS and
+    COPY_THREADS > 1; otherwise this is just ``fn(0, items)``.
+    """
+    parts = min(COPY_THREADS, items)
+    if xp is not np or parts <= 1 or floats < PARALLEL_MIN_FLOATS:
+        fn(0, items)
+        return
+    bounds = [items * i // parts for i in range(parts + 1)]
+    futures = [_executor(COPY_THREADS).submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    try:
+        fn(bounds[0], bounds[1])
+    finally:
+        wait(futures)                   # also after an error: no part may still be writing
+    for future in futures:
+        future.result()                 # re-raises a helper thread's exception here
+
+
 class _Columns:
     """im2col for chunks of images of one geometry, with buffers reused from chunk to chunk.
 
@@ -111,12 +188,13 @@ class _Columns:
     - stride 1 with little padding ("wide rows", R = Wp = W + 2*pw): the padded image is flattened
       to one long row per channel and each kernel offset (u, v) becomes one *contiguous* slice of it,
       starting at u*Wp + v. The price is Wp - Wo junk columns per output row (the positions that
-      wrap around the right border), which the GEMM computes and :meth:`output` discards; it is
+      wrap around the right border), which the GEMM computes and :meth:`write_output` discards; it is
       used only when that costs at most 10% extra arithmetic, and then the copy is ~2x faster.
 
-    ``output(mat)`` turns a GEMM result (O, m*Ho*R) into the (m, O, Ho, Wo) view of the valid
-    outputs; ``rows(dy_chunk)`` does the reverse for an upstream gradient (junk columns zero, so
-    they add nothing to a weight gradient).
+    ``write_output(mat, y_chunk)`` copies the valid outputs of a GEMM result (O, m*Ho*R) into
+    y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` does the reverse for an upstream gradient (junk
+    columns zero, so they add nothing to a weight gradient). All copies are split by channel
+    over COPY_THREADS threads (see :func:`_in_parallel`).
     """
 
     def __init__(self, xp, dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo):
@@ -140,34 +218,46 @@ class _Columns:
         m = x_chunk.shape[0]
         c, kh, kw, ho, wo, s = self.c, self.kh, self.kw, self.ho, self.wo, self.stride
         k, length = c * kh * kw, m * ho * self.r
-        cols = self.buf[:, :length].reshape(c, kh, kw, m, ho * self.r)
-        if kh == 1 and kw == 1 and self.ph == 0 and self.pw == 0:
+        if kh == 1 and kw == 1 and self.ph == 0 and self.pw == 0 and m == 1:
             # A 1x1 convolution needs no im2col: the (strided) input is the column matrix.
             x_chunk = x_chunk[:, :, ::s, ::s] if s > 1 else x_chunk
-            if m == 1:
-                return x_chunk.reshape(c, ho * wo)      # a view for stride 1, a copy for stride 2
-            cols.reshape(c, m, ho, wo)[...] = x_chunk.transpose(1, 0, 2, 3)
+            return x_chunk.reshape(c, ho * wo)          # a view for stride 1, a copy for stride 2
+        cols = self.buf[:, :length].reshape(c, kh, kw, m, ho * self.r)
+
+        def fill(c0, c1):       # channels [c0, c1) of the columns need only those of the input
+            self._fill(x_chunk[:, c0:c1], cols[c0:c1], c0, c1)
+        _in_parallel(self.xp, c, k * length, fill)
+        return self.buf[:, :length].reshape(k, length)
+
+    def _fill(self, x_part, cols, c0: int, c1: int):
+        """cols (c1-c0, kh, kw, m, Ho*R) = the columns of channels [c0, c1) of the m images."""
+        m = x_part.shape[0]
+        kh, kw, ho, wo, s = self.kh, self.kw, self.ho, self.wo, self.stride
+        if self.xpad is None:                          # 1x1, no padding: a (strided) transpose
+            x_part = x_part[:, :, ::s, ::s] if s > 1 else x_part
+            cols.reshape(c1 - c0, m, ho, wo)[...] = x_part.transpose(1, 0, 2, 3)
         elif self.wide:
-            image = self.xpad[:m, :, :self.hp * self.wp].reshape(m, c, self.hp, self.wp)
-            image[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
+            flat = self.xpad[:m, c0:c1]
+            image = flat[:, :, :self.hp * self.wp].reshape(m, c1 - c0, self.hp, self.wp)
+            image[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_part
             span = ho * self.wp
             for u in range(kh):
                 for v in range(kw):
                     start = u * self.wp + v
-                    cols[:, u, v] = self.xpad[:m, :, start:start + span].transpose(1, 0, 2)
+                    cols[:, u, v] = flat[:, :, start:start + span].transpose(1, 0, 2)
         else:
-            xpad = self.xpad[:m]
-            xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
-            cols = cols.reshape(c, kh, kw, m, ho, wo)
+            xpad = self.xpad[:m, c0:c1]
+            xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_part
+            cols = cols.reshape(c1 - c0, kh, kw, m, ho, wo)
             for u in range(kh):
                 for v in range(kw):
                     window = xpad[:, :, u:u + s * (ho - 1) + 1:s, v:v + s * (wo - 1) + 1:s]
                     cols[:, u, v] = window.transpose(1, 0, 2, 3)
-        return self.buf[:, :length].reshape(k, length)
 
-    def output(self, mat):
+    def write_output(self, mat, y_chunk):
+        """y_chunk (m, O, Ho, Wo) = the valid outputs of a GEMM result mat (O, m*Ho*R)."""
         o, m = mat.shape[0], mat.shape[1] // (self.ho * self.r)
-        return mat.reshape(o, m, self.ho, self.r)[:, :, :, :self.wo].transpose(1, 0, 2, 3)
+        _copy(y_chunk, mat.reshape(o, m, self.ho, self.r)[:, :, :, :self.wo].transpose(1, 0, 2, 3))
 
     def rows(self, dy_chunk):
         m, o = dy_chunk.shape[:2]
@@ -175,16 +265,29 @@ class _Columns:
             self.dy_buf = self.xp.zeros((o, self.nb * self.ho * self.r), dtype=self.dtype)
         length = m * self.ho * self.r
         view = self.dy_buf[:, :length].reshape(o, m, self.ho, self.r)
-        view[:, :, :, :self.wo] = dy_chunk.transpose(1, 0, 2, 3)
+        _copy(view[:, :, :, :self.wo].transpose(1, 0, 2, 3), dy_chunk)
         return self.dy_buf[:, :length]
 
 
+def _copy(dst, src):
+    """dst[...] = src for arrays shaped (m, C, ...), ranges of the axis C copied on separate threads."""
+    def part(c0, c1):
+        dst[:, c0:c1] = src[:, c0:c1]
+    _in_parallel(get_array_module(dst), dst.shape[1], dst.size, part)
+
+
 def _col2im(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
-    """Add dcols (C, kh, kw, nb, Ho, Wo) back into out (nb, C, Hp, Wp): the adjoint of im2col."""
-    for u in range(kh):
-        for v in range(kw):
-            window = out[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
-            window += dcols[:, u, v].transpose(1, 0, 2, 3)
+    """Add dcols (C, kh, kw, nb, Ho, Wo) back into out (nb, C, Hp, Wp): the adjoint of im2col.
+
+    Channels are independent, so ranges of channels are done on separate threads; within a
+    channel the kernel offsets are added in the same order as serially (bit-identical results).
+    """
+    def add(c0, c1):
+        for u in range(kh):
+            for v in range(kw):
+                window = out[:, c0:c1, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
+                window += dcols[c0:c1, u, v].transpose(1, 0, 2, 3)
+    _in_parallel(get_array_module(out), out.shape[1], dcols.size, add)
     return out
 
 
@@ -202,7 +305,7 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
     im2col = _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo)
     for n0 in range(0, n, nb):
         n1 = min(n, n0 + nb)
-        y[n0:n1] = im2col.output(w_mat @ im2col.cols(x[n0:n1]))
+        im2col.write_output(w_mat @ im2col.cols(x[n0:n1]), y[n0:n1])
     return y
 
 
@@ -259,7 +362,7 @@ def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
         dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho, wo)
         dxpad[:m] = 0
         _col2im(dcols, kh, kw, stride, ho, wo, dxpad[:m])
-        dx[n0:n1] = dxpad[:m, :, padding:padding + h, padding:padding + w]
+        _copy(dx[n0:n1], dxpad[:m, :, padding:padding + h, padding:padding + w])
     return dx
 
 
