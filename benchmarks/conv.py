@@ -12,10 +12,18 @@ Each time is the median over --repeats runs (--stat min: the minimum, robust whe
 the machine); the GEMM rate is measured again at the end as a check on such interference.
 
 Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
+
+``--copy-threads 1,2`` times every shape with each value of npmask.nn.conv.COPY_THREADS (the
+threads that share the im2col/col2im copies), the settings taking turns repeat by repeat, and
+prints each setting's total and its ratio to the first: a comparison within one run, which is
+what to trust on a machine whose speed drifts. OpenBLAS's workers busy-wait after a GEMM for
+OPENBLAS_THREAD_TIMEOUT (default ~0.1 s), which takes the cores the copy threads would use; set
+it (e.g. OPENBLAS_THREAD_TIMEOUT=4) in the environment to see the threads' effect.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npmask.backend import BackendError, get_backend  # noqa: E402
+import npmask.nn.conv as conv_module  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
 
 from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
@@ -65,7 +74,11 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="statistic over repeats; min is robust on a machine shared with other jobs")
+    ap.add_argument("--copy-threads", default=None,
+                    help="comma-separated COPY_THREADS settings to compare, interleaved (e.g. 1,2)")
     args = ap.parse_args(argv)
+    settings = ([int(v) for v in args.copy_threads.split(",")] if args.copy_threads
+                else [conv_module.COPY_THREADS])
 
     try:
         xp = get_backend(args.backend)
@@ -76,14 +89,18 @@ def main(argv=None):
     print(f"backend {args.backend}, float32, batch {args.batch}, input {args.size}x{args.size}, "
           f"{args.stat} of {args.repeats} repeats")
     print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s "
-          f"(fractions below are of this rate)\n")
+          f"(fractions below are of this rate)")
+    print(f"conv copy threads: {','.join(map(str, settings))}; OPENBLAS_THREAD_TIMEOUT="
+          f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}; {os.cpu_count()} CPUs\n")
 
     header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
               f"{'ms fwd':>9}{'ms bwd':>9}{'ms tot':>9}{'GFLOP/s':>9}{'x GEMM':>8}")
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
-    total_time = total_flops = 0.0
+    total_time = {threads: 0.0 for threads in settings}
+    total_flops = 0.0
+    stat = np.min if args.stat == "min" else np.median
     for name, cin, cout, k, stride, h, count in wrn_conv_shapes(size=args.size):
         pad = k // 2
         x = xp.asarray(rng.standard_normal((args.batch, cin, h, h)), dtype=xp.float32)
@@ -98,21 +115,35 @@ def main(argv=None):
         def bwd():
             conv2d_backward(dy, state["cache"], need_dx=True, need_dweight=True)
 
-        t_fwd = timer.repeat(fwd, args.repeats)
-        t_bwd = timer.repeat(bwd, args.repeats)
-        t = t_fwd + t_bwd
+        # Each setting's forward and backward are timed in turns, one repeat at a time.
+        times = {t: ([], []) for t in settings}
+        for r in range(args.repeats + 1):                 # repeat 0 is the warm-up
+            for threads in settings:
+                conv_module.COPY_THREADS = threads
+                t_f, t_b = timer.time(fwd), timer.time(bwd)
+                if r:
+                    times[threads][0].append(t_f)
+                    times[threads][1].append(t_b)
         flops = 3 * 2 * args.batch * cout * cin * k * k * ho * ho
-        gflops = flops / t / 1e9
-        total_time += count * t
         total_flops += count * flops
-        print(f"{name:<22}{cin:>5}{cout:>5}{k:>3}{stride:>3}{h:>5}{count:>6}"
-              f"{t_fwd * 1e3:>9.2f}{t_bwd * 1e3:>9.2f}{t * 1e3:>9.2f}{gflops:>9.1f}{gflops / rate:>8.2f}")
+        for threads in settings:
+            t_fwd, t_bwd = (float(stat(v)) for v in times[threads])
+            t = t_fwd + t_bwd
+            gflops = flops / t / 1e9
+            total_time[threads] += count * t
+            label = name if len(settings) == 1 else f"{name} [{threads}t]"
+            print(f"{label:<22}{cin:>5}{cout:>5}{k:>3}{stride:>3}{h:>5}{count:>6}"
+                  f"{t_fwd * 1e3:>9.2f}{t_bwd * 1e3:>9.2f}{t * 1e3:>9.2f}{gflops:>9.1f}{gflops / rate:>8.2f}")
     print("-" * len(header))
-    gflops = total_flops / total_time / 1e9
-    print(f"all {sum(s[-1] for s in wrn_conv_shapes(size=args.size))} convs of WRN-28-4, "
-          f"forward + backward: {total_time:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
-          f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
-          f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)")
+    first = total_time[settings[0]]
+    for threads in settings:
+        t = total_time[threads]
+        gflops = total_flops / t / 1e9
+        print(f"all {sum(s[-1] for s in wrn_conv_shapes(size=args.size))} convs of WRN-28-4, "
+              f"forward + backward, {threads} copy thread(s): {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
+              f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
+              f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)"
+              + ("" if threads == settings[0] else f"; {t / first:.3f} x the time with {settings[0]}"))
     rate_end = gemm_rate(xp, timer)
     print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "
           "(a large difference means the machine was busy with other work during the run)")
