@@ -13,7 +13,7 @@ the machine); the GEMM rate is measured again at the end as a check on such inte
 
 Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 
-``--copy-threads 1,2`` times every shape with each value of npmask.nn.conv.COPY_THREADS (the
+``--copy-threads 1,2`` times every shape with each value of npmask.nn.parallel.THREADS (the
 threads that share the im2col/col2im copies), the settings taking turns repeat by repeat, and
 prints each setting's total and its ratio to the first: a comparison within one run, which is
 what to trust on a machine whose speed drifts. OpenBLAS's workers busy-wait after a GEMM for
@@ -27,12 +27,12 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import npmask  # noqa: E402,F401  (first: it sets OpenBLAS's thread timeout before NumPy loads)
+import numpy as np  # noqa: E402
 
 from npmask.backend import BackendError, get_backend  # noqa: E402
-import npmask.nn.conv as conv_module  # noqa: E402
+from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
 
 from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
@@ -75,10 +75,10 @@ def main(argv=None):
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="statistic over repeats; min is robust on a machine shared with other jobs")
     ap.add_argument("--copy-threads", default=None,
-                    help="comma-separated COPY_THREADS settings to compare, interleaved (e.g. 1,2)")
+                    help="comma-separated npmask.nn.parallel.THREADS settings to compare, interleaved (e.g. 1,2)")
     args = ap.parse_args(argv)
     settings = ([int(v) for v in args.copy_threads.split(",")] if args.copy_threads
-                else [conv_module.COPY_THREADS])
+                else [parallel.THREADS])
 
     try:
         xp = get_backend(args.backend)
@@ -119,7 +119,7 @@ def main(argv=None):
         times = {t: ([], []) for t in settings}
         for r in range(args.repeats + 1):                 # repeat 0 is the warm-up
             for threads in settings:
-                conv_module.COPY_THREADS = threads
+                parallel.THREADS = threads
                 t_f, t_b = timer.time(fwd), timer.time(bwd)
                 if r:
                     times[threads][0].append(t_f)

@@ -42,14 +42,15 @@ import tracemalloc
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+import npmask  # noqa: E402,F401  (first: it sets OpenBLAS's thread timeout before NumPy loads)
+import numpy as np  # noqa: E402
 
 from npmask import models  # noqa: E402
 from npmask.backend import get_backend  # noqa: E402
 from npmask.masking import layers as masked_layers  # noqa: E402
 from npmask.multidomain import MultiDomainModel  # noqa: E402
+from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import Conv2d  # noqa: E402
 from npmask.nn.linear import Linear  # noqa: E402
 from npmask.nn.loss import softmax_cross_entropy  # noqa: E402
@@ -233,7 +234,8 @@ def main(argv=None):
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"backend {args.backend}, float32, {args.model} at {args.size}x{args.size}, batch {args.batch}, "
           f"{args.stat} of {args.repeats} steps, {args.clock} clock, BLAS threads: {threads} "
-          f"({os.cpu_count()} CPUs)")
+          f"({os.cpu_count()} CPUs), OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}, "
+          f"npmask threads: {parallel.THREADS}")
 
     backbone = models.create(args.model, num_classes=args.classes, input_size=args.size, seed=0)
     if xp is not np:

@@ -5,6 +5,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from npmask.gradcheck import check_layer, rel_error
 import npmask.nn.conv as conv_module
+from npmask.nn import parallel
 from npmask.nn.conv import Conv2d, conv2d_backward, conv2d_forward
 from npmask.nn.conv_reference import conv2d_backward_naive, conv2d_forward_naive
 
@@ -199,8 +200,8 @@ def test_mixed_dtypes_rejected():
 @pytest.fixture
 def threaded_copies(monkeypatch):
     """Every copy split over 3 threads (uneven parts), however small, and tiny chunks."""
-    monkeypatch.setattr(conv_module, "COPY_THREADS", 3)
-    monkeypatch.setattr(conv_module, "PARALLEL_MIN_FLOATS", 0)
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES + [
@@ -223,7 +224,7 @@ def test_threaded_copies_match_reference_and_serial_bit_for_bit(geometry, chunk_
         return (y, *conv2d_backward(dy, cache))
 
     threaded, again = run(), run()
-    monkeypatch.setattr(conv_module, "COPY_THREADS", 1)
+    monkeypatch.setattr(parallel, "THREADS", 1)
     serial = run()
     for t, a, s in zip(threaded, again, serial):
         assert t.dtype == dtype
@@ -241,17 +242,18 @@ def test_threaded_copies_match_reference_and_serial_bit_for_bit(geometry, chunk_
 def test_threaded_chunked_batches_match_reference(case, chunk_floats, threads):
     xshape, wshape, stride, padding, bias, seed = case
     x, weight, b, rng = _arrays(xshape, wshape, bias, seed)
-    names = ("CHUNK_FLOATS", "COPY_THREADS", "PARALLEL_MIN_FLOATS")
-    saved = [getattr(conv_module, name) for name in names]
-    for name, value in zip(names, (chunk_floats, threads, 0)):   # (hypothesis forbids monkeypatch)
-        setattr(conv_module, name, value)
+    settings_ = [(conv_module, "CHUNK_FLOATS", chunk_floats), (parallel, "THREADS", threads),
+                 (parallel, "PARALLEL_MIN_FLOATS", 0)]
+    saved = [getattr(m, name) for m, name, _ in settings_]
+    for m, name, value in settings_:                              # (hypothesis forbids monkeypatch)
+        setattr(m, name, value)
     try:
         y, cache = conv2d_forward(x, weight, b, stride, padding)
         dy = rng.standard_normal(y.shape)
         grads = conv2d_backward(dy, cache)
     finally:
-        for name, value in zip(names, saved):
-            setattr(conv_module, name, value)
+        for (m, name, _), value in zip(settings_, saved):
+            setattr(m, name, value)
     y_ref = conv2d_forward_naive(x, weight, b, stride, padding)
     np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads[:2], conv2d_backward_naive(dy, x, weight, stride, padding)[:2]):
@@ -260,28 +262,28 @@ def test_threaded_chunked_batches_match_reference(case, chunk_floats, threads):
 
 @pytest.mark.parametrize("items, threads", [(7, 3), (2, 4), (1, 2), (10, 1)])
 def test_in_parallel_covers_the_range_in_disjoint_parts(items, threads, monkeypatch):
-    monkeypatch.setattr(conv_module, "COPY_THREADS", threads)
+    monkeypatch.setattr(parallel, "THREADS", threads)
     parts = []
-    conv_module._in_parallel(np, items, 1 << 30, lambda lo, hi: parts.append((lo, hi)))
+    parallel.in_parallel(np, items, 1 << 30, lambda lo, hi: parts.append((lo, hi)))
     assert len(parts) == min(threads, items)
     assert sorted(i for lo, hi in parts for i in range(lo, hi)) == list(range(items))
 
 
 def test_in_parallel_stays_serial_off_numpy_small_or_one_thread(monkeypatch):
-    monkeypatch.setattr(conv_module, "COPY_THREADS", 4)
+    monkeypatch.setattr(parallel, "THREADS", 4)
     calls = []
 
     def record(lo, hi):
         calls.append((lo, hi))
-    conv_module._in_parallel(object(), 8, 1 << 30, record)       # not NumPy (e.g. CuPy): serial
-    conv_module._in_parallel(np, 8, conv_module.PARALLEL_MIN_FLOATS - 1, record)  # small copy
-    monkeypatch.setattr(conv_module, "COPY_THREADS", 1)
-    conv_module._in_parallel(np, 8, 1 << 30, record)
+    parallel.in_parallel(object(), 8, 1 << 30, record)       # not NumPy (e.g. CuPy): serial
+    parallel.in_parallel(np, 8, parallel.PARALLEL_MIN_FLOATS - 1, record)  # small copy
+    monkeypatch.setattr(parallel, "THREADS", 1)
+    parallel.in_parallel(np, 8, 1 << 30, record)
     assert calls == [(0, 8)] * 3
 
 
 def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(monkeypatch):
-    monkeypatch.setattr(conv_module, "COPY_THREADS", 2)
+    monkeypatch.setattr(parallel, "THREADS", 2)
     done = []
 
     def fn(lo, hi):
@@ -289,13 +291,13 @@ def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(monke
             raise RuntimeError("boom")
         done.append(lo)
     with pytest.raises(RuntimeError, match="boom"):
-        conv_module._in_parallel(np, 4, 1 << 30, fn)
+        parallel.in_parallel(np, 4, 1 << 30, fn)
     assert done == [0]
 
 
 def test_thread_pool_is_recreated_in_a_forked_child(monkeypatch):
-    monkeypatch.setattr(conv_module, "COPY_THREADS", 2)
-    pool = conv_module._executor(2)
-    assert conv_module._executor(2) is pool                      # persistent
-    monkeypatch.setattr(conv_module.os, "getpid", lambda: -1)    # as seen from a child process
-    assert conv_module._executor(2) is not pool
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    pool = parallel._executor(2)
+    assert parallel._executor(2) is pool                      # persistent
+    monkeypatch.setattr(parallel.os, "getpid", lambda: -1)    # as seen from a child process
+    assert parallel._executor(2) is not pool

@@ -40,13 +40,11 @@ masked convolution calls it with its transformed weight); :class:`Conv2d` is the
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .module import Module
+from .parallel import in_parallel
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "Conv2d"]
 
@@ -105,78 +103,6 @@ def _chunk_size(xp, n: int, col_floats: int) -> int:
     return max(1, min(n, limit // max(col_floats, 1)))
 
 
-# ------------------------------------------------------------------ copies on several CPU threads
-# The GEMMs run on all cores (BLAS has its own threads), but a NumPy copy such as building the
-# columns runs on one, and on a 2-core machine the copies are ~30-40% of a convolution's time. NumPy
-# releases the GIL inside a large copy, so plain Python threads copying *disjoint* slices (here:
-# disjoint ranges of channels) run truly in parallel: im2col alone is 1.8x faster with 2 threads.
-# Every element is still written by exactly one thread, with the same arithmetic as the serial
-# code (col2im adds the kernel offsets in the same order), so results are bit-identical to it.
-#
-# The catch: after each GEMM, OpenBLAS's worker threads keep a core busy for ~0.1 s waiting for
-# the next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so with OpenBLAS's default
-# the copy threads share the cores with spinning BLAS workers and gain ~nothing (measured: a
-# training step of WRN-28-4 on 2 cores 0-3% faster). Started with OPENBLAS_THREAD_TIMEOUT=4 (set
-# before NumPy is first imported) the workers sleep at once, and the step is ~10% faster.
-# Overlapping the copies of chunk i+1 with the GEMM of chunk i on a helper thread was slower still
-# (1.1-1.3x): the helper takes turns on a core with a BLAS thread, and the GEMM waits for it.
-#
-# COPY_THREADS = 1 (or the environment variable NPMASK_COPY_THREADS=1) gives the plain serial code;
-# CuPy arrays never use threads (a GPU copy is one kernel launch anyway). Copies smaller than
-# PARALLEL_MIN_FLOATS stay serial: handing work to a thread costs ~20-50 microseconds.
-
-
-def _default_copy_threads() -> int:
-    env = os.environ.get("NPMASK_COPY_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        cpus = len(os.sched_getaffinity(0))            # the CPUs this process may run on
-    except AttributeError:                             # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 4))                        # memory bandwidth is saturated beyond ~4
-
-
-COPY_THREADS = _default_copy_threads()
-PARALLEL_MIN_FLOATS = 1 << 16
-_pool = None                                           # (threads, process id, executor), made lazily
-
-
-def _executor(threads: int) -> ThreadPoolExecutor:
-    """The persistent pool of ``threads - 1`` helper threads (the caller is the last thread).
-
-    Re-created when COPY_THREADS changes, and in a child process after a fork (threads do not
-    survive a fork, and a pool whose threads are gone would wait forever).
-    """
-    global _pool
-    if _pool is None or _pool[:2] != (threads, os.getpid()):
-        if _pool is not None and _pool[1] == os.getpid():
-            _pool[2].shutdown(wait=False)               # its threads exit once idle
-        _pool = (threads, os.getpid(), ThreadPoolExecutor(threads - 1, thread_name_prefix="npmask-copy"))
-    return _pool[2]
-
-
-def _in_parallel(xp, items: int, floats: int, fn) -> None:
-    """Call ``fn(lo, hi)`` on contiguous parts of ``range(items)`` that together cover it.
-
-    ``fn`` must write only to slices selected by [lo, hi), so the parts may run at the same time.
-    They do on NumPy, when ``floats`` (the size of the copy) is at least PARALLEL_MIN_FLOATS and
-    COPY_THREADS > 1; otherwise this is just ``fn(0, items)``.
-    """
-    parts = min(COPY_THREADS, items)
-    if xp is not np or parts <= 1 or floats < PARALLEL_MIN_FLOATS:
-        fn(0, items)
-        return
-    bounds = [items * i // parts for i in range(parts + 1)]
-    futures = [_executor(COPY_THREADS).submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    try:
-        fn(bounds[0], bounds[1])
-    finally:
-        wait(futures)                   # also after an error: no part may still be writing
-    for future in futures:
-        future.result()                 # re-raises a helper thread's exception here
-
-
 class _Columns:
     """im2col for chunks of images of one geometry, with buffers reused from chunk to chunk.
 
@@ -226,7 +152,7 @@ class _Columns:
 
         def fill(c0, c1):       # channels [c0, c1) of the columns need only those of the input
             self._fill(x_chunk[:, c0:c1], cols[c0:c1], c0, c1)
-        _in_parallel(self.xp, c, k * length, fill)
+        in_parallel(self.xp, c, k * length, fill)
         return self.buf[:, :length].reshape(k, length)
 
     def _fill(self, x_part, cols, c0: int, c1: int):
@@ -273,7 +199,7 @@ def _copy(dst, src):
     """dst[...] = src for arrays shaped (m, C, ...), ranges of the axis C copied on separate threads."""
     def part(c0, c1):
         dst[:, c0:c1] = src[:, c0:c1]
-    _in_parallel(get_array_module(dst), dst.shape[1], dst.size, part)
+    in_parallel(get_array_module(dst), dst.shape[1], dst.size, part)
 
 
 def _col2im(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
@@ -287,7 +213,7 @@ def _col2im(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
             for v in range(kw):
                 window = out[:, c0:c1, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
                 window += dcols[c0:c1, u, v].transpose(1, 0, 2, 3)
-    _in_parallel(get_array_module(out), out.shape[1], dcols.size, add)
+    in_parallel(get_array_module(out), out.shape[1], dcols.size, add)
     return out
 
 
