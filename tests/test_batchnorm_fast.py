@@ -58,3 +58,35 @@ def test_fast_batchnorm_matches_formulas(shape, training, frozen):
     else:
         np.testing.assert_allclose(layer.grads["weight"], ref[2], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(layer.grads["bias"], ref[3], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 5, 6), (9, 5)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_on_threads_give_the_serial_bits(shape, training, frozen, dtype, monkeypatch):
+    """Channels split over 3 threads (uneven parts) give exactly the numbers of one thread."""
+    from npmask.nn import parallel
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(dtype) * 3 + 1
+    dy = rng.standard_normal(shape).astype(dtype)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    results = []
+    for threads in (3, 1, 3):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(dtype)
+        layer.params["weight"][...] = np.linspace(0.5, 2, shape[1])
+        layer.buffers["running_var"][...] = np.linspace(0.5, 3, shape[1])
+        if frozen:
+            layer.freeze()
+        layer.train(training)
+        y = layer.forward(x)
+        dx = layer.backward(dy)
+        grads = [layer.grads.get(k) for k in ("weight", "bias")]
+        results.append([y, dx, layer.buffers["running_mean"].copy(), layer.buffers["running_var"].copy()]
+                       + [g.copy() for g in grads if g is not None])
+    for threaded, serial in ((results[0], results[1]), (results[2], results[1])):
+        assert len(threaded) == len(serial)
+        for a, b in zip(threaded, serial):
+            assert a.dtype == dtype
+            np.testing.assert_array_equal(a, b)

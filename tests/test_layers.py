@@ -372,3 +372,22 @@ def test_linear_backward_rejects_a_wrong_upstream_shape():
     lin.forward(np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"dy of shape \(N, out\) = \(2, 3\)"):
         lin.backward(np.zeros((2, 9), np.float32))
+
+
+def test_relu_on_threads_matches_one_thread(monkeypatch):
+    from npmask.nn import parallel
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 3, 4, 5)).astype(np.float32)
+    x[0, 0, 0, :2] = 0.0                          # the subgradient at 0 is 0
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    out = []
+    for threads in (3, 1):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        layer = nn.ReLU()
+        out.append((layer.forward(x), layer.backward(dy)))
+    for a, b in zip(*out):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out[0][0], np.maximum(x, 0))
+    np.testing.assert_array_equal(out[0][1], dy * (x > 0))

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .module import Module
+from .parallel import in_parallel
 
 
 class ReLU(Module):
@@ -16,13 +17,29 @@ class ReLU(Module):
 
     def forward(self, x):
         xp = get_array_module(x)
-        self._mask = x > 0
-        return xp.maximum(x, 0)  # NEP 50: the Python 0 does not change x's dtype
+        if x.ndim == 0:
+            self._mask = x > 0
+            return xp.maximum(x, 0)
+        mask, y = xp.empty(x.shape, dtype=bool), xp.empty_like(x)
+
+        def rows(lo, hi):   # elementwise: the batch is split over threads (npmask/nn/parallel.py)
+            xp.greater(x[lo:hi], 0, out=mask[lo:hi])
+            xp.maximum(x[lo:hi], 0, out=y[lo:hi])  # NEP 50: the Python 0 keeps x's dtype
+
+        in_parallel(xp, x.shape[0], x.size, rows)
+        self._mask = mask
+        return y
 
     def backward(self, dy):
         if self._mask is None:
             raise RuntimeError("ReLU.backward called before forward")
-        return dy * self._mask
+        if dy.ndim == 0:
+            return dy * self._mask
+        xp = get_array_module(dy)
+        dx = xp.empty_like(dy)
+        in_parallel(xp, dy.shape[0], dy.size,
+                    lambda lo, hi: xp.multiply(dy[lo:hi], self._mask[lo:hi], out=dx[lo:hi]))
+        return dx
 
 
 class Dropout(Module):

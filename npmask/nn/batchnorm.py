@@ -29,6 +29,8 @@ the centred input x - mean_c and folds s_c into per-channel scales, ``y = centre
 + bias_c``, and backward expands the training formula into one pass over each array,
 ``dx = dy * (w s) - centred * (w s^2 dweight / M) - w s dbias / M``. Sums of products per channel
 (the variance, dweight) use ``einsum``, which adds the products without a temporary array.
+Channels are independent, so on NumPy both passes split the channels over a few threads
+(:mod:`npmask.nn.parallel`), with bit-identical results.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .module import Module
+from .parallel import in_parallel
 
 
 def _channel_dot(a, b):
@@ -84,6 +87,24 @@ def _cupy_dot_kernel():
                                           "npmask_channel_dot")
 
 
+def _part_shape(shape, channels: int) -> tuple:
+    """The broadcast shape (1, C, 1, ...) of a per-channel vector, for a part of ``channels`` channels."""
+    return (shape[0], channels) + tuple(shape[2:])
+
+
+def _over_channels(xp, x, fn) -> None:
+    """``fn(lo, hi)`` for ranges of channels covering all of x's; on threads for images.
+
+    For (N, C, H, W) each (n, c) row of H*W values is contiguous, and a part's sums add them in the
+    same order as the whole array's (bit-identical results); for (N, C) a channel's values are
+    strided and NumPy may add them in another order, and the layer is small: one part.
+    """
+    if x.ndim > 2:
+        in_parallel(xp, x.shape[1], x.size, fn)
+    else:
+        fn(0, x.shape[1])
+
+
 class _BatchNorm(Module):
     """Shared core: subclasses say which input rank they take; the channel axis is always 1."""
 
@@ -119,32 +140,48 @@ class _BatchNorm(Module):
     def forward(self, x):
         axes, shape = self._axes_and_shape(x)
         xp = get_array_module(x)
-        m = x.size // self.num_features  # values per channel
+        c = self.num_features
+        m = x.size // c  # values per channel
+        if self.training and m < 2:
+            raise ValueError(f"{type(self).__name__} in training mode needs more than one value per "
+                             f"channel (got input of shape {tuple(x.shape)}); use eval() or a larger batch")
+        weight, bias = self.params["weight"], self.params["bias"]
+        y = xp.empty_like(x)
         if self.training:
-            if m < 2:
-                raise ValueError(f"{type(self).__name__} in training mode needs more than one value per "
-                                 f"channel (got input of shape {tuple(x.shape)}); use eval() or a larger batch")
-            mean = _channel_mean(x, axes)
-            centred = x - mean.reshape(shape)
-            var = _channel_dot(centred, centred) / m  # biased: this is what normalises the batch
+            mean, var = xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
+            centred = xp.empty_like(x)
+        else:
+            mean, var, centred = self.buffers["running_mean"].copy(), self.buffers["running_var"], None
+        inv_std = xp.empty(c, dtype=x.dtype)
+
+        def channels(lo, hi):
+            # Every channel is normalised independently of the others, so the channels are split
+            # over threads (npmask/nn/parallel.py): each part writes only its own channels.
+            xs, ys, sh = x[:, lo:hi], y[:, lo:hi], _part_shape(shape, hi - lo)
+            if centred is not None:
+                mean[lo:hi] = _channel_mean(xs, axes)
+                cs = centred[:, lo:hi]
+                xp.subtract(xs, mean[lo:hi].reshape(sh), out=cs)
+                var[lo:hi] = _channel_dot(cs, cs) / m  # biased: this is what normalises the batch
+            inv_std[lo:hi] = 1 / xp.sqrt(var[lo:hi] + self.eps)  # s_c, reused unchanged by backward
+            # y = weight * xhat + bias with xhat = (x - mean) * s folded into one per-channel scale, so
+            # the activation-sized arrays are written twice (centred, y) instead of four times;
+            # backward rebuilds what it needs from ``centred`` (or x) and s.
+            scale = weight[lo:hi] * inv_std[lo:hi]
+            if centred is None:   # eval: y = x * scale + (bias - mean * scale), a fixed affine map
+                xp.multiply(xs, scale.reshape(sh), out=ys)
+                ys += (bias[lo:hi] - mean[lo:hi] * scale).reshape(sh)
+            else:
+                xp.multiply(centred[:, lo:hi], scale.reshape(sh), out=ys)
+                ys += bias[lo:hi].reshape(sh)
+
+        _over_channels(xp, x, channels)
+        if self.training:
             mom = self.momentum
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             # in place, so references held elsewhere stay valid; running var is unbiased (M / (M-1))
             rm[...] = (1 - mom) * rm + mom * mean.astype(rm.dtype)
             rv[...] = (1 - mom) * rv + mom * (var * (m / (m - 1))).astype(rv.dtype)
-        else:
-            mean, var, centred = self.buffers["running_mean"].copy(), self.buffers["running_var"], None
-        inv_std = 1 / xp.sqrt(var + self.eps)  # s_c, reused unchanged by backward
-        # y = weight * xhat + bias with xhat = (x - mean) * s folded into one per-channel scale, so the
-        # activation-sized arrays are written twice (centred, y) instead of four times; backward
-        # rebuilds what it needs from ``centred`` (or x) and s.
-        scale = (self.params["weight"] * inv_std).reshape(shape)
-        if centred is None:   # eval: y = x * scale + (bias - mean * scale), a fixed affine map
-            y = x * scale
-            y += (self.params["bias"] - mean * scale.reshape(-1)).reshape(shape)
-        else:
-            y = centred * scale
-            y += self.params["bias"].reshape(shape)
         # x is kept only in eval mode (where there is no centred copy): holding both would keep an
         # extra activation-sized array alive until the backward pass.
         self._cache = (x if centred is None else None, mean, centred, inv_std, axes, shape, self.training)
@@ -154,26 +191,36 @@ class _BatchNorm(Module):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         x, mean, centred, inv_std, axes, shape, training = self._cache
+        xp = get_array_module(dy)
         need_w, need_b = self.requires_grad("weight"), self.requires_grad("bias")
         scale = self.params["weight"] * inv_std  # weight * s, per channel
+        c, m = self.num_features, dy.size // self.num_features
+        dx = xp.empty_like(dy)
         if not training and not (need_w or need_b):
-            return dy * scale.reshape(shape)      # a frozen BN in eval mode is a fixed scaling
-        if centred is None:
-            centred = x - mean.reshape(shape)
-        dbias = _channel_sum(dy, axes)
-        dweight = _channel_dot(dy, centred) * inv_std  # sum dy * xhat, with xhat = centred * s
+            _over_channels(xp, dy, lambda lo, hi: xp.multiply(   # a frozen BN in eval mode is a
+                dy[:, lo:hi], scale[lo:hi].reshape(_part_shape(shape, hi - lo)), out=dx[:, lo:hi]))
+            return dx                                             # fixed scaling
+        dbias, dweight = xp.empty(c, dtype=dy.dtype), xp.empty(c, dtype=dy.dtype)
+
+        def channels(lo, hi):
+            sh = _part_shape(shape, hi - lo)
+            dys, dxs = dy[:, lo:hi], dx[:, lo:hi]
+            cs = centred[:, lo:hi] if centred is not None else x[:, lo:hi] - mean[lo:hi].reshape(sh)
+            dbias[lo:hi] = _channel_sum(dys, axes)
+            dweight[lo:hi] = _channel_dot(dys, cs) * inv_std[lo:hi]  # sum dy * xhat, xhat = centred * s
+            xp.multiply(dys, scale[lo:hi].reshape(sh), out=dxs)
+            if training:
+                # dx = weight * s / M * (M dy - dbias - xhat * dweight), expanded so that each
+                # activation-sized array is read once:
+                # dx = dy * (w s) - centred * (w s * s * dweight / M) - (w s * dbias / M)
+                dxs -= cs * (scale[lo:hi] * inv_std[lo:hi] * (dweight[lo:hi] / m)).reshape(sh)
+                dxs -= (scale[lo:hi] * (dbias[lo:hi] / m)).reshape(sh)
+
+        _over_channels(xp, dy, channels)
         if need_w:
             self.accumulate_grad("weight", dweight)
         if need_b:
             self.accumulate_grad("bias", dbias)
-        if not training:
-            return dy * scale.reshape(shape)
-        m = dy.size // self.num_features
-        # dx = weight * s / M * (M dy - dbias - xhat * dweight), expanded so that each activation-sized
-        # array is read once: dx = dy * (w s) - centred * (w s * s * dweight / M) - (w s * dbias / M)
-        dx = dy * scale.reshape(shape)
-        dx -= centred * (scale * inv_std * (dweight / m)).reshape(shape)
-        dx -= (scale * (dbias / m)).reshape(shape)
         return dx
 
     def extra_repr(self) -> str:
