@@ -20,7 +20,9 @@ Prints, in one run on the chosen backend:
 3. for each variant, the median (``--stat min``: minimum) time of a whole step -- forward, softmax
    cross-entropy, backward, optimiser update (Adam for masks/k's/BN, SGD with momentum for the
    head, as the paper) -- as a multiple of the floor; ``x own`` counts only the GEMMs the variant
-   needs (``classifier_only`` needs only the forward pass of the backbone). The steps of all
+   needs (``classifier_only`` needs only the forward pass of the backbone), and ``/ full`` is the
+   median over the rounds of the step's time divided by the ``full`` step's in the same round
+   (steadier than a ratio of medians on a machine whose speed drifts). The steps of all
    variants and the GEMM timings run interleaved, round by round, so that a change of machine load
    during the run affects them all alike;
 4. the share of a ``full`` step spent in the mask transform (forward and backward, gradient
@@ -272,13 +274,21 @@ def main(argv=None):
           f"({fwd_flops / 1e9 / args.batch:.3f} GFLOP forward per image)")
     print(f"floor = FLOPs / GEMM rate = {floor:.3f} s\n")
 
-    header = f"{'variant':<17}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}{'images/s':>10}"
+    # "/ full": the median over the rounds of (this variant's step / the full step of the same
+    # round). The machine's speed drifts by tens of percent within a run; a paired ratio compares
+    # variants timed seconds apart, so it is far steadier than a ratio of the two medians.
+    paired = "full" in names
+    header = (f"{'variant':<17}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}{'images/s':>10}"
+              + (f"{'/ full':>9}" if paired else ""))
     print(header)
     print("-" * len(header))
     for name in names:
         t = float(reduce(times[name]))
         own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / rate
-        print(f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}")
+        line = f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}"
+        if paired:
+            line += f"{float(np.median(np.array(times[name]) / np.array(times['full']))):>9.3f}"
+        print(line)
     print("-" * len(header))
     for name in names:
         if name in args.profile.split(","):
