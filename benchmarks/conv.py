@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import npmask  # noqa: E402,F401  (first: it sets OpenBLAS's thread timeout before NumPy loads)
 import numpy as np  # noqa: E402
 
 from npmask.backend import BackendError, get_backend  # noqa: E402

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
-import npmask  # noqa: E402,F401  (first: it sets OpenBLAS's thread timeout before NumPy loads)
 import numpy as np  # noqa: E402
 from npmask.data.loader import Augmentation, BatchIterator
 

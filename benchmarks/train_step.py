@@ -45,7 +45,6 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
-import npmask  # noqa: E402,F401  (first: it sets OpenBLAS's thread timeout before NumPy loads)
 import numpy as np  # noqa: E402
 
 from npmask import models  # noqa: E402
@@ -236,7 +235,7 @@ def main(argv=None):
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"backend {args.backend}, float32, {args.model} at {args.size}x{args.size}, batch {args.batch}, "
           f"{args.stat} of {args.repeats} steps, {args.clock} clock, BLAS threads: {threads} "
-          f"({os.cpu_count()} CPUs), OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}, "
+          f"({os.cpu_count()} CPUs), OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}, "
           f"npmask threads: {parallel.THREADS}")
 
     backbone = models.create(args.model, num_classes=args.classes, input_size=args.size, seed=0)

@@ -8,17 +8,19 @@ in parallel. Every element is still computed by exactly one thread with the same
 serial code, so the results are bit-identical to it.
 
 The catch: after each GEMM, OpenBLAS's worker threads keep a core busy for ~0.1 s waiting for the
-next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so with OpenBLAS's default the
-threads share the cores with spinning BLAS workers and gain ~nothing (measured: a training step of
-WRN-28-4 on 2 cores 0-3% faster). npmask sets OPENBLAS_THREAD_TIMEOUT=4 when it is imported before
-NumPy (npmask/__init__.py): the workers then sleep at once, and the step is 5-10% faster
-(benchmarks/results/conv_cpu.txt, train_step_cpu.txt). Overlapping the copies of one chunk with the
-GEMM of another on a helper thread was slower still (1.1-1.3x): the helper takes turns on a core
-with a BLAS thread, and the GEMM waits for it.
+next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so the threads share the cores
+with spinning BLAS workers. Measured on 2 cores, one process alternating 1 and 2 threads:
+WRN-28-4 at 64x64 (activations of 0.5-2M floats) 3% faster with OpenBLAS's default, 9% faster
+when Python is started with OPENBLAS_THREAD_TIMEOUT=4 (the workers then sleep at once); but that
+setting made the small default job (WRN-16-1 at 32x32) 10-15% slower, so it is left to the user
+(see npmask/__init__.py). Work under PARALLEL_MIN_FLOATS (1M floats, 4 MB) stays serial: below
+it, handing work to a thread (~20-50 us) and sharing the core with a spinning BLAS worker cost
+more than they save (one epoch of the default job's digits domain, whole command: 14.9 s with a
+64K-float threshold, 13.4 s with 1M, 14.2 s on one thread). Overlapping the copies of one chunk with the GEMM of another on a helper thread
+was slower still (1.1-1.3x): the helper takes turns on a core with a BLAS thread.
 
 THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code; CuPy
-arrays never use threads (on a GPU each operation is one kernel launch anyway). Work smaller than
-PARALLEL_MIN_FLOATS stays serial: handing work to a thread costs ~20-50 microseconds.
+arrays never use threads (on a GPU each operation is one kernel launch anyway).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def _default_threads() -> int:
 
 
 THREADS = _default_threads()
-PARALLEL_MIN_FLOATS = 1 << 16
+PARALLEL_MIN_FLOATS = 1 << 20
 _pool = None                                           # (threads, process id, executor), made lazily
 
 
