@@ -32,8 +32,8 @@ stay in the CPU cache between the copy and the GEMM. For stride 1 the columns ar
 contiguous slices of the flattened padded image ("wide rows", see :class:`_Columns`). 1x1
 convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
 the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout. On NumPy the
-copies (im2col, col2im, the output's un-transpose) are split by channel over COPY_THREADS threads
-(see the comment above :func:`_in_parallel` for when that pays off).
+copies (im2col, col2im, the output's un-transpose) are split by channel over a few threads
+(:mod:`npmask.nn.parallel` says when that pays off).
 
 The functional API (``conv2d_forward`` / ``conv2d_backward``) is what other layers build on (the
 masked convolution calls it with its transformed weight); :class:`Conv2d` is the layer.
@@ -120,7 +120,7 @@ class _Columns:
     ``write_output(mat, y_chunk)`` copies the valid outputs of a GEMM result (O, m*Ho*R) into
     y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` does the reverse for an upstream gradient (junk
     columns zero, so they add nothing to a weight gradient). All copies are split by channel
-    over COPY_THREADS threads (see :func:`_in_parallel`).
+    over threads (:func:`npmask.nn.parallel.in_parallel`).
     """
 
     def __init__(self, xp, dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo):
