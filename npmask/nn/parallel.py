@@ -11,8 +11,8 @@ The catch: after each GEMM, OpenBLAS's worker threads keep a core busy for ~0.1 
 next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so the threads share the cores
 with spinning BLAS workers. Measured on 2 cores, one process alternating 1 and 2 threads:
 WRN-28-4 at 64x64 (activations of 0.5-2M floats) 3% faster with OpenBLAS's default, 9% faster
-when Python is started with OPENBLAS_THREAD_TIMEOUT=4 (the workers then sleep at once); but that
-setting made the small default job (WRN-16-1 at 32x32) 10-15% slower, so it is left to the user
+when Python is started with OPENBLAS_THREAD_TIMEOUT=4 (the workers then sleep at once); but the
+small default job (WRN-16-1 at 32x32) seemed slower with that setting, so it is left to the user
 (see npmask/__init__.py). Work under PARALLEL_MIN_FLOATS (1M floats, 4 MB) stays serial: below
 it, handing work to a thread (~20-50 us) and sharing the core with a spinning BLAS worker cost
 more than they save (one epoch of the default job's digits domain, whole command: 14.9 s with a
