@@ -60,19 +60,25 @@ def test_fast_batchnorm_matches_formulas(shape, training, frozen):
         np.testing.assert_allclose(layer.grads["bias"], ref[3], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(4, 7, 5, 6), (9, 5)])
+@pytest.mark.parametrize("shape, threads", [
+    ((4, 7, 5, 6), 3),     # parts of 2, 2 and 3 channels
+    ((6, 5, 4, 4), 2),     # parts of 2 and 3
+    ((5, 4, 9, 11), 2),    # parts of 2 and 2
+    ((5, 3, 9, 11), 2),    # one part would have 1 channel (sums in another order): run as one part
+    ((9, 5), 3),           # (N, C): always one part
+])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_channels_on_threads_give_the_serial_bits(shape, training, frozen, dtype, monkeypatch):
-    """Channels split over 3 threads (uneven parts) give exactly the numbers of one thread."""
+def test_channels_on_threads_give_the_serial_bits(shape, threads, training, frozen, dtype, monkeypatch):
+    """Channels split over threads give exactly the numbers of one thread, run after run."""
     from npmask.nn import parallel
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(dtype) * 3 + 1
     dy = rng.standard_normal(shape).astype(dtype)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
     results = []
-    for threads in (3, 1, 3):
+    for threads in (threads, 1, threads):
         monkeypatch.setattr(parallel, "THREADS", threads)
         layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(dtype)
         layer.params["weight"][...] = np.linspace(0.5, 2, shape[1])

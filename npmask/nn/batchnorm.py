@@ -40,44 +40,22 @@ import numpy as np
 
 from ..backend import get_array_module
 from .module import Module
-from .parallel import in_parallel
+from . import parallel
 
 
 def _channel_dot(a, b):
     """sum over every axis but the channel axis (1) of a * b, without the product's temporary.
 
     a, b (N, C) or (N, C, H, W) -> (C,). einsum adds the products of each (n, c) row as it goes.
-    On CuPy, einsum is 5x slower than one fused reduction (benchmarks/cupy_reductions.py): there
-    the products are summed by a ReductionKernel over each contiguous (n, c) row, then over n.
+    On CuPy, einsum was measured 2.7-7x slower than one fused ReductionKernel over the same axes
+    (benchmarks/cupy_reductions.py, benchmarks/results/gpu_h100.md), which is used there instead.
     """
     xp = get_array_module(a, b)
     n, c = a.shape[:2]
     a3, b3 = a.reshape(n, c, -1), b.reshape(n, c, -1)
     if xp is np:
         return np.einsum("ncl,ncl->c", a3, b3)
-    return _cupy_dot_kernel()(a3, b3, axis=2).sum(axis=0)
-
-
-def _channel_mean(x, axes):
-    """Mean over every axis but the channel axis: (N, C, ...) -> (C,).
-
-    On CuPy a reduction over the non-adjacent axes (0, 2, 3) is slow; summing each contiguous
-    (n, c) row first, then over n, keeps every thread block busy.
-    """
-    xp = get_array_module(x)
-    if xp is np:
-        return x.mean(axis=axes)
-    n, c = x.shape[:2]
-    return x.reshape(n, c, -1).sum(axis=2).sum(axis=0) / x.dtype.type(x.size // c)
-
-
-def _channel_sum(x, axes):
-    """Sum over every axis but the channel axis: (N, C, ...) -> (C,) (CuPy: as _channel_mean)."""
-    xp = get_array_module(x)
-    if xp is np:
-        return x.sum(axis=axes)
-    n, c = x.shape[:2]
-    return x.reshape(n, c, -1).sum(axis=2).sum(axis=0)
+    return _cupy_dot_kernel()(a3, b3, axis=(0, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,20 +65,22 @@ def _cupy_dot_kernel():
                                           "npmask_channel_dot")
 
 
-def _part_shape(shape, channels: int) -> tuple:
-    """The broadcast shape (1, C, 1, ...) of a per-channel vector, for a part of ``channels`` channels."""
-    return (shape[0], channels) + tuple(shape[2:])
+def _part_shape(bshape, channels: int) -> tuple:
+    """The broadcast shape (1, C, 1, ...) of a per-channel vector, ``bshape``, for ``channels`` channels."""
+    return (bshape[0], channels) + tuple(bshape[2:])
 
 
 def _over_channels(xp, x, fn) -> None:
     """``fn(lo, hi)`` for ranges of channels covering all of x's; on threads for images.
 
-    For (N, C, H, W) each (n, c) row of H*W values is contiguous, and a part's sums add them in the
-    same order as the whole array's (bit-identical results); for (N, C) a channel's values are
-    strided and NumPy may add them in another order, and the layer is small: one part.
+    Threads must not change a single bit of the result, and NumPy's sums over axes (0, 2, 3) add in
+    the same order for a slice of channels as for the whole array only when the slice has at least
+    two channels (a one-channel slice is reduced along another path: measured, 1-ulp differences).
+    So images are split into parts of two or more channels; an (N, C) input, whose channel values
+    are strided and which is small anyway, is one part.
     """
-    if x.ndim > 2:
-        in_parallel(xp, x.shape[1], x.size, fn)
+    if x.ndim > 2 and x.shape[1] >= 2 * parallel.THREADS:
+        parallel.in_parallel(xp, x.shape[1], x.size, fn)
     else:
         fn(0, x.shape[1])
 
@@ -159,7 +139,7 @@ class _BatchNorm(Module):
             # over threads (npmask/nn/parallel.py): each part writes only its own channels.
             xs, ys, sh = x[:, lo:hi], y[:, lo:hi], _part_shape(shape, hi - lo)
             if centred is not None:
-                mean[lo:hi] = _channel_mean(xs, axes)
+                mean[lo:hi] = xs.mean(axis=axes)
                 cs = centred[:, lo:hi]
                 xp.subtract(xs, mean[lo:hi].reshape(sh), out=cs)
                 var[lo:hi] = _channel_dot(cs, cs) / m  # biased: this is what normalises the batch
@@ -206,7 +186,7 @@ class _BatchNorm(Module):
             sh = _part_shape(shape, hi - lo)
             dys, dxs = dy[:, lo:hi], dx[:, lo:hi]
             cs = centred[:, lo:hi] if centred is not None else x[:, lo:hi] - mean[lo:hi].reshape(sh)
-            dbias[lo:hi] = _channel_sum(dys, axes)
+            dbias[lo:hi] = dys.sum(axis=axes)
             dweight[lo:hi] = _channel_dot(dys, cs) * inv_std[lo:hi]  # sum dy * xhat, xhat = centred * s
             xp.multiply(dys, scale[lo:hi].reshape(sh), out=dxs)
             if training:
