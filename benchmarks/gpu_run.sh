@@ -21,9 +21,10 @@ for part in $PARTS; do
               $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple
               $PY benchmarks/conv.py --backend cupy --repeats 20; } 2>&1 | tee "$OUT/bench_cupy.txt" ;;
     train)  { start=$(date +%s)
-              $PY -m npmask.train --backend cupy --out /tmp/npmask-gpu-run --quiet
+              run=$(mktemp -d)/run                   # a fresh run folder every time
+              $PY -m npmask.train --backend cupy --out "$run" --quiet
               echo "main job on cupy: $(( $(date +%s) - start )) s wall (synthetic data generation included)"
-              cat /tmp/npmask-gpu-run/results.md; } 2>&1 | tee "$OUT/train_cupy.txt" ;;
+              cat "$run/results.md"; } 2>&1 | tee "$OUT/train_cupy.txt" ;;
     suite)  $PY -m pytest -q -n 16 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
     *)      echo "unknown part $part"; exit 2 ;;
   esac

@@ -222,8 +222,9 @@ class Adam(Optimizer):
         t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if xp is not np:
-            # CuPy: the eleven array operations below are eleven kernel launches per parameter, and
-            # a masked network has ~150 small parameters: one fused kernel does the same update.
+            # CuPy: the 13 array operations below (15 with weight decay) are as many kernel
+            # launches per parameter, and a masked WRN-28-4 trains 168 small arrays with Adam:
+            # one fused kernel does the same update.
             T = p.dtype.type
             _adam_kernel()(g, T(self.lr / (1 - b1 ** t)), T(b1), T(b2), T(math.sqrt(1 - b2 ** t)),
                            T(self.eps), T(self.weight_decay), p, m, v)
@@ -246,7 +247,8 @@ class Adam(Optimizer):
 
 @functools.lru_cache(maxsize=None)
 def _adam_kernel():
-    """Adam's update as one CuPy ElementwiseKernel (the NumPy code above, line for line)."""
+    """Adam's update as one CuPy ElementwiseKernel: the same formula as the NumPy code above
+    (equal up to float rounding: the kernel adds the weight decay term even when it is 0)."""
     from .backend import _import_cupy
     return _import_cupy().ElementwiseKernel(
         "T g, T step_size, T b1, T b2, T bias2, T eps, T wd", "T p, T m, T v",

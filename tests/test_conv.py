@@ -282,6 +282,15 @@ def test_in_parallel_stays_serial_off_numpy_small_or_one_thread(monkeypatch):
     assert calls == [(0, 8)] * 3
 
 
+def test_npmask_threads_must_be_a_positive_integer(monkeypatch):
+    for bad in ("abc", "0", "-2"):
+        monkeypatch.setenv("NPMASK_THREADS", bad)
+        with pytest.raises(ValueError, match="NPMASK_THREADS must be a positive integer"):
+            parallel._default_threads()
+    monkeypatch.setenv("NPMASK_THREADS", "3")
+    assert parallel._default_threads() == 3
+
+
 def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(monkeypatch):
     monkeypatch.setattr(parallel, "THREADS", 2)
     done = []
@@ -300,4 +309,6 @@ def test_thread_pool_is_recreated_in_a_forked_child(monkeypatch):
     pool = parallel._executor(2)
     assert parallel._executor(2) is pool                      # persistent
     monkeypatch.setattr(parallel.os, "getpid", lambda: -1)    # as seen from a child process
-    assert parallel._executor(2) is not pool
+    child_pool = parallel._executor(2)
+    assert child_pool is not pool
+    child_pool.shutdown(wait=True)       # made under a fake pid: the next call makes a new pool

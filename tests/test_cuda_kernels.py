@@ -8,8 +8,10 @@ without a device is: the module imports without importing CuPy, the kernel objec
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,12 +132,19 @@ def _record_kernels(monkeypatch):
     cp = pytest.importorskip("cupy")
     from npmask import optim
     from npmask.nn import batchnorm
-    built = []
-    monkeypatch.setattr(cp, "ElementwiseKernel", lambda *a, **k: built.append(("elementwise",) + a))
-    monkeypatch.setattr(cp, "ReductionKernel", lambda *a, **k: built.append(("reduction",) + a))
+    built, sites = [], set()
+
+    def recorder(kind):
+        def build(*args, **kwargs):
+            caller = sys._getframe(1)          # where in npmask the kernel is built
+            sites.add((Path(caller.f_code.co_filename).resolve(), caller.f_lineno))
+            built.append((kind,) + args)
+        return build
+    monkeypatch.setattr(cp, "ElementwiseKernel", recorder("elementwise"))
+    monkeypatch.setattr(cp, "ReductionKernel", recorder("reduction"))
     for factory in (cuda.kernels, optim._adam_kernel, batchnorm._cupy_dot_kernel):
         factory.__wrapped__()
-    return built
+    return built, sites
 
 
 def _kernel_source(kind, in_params, out_params, body, *rest, T="float"):
@@ -180,13 +189,13 @@ def test_every_kernel_body_compiles_with_nvrtc(monkeypatch):
     if nvrtc is None:
         pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12): the CUDA kernels' "
                     "sources cannot be compiled on this machine")
-    built = _record_kernels(monkeypatch)
-    import pathlib
-    import re
-    root = pathlib.Path(cuda.__file__).resolve().parents[1]
-    defined = sum(len(re.findall(r"\.(?:Elementwise|Reduction)Kernel\(", p.read_text()))
-                  for p in root.rglob("*.py"))
-    assert len({b[-1] for b in built}) >= defined, "a kernel in npmask/ is not covered by this test"
+    built, sites = _record_kernels(monkeypatch)
+    root = Path(cuda.__file__).resolve().parents[1]
+    defined = {(path.resolve(), number) for path in root.rglob("*.py")
+               for number, line in enumerate(path.read_text().splitlines(), start=1)
+               if re.search(r"\.(?:Elementwise|Reduction)Kernel\(", line)}
+    assert defined and defined == sites, ("every place in npmask/ that builds a CUDA kernel must be "
+                                          f"built by this test: not covered {defined - sites}")
     for spec in built:
         kind, in_params, out_params, body = spec[:4]
         for T in ("float", "double"):

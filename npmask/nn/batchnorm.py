@@ -66,7 +66,7 @@ def _cupy_dot_kernel():
 
 
 def _part_shape(bshape, channels: int) -> tuple:
-    """The broadcast shape (1, C, 1, ...) of a per-channel vector, ``bshape``, for ``channels`` channels."""
+    """``bshape`` = (1, C, 1, ...), the broadcast shape of a per-channel vector, for ``channels``."""
     return (bshape[0], channels) + tuple(bshape[2:])
 
 

@@ -9,15 +9,16 @@ serial code, so the results are bit-identical to it.
 
 The catch: after each GEMM, OpenBLAS's worker threads keep a core busy for ~0.1 s waiting for the
 next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so the threads share the cores
-with spinning BLAS workers. Measured on 2 cores, one process alternating 1 and 2 threads:
-WRN-28-4 at 64x64 (activations of 0.5-2M floats) 3% faster with OpenBLAS's default, 9% faster
-when Python is started with OPENBLAS_THREAD_TIMEOUT=4 (the workers then sleep at once); but the
-small default job (WRN-16-1 at 32x32) seemed slower with that setting, so it is left to the user
-(see npmask/__init__.py). Work under PARALLEL_MIN_FLOATS (1M floats, 4 MB) stays serial: below
-it, handing work to a thread (~20-50 us) and sharing the core with a spinning BLAS worker cost
-more than they save (one epoch of the default job's digits domain, whole command: 14.9 s with a
-64K-float threshold, 13.4 s with 1M, 14.2 s on one thread). Overlapping the copies of one chunk with the GEMM of another on a helper thread
-was slower still (1.1-1.3x): the helper takes turns on a core with a BLAS thread.
+with spinning BLAS workers. Measured on 2 cores in one process, alternating 1 and 2 threads step by
+step (benchmarks/results/train_step_cpu.txt, 2026-11-24, run 9): a WRN-28-4 step at 64x64 was 3%
+faster with OpenBLAS's default, 9% faster when Python was started with OPENBLAS_THREAD_TIMEOUT=4
+(the workers then sleep at once). The small default job (WRN-16-1 at 32x32) seemed slower with that
+setting, so it is left to the user (see npmask/__init__.py). Work under PARALLEL_MIN_FLOATS (1M
+floats, 4 MB) stays serial: below it, handing work to a thread (~20-50 us) and sharing the core
+with a spinning BLAS worker cost more than they save (one epoch of the default job's digits domain,
+whole command: 14.9 s with a 64K-float threshold, 13.4 s with 1M, 14.2 s on one thread; single
+runs). Overlapping the copies of one chunk with the GEMM of another on a helper thread was slower
+still (1.1-1.3x): the helper takes turns on a core with a BLAS thread.
 
 THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code; CuPy
 arrays never use threads (on a GPU each operation is one kernel launch anyway).
@@ -33,7 +34,13 @@ import numpy as np
 def _default_threads() -> int:
     env = os.environ.get("NPMASK_THREADS")
     if env:
-        return max(1, int(env))
+        try:
+            threads = int(env)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"NPMASK_THREADS must be a positive integer, got {env!r}")
+        return threads
     try:
         cpus = len(os.sched_getaffinity(0))            # the CPUs this process may run on
     except AttributeError:                             # not on Linux
@@ -43,7 +50,7 @@ def _default_threads() -> int:
 
 THREADS = _default_threads()
 PARALLEL_MIN_FLOATS = 1 << 20
-_pool = None                                           # (threads, process id, executor), made lazily
+_pool = None                                    # (threads, process id, executor), made lazily
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -65,7 +72,9 @@ def in_parallel(xp, items: int, floats: int, fn) -> None:
 
     ``fn`` must write only to slices selected by [lo, hi), so the parts may run at the same time.
     They do on NumPy, when ``floats`` (the size of the work) is at least PARALLEL_MIN_FLOATS and
-    THREADS > 1; otherwise this is just ``fn(0, items)``.
+    THREADS > 1; otherwise this is just ``fn(0, items)``. Call it from one thread at a time (the
+    training loop's), and never from inside ``fn``: a part waiting for the pool it runs on could
+    wait forever.
     """
     parts = min(THREADS, items)
     if xp is not np or parts <= 1 or floats < PARALLEL_MIN_FLOATS:
