@@ -54,8 +54,8 @@ from npmask.multidomain import MultiDomainModel  # noqa: E402
 from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import Conv2d  # noqa: E402
 from npmask.nn.linear import Linear  # noqa: E402
-from npmask.nn.loss import softmax_cross_entropy  # noqa: E402
 from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
+from npmask.training.loop import train_step  # noqa: E402
 
 from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
@@ -97,19 +97,10 @@ def step_flops(net, x) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------- one step
 def make_step(model: MultiDomainModel, x, y):
-    """The training step of npmask.training.loop.train_epoch, for one fixed batch."""
+    """The training step of npmask.training.loop (train_step), for one fixed batch."""
     groups = model.parameter_groups()
     opt = Optimizers(body=Adam(groups["body"], lr=1e-4), head=SGD(groups["head"], lr=1e-3, momentum=0.9))
-
-    def step():
-        logits = model.forward(x)
-        loss, dlogits = softmax_cross_entropy(logits, y)
-        opt.zero_grad()
-        model.backward(dlogits)
-        opt.step()
-        return loss
-
-    return step
+    return lambda: train_step(model, opt, x, y)[0]
 
 
 class TransformTimer:

@@ -13,8 +13,8 @@ import pytest
 from npmask import models, nn
 from npmask.backend import cupy_available, to_device, to_numpy
 from npmask.multidomain import MultiDomainModel
-from npmask.nn.loss import softmax_cross_entropy
 from npmask.optim import SGD, Adam, Optimizers
+from npmask.training.loop import train_step
 
 pytestmark = pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a usable CUDA device")
 
@@ -84,12 +84,7 @@ def test_training_steps_match_numpy(variant, dtype):
         xb, yb = (x, y) if backend == "numpy" else (to_device(x, "cupy"), to_device(y, "cupy"))
         losses = []
         for _ in range(3):
-            logits = model.forward(xb)
-            loss, dlogits = softmax_cross_entropy(logits, yb)
-            opt.zero_grad()
-            model.backward(dlogits)
-            opt.step()
-            losses.append(float(loss))
+            losses.append(float(train_step(model, opt, xb, yb)[0]))
         params = {n: to_numpy(p) for n, p in model.network().named_parameters()}
         results[backend] = losses, params, to_numpy(model.forward(xb))
     (l_cpu, p_cpu, z_cpu), (l_gpu, p_gpu, z_gpu) = results["numpy"], results["cupy"]

@@ -27,6 +27,21 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
 
 
+def train_step(model, optimizer, x, y):
+    """One optimisation step on the batch (x, y): the sequence in the module docstring.
+
+    Returns ``(loss, logits)``. A non-finite loss is returned before the backward pass, with the
+    gradients and parameters left untouched, so the caller can stop without a corrupted update.
+    """
+    logits = model.forward(x)
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    if math.isfinite(loss):
+        optimizer.zero_grad()
+        model.backward(dlogits)
+        optimizer.step()
+    return loss, logits
+
+
 def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, desc: str = "train",
                 progress: bool = True, where: str = "") -> dict:
     """Train ``model`` on every ``(x, y)`` of ``batches`` once; returns the epoch's statistics.
@@ -45,17 +60,13 @@ def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, de
     steps = 0
     bar = _progress(batches, num_batches, desc, progress)
     for x, y in (bar if bar is not None else batches):
-        logits = model.forward(x)
-        loss, dlogits = softmax_cross_entropy(logits, y)
+        loss, logits = train_step(model, optimizer, x, y)
         if not math.isfinite(loss):
             if bar is not None:
                 bar.close()
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}) {where} at step {steps + 1}; the last good checkpoint is "
                 "kept on disk. Lower the learning rates (--lr-body/--lr-head) and --resume")
-        optimizer.zero_grad()
-        model.backward(dlogits)
-        optimizer.step()
         n = int(y.shape[0])
         total_loss += loss * n
         correct += int((logits.argmax(axis=1) == y).sum())
