@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from ..backend import BackendError
+from ..data.format import DataFormatError
 from .checkpoint import CheckpointError
 
 
@@ -25,14 +26,8 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept on disk."""
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [TrainingError, BackendError, CheckpointError]
-    try:  # the data package's format error, when the data package is present
-        from ..data.format import DataFormatError
-        errors.append(DataFormatError)
-    except ImportError:  # pragma: no cover - only while the data package is missing
-        pass
-    return tuple(errors)
+# What exit_on_error reports as one line; anything else is a bug and keeps its traceback.
+_EXPECTED = (TrainingError, BackendError, CheckpointError, DataFormatError)
 
 
 @contextlib.contextmanager
@@ -43,7 +38,7 @@ def exit_on_error(prog: str):
     """
     try:
         yield
-    except _expected_errors() as err:
+    except _EXPECTED as err:
         text = str(err).strip() or type(err).__name__
         if isinstance(err, KeyError) and text.startswith(("'", '"')):
             text = text[1:-1]  # KeyError quotes its message
