@@ -1,4 +1,6 @@
 """The fast convolution against the naive loop reference, numeric gradient checks, dtype and contracts."""
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -196,23 +198,23 @@ def test_mixed_dtypes_rejected():
         conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 3, 3), dtype=np.float32), None, 1, 0)
 
 
-# ------------------------------------------------------------------ copies on several threads
+# ------------------------------------------------------------------ chunks on several threads
 @pytest.fixture
-def threaded_copies(monkeypatch):
-    """Every copy split over 3 threads (uneven parts), however small, and tiny chunks."""
+def threaded_chunks(monkeypatch):
+    """Every convolution's chunks shared out over 3 threads, however small the work."""
     monkeypatch.setattr(parallel, "THREADS", 3)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES + [
     (5, 7, 8, 8, 6, 3, 3, 1, 1),       # 3x3 stride 1, general (not wide) columns
-    (5, 7, 9, 9, 6, 3, 3, 2, 1),       # 3x3 stride 2: col2im split by channel
-    (4, 2, 6, 6, 3, 1, 1, 2, 0),       # 1x1 stride 2, fewer channels than threads
+    (5, 7, 9, 9, 6, 3, 3, 2, 1),       # 3x3 stride 2: col2im
+    (4, 2, 6, 6, 3, 1, 1, 2, 0),       # 1x1 stride 2
 ])
 @pytest.mark.parametrize("chunk_floats", [1, 200, 1 << 20])      # 1 image/chunk, partial, one chunk
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_threaded_copies_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype,
-                                                               threaded_copies, monkeypatch):
+def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype,
+                                                                threaded_chunks, monkeypatch):
     monkeypatch.setattr(conv_module, "CHUNK_FLOATS", chunk_floats)
     n, c, h, w, o, kh, kw, stride, padding = geometry
     x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 3, dtype)
@@ -243,7 +245,7 @@ def test_threaded_chunked_batches_match_reference(case, chunk_floats, threads):
     xshape, wshape, stride, padding, bias, seed = case
     x, weight, b, rng = _arrays(xshape, wshape, bias, seed)
     settings_ = [(conv_module, "CHUNK_FLOATS", chunk_floats), (parallel, "THREADS", threads),
-                 (parallel, "PARALLEL_MIN_FLOATS", 0)]
+                 (parallel, "PARALLEL_MIN_FLOPS", 0)]
     saved = [getattr(m, name) for m, name, _ in settings_]
     for m, name, value in settings_:                              # (hypothesis forbids monkeypatch)
         setattr(m, name, value)
@@ -312,3 +314,98 @@ def test_thread_pool_is_recreated_in_a_forked_child(monkeypatch):
     child_pool = parallel._executor(2)
     assert child_pool is not pool
     child_pool.shutdown(wait=True)       # made under a fake pid: the next call makes a new pool
+
+
+# ------------------------------------------------------------------ each_chunk
+@pytest.fixture
+def three_threads(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 40])
+def test_each_chunk_does_every_chunk_once_with_one_state_per_thread(count, three_threads):
+    done, states = [], []
+
+    def setup():
+        state = {"thread": threading.get_ident(), "chunks": []}
+        states.append(state)
+        return state
+
+    def fn(state, i):
+        assert state["thread"] == threading.get_ident()          # a thread's own buffers
+        state["chunks"].append(i)
+        done.append(i)
+    parallel.each_chunk(np, count, 1 << 40, setup, fn)
+    assert sorted(done) == list(range(count))
+    assert len(states) == min(3, count)                          # one worker per thread
+    for s in states:
+        assert s["chunks"] == sorted(s["chunks"])                # each thread takes them in order
+
+
+def test_each_chunk_is_serial_off_numpy_small_or_one_thread(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 4)
+    me = threading.get_ident()
+    for xp, flops in ((object(), 1 << 40), (np, parallel.PARALLEL_MIN_FLOPS - 1)):
+        seen = []
+        parallel.each_chunk(xp, 5, flops, lambda: [], lambda state, i: seen.append((threading.get_ident(), i)))
+        assert seen == [(me, i) for i in range(5)]
+    monkeypatch.setattr(parallel, "THREADS", 1)
+    seen = []
+    parallel.each_chunk(np, 5, 1 << 40, lambda: None, lambda state, i: seen.append(threading.get_ident()))
+    assert seen == [me] * 5
+
+
+def test_work_inside_a_chunk_does_not_nest_threads(three_threads, monkeypatch):
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    inner = []
+    parallel.each_chunk(np, 6, 1 << 40, lambda: None,
+                        lambda state, i: parallel.in_parallel(np, 9, 1 << 40, lambda lo, hi: inner.append((lo, hi))))
+    assert inner == [(0, 9)] * 6                                 # each inner call ran whole, in its part
+    outer = []
+    parallel.in_parallel(np, 9, 1 << 40, lambda lo, hi: outer.append((lo, hi)))
+    assert len(outer) == 3                                       # and the flag does not outlive the region
+
+
+def test_each_chunk_reraises_an_error_after_every_thread_stopped(three_threads):
+    running = []
+
+    def fn(state, i):
+        running.append(i)
+        if i == 3:
+            raise RuntimeError("chunk 3 failed")
+    with pytest.raises(RuntimeError, match="chunk 3 failed"):
+        parallel.each_chunk(np, 8, 1 << 40, lambda: None, fn)
+    assert 3 in running
+
+
+def test_each_chunk_runs_blas_on_one_thread_and_restores_it(three_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    before = blas_threads()
+    if not before:
+        pytest.skip("threadpoolctl sees no BLAS library in this process")
+    inside = []
+    parallel.each_chunk(np, 4, 1 << 40, lambda: None, lambda state, i: inside.append(blas_threads()))
+    assert inside == [[1] * len(before)] * 4
+    assert blas_threads() == before
+
+
+def test_chunk_gemms_give_the_same_bits_on_one_blas_thread_as_on_several(monkeypatch):
+    """A realistic layer, where serial BLAS uses its threads: the threaded result is bit-identical."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not any(lib["internal_api"] == "openblas" for lib in threadpoolctl.threadpool_info()):
+        pytest.skip("bit-identity across BLAS thread counts is checked for OpenBLAS (NumPy's wheels)")
+    x, weight, _, rng = _arrays((8, 64, 16, 16), (64, 64, 3, 3), False, 5, np.float32)
+    dy = rng.standard_normal((8, 64, 16, 16)).astype(np.float32)
+    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", 1 << 19)    # 3 chunks of 3, 3 and 2 images
+
+    def run(threads):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
+        y, cache = conv2d_forward(x, weight, None, 1, 1)
+        return (y, *conv2d_backward(dy, cache)[:2])
+    for a, b in zip(run(1), run(2)):
+        np.testing.assert_array_equal(a, b)

@@ -32,8 +32,8 @@ stay in the CPU cache between the copy and the GEMM. For stride 1 the columns ar
 contiguous slices of the flattened padded image ("wide rows", see :class:`_Columns`). 1x1
 convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
 the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout. On NumPy the
-copies (im2col, col2im, the output's un-transpose) are split by channel over a few threads
-(:mod:`npmask.nn.parallel` says when that pays off).
+chunks are shared out over a few threads, each doing a whole chunk (copies and a one-thread GEMM;
+:func:`npmask.nn.parallel.each_chunk`); the chunks, and so the results, do not depend on how many.
 
 The functional API (``conv2d_forward`` / ``conv2d_backward``) is what other layers build on (the
 masked convolution calls it with its transformed weight); :class:`Conv2d` is the layer.
@@ -44,7 +44,7 @@ import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .module import Module
-from .parallel import in_parallel
+from .parallel import each_chunk
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "Conv2d"]
 
@@ -85,22 +85,27 @@ def _check_shapes(x, weight, bias, stride: int, padding: int):
     return ho, wo
 
 
-# Column floats per chunk of images on the CPU: about 4M (16 MB in float32, a few images), so that a
-# chunk's columns are still in the (last-level) cache when the GEMM reads them, and yet each GEMM is
-# large. Measured on a 2-core machine: 1M-float chunks are up to ~10% faster with one BLAS thread,
-# but with two threads every GEMM call is a synchronisation point, and when other processes share
-# the cores 4M-float chunks were 1.2-5x faster. The whole batch at once is up to 1.8x slower (the
-# columns no longer fit in cache). Tests lower it to exercise several (and partial) chunks.
+# Column floats per chunk of images on the CPU: about 1M (4 MB in float32, one to a few images),
+# so that a chunk's columns are still in the core's cache when its GEMM reads them. Each chunk's GEMM
+# runs on one BLAS thread (the cores work on different chunks, :func:`each_chunk`), and one-thread
+# GEMMs of these shapes are fastest on small chunks: measured (CPU time, 2026-11-24) for the 64-
+# channel layer of WRN-28-4, 118-138 GFLOP/s with 2K columns, 87 with 8K and 64 with 16K, against
+# 124 for a 2048^2 GEMM. Tests lower it to exercise several (and partial) chunks.
 # On a GPU the loop over chunks would only add kernel launches: there a chunk holds up to 64M
 # floats (256 MB), in practice the whole batch.
-CHUNK_FLOATS = 1 << 22
+CHUNK_FLOATS = 1 << 20
+MIN_CHUNKS = 4
 GPU_CHUNK_FLOATS = 1 << 26
 
 
-def _chunk_size(xp, n: int, col_floats: int) -> int:
-    """Images per chunk: enough to make the GEMM wide, few enough for the columns to stay in cache."""
-    limit = CHUNK_FLOATS if xp is np else GPU_CHUNK_FLOATS
-    return max(1, min(n, limit // max(col_floats, 1)))
+def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
+    """(images per chunk, [(n0, n1), ...]): chunks wide enough for a fast GEMM, small enough for
+    the columns to stay in cache. ``col_floats``: column floats of one image."""
+    if xp is np:        # and at least MIN_CHUNKS chunks, so that every core has some (when threaded)
+        nb = max(1, min(-(-n // MIN_CHUNKS), CHUNK_FLOATS // max(col_floats, 1)))
+    else:
+        nb = max(1, min(n, GPU_CHUNK_FLOATS // max(col_floats, 1)))
+    return nb, [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
 
 
 class _Columns:
@@ -119,8 +124,7 @@ class _Columns:
 
     ``write_output(mat, y_chunk)`` copies the valid outputs of a GEMM result (O, m*Ho*R) into
     y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` does the reverse for an upstream gradient (junk
-    columns zero, so they add nothing to a weight gradient). All copies are split by channel
-    over threads (:func:`npmask.nn.parallel.in_parallel`).
+    columns zero, so they add nothing to a weight gradient). Each thread has its own instance.
     """
 
     def __init__(self, xp, dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo):
@@ -149,41 +153,32 @@ class _Columns:
             x_chunk = x_chunk[:, :, ::s, ::s] if s > 1 else x_chunk
             return x_chunk.reshape(c, ho * wo)          # a view for stride 1, a copy for stride 2
         cols = self.buf[:, :length].reshape(c, kh, kw, m, ho * self.r)
-
-        def fill(c0, c1):       # channels [c0, c1) of the columns need only those of the input
-            self._fill(x_chunk[:, c0:c1], cols[c0:c1], c0, c1)
-        in_parallel(self.xp, c, k * length, fill)
-        return self.buf[:, :length].reshape(k, length)
-
-    def _fill(self, x_part, cols, c0: int, c1: int):
-        """cols (c1-c0, kh, kw, m, Ho*R) = the columns of channels [c0, c1) of the m images."""
-        m = x_part.shape[0]
-        kh, kw, ho, wo, s = self.kh, self.kw, self.ho, self.wo, self.stride
         if self.xpad is None:                          # 1x1, no padding: a (strided) transpose
-            x_part = x_part[:, :, ::s, ::s] if s > 1 else x_part
-            cols.reshape(c1 - c0, m, ho, wo)[...] = x_part.transpose(1, 0, 2, 3)
+            x_chunk = x_chunk[:, :, ::s, ::s] if s > 1 else x_chunk
+            cols.reshape(c, m, ho, wo)[...] = x_chunk.transpose(1, 0, 2, 3)
         elif self.wide:
-            flat = self.xpad[:m, c0:c1]
-            image = flat[:, :, :self.hp * self.wp].reshape(m, c1 - c0, self.hp, self.wp)
-            image[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_part
+            flat = self.xpad[:m]
+            image = flat[:, :, :self.hp * self.wp].reshape(m, c, self.hp, self.wp)
+            image[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
             span = ho * self.wp
             for u in range(kh):
                 for v in range(kw):
                     start = u * self.wp + v
                     cols[:, u, v] = flat[:, :, start:start + span].transpose(1, 0, 2)
         else:
-            xpad = self.xpad[:m, c0:c1]
-            xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_part
-            cols = cols.reshape(c1 - c0, kh, kw, m, ho, wo)
+            xpad = self.xpad[:m]
+            xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
+            cols = cols.reshape(c, kh, kw, m, ho, wo)
             for u in range(kh):
                 for v in range(kw):
                     window = xpad[:, :, u:u + s * (ho - 1) + 1:s, v:v + s * (wo - 1) + 1:s]
                     cols[:, u, v] = window.transpose(1, 0, 2, 3)
+        return self.buf[:, :length].reshape(k, length)
 
     def write_output(self, mat, y_chunk):
         """y_chunk (m, O, Ho, Wo) = the valid outputs of a GEMM result mat (O, m*Ho*R)."""
         o, m = mat.shape[0], mat.shape[1] // (self.ho * self.r)
-        _copy(y_chunk, mat.reshape(o, m, self.ho, self.r)[:, :, :, :self.wo].transpose(1, 0, 2, 3))
+        y_chunk[...] = mat.reshape(o, m, self.ho, self.r)[:, :, :, :self.wo].transpose(1, 0, 2, 3)
 
     def rows(self, dy_chunk):
         m, o = dy_chunk.shape[:2]
@@ -191,29 +186,19 @@ class _Columns:
             self.dy_buf = self.xp.zeros((o, self.nb * self.ho * self.r), dtype=self.dtype)
         length = m * self.ho * self.r
         view = self.dy_buf[:, :length].reshape(o, m, self.ho, self.r)
-        _copy(view[:, :, :, :self.wo].transpose(1, 0, 2, 3), dy_chunk)
+        view[:, :, :, :self.wo].transpose(1, 0, 2, 3)[...] = dy_chunk
         return self.dy_buf[:, :length]
-
-
-def _copy(dst, src):
-    """dst[...] = src for arrays shaped (m, C, ...), ranges of the axis C copied on separate threads."""
-    def part(c0, c1):
-        dst[:, c0:c1] = src[:, c0:c1]
-    in_parallel(get_array_module(dst), dst.shape[1], dst.size, part)
 
 
 def _col2im(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
     """Add dcols (C, kh, kw, nb, Ho, Wo) back into out (nb, C, Hp, Wp): the adjoint of im2col.
 
-    Channels are independent, so ranges of channels are done on separate threads; within a
-    channel the kernel offsets are added in the same order as serially (bit-identical results).
+    One strided-slice ``+=`` per kernel offset, in a fixed order (deterministic, no atomics).
     """
-    def add(c0, c1):
-        for u in range(kh):
-            for v in range(kw):
-                window = out[:, c0:c1, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
-                window += dcols[c0:c1, u, v].transpose(1, 0, 2, 3)
-    in_parallel(get_array_module(out), out.shape[1], dcols.size, add)
+    for u in range(kh):
+        for v in range(kw):
+            window = out[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
+            window += dcols[:, u, v].transpose(1, 0, 2, 3)
     return out
 
 
@@ -225,13 +210,16 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
     xp = get_array_module(x, weight)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    w_mat = weight.reshape(o, c * kh * kw)
+    k = c * kh * kw
+    w_mat = weight.reshape(o, k)
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
-    nb = _chunk_size(xp, n, c * kh * kw * ho * wo)
-    im2col = _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo)
-    for n0 in range(0, n, nb):
-        n1 = min(n, n0 + nb)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
+
+    def one_chunk(im2col, i):
+        n0, n1 = chunks[i]
         im2col.write_output(w_mat @ im2col.cols(x[n0:n1]), y[n0:n1])
+    each_chunk(xp, len(chunks), 2.0 * n * o * k * ho * wo,
+               lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo), one_chunk)
     return y
 
 
@@ -255,18 +243,26 @@ def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     """dW (O, C, kh, kw) = sum over chunks of dy_mat @ cols.T, computed as (cols @ dy_mat.T).T.
 
     The transposed product (K, O) = cols (K, M) @ dy_mat.T (M, O) runs faster in BLAS than
-    dy_mat @ cols.T for these shapes (measured: ~1.3x on the 64-channel layers).
+    dy_mat @ cols.T for these shapes (measured: ~1.3x on the 64-channel layers). Each chunk's
+    product is kept and they are added in chunk order, so the sum does not depend on which thread
+    computed which chunk.
     """
     xp = get_array_module(dy, x)
     n, c, h, w = x.shape
     _, o, ho, wo = dy.shape
     k = c * kh * kw
-    dw_t = xp.zeros((k, o), dtype=x.dtype)
-    nb = _chunk_size(xp, n, k * ho * wo)
-    im2col = _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo)
-    for n0 in range(0, n, nb):
-        n1 = min(n, n0 + nb)
-        dw_t += im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T
+    nb, chunks = _chunks(xp, n, k * ho * wo)
+    products = [None] * len(chunks)
+
+    def one_chunk(im2col, i):
+        n0, n1 = chunks[i]
+        products[i] = im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T
+    each_chunk(xp, len(chunks), 2.0 * n * o * k * ho * wo,
+               lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo),
+               one_chunk)
+    dw_t = products[0]
+    for product in products[1:]:
+        dw_t += product
     return xp.ascontiguousarray(dw_t.T).reshape(o, c, kh, kw)
 
 
@@ -279,16 +275,18 @@ def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     k = c * kh * kw
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
-    nb = _chunk_size(xp, n, k * ho * wo)
-    dxpad = xp.empty((nb, c, h + 2 * padding, w + 2 * padding), dtype=dy.dtype)
-    for n0 in range(0, n, nb):
-        n1 = min(n, n0 + nb)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
+
+    def one_chunk(dxpad, i):
+        n0, n1 = chunks[i]
         m = n1 - n0
         dy_mat = dy[n0:n1].transpose(1, 0, 2, 3).reshape(o, m * ho * wo)
         dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho, wo)
         dxpad[:m] = 0
         _col2im(dcols, kh, kw, stride, ho, wo, dxpad[:m])
-        _copy(dx[n0:n1], dxpad[:m, :, padding:padding + h, padding:padding + w])
+        dx[n0:n1] = dxpad[:m, :, padding:padding + h, padding:padding + w]
+    each_chunk(xp, len(chunks), 2.0 * n * o * k * ho * wo,
+               lambda: xp.empty((nb, c, h + 2 * padding, w + 2 * padding), dtype=dy.dtype), one_chunk)
     return dx
 
 

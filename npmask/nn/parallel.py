@@ -1,34 +1,51 @@
-"""Run one layer's NumPy work on several CPU threads: ``in_parallel(xp, items, floats, fn)``.
+"""Run a layer's NumPy work on several CPU threads: ``in_parallel`` (slices) and ``each_chunk`` (chunks).
 
-NumPy runs an array operation (a copy, a ufunc, a reduction) on one core, and BLAS runs a matrix
-product on all of them; on a 2-core machine the one-core parts of a training step (im2col copies,
-batch norm) are then a large share of it. NumPy releases the GIL inside an operation on a large
-array, so plain Python threads working on *disjoint* slices (a range of channels each) run truly
-in parallel. Every element is still computed by exactly one thread with the same arithmetic as the
-serial code, so the results are bit-identical to it.
+NumPy runs an array operation (a copy, a ufunc, a reduction) on one core; on a 2-core machine the
+one-core parts of a training step would then be a large share of it. NumPy and BLAS release the
+GIL inside an operation on a large array, so plain Python threads working on *disjoint* data run
+truly in parallel. Two ways of splitting the work:
 
-The catch: after each GEMM, OpenBLAS's worker threads keep a core busy for ~0.1 s waiting for the
-next GEMM (a busy-wait; OPENBLAS_THREAD_TIMEOUT sets how long), so the threads share the cores
-with spinning BLAS workers. Measured on 2 cores in one process, alternating 1 and 2 threads step by
-step (benchmarks/results/train_step_cpu.txt, 2026-11-24, run 9): a WRN-28-4 step at 64x64 was 3%
-faster with OpenBLAS's default, 9% faster when Python was started with OPENBLAS_THREAD_TIMEOUT=4
-(the workers then sleep at once). The small default job (WRN-16-1 at 32x32) seemed slower with that
-setting, so it is left to the user (see npmask/__init__.py). Work under PARALLEL_MIN_FLOATS (1M
-floats, 4 MB) stays serial: below it, handing work to a thread (~20-50 us) and sharing the core
-with a spinning BLAS worker cost more than they save (one epoch of the default job's digits domain,
-whole command: 14.9 s with a 64K-float threshold, 13.4 s with 1M, 14.2 s on one thread; single
-runs). Overlapping the copies of one chunk with the GEMM of another on a helper thread was slower
-still (1.1-1.3x): the helper takes turns on a core with a BLAS thread.
+- :func:`in_parallel` (batch norm, ReLU): ranges of an axis (channels, batch rows), one per thread.
+  Every element is computed by exactly one thread with the same arithmetic as the serial code, so
+  the results are bit-identical to it.
+- :func:`each_chunk` (convolution): chunks of a few images, each a complete piece of work (im2col
+  copy, GEMM, output copy), handed to whichever thread is free next, with BLAS on ONE thread. Each
+  core runs its own GEMMs on data in its own cache, instead of every core sharing one GEMM with
+  one-core copies in between; and one-thread GEMMs are fastest on small chunks (see
+  ``npmask.nn.conv.CHUNK_FLOATS``). The chunks are the same whatever the number of threads, a
+  chunk's GEMM gives the same bits on one BLAS thread as on several (OpenBLAS; tested), and the
+  caller combines per-chunk results in chunk order: the results do not depend on THREADS.
 
-THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code; CuPy
-arrays never use threads (on a GPU each operation is one kernel launch anyway).
+Why BLAS must stay on one thread throughout, not only inside the parallel parts: after every
+multi-threaded GEMM, OpenBLAS's worker threads busy-wait for ~0.1 s (OPENBLAS_THREAD_TIMEOUT)
+for the next one, on the cores npmask's threads need. So on NumPy with THREADS > 1 every
+``each_chunk`` call holds BLAS at one thread, also when it runs serially (a single chunk, or work
+under PARALLEL_MIN_FLOPS), and the workers are never woken during a training step. Measured on 2
+cores, one process, settings alternating step by step (benchmarks/results/train_step_cpu.txt,
+run 11): a masked WRN-28-4 step at 64x64 took 0.79x the time of the previous scheme (copies split
+by channel between multi-threaded GEMMs); the small default job (WRN-16-1 at 32x32) was unchanged
+within the noise (1.01x). BLAS's thread count is set through threadpoolctl (OpenBLAS, MKL, BLIS)
+and restored on exit; without it BLAS keeps its threads (same results, slower).
+
+THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code with BLAS
+on its default threads; CuPy arrays never use threads (on a GPU each operation is one kernel launch
+anyway). Work under PARALLEL_MIN_FLOATS (1M floats, 4 MB) or PARALLEL_MIN_FLOPS (64M, ~0.5 ms on
+one core) stays on the calling thread: handing work to a thread costs ~20-50 us. A part that calls
+in_parallel/each_chunk again runs that call serially (no nesting).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:                                    # a declared dependency; without it BLAS
+    ThreadpoolController = None                        # keeps its threads (slower, same results)
 
 
 def _default_threads() -> int:
@@ -49,8 +66,11 @@ def _default_threads() -> int:
 
 
 THREADS = _default_threads()
-PARALLEL_MIN_FLOATS = 1 << 20
+PARALLEL_MIN_FLOATS = 1 << 20                  # in_parallel: elementwise work, in floats
+PARALLEL_MIN_FLOPS = 1 << 26                   # each_chunk: GEMM work (~0.5 ms on one core)
 _pool = None                                    # (threads, process id, executor), made lazily
+_local = threading.local()                      # .inside: this thread is running a part
+_blas = None                                    # the threadpoolctl controller, made lazily
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -67,24 +87,83 @@ def _executor(threads: int) -> ThreadPoolExecutor:
     return _pool[2]
 
 
+def _serial(xp, items: int, small: bool) -> bool:
+    """True when the work is done on the calling thread alone."""
+    return xp is not np or THREADS <= 1 or min(THREADS, items) <= 1 or small or getattr(_local, "inside", False)
+
+
+def _as_part(fn):
+    """fn, marked while it runs as a part of a parallel region (so that it does not nest one)."""
+    def part(*args):
+        _local.inside = True
+        try:
+            return fn(*args)
+        finally:
+            _local.inside = False
+    return part
+
+
+def _run(parts) -> None:
+    """Call every function of ``parts`` (no arguments): the first here, the others on the pool."""
+    futures = [_executor(THREADS).submit(_as_part(p)) for p in parts[1:]]
+    try:
+        _as_part(parts[0])()
+    finally:
+        wait(futures)                   # also after an error: no part may still be writing
+    for future in futures:
+        future.result()                 # re-raises a helper thread's exception here
+
+
+def blas_threads_limited_to_one():
+    """Context manager: BLAS runs each matrix product on the calling thread only, until exit."""
+    global _blas
+    if ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
 def in_parallel(xp, items: int, floats: int, fn) -> None:
     """Call ``fn(lo, hi)`` on contiguous parts of ``range(items)`` that together cover it.
 
     ``fn`` must write only to slices selected by [lo, hi), so the parts may run at the same time.
     They do on NumPy, when ``floats`` (the size of the work) is at least PARALLEL_MIN_FLOATS and
     THREADS > 1; otherwise this is just ``fn(0, items)``. Call it from one thread at a time (the
-    training loop's), and never from inside ``fn``: a part waiting for the pool it runs on could
-    wait forever.
+    training loop's).
     """
-    parts = min(THREADS, items)
-    if xp is not np or parts <= 1 or floats < PARALLEL_MIN_FLOATS:
+    if _serial(xp, items, floats < PARALLEL_MIN_FLOATS):
         fn(0, items)
         return
+    parts = min(THREADS, items)
     bounds = [items * i // parts for i in range(parts + 1)]
-    futures = [_executor(THREADS).submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    try:
-        fn(bounds[0], bounds[1])
-    finally:
-        wait(futures)                   # also after an error: no part may still be writing
-    for future in futures:
-        future.result()                 # re-raises a helper thread's exception here
+    _run([lambda lo=lo, hi=hi: fn(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+
+def each_chunk(xp, count: int, flops: float, setup, fn) -> None:
+    """Call ``fn(state, i)`` for every i in ``range(count)``; each thread has ``state = setup()``.
+
+    On NumPy with THREADS > 1, BLAS runs on one thread for the duration (so that its workers are
+    never woken, see the module docstring), and with at least two chunks and PARALLEL_MIN_FLOPS of
+    work, THREADS threads take the chunks in order, each the next one as it becomes free (uneven
+    chunks still keep every core busy). ``fn`` must write only what belongs to chunk i; ``setup``
+    makes a thread's private buffers. Otherwise: ``state = setup()`` and the loop, here.
+    """
+    owner = xp is np and THREADS > 1 and not getattr(_local, "inside", False)
+    with blas_threads_limited_to_one() if owner else contextlib.nullcontext():
+        if _serial(xp, count, flops < PARALLEL_MIN_FLOPS):
+            state = setup()
+            for i in range(count):
+                fn(state, i)
+            return
+        lock, following = threading.Lock(), iter(range(count))
+
+        def worker():
+            state = setup()
+            while True:
+                with lock:
+                    i = next(following, None)
+                if i is None:
+                    return
+                fn(state, i)
+        _run([worker] * min(THREADS, count))
