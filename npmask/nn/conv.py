@@ -85,27 +85,34 @@ def _check_shapes(x, weight, bias, stride: int, padding: int):
     return ho, wo
 
 
-# Column floats per chunk of images on the CPU: about 1M (4 MB in float32, one to a few images),
-# so that a chunk's columns are still in the core's cache when its GEMM reads them. Each chunk's GEMM
-# runs on one BLAS thread (the cores work on different chunks, :func:`each_chunk`), and one-thread
-# GEMMs of these shapes are fastest on small chunks: measured (CPU time, 2026-11-24) for the 64-
-# channel layer of WRN-28-4, 118-138 GFLOP/s with 2K columns, 87 with 8K and 64 with 16K, against
-# 124 for a 2048^2 GEMM. Tests lower it to exercise several (and partial) chunks.
+# Column floats per chunk of images on the CPU: at most about 1M (4 MB in float32, one to a few
+# images), so that a chunk's columns are still in the core's cache when its GEMM reads them. Each
+# chunk's GEMM runs on one BLAS thread (the cores work on different chunks, :func:`each_chunk`), and
+# one-thread GEMMs of these shapes are fastest on small chunks: measured (CPU time, 2026-11-24) for
+# the 64-channel layer of WRN-28-4, 118-138 GFLOP/s with 2K columns, 87 with 8K and 64 with 16K,
+# against 124 for a 2048^2 GEMM; whole training steps with 512K, 768K and 2M-float chunks were no
+# faster (1.4-1.9% slower, within the noise). The number of chunks is a multiple of
+# CHUNKS_MULTIPLE and the chunks are of equal size (to one image), so that 2 or 4 threads can
+# finish a pass together (5 chunks of 7, 7, 7, 7 and 4 images would leave one of 2 threads 18
+# images and the other 14; on 2 cores the whole step measured the same either way, 0.996x).
+# Tests lower CHUNK_FLOATS to exercise several (and uneven) chunks.
 # On a GPU the loop over chunks would only add kernel launches: there a chunk holds up to 64M
 # floats (256 MB), in practice the whole batch.
 CHUNK_FLOATS = 1 << 20
-MIN_CHUNKS = 4
+CHUNKS_MULTIPLE = 4
 GPU_CHUNK_FLOATS = 1 << 26
 
 
-def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
-    """(images per chunk, [(n0, n1), ...]): chunks wide enough for a fast GEMM, small enough for
-    the columns to stay in cache. ``col_floats``: column floats of one image."""
-    if xp is np:        # and at least MIN_CHUNKS chunks, so that every core has some (when threaded)
-        nb = max(1, min(-(-n // MIN_CHUNKS), CHUNK_FLOATS // max(col_floats, 1)))
-    else:
-        nb = max(1, min(n, GPU_CHUNK_FLOATS // max(col_floats, 1)))
-    return nb, [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
+def _chunks(xp, n: int, col_floats: int) -> list[tuple[int, int]]:
+    """[(n0, n1), ...]: the batch of n images in chunks wide enough for a fast GEMM and small enough
+    for the columns to stay in cache; ``col_floats`` is the column floats of one image. They do not
+    depend on how many threads will share them (so neither do the results)."""
+    if xp is not np:
+        nb = max(1, GPU_CHUNK_FLOATS // max(col_floats, 1))
+        return [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
+    fewest = -(-n // max(1, CHUNK_FLOATS // max(col_floats, 1)))      # chunks of at most CHUNK_FLOATS
+    count = min(n, -(-fewest // CHUNKS_MULTIPLE) * CHUNKS_MULTIPLE)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
 class _Columns:
@@ -213,7 +220,8 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
     k = c * kh * kw
     w_mat = weight.reshape(o, k)
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
-    nb, chunks = _chunks(xp, n, k * ho * wo)
+    chunks = _chunks(xp, n, k * ho * wo)
+    nb = max(n1 - n0 for n0, n1 in chunks)
 
     def one_chunk(im2col, i):
         n0, n1 = chunks[i]
@@ -251,7 +259,8 @@ def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     n, c, h, w = x.shape
     _, o, ho, wo = dy.shape
     k = c * kh * kw
-    nb, chunks = _chunks(xp, n, k * ho * wo)
+    chunks = _chunks(xp, n, k * ho * wo)
+    nb = max(n1 - n0 for n0, n1 in chunks)
     products = [None] * len(chunks)
 
     def one_chunk(im2col, i):
@@ -275,7 +284,8 @@ def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     k = c * kh * kw
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
-    nb, chunks = _chunks(xp, n, k * ho * wo)
+    chunks = _chunks(xp, n, k * ho * wo)
+    nb = max(n1 - n0 for n0, n1 in chunks)
 
     def one_chunk(dxpad, i):
         n0, n1 = chunks[i]
