@@ -47,6 +47,7 @@ import math
 import numpy as np
 
 from .backend import backend_name, get_array_module, to_device, to_numpy
+from .nn.parallel import each_chunk
 
 
 class Optimizer:
@@ -72,12 +73,20 @@ class Optimizer:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> None:
-        """Update every parameter that has a gradient, in place."""
-        for ref in self.refs:
-            grad = ref.grad
-            if grad is None:  # frozen: no gradient is computed or stored for it
-                continue
-            self._update(ref.name, ref.data, grad, self.state.setdefault(ref.name, {}))
+        """Update every parameter that has a gradient, in place.
+
+        The parameters are independent, so on NumPy they are shared out over npmask's threads
+        (:func:`npmask.nn.parallel.each_chunk`, one parameter per item; the same bits as serially).
+        """
+        todo = [ref for ref in self.refs if ref.grad is not None]  # None: frozen, no gradient
+        for ref in todo:
+            self.state.setdefault(ref.name, {})
+
+        def update(_, i):
+            ref = todo[i]
+            self._update(ref.name, ref.data, ref.grad, self.state[ref.name])
+        xp = get_array_module(todo[0].data) if todo else np
+        each_chunk(xp, len(todo), lambda: None, update, floats=sum(ref.data.size for ref in todo))
 
     def _update(self, name, p, g, state) -> None:
         raise NotImplementedError

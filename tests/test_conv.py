@@ -336,7 +336,7 @@ def test_each_chunk_does_every_chunk_once_with_one_state_per_thread(count, three
         assert state["thread"] == threading.get_ident()          # a thread's own buffers
         state["chunks"].append(i)
         done.append(i)
-    parallel.each_chunk(np, count, 1 << 40, setup, fn)
+    parallel.each_chunk(np, count, setup, fn, flops=1 << 40)
     assert sorted(done) == list(range(count))
     assert len(states) == min(3, count)                          # one worker per thread
     for s in states:
@@ -346,21 +346,31 @@ def test_each_chunk_does_every_chunk_once_with_one_state_per_thread(count, three
 def test_each_chunk_is_serial_off_numpy_small_or_one_thread(monkeypatch):
     monkeypatch.setattr(parallel, "THREADS", 4)
     me = threading.get_ident()
-    for xp, flops in ((object(), 1 << 40), (np, parallel.PARALLEL_MIN_FLOPS - 1)):
+    small = dict(flops=parallel.PARALLEL_MIN_FLOPS - 1, floats=parallel.PARALLEL_MIN_FLOATS - 1)
+    for xp, work in ((object(), dict(flops=1 << 40)), (np, small)):
         seen = []
-        parallel.each_chunk(xp, 5, flops, lambda: [], lambda state, i: seen.append((threading.get_ident(), i)))
+        parallel.each_chunk(xp, 5, lambda: [], lambda state, i: seen.append((threading.get_ident(), i)),
+                            **work)
         assert seen == [(me, i) for i in range(5)]
+    for work in (dict(flops=parallel.PARALLEL_MIN_FLOPS), dict(floats=parallel.PARALLEL_MIN_FLOATS)):
+        seen = []
+        parallel.each_chunk(np, 5, lambda: [], lambda state, i: seen.append(threading.get_ident()),
+                            **work)
+        assert len(seen) == 5                                    # either kind of work is enough
     monkeypatch.setattr(parallel, "THREADS", 1)
     seen = []
-    parallel.each_chunk(np, 5, 1 << 40, lambda: None, lambda state, i: seen.append(threading.get_ident()))
+    parallel.each_chunk(np, 5, lambda: None, lambda state, i: seen.append(threading.get_ident()),
+                        flops=1 << 40)
     assert seen == [me] * 5
 
 
 def test_work_inside_a_chunk_does_not_nest_threads(three_threads, monkeypatch):
     monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
     inner = []
-    parallel.each_chunk(np, 6, 1 << 40, lambda: None,
-                        lambda state, i: parallel.in_parallel(np, 9, 1 << 40, lambda lo, hi: inner.append((lo, hi))))
+    parallel.each_chunk(np, 6, lambda: None,
+                        lambda state, i: parallel.in_parallel(np, 9, 1 << 40,
+                                                              lambda lo, hi: inner.append((lo, hi))),
+                        flops=1 << 40)
     assert inner == [(0, 9)] * 6                                 # each inner call ran whole, in its part
     outer = []
     parallel.in_parallel(np, 9, 1 << 40, lambda lo, hi: outer.append((lo, hi)))
@@ -375,7 +385,7 @@ def test_each_chunk_reraises_an_error_after_every_thread_stopped(three_threads):
         if i == 3:
             raise RuntimeError("chunk 3 failed")
     with pytest.raises(RuntimeError, match="chunk 3 failed"):
-        parallel.each_chunk(np, 8, 1 << 40, lambda: None, fn)
+        parallel.each_chunk(np, 8, lambda: None, fn, flops=1 << 40)
     assert 3 in running
 
 
@@ -388,7 +398,7 @@ def test_each_chunk_runs_blas_on_one_thread_and_restores_it(three_threads):
     if not before:
         pytest.skip("threadpoolctl sees no BLAS library in this process")
     inside = []
-    parallel.each_chunk(np, 4, 1 << 40, lambda: None, lambda state, i: inside.append(blas_threads()))
+    parallel.each_chunk(np, 4, lambda: None, lambda state, i: inside.append(blas_threads()), flops=1 << 40)
     assert inside == [[1] * len(before)] * 4
     assert blas_threads() == before
 

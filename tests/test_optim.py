@@ -164,6 +164,38 @@ def test_float32_is_kept(make):
             assert val.dtype == np.float32, key
 
 
+@pytest.mark.parametrize("make", [
+    lambda r: SGD(r, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    lambda r: Adam(r, lr=0.1, weight_decay=1e-2),
+])
+def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monkeypatch):
+    from npmask import optim
+    from npmask.nn import parallel
+    shapes = [(7, 3), (5,), (64, 9), (1,), (300,), (2, 2, 2)] * 3
+    calls = []
+
+    def spy(xp, count, setup, fn, **work):       # the real each_chunk, recording its calls
+        calls.append(count)
+        parallel.each_chunk(xp, count, setup, fn, **work)
+    monkeypatch.setattr(optim, "each_chunk", spy)
+
+    def train(threads):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+        m = Params(np.float32, **{f"p{i}": np.linspace(-1, 1, int(np.prod(s))).reshape(s)
+                                  for i, s in enumerate(shapes)})
+        opt = make(m.parameter_refs())
+        for step in range(3):
+            for g in m.grads.values():
+                g[...] = np.random.default_rng(step).standard_normal(g.shape)
+            opt.step()
+        return m.params
+    serial, threaded = train(1), train(3)
+    assert calls == [len(shapes)] * 6                # every step hands all parameters to the threads
+    for name in serial:
+        np.testing.assert_array_equal(serial[name], threaded[name])
+
+
 def paper_optimiser(m):
     return Optimizers(body=Adam(m.parameter_refs(exclude=("head",)), lr=1e-1),
                       head=SGD(m.parameter_refs(include=("head",)), lr=1e-2, momentum=0.9))

@@ -89,7 +89,8 @@ def _executor(threads: int) -> ThreadPoolExecutor:
 
 def _serial(xp, items: int, small: bool) -> bool:
     """True when the work is done on the calling thread alone."""
-    return xp is not np or THREADS <= 1 or min(THREADS, items) <= 1 or small or getattr(_local, "inside", False)
+    return (xp is not np or THREADS <= 1 or min(THREADS, items) <= 1 or small
+            or getattr(_local, "inside", False))
 
 
 def _as_part(fn):
@@ -140,18 +141,19 @@ def in_parallel(xp, items: int, floats: int, fn) -> None:
     _run([lambda lo=lo, hi=hi: fn(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
-def each_chunk(xp, count: int, flops: float, setup, fn) -> None:
+def each_chunk(xp, count: int, setup, fn, *, flops: float = 0.0, floats: float = 0.0) -> None:
     """Call ``fn(state, i)`` for every i in ``range(count)``; each thread has ``state = setup()``.
 
     On NumPy with THREADS > 1, BLAS runs on one thread for the duration (so that its workers are
-    never woken, see the module docstring), and with at least two chunks and PARALLEL_MIN_FLOPS of
-    work, THREADS threads take the chunks in order, each the next one as it becomes free (uneven
-    chunks still keep every core busy). ``fn`` must write only what belongs to chunk i; ``setup``
-    makes a thread's private buffers. Otherwise: ``state = setup()`` and the loop, here.
+    never woken, see the module docstring), and with at least two chunks and enough work (GEMM
+    ``flops`` at least PARALLEL_MIN_FLOPS, or elementwise work on ``floats`` at least
+    PARALLEL_MIN_FLOATS), THREADS threads take the chunks in order, each the next one as it becomes
+    free (uneven chunks still keep every core busy). ``fn`` must write only what belongs to chunk
+    i; ``setup`` makes a thread's private buffers. Otherwise: ``state = setup()`` and the loop, here.
     """
     owner = xp is np and THREADS > 1 and not getattr(_local, "inside", False)
     with blas_threads_limited_to_one() if owner else contextlib.nullcontext():
-        if _serial(xp, count, flops < PARALLEL_MIN_FLOPS):
+        if _serial(xp, count, flops < PARALLEL_MIN_FLOPS and floats < PARALLEL_MIN_FLOATS):
             state = setup()
             for i in range(count):
                 fn(state, i)
