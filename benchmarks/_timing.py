@@ -40,10 +40,27 @@ class Clock:
         return float(np.min(times) if self.stat == "min" else np.median(times))
 
 
+def settle(xp) -> None:
+    """Wait until BLAS's worker threads have stopped spinning (NumPy only).
+
+    After a multi-threaded GEMM, OpenBLAS's workers busy-wait for ~0.1 s (OPENBLAS_THREAD_TIMEOUT)
+    on the cores; whatever is timed next would share the cores with them. npmask's own threaded
+    code never wakes them (npmask/nn/parallel.py), but the yardstick GEMM below and a
+    ``NPMASK_THREADS=1`` setting do, so the scripts call this before timing anything else.
+    """
+    if xp is np:
+        time.sleep(0.25)
+
+
 def gemm_rate(xp, clock: Clock, n: int = 2048, repeats: int = 7) -> float:
-    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul (median, or best with stat=min)."""
+    """float32 GEMM rate in GFLOP/s: 2*n^3 flops per n x n matmul (median, or best with stat=min).
+
+    Returns after :func:`settle`: BLAS's workers are no longer spinning.
+    """
     rng = np.random.default_rng(0)
     a = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
     b = xp.asarray(rng.standard_normal((n, n)), dtype=xp.float32)
     out = xp.empty((n, n), dtype=xp.float32)
-    return 2 * n**3 / clock.repeat(lambda: xp.matmul(a, b, out=out), repeats) / 1e9
+    rate = 2 * n**3 / clock.repeat(lambda: xp.matmul(a, b, out=out), repeats) / 1e9
+    settle(xp)
+    return rate

@@ -13,12 +13,11 @@ the machine); the GEMM rate is measured again at the end as a check on such inte
 
 Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 
-``--copy-threads 1,2`` times every shape with each value of npmask.nn.parallel.THREADS (the
-threads that share the im2col/col2im copies), the settings taking turns repeat by repeat, and
-prints each setting's total and its ratio to the first: a comparison within one run, which is
-what to trust on a machine whose speed drifts. OpenBLAS's workers busy-wait after a GEMM for
-OPENBLAS_THREAD_TIMEOUT (default ~0.1 s), which takes the cores the copy threads would use; set
-it (e.g. OPENBLAS_THREAD_TIMEOUT=4) in the environment to see the threads' effect.
+``--threads 1,2`` times every shape with each value of npmask.nn.parallel.THREADS (the threads
+that share a convolution's chunks of images, each running its chunks' GEMMs on one BLAS thread;
+1 = serial chunks, BLAS on its own threads), the settings taking turns repeat by repeat, and prints
+each setting's total and its ratio to the first: a comparison within one run, which is what to
+trust on a machine whose speed drifts.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ from npmask.backend import BackendError, get_backend  # noqa: E402
 from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
 
-from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
+from _timing import Clock, gemm_rate, settle  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 
 def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
@@ -73,10 +72,10 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="statistic over repeats; min is robust on a machine shared with other jobs")
-    ap.add_argument("--copy-threads", default=None,
+    ap.add_argument("--threads", default=None,
                     help="comma-separated npmask.nn.parallel.THREADS settings to compare, interleaved (e.g. 1,2)")
     args = ap.parse_args(argv)
-    settings = ([int(v) for v in args.copy_threads.split(",")] if args.copy_threads
+    settings = ([int(v) for v in args.threads.split(",")] if args.threads
                 else [parallel.THREADS])
 
     try:
@@ -89,7 +88,7 @@ def main(argv=None):
           f"{args.stat} of {args.repeats} repeats")
     print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s "
           f"(fractions below are of this rate)")
-    print(f"conv copy threads: {','.join(map(str, settings))}; OPENBLAS_THREAD_TIMEOUT="
+    print(f"npmask threads: {','.join(map(str, settings))}; OPENBLAS_THREAD_TIMEOUT="
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}; {os.cpu_count()} CPUs\n")
 
     header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
@@ -119,6 +118,8 @@ def main(argv=None):
         for r in range(args.repeats + 1):                 # repeat 0 is the warm-up
             for threads in settings:
                 parallel.THREADS = threads
+                if len(settings) > 1:
+                    settle(xp)              # the previous setting's BLAS workers must not spin here
                 t_f, t_b = timer.time(fwd), timer.time(bwd)
                 if r:
                     times[threads][0].append(t_f)
@@ -139,7 +140,7 @@ def main(argv=None):
         t = total_time[threads]
         gflops = total_flops / t / 1e9
         print(f"all {sum(s[-1] for s in wrn_conv_shapes(size=args.size))} convs of WRN-28-4, "
-              f"forward + backward, {threads} copy thread(s): {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
+              f"forward + backward, {threads} thread(s): {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
               f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
               f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)"
               + ("" if threads == settings[0] else f"; {t / first:.3f} x the time with {settings[0]}"))
