@@ -1,0 +1,97 @@
+"""A training step with this checkout's convolution against the one of an earlier git revision.
+
+Run:  .venv/bin/python benchmarks/conv_against.py REVISION [--model wrn28_4] [--size 64]
+          [--variant full] [--rounds 10]
+e.g.  .venv/bin/python benchmarks/conv_against.py 9e6cc7b
+
+Loads ``npmask/nn/conv.py`` as it was at REVISION (``git show``) and swaps its three GEMM routines
+(forward, weight gradient, col2im input gradient) in and out of this checkout's module; everything
+else in the step (layers, optimiser, threads) is this checkout's. The two versions take turns step
+by step in one process, after a pause that lets OpenBLAS's workers stop spinning, so that the
+machine's drift affects both alike; prints each one's median step, its multiple of the FLOP floor
+(GEMM rate measured in the same rounds) and the median over the rounds of the paired ratio
+(this checkout / REVISION), which is what to trust on a machine whose speed drifts.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
+
+from npmask import models  # noqa: E402
+from npmask.multidomain import MultiDomainModel  # noqa: E402
+from npmask.nn import conv  # noqa: E402
+
+from _timing import Clock, gemm_rate, settle  # noqa: E402
+from train_step import make_step, step_flops  # noqa: E402
+
+ROUTINES = ("_conv_gemm", "_weight_grad", "_input_grad_col2im")
+
+
+def conv_module_at(revision: str):
+    """npmask/nn/conv.py of ``revision``, loaded as a module beside this checkout's npmask."""
+    source = subprocess.run(["git", "show", f"{revision}:npmask/nn/conv.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    module = type(sys)(f"conv_at_{revision}")
+    module.__package__ = "npmask.nn"                  # so that its relative imports resolve
+    exec(compile(source, f"{revision}:npmask/nn/conv.py", "exec"), module.__dict__)
+    return module
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("revision")
+    ap.add_argument("--model", default="wrn28_4")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variant", default="full")
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    versions = {"this checkout": {name: getattr(conv, name) for name in ROUTINES}}
+    old = conv_module_at(args.revision)
+    versions[args.revision] = {name: getattr(old, name) for name in ROUTINES}
+
+    def use(version):
+        for name, fn in versions[version].items():
+            setattr(conv, name, fn)
+
+    backbone = models.create(args.model, num_classes=10, input_size=args.size, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    flops, _ = step_flops(backbone, x)
+    model = MultiDomainModel(backbone)
+    model.add_domain(args.variant, num_classes=10, variant=args.variant, seed=0)
+    model.set_domain(args.variant).train()
+    step = make_step(model, x, y)
+    clock = Clock(np)
+    for version in versions:                          # warm-up: buffers, threads
+        use(version)
+        step()
+    rates, times = [], {version: [] for version in versions}
+    for _ in range(args.rounds):
+        rates.append(gemm_rate(np, clock, repeats=3))
+        for version in versions:
+            use(version)
+            settle(np)
+            times[version].append(clock.time(step))
+    use("this checkout")
+    floor = flops / 1e9 / float(np.median(rates))
+    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, variant {args.variant}, "
+          f"{args.rounds} rounds; GEMM {np.median(rates):.0f} GFLOP/s "
+          f"(range {min(rates):.0f}-{max(rates):.0f}), floor {floor:.3f} s")
+    base = np.array(times[args.revision])
+    for version, t in times.items():
+        ratio = float(np.median(np.array(t) / base))
+        print(f"{version:<16} median step {np.median(t):.3f} s = {np.median(t) / floor:.2f}x floor, "
+              f"paired ratio to {args.revision}: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
