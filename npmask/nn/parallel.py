@@ -5,26 +5,27 @@ one-core parts of a training step would then be a large share of it. NumPy and B
 GIL inside an operation on a large array, so plain Python threads working on *disjoint* data run
 truly in parallel. Two ways of splitting the work:
 
-- :func:`in_parallel` (batch norm, ReLU): ranges of an axis (channels, batch rows), one per thread.
-  Every element is computed by exactly one thread with the same arithmetic as the serial code, so
-  the results are bit-identical to it.
-- :func:`each_chunk` (convolution): chunks of a few images, each a complete piece of work (im2col
-  copy, GEMM, output copy), handed to whichever thread is free next, with BLAS on ONE thread. Each
-  core runs its own GEMMs on data in its own cache, instead of every core sharing one GEMM with
-  one-core copies in between; and one-thread GEMMs are fastest on small chunks (see
-  ``npmask.nn.conv.CHUNK_FLOATS``). The chunks are the same whatever the number of threads, a
-  chunk's GEMM gives the same bits on one BLAS thread as on several (OpenBLAS; tested), and the
-  caller combines per-chunk results in chunk order: the results do not depend on THREADS.
+- :func:`in_parallel` (batch norm, ReLU, the sum of a convolution's weight-gradient chunks): ranges
+  of an axis (channels, batch rows, matrix rows), one per thread. Every element is computed by
+  exactly one thread with the same arithmetic as the serial code, so the results are bit-identical.
+- :func:`each_chunk` (convolution; also the optimisers, one parameter per item): chunks of a few
+  images, each a complete piece of work (im2col copy, GEMM, output copy), handed to whichever
+  thread is free next, with BLAS on ONE thread. Each core runs its own GEMMs on data in its own
+  cache, instead of every core sharing one GEMM with one-core copies in between; and one-thread
+  GEMMs are fastest on small chunks (see ``npmask.nn.conv.CHUNK_FLOATS``). The chunks are the same
+  whatever the number of threads, a chunk's GEMM gives the same bits on one BLAS thread as on
+  several (OpenBLAS; tested), and the caller combines per-chunk results in chunk order: the
+  results do not depend on THREADS.
 
-Why BLAS must stay on one thread throughout, not only inside the parallel parts: after every
+Why BLAS is held at one thread even where a convolution runs serially: after every
 multi-threaded GEMM, OpenBLAS's worker threads busy-wait for ~0.1 s (OPENBLAS_THREAD_TIMEOUT)
 for the next one, on the cores npmask's threads need. So on NumPy with THREADS > 1 every
 ``each_chunk`` call holds BLAS at one thread, also when it runs serially (a single chunk, or work
 under PARALLEL_MIN_FLOPS), and the workers are never woken during a training step. Measured on 2
 cores, one process, settings alternating step by step (benchmarks/results/train_step_cpu.txt,
-run 11): a masked WRN-28-4 step at 64x64 took 0.79x the time of the previous scheme (copies split
+run 11): a masked WRN-28-4 step at 64x64 took 0.771x the time of the previous scheme (copies split
 by channel between multi-threaded GEMMs); the small default job (WRN-16-1 at 32x32) was unchanged
-within the noise (1.01x). BLAS's thread count is set through threadpoolctl (OpenBLAS, MKL, BLIS)
+(1.002x). BLAS's thread count is set through threadpoolctl (OpenBLAS, MKL, BLIS)
 and restored on exit; without it BLAS keeps its threads (same results, slower).
 
 THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code with BLAS
