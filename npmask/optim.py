@@ -76,7 +76,8 @@ class Optimizer:
         """Update every parameter that has a gradient, in place.
 
         The parameters are independent, so on NumPy they are shared out over npmask's threads
-        (:func:`npmask.nn.parallel.each_chunk`, one parameter per item; the same bits as serially).
+        (:func:`npmask.nn.parallel.each_chunk`, one parameter per item; the same bits as serially),
+        unless two of them are the same array (then one after the other, as updates of one array).
         """
         todo = [ref for ref in self.refs if ref.grad is not None]  # None: frozen, no gradient
         for ref in todo:
@@ -85,6 +86,10 @@ class Optimizer:
         def update(_, i):
             ref = todo[i]
             self._update(ref.name, ref.data, ref.grad, self.state[ref.name])
+        if len({id(ref.data) for ref in todo}) < len(todo):   # one array under two names (tied
+            for i in range(len(todo)):                          # weights): its updates must not
+                update(None, i)                                 # run at the same time
+            return
         xp = get_array_module(todo[0].data) if todo else np
         each_chunk(xp, len(todo), lambda: None, update, floats=sum(ref.data.size for ref in todo))
 

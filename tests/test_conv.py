@@ -210,8 +210,10 @@ def threaded_chunks(monkeypatch):
     (5, 7, 8, 8, 6, 3, 3, 1, 1),       # 3x3 stride 1, general (not wide) columns
     (5, 7, 9, 9, 6, 3, 3, 2, 1),       # 3x3 stride 2: col2im
     (4, 2, 6, 6, 3, 1, 1, 2, 0),       # 1x1 stride 2
+    (9, 3, 20, 20, 4, 3, 3, 1, 1),     # wide rows, 2-3 images per chunk (with the 1M-float chunks)
+    (9, 3, 5, 5, 4, 1, 1, 1, 0),       # 1x1 stride 1: a transpose copy of several images
 ])
-@pytest.mark.parametrize("chunk_floats", [1, 200, 1 << 20])      # 1 image/chunk, partial, one chunk
+@pytest.mark.parametrize("chunk_floats", [1, 200, 1 << 20])      # 1 image/chunk, partial, the default
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype,
                                                                 threaded_chunks, monkeypatch):
@@ -353,10 +355,9 @@ def test_each_chunk_is_serial_off_numpy_small_or_one_thread(monkeypatch):
                             **work)
         assert seen == [(me, i) for i in range(5)]
     for work in (dict(flops=parallel.PARALLEL_MIN_FLOPS), dict(floats=parallel.PARALLEL_MIN_FLOATS)):
-        seen = []
-        parallel.each_chunk(np, 5, lambda: [], lambda state, i: seen.append(threading.get_ident()),
-                            **work)
-        assert len(seen) == 5                                    # either kind of work is enough
+        workers, seen = [], []
+        parallel.each_chunk(np, 5, lambda: workers.append(1), lambda state, i: seen.append(i), **work)
+        assert sorted(seen) == list(range(5)) and len(workers) == 4  # either kind of work: threads
     monkeypatch.setattr(parallel, "THREADS", 1)
     seen = []
     parallel.each_chunk(np, 5, lambda: None, lambda state, i: seen.append(threading.get_ident()),
@@ -384,9 +385,16 @@ def test_each_chunk_reraises_an_error_after_every_thread_stopped(three_threads):
         running.append(i)
         if i == 3:
             raise RuntimeError("chunk 3 failed")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
     with pytest.raises(RuntimeError, match="chunk 3 failed"):
         parallel.each_chunk(np, 8, lambda: None, fn, flops=1 << 40)
     assert 3 in running
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == before  # BLAS restored
+    assert not getattr(parallel._local, "inside", False)         # and this thread is no part
+    outer = []
+    parallel.in_parallel(np, 6, 1 << 40, lambda lo, hi: outer.append(lo))
+    assert len(outer) == 3                                       # threads work after the error
 
 
 def test_each_chunk_runs_blas_on_one_thread_and_restores_it(three_threads):
@@ -410,7 +418,8 @@ def test_chunk_gemms_give_the_same_bits_on_one_blas_thread_as_on_several(monkeyp
         pytest.skip("bit-identity across BLAS thread counts is checked for OpenBLAS (NumPy's wheels)")
     x, weight, _, rng = _arrays((8, 64, 16, 16), (64, 64, 3, 3), False, 5, np.float32)
     dy = rng.standard_normal((8, 64, 16, 16)).astype(np.float32)
-    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", 1 << 19)    # 3 chunks of 3, 3 and 2 images
+    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", 1 << 19)    # 4 chunks of 2 images
+    # (on a machine with one CPU, BLAS has one thread either way and this compares like with like)
 
     def run(threads):
         monkeypatch.setattr(parallel, "THREADS", threads)
@@ -419,3 +428,32 @@ def test_chunk_gemms_give_the_same_bits_on_one_blas_thread_as_on_several(monkeyp
         return (y, *conv2d_backward(dy, cache)[:2])
     for a, b in zip(run(1), run(2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_empty_batch_gives_empty_outputs_and_a_zero_weight_gradient():
+    for kernel, stride, padding in ((3, 1, 1), (3, 2, 1), (1, 2, 0), (1, 1, 0)):
+        x = np.zeros((0, 3, 8, 8), np.float32)
+        w = np.ones((4, 3, kernel, kernel), np.float32)
+        y, cache = conv2d_forward(x, w, None, stride, padding)
+        dx, dw, _ = conv2d_backward(np.zeros(y.shape, np.float32), cache)
+        assert y.shape[:2] == (0, 4) and dx.shape == x.shape
+        np.testing.assert_array_equal(dw, np.zeros_like(w))
+
+
+def test_in_order_sum_adds_in_index_order_whatever_the_arrival_order():
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-3, 4)
+              for _ in range(9)]
+    serial = arrays[0].copy()
+    for a in arrays[1:]:
+        serial += a
+    for order in (range(9), reversed(range(9)), rng.permutation(9)):
+        total = conv_module._InOrderSum()
+        for i in order:
+            total.add(int(i), arrays[int(i)].copy())
+        np.testing.assert_array_equal(total.total, serial)
+        assert not total._waiting                                # nothing left behind
+    shuffled = arrays[3].copy()
+    for a in arrays[:3] + arrays[4:]:
+        shuffled += a
+    assert not np.array_equal(shuffled, serial)                  # the order does change the bits

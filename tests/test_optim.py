@@ -174,9 +174,10 @@ def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monk
     shapes = [(7, 3), (5,), (64, 9), (1,), (300,), (2, 2, 2)] * 3
     calls = []
 
-    def spy(xp, count, setup, fn, **work):       # the real each_chunk, recording its calls
-        calls.append(count)
-        parallel.each_chunk(xp, count, setup, fn, **work)
+    def spy(xp, count, setup, fn, **work):       # the real each_chunk, recording its calls and
+        workers = []                             # how many threads took part (one setup each)
+        parallel.each_chunk(xp, count, lambda: workers.append(setup()), fn, **work)
+        calls.append((count, len(workers)))
     monkeypatch.setattr(optim, "each_chunk", spy)
 
     def train(threads):
@@ -191,9 +192,29 @@ def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monk
             opt.step()
         return m.params
     serial, threaded = train(1), train(3)
-    assert calls == [len(shapes)] * 6                # every step hands all parameters to the threads
+    assert calls == [(len(shapes), 1)] * 3 + [(len(shapes), 3)] * 3    # 3 threads in the second run
     for name in serial:
         np.testing.assert_array_equal(serial[name], threaded[name])
+
+
+def test_one_array_under_two_names_is_updated_by_one_thread(monkeypatch):
+    """Tied weights: two threads updating one array would race (lost updates), so no threads."""
+    from npmask import optim
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("parameters sharing an array were handed to the threads")
+    monkeypatch.setattr(optim, "each_chunk", no_threads)
+    m = Module()
+    m.a = Params(np.float32, w=np.zeros(8))
+    m.b = Module()
+    m.b.params["w"] = m.a.params["w"]                           # the same array, a second name
+    m.b.grads["w"] = np.ones(8, dtype=np.float32)
+    m.a.grads["w"][...] = 1
+    opt = SGD(m.parameter_refs(), lr=1.0)
+    assert len(opt.refs) == 2 and opt.refs[0].data is opt.refs[1].data
+    for _ in range(5):
+        opt.step()
+    np.testing.assert_array_equal(m.a.params["w"], -10)         # 5 steps x 2 names x lr 1
 
 
 def paper_optimiser(m):

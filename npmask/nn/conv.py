@@ -40,11 +40,13 @@ masked convolution calls it with its transformed weight); :class:`Conv2d` is the
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .module import Module
-from .parallel import each_chunk, in_parallel
+from .parallel import each_chunk
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "Conv2d"]
 
@@ -92,10 +94,11 @@ def _check_shapes(x, weight, bias, stride: int, padding: int):
 # the 64-channel layer of WRN-28-4, 118-138 GFLOP/s with 2K columns, 87 with 8K and 64 with 16K,
 # against 124 for a 2048^2 GEMM; whole training steps with 512K, 768K and 2M-float chunks were no
 # faster (1.4-1.9% slower, within the noise). The number of chunks is a multiple of
-# CHUNKS_MULTIPLE and the chunks are of equal size (to one image), so that 2 or 4 threads can
-# finish a pass together (5 chunks of 7, 7, 7, 7 and 4 images would leave one of 2 threads 18
-# images and the other 14; on 2 cores the whole step measured the same either way, 0.996x).
-# Tests lower CHUNK_FLOATS to exercise several (and uneven) chunks.
+# CHUNKS_MULTIPLE (unless the batch has fewer images; then one image each) and the chunks are of
+# equal size (to one image), so that 2 or 4 threads can finish a pass together (5 chunks of 7, 7,
+# 7, 7 and 4 images would leave one of 2 threads 18 images and the other 14; on 2 cores the whole
+# step measured the same either way, 0.996x). Tests lower CHUNK_FLOATS to exercise several (and
+# uneven) chunks.
 # On a GPU the loop over chunks would only add kernel launches: there a chunk holds up to 64M
 # floats (256 MB), in practice the whole batch.
 CHUNK_FLOATS = 1 << 20
@@ -107,6 +110,8 @@ def _chunks(xp, n: int, col_floats: int) -> list[tuple[int, int]]:
     """[(n0, n1), ...]: the batch of n images in chunks wide enough for a fast GEMM and small enough
     for the columns to stay in cache; ``col_floats`` is the column floats of one image. They do not
     depend on how many threads will share them (so neither do the results)."""
+    if n == 0:
+        return [(0, 0)]                                 # an empty batch: one empty chunk
     if xp is not np:
         nb = max(1, GPU_CHUNK_FLOATS // max(col_floats, 1))
         return [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
@@ -247,13 +252,36 @@ def conv2d_forward(x, weight, bias=None, stride: int = 1, padding: int = 0):
     return y, cache
 
 
+class _InOrderSum:
+    """Adds arrays handed over in any order, in the order of their indices: ``add(i, a)``, ``total``.
+
+    Threads finish their chunks in any order; holding each array until those before it have been
+    added gives the same sum, bit for bit, as ``total = a0; total += a1; ...`` in a single thread,
+    while keeping only the few arrays that arrived early (not one per chunk).
+    """
+
+    def __init__(self):
+        self.total, self._next, self._waiting, self._lock = None, 0, {}, threading.Lock()
+
+    def add(self, i: int, a) -> None:
+        with self._lock:
+            self._waiting[i] = a
+            while self._next in self._waiting:
+                a = self._waiting.pop(self._next)
+                if self.total is None:
+                    self.total = a
+                else:
+                    self.total += a
+                self._next += 1
+
+
 def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     """dW (O, C, kh, kw) = sum over chunks of dy_mat @ cols.T, computed as (cols @ dy_mat.T).T.
 
     The transposed product (K, O) = cols (K, M) @ dy_mat.T (M, O) runs faster in BLAS than
-    dy_mat @ cols.T for these shapes (measured: ~1.3x on the 64-channel layers). Each chunk's
-    product is kept and they are added in chunk order (ranges of rows on separate threads), so the
-    sum does not depend on which thread computed which chunk.
+    dy_mat @ cols.T for these shapes (measured: ~1.3x on the 64-channel layers). The chunks'
+    products are added in chunk order (:class:`_InOrderSum`), so the sum does not depend on which
+    thread computed which chunk.
     """
     xp = get_array_module(dy, x)
     n, c, h, w = x.shape
@@ -261,23 +289,15 @@ def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     k = c * kh * kw
     chunks = _chunks(xp, n, k * ho * wo)
     nb = max(n1 - n0 for n0, n1 in chunks)
-    products = [None] * len(chunks)
+    dw_t = _InOrderSum()
 
     def one_chunk(im2col, i):
         n0, n1 = chunks[i]
-        products[i] = im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T
+        dw_t.add(i, im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T)
     each_chunk(xp, len(chunks),
                lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo),
                one_chunk, flops=2.0 * n * o * k * ho * wo)
-    dweight = xp.empty((o, k), dtype=x.dtype)
-
-    def add_up(lo, hi):      # rows [lo, hi) of dW.T: the products added in chunk order, transposed
-        total = products[0][lo:hi]
-        for product in products[1:]:
-            total += product[lo:hi]
-        dweight[:, lo:hi] = total.T
-    in_parallel(xp, k, len(products) * k * o, add_up)
-    return dweight.reshape(o, c, kh, kw)
+    return xp.ascontiguousarray(dw_t.total.T).reshape(o, c, kh, kw)
 
 
 def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):

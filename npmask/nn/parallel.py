@@ -21,7 +21,8 @@ Why BLAS is held at one thread even where a convolution runs serially: after eve
 multi-threaded GEMM, OpenBLAS's worker threads busy-wait for ~0.1 s (OPENBLAS_THREAD_TIMEOUT)
 for the next one, on the cores npmask's threads need. So on NumPy with THREADS > 1 every
 ``each_chunk`` call holds BLAS at one thread, also when it runs serially (a single chunk, or work
-under PARALLEL_MIN_FLOPS), and the workers are never woken during a training step. Measured on 2
+under PARALLEL_MIN_FLOPS), and the convolutions never wake the workers (a large fully connected
+layer's product, e.g. VGG's classifier, still uses BLAS's threads). Measured on 2
 cores, one process, settings alternating step by step (benchmarks/results/train_step_cpu.txt,
 run 11): a masked WRN-28-4 step at 64x64 took 0.771x the time of the previous scheme (copies split
 by channel between multi-threaded GEMMs); the small default job (WRN-16-1 at 32x32) was unchanged
@@ -117,7 +118,11 @@ def _run(parts) -> None:
 
 
 def blas_threads_limited_to_one():
-    """Context manager: BLAS runs each matrix product on the calling thread only, until exit."""
+    """Context manager: BLAS runs each matrix product on the calling thread only, until exit.
+
+    The controller is made once, and knows the BLAS libraries loaded at that moment (NumPy's); one
+    loaded later (say, by another package) keeps its threads: slower, same results.
+    """
     global _blas
     if ThreadpoolController is None:
         return contextlib.nullcontext()
