@@ -5,9 +5,9 @@ one-core parts of a training step would then be a large share of it. NumPy and B
 GIL inside an operation on a large array, so plain Python threads working on *disjoint* data run
 truly in parallel. Two ways of splitting the work:
 
-- :func:`in_parallel` (batch norm, ReLU, the sum of a convolution's weight-gradient chunks): ranges
-  of an axis (channels, batch rows, matrix rows), one per thread. Every element is computed by
-  exactly one thread with the same arithmetic as the serial code, so the results are bit-identical.
+- :func:`in_parallel` (batch norm, ReLU): ranges of an axis (channels, batch rows), one per
+  thread. Every element is computed by exactly one thread with the same arithmetic as the serial
+  code, so the results are bit-identical.
 - :func:`each_chunk` (convolution; also the optimisers, one parameter per item): chunks of a few
   images, each a complete piece of work (im2col copy, GEMM, output copy), handed to whichever
   thread is free next, with BLAS on ONE thread. Each core runs its own GEMMs on data in its own
