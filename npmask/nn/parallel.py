@@ -31,9 +31,14 @@ and restored on exit; without it BLAS keeps its threads (same results, slower).
 
 THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code with BLAS
 on its default threads; CuPy arrays never use threads (on a GPU each operation is one kernel launch
-anyway). Work under PARALLEL_MIN_FLOATS (1M floats, 4 MB) or PARALLEL_MIN_FLOPS (64M, ~0.5 ms on
-one core) stays on the calling thread: handing work to a thread costs ~20-50 us. A part that calls
-in_parallel/each_chunk again runs that call serially (no nesting).
+anyway). Work under PARALLEL_MIN_FLOATS (256K floats, 1 MB) or PARALLEL_MIN_FLOPS (64M, ~0.5 ms
+on one core) stays on the calling thread: handing work to a thread costs ~20-50 us. Measured on 2
+cores, one process, thresholds alternating step by step: 256K floats against 1M (where it was while
+BLAS's workers still spun, see above), WRN-28-4 0.952x and 0.969x the step time, the small default
+job 0.980x and 0.994x; 128K made the small job 1.09x slower. For GEMM work, a 16M-flop threshold
+made the small job 1.13x slower than 64M, and 256M 1.02x (measured while serial convolutions still
+used BLAS's threads).
+A part that calls in_parallel/each_chunk again runs that call serially (no nesting).
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def _default_threads() -> int:
 
 
 THREADS = _default_threads()
-PARALLEL_MIN_FLOATS = 1 << 20                  # in_parallel: elementwise work, in floats
+PARALLEL_MIN_FLOATS = 1 << 18                  # elementwise work, in floats
 PARALLEL_MIN_FLOPS = 1 << 26                   # each_chunk: GEMM work (~0.5 ms on one core)
 _pool = None                                    # (threads, process id, executor), made lazily
 _local = threading.local()                      # .inside: this thread is running a part
