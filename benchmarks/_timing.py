@@ -12,7 +12,7 @@ class Clock:
 
     ``cpu=True`` (NumPy only) measures the CPU time of this process instead (``process_time``, all
     threads summed): on a machine shared with other jobs it is far less noisy than wall time, and
-    with ``OPENBLAS_NUM_THREADS=1`` it is what the step would take on one idle core.
+    with ``NPMASK_THREADS=1 OPENBLAS_NUM_THREADS=1`` it is what the step would take on one idle core.
     """
 
     def __init__(self, xp, cpu: bool = False, stat: str = "median"):

@@ -5,7 +5,8 @@ Run:  .venv/bin/python benchmarks/train_step.py [--backend numpy|cupy] [--model 
           [--variants full,piggyback,...] [--profile full,...]
 Quick check:  .venv/bin/python benchmarks/train_step.py --model wrn16_1 --size 32 --repeats 2
 On a machine shared with other jobs, two BLAS threads time erratically; for figures that can be
-compared from run to run use  OPENBLAS_NUM_THREADS=1 ... --clock cpu  (one core, CPU time).
+compared from run to run use  NPMASK_THREADS=1 OPENBLAS_NUM_THREADS=1 ... --clock cpu  (one core,
+CPU time).
 
 Prints, in one run on the chosen backend:
 
@@ -212,7 +213,7 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="NumPy only: cpu = CPU time of the process (robust when the machine is shared; "
-                         "use with OPENBLAS_NUM_THREADS=1)")
+                         "use with NPMASK_THREADS=1 OPENBLAS_NUM_THREADS=1)")
     ap.add_argument("--profile", default="", metavar="VARIANTS",
                     help="comma-separated variants whose step is broken down by layer type")
     args = ap.parse_args(argv)
