@@ -15,7 +15,6 @@ gives dx and G = dL/dW~; the transform backward turns G into dL/dR and dL/dk.
 """
 from __future__ import annotations
 
-
 from ..backend import get_array_module, rng as make_rng
 from ..nn.conv import conv2d_backward, conv2d_forward
 from ..nn.linear import linear_backward, linear_forward

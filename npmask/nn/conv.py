@@ -106,18 +106,21 @@ CHUNKS_MULTIPLE = 4
 GPU_CHUNK_FLOATS = 1 << 26
 
 
-def _chunks(xp, n: int, col_floats: int) -> list[tuple[int, int]]:
-    """[(n0, n1), ...]: the batch of n images in chunks wide enough for a fast GEMM and small enough
-    for the columns to stay in cache; ``col_floats`` is the column floats of one image. They do not
-    depend on how many threads will share them (so neither do the results)."""
+def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
+    """(nb, [(n0, n1), ...]): the batch of n images in chunks wide enough for a fast GEMM and small
+    enough for the columns to stay in cache, and nb, the images of the largest (what a thread's
+    buffers must hold); ``col_floats`` is the column floats of one image. The chunks do not depend
+    on how many threads will share them (so neither do the results)."""
     if n == 0:
-        return [(0, 0)]                                 # an empty batch: one empty chunk
-    if xp is not np:
+        chunks = [(0, 0)]                               # an empty batch: one empty chunk
+    elif xp is not np:
         nb = max(1, GPU_CHUNK_FLOATS // max(col_floats, 1))
-        return [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
-    fewest = -(-n // max(1, CHUNK_FLOATS // max(col_floats, 1)))      # chunks of at most CHUNK_FLOATS
-    count = min(n, -(-fewest // CHUNKS_MULTIPLE) * CHUNKS_MULTIPLE)
-    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+        chunks = [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
+    else:
+        fewest = -(-n // max(1, CHUNK_FLOATS // max(col_floats, 1)))  # chunks of <= CHUNK_FLOATS
+        count = min(n, -(-fewest // CHUNKS_MULTIPLE) * CHUNKS_MULTIPLE)
+        chunks = [(n * i // count, n * (i + 1) // count) for i in range(count)]
+    return max(n1 - n0 for n0, n1 in chunks), chunks
 
 
 class _Columns:
@@ -160,13 +163,11 @@ class _Columns:
         m = x_chunk.shape[0]
         c, kh, kw, ho, wo, s = self.c, self.kh, self.kw, self.ho, self.wo, self.stride
         k, length = c * kh * kw, m * ho * self.r
-        if kh == 1 and kw == 1 and self.ph == 0 and self.pw == 0 and m == 1:
-            # A 1x1 convolution needs no im2col: the (strided) input is the column matrix.
-            x_chunk = x_chunk[:, :, ::s, ::s] if s > 1 else x_chunk
-            return x_chunk.reshape(c, ho * wo)          # a view for stride 1, a copy for stride 2
         cols = self.buf[:, :length].reshape(c, kh, kw, m, ho * self.r)
         if self.xpad is None:                          # 1x1, no padding: a (strided) transpose
             x_chunk = x_chunk[:, :, ::s, ::s] if s > 1 else x_chunk
+            if m == 1:   # one image needs no im2col: the (strided) input is the column matrix
+                return x_chunk.reshape(c, ho * wo)      # a view for stride 1, a copy for stride 2
             cols.reshape(c, m, ho, wo)[...] = x_chunk.transpose(1, 0, 2, 3)
         elif self.wide:
             flat = self.xpad[:m]
@@ -225,8 +226,7 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
     k = c * kh * kw
     w_mat = weight.reshape(o, k)
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
-    chunks = _chunks(xp, n, k * ho * wo)
-    nb = max(n1 - n0 for n0, n1 in chunks)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
 
     def one_chunk(im2col, i):
         n0, n1 = chunks[i]
@@ -287,8 +287,7 @@ def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     n, c, h, w = x.shape
     _, o, ho, wo = dy.shape
     k = c * kh * kw
-    chunks = _chunks(xp, n, k * ho * wo)
-    nb = max(n1 - n0 for n0, n1 in chunks)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
     dw_t = _InOrderSum()
 
     def one_chunk(im2col, i):
@@ -309,8 +308,7 @@ def _input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     k = c * kh * kw
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
-    chunks = _chunks(xp, n, k * ho * wo)
-    nb = max(n1 - n0 for n0, n1 in chunks)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
 
     def one_chunk(dxpad, i):
         n0, n1 = chunks[i]

@@ -11,7 +11,6 @@ ratio) but keeps every exponent <= 0, so large logits cannot overflow.
 """
 from __future__ import annotations
 
-
 from ..backend import get_array_module
 
 

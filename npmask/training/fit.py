@@ -13,10 +13,10 @@ The epoch's line is appended to metrics.jsonl just *before* that checkpoint is w
 killed between the two writes leaves a line for an epoch the checkpoint does not hold yet; on
 resume the run folder drops such lines (``npmask.train``/``npmask.pretrain``) and the epoch is
 run again. The other order would lose the line for good: the resumed run starts after it.
-Everything random in an epoch (the
-sample order, crops, flips) comes from the loader's ``(seed, epoch)`` generator, so a run resumed
-from the checkpoint of epoch ``e`` runs epoch ``e + 1`` exactly as the uninterrupted run did: the
-final numbers are identical, not just close.
+
+Everything random in an epoch (the sample order, crops, flips) comes from the loader's
+``(seed, epoch)`` generator, so a run resumed from the checkpoint of epoch ``e`` runs epoch
+``e + 1`` exactly as the uninterrupted run did: the final numbers are identical, not just close.
 """
 from __future__ import annotations
 
