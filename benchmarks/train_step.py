@@ -26,8 +26,9 @@ Prints, in one run on the chosen backend:
    (steadier than a ratio of medians on a machine whose speed drifts). The steps of all
    variants and the GEMM timings run interleaved, round by round, so that a change of machine load
    during the run affects them all alike;
-4. the share of a ``full`` step spent in the mask transform (forward and backward, gradient
-   accumulation included), timed inside the step;
+4. for each mask variant (piggyback, simple, full), the time its step spends in the mask transform
+   (forward and backward, gradient accumulation included), timed inside the step, its share of the
+   step, and its ratio to the full model's transform in the same round;
 5. peak memory: on NumPy the peak of traced allocations during one step (tracemalloc, which NumPy
    reports its array buffers to) and the process's maximum resident set size; on CuPy the memory
    pool's peak.
@@ -51,6 +52,7 @@ import numpy as np  # noqa: E402
 from npmask import models  # noqa: E402
 from npmask.backend import get_backend  # noqa: E402
 from npmask.masking import layers as masked_layers  # noqa: E402
+from npmask.masking.variants import VARIANTS as VARIANT_SPECS  # noqa: E402
 from npmask.multidomain import MultiDomainModel  # noqa: E402
 from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import Conv2d  # noqa: E402
@@ -198,6 +200,37 @@ def peak_memory(xp, step) -> str:
     return f"CuPy memory pool: {used / 2**20:.0f} MiB in use after the step, {total / 2**20:.0f} MiB held"
 
 
+def transform_shares(steps: dict, names: list, clock: Clock, repeats: int) -> None:
+    """Print the time each mask variant's step spends in the mask transform (forward + backward).
+
+    The variants' steps run round-robin, ``repeats`` rounds, with :class:`TransformTimer` active.
+    Mask variants differ from one another only in the transform (which k's are learned) and in a
+    few scalars of optimiser state; the rest of their steps is the same code on the same shapes. So
+    where the step times are equal within the machine's noise, the transform times (paired, per
+    round) say which variant is cheaper.
+    """
+    timer = TransformTimer(clock)
+    transform, step_time = {n: [] for n in names}, {n: [] for n in names}
+    with timer.active():
+        for name in names:
+            steps[name][1]()
+        for _ in range(repeats):
+            for name in names:
+                timer.total = 0.0
+                step_time[name].append(clock.time(steps[name][1]))
+                transform[name].append(timer.total)
+    print("mask transform (forward + backward), median over the steps; share = transform / that step:")
+    for name in names:
+        tr, st = np.array(transform[name]), np.array(step_time[name])
+        line = (f"  {name:<15}{1e3 * np.median(tr):>8.1f} ms of a {np.median(st):.3f} s step "
+                f"({100 * np.median(tr / st):.1f}%)")
+        if "full" in names and name != "full":
+            full_tr, full_st = np.array(transform["full"]), np.array(step_time["full"])
+            line += (f"; paired / full: transform {np.median(tr / full_tr):.3f}, "
+                     f"rest of the step {np.median((st - tr) / (full_st - full_tr)):.3f}")
+        print(line)
+
+
 # ---------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,25 +317,12 @@ def main(argv=None):
     for name in names:
         if name in args.profile.split(","):
             profile(steps[name][0], steps[name][1], clock, args.repeats, name)
-    results = {name: steps[name] for name in names if name == "full"}
+    masked = [name for name in names if VARIANT_SPECS[name].has_mask]
+    if masked:
+        transform_shares(steps, masked, clock, args.repeats)
+    if "full" in names:
+        print("peak memory of a full step: " + peak_memory(xp, steps["full"][1]))
     del steps
-
-    if "full" in results:
-        model, step = results["full"]
-        tt = TransformTimer(clock)
-        shares = []
-        with tt.active():
-            step()
-            for _ in range(args.repeats):
-                tt.total = 0.0
-                t = clock.time(step)
-                shares.append((tt.total, t))
-        # the share is taken per step (transform time / that step's time), then the median
-        tr, st = np.median([s[0] for s in shares]), np.median([s[1] for s in shares])
-        share = np.median([s[0] / s[1] for s in shares])
-        print(f"mask transform (forward + backward) in a full step: {100 * share:.1f}% "
-              f"(median {tr:.3f} s of a {st:.3f} s step)")
-        print("peak memory of a full step: " + peak_memory(xp, step))
     rate_end = gemm_rate(xp, clock)
     print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "
           "(a large difference means other work shared the machine during the run)")
