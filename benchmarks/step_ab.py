@@ -1,0 +1,100 @@
+"""A training step under several values of one npmask setting, taking turns step by step in one process.
+
+Run:  .venv/bin/python benchmarks/step_ab.py MODULE.NAME=V1,V2,... [--model wrn28_4] [--size 64]
+          [--variant full] [--rounds 10]
+e.g.  .venv/bin/python benchmarks/step_ab.py npmask.nn.conv.CHUNK_FLOATS=1048576,2097152,4194304
+      .venv/bin/python benchmarks/step_ab.py npmask.nn.parallel.THREADS=2,3,4
+
+Sets the module attribute (a constant that npmask reads when it runs, such as a chunk size, a
+threshold or the thread count) to each value in turn, one training step per value and round, the
+order reversed every other round, after a pause that lets OpenBLAS's workers stop spinning
+(``_timing.settle``). The machine's speed drifts by tens of percent within minutes, so a comparison
+is only trustworthy inside one process: the script prints each value's median step, its multiple
+of the FLOP floor (GEMM rate measured in the same rounds) and the median and quartiles over the
+rounds of the paired ratio (this value's step / the first value's step of the same round).
+The attribute is restored at the end. Values are Python literals (ast.literal_eval).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
+
+from npmask import models  # noqa: E402
+from npmask.multidomain import MultiDomainModel  # noqa: E402
+
+from _timing import Clock, gemm_rate, settle  # noqa: E402
+from train_step import make_step, step_flops  # noqa: E402
+
+
+def parse_setting(text: str):
+    """'package.module.NAME=V1,V2' -> (module, 'NAME', [V1, V2]); clear errors for bad input."""
+    target, sep, values = text.partition("=")
+    module_name, _, attr = target.rpartition(".")
+    if not sep or not module_name or not values:
+        raise SystemExit(f"expected MODULE.NAME=V1,V2,..., got {text!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise SystemExit(f"{module_name} has no attribute {attr!r}")
+    try:
+        parsed = [ast.literal_eval(v) for v in values.split(",")]
+    except (ValueError, SyntaxError) as exc:
+        raise SystemExit(f"values must be Python literals, got {values!r}: {exc}")
+    return module, attr, parsed
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("setting", help="MODULE.NAME=V1,V2,... (the first value is the baseline)")
+    ap.add_argument("--model", default="wrn28_4")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variant", default="full")
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args(argv)
+    module, attr, values = parse_setting(args.setting)
+    original = getattr(module, attr)
+
+    backbone = models.create(args.model, num_classes=10, input_size=args.size, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    flops, _ = step_flops(backbone, x)
+    model = MultiDomainModel(backbone)
+    model.add_domain(args.variant, num_classes=10, variant=args.variant, seed=0)
+    model.set_domain(args.variant).train()
+    step, clock = make_step(model, x, y), Clock(np)
+    order = list(range(len(values)))
+    times, rates = [[] for _ in values], []
+    try:
+        for i in order:                                   # warm-up: buffers, threads
+            setattr(module, attr, values[i])
+            step()
+        for r in range(args.rounds):
+            rates.append(gemm_rate(np, clock, repeats=3))
+            for i in order if r % 2 == 0 else order[::-1]:
+                setattr(module, attr, values[i])
+                settle(np)
+                times[i].append(clock.time(step))
+    finally:
+        setattr(module, attr, original)
+    floor = flops / 1e9 / float(np.median(rates))
+    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, variant {args.variant}, "
+          f"{args.rounds} rounds; GEMM {np.median(rates):.0f} GFLOP/s "
+          f"(range {min(rates):.0f}-{max(rates):.0f}), floor {floor:.3f} s")
+    base = np.array(times[0])
+    for value, t in zip(values, times):
+        t = np.array(t)
+        q1, med, q3 = np.percentile(t / base, [25, 50, 75])
+        print(f"{module.__name__}.{attr} = {value!r:<12} median step {np.median(t):.3f} s = "
+              f"{np.median(t) / floor:.2f}x floor, paired ratio {med:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+
+
+if __name__ == "__main__":
+    main()
