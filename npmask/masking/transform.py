@@ -95,11 +95,17 @@ def _reduce_like(a, k):
     return a.reshape(a.shape[0], -1).sum(axis=1)
 
 
-def _dot_like(a, b, k):
-    """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum."""
+def _dot_like(a, b, k, blas: bool = True):
+    """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum.
+
+    ``blas=False`` sums with einsum also for one k: for a boolean b (the mask), which BLAS cannot
+    take; einsum converts it as it goes (measured 2.4x faster than G∘M and a sum for a 256x256x3x3
+    weight)."""
     xp = get_array_module(a, b)
     if k.shape[0] == 1 and a.shape[0] != 1:
-        return xp.vdot(a.reshape(-1), b.reshape(-1)).reshape(1)
+        if blas:
+            return xp.vdot(a.reshape(-1), b.reshape(-1)).reshape(1)
+        return xp.einsum("i,i->", a.reshape(-1), b.reshape(-1)).reshape(1)
     return xp.einsum("ij,ij->i", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
@@ -218,10 +224,10 @@ def transform_backward(G, cache: TransformCache, need_k=(True, True, True, True)
     if want[1]:
         dks[1] = _reduce_like(G, ks[1])
     GM = None
-    if want[2] or want[3] or (need_W and not _is(ks[3], 0.0)):
-        GM = xp.multiply(G, M, dtype=G.dtype)          # G∘M, shared by dk2, dk3 and dW
-    if want[2]:
-        dks[2] = _reduce_like(GM, ks[2])
+    if want[3] or (need_W and not _is(ks[3], 0.0)):
+        GM = xp.multiply(G, M, dtype=G.dtype)          # G∘M, shared by dk3, dW and dk2
+    if want[2]:                                        # without G∘M (simple): one pass, no temporary
+        dks[2] = _reduce_like(GM, ks[2]) if GM is not None else _dot_like(G, M, ks[2], blas=False)
     if want[3]:
         dks[3] = _dot_like(GM, W, ks[3])
 
