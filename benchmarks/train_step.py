@@ -33,7 +33,9 @@ Prints, in one run on the chosen backend:
    reports its array buffers to) and the process's maximum resident set size; on CuPy the memory
    pool's peak.
 
-``--profile full,...`` adds a breakdown of those variants' steps by layer type (where the time goes).
+``--profile full,...`` adds a breakdown of those variants' steps by layer type (where the time goes),
+convolutions by geometry with the GEMM rate each one reaches (its GEMM FLOPs / its time; a masked
+layer's time includes its mask transform).
 Times on CuPy use CUDA events around the step (GPU time, after a synchronising warm-up).
 """
 from __future__ import annotations
@@ -137,24 +139,43 @@ class TransformTimer:
             cls._forward_weight, cls._backward_weight = fwd, bwd
 
 
+def _conv_key(m, x):
+    """(label, forward FLOPs, GEMMs of the backward pass) for a conv layer and its input, else None."""
+    weight = m.weight if isinstance(m, masked_layers._MaskedLayer) else m.params.get("weight")
+    if weight is None or weight.ndim != 4 or not hasattr(m, "stride"):
+        return None
+    o, c, kh, kw = weight.shape
+    n, _, h, w = x.shape
+    ho, wo = (h + 2 * m.padding - kh) // m.stride + 1, (w + 2 * m.padding - kw) // m.stride + 1
+    weight_grad = m._needs_weight_grad() if hasattr(m, "_needs_weight_grad") else m.requires_grad("weight")
+    gemms = int(getattr(m, "need_input_grad", True)) + int(weight_grad)
+    label = f"{type(m).__name__} {c}->{o} {kh}x{kw}/{m.stride} at {h}x{w}"
+    return label, 2.0 * n * o * c * kh * kw * ho * wo, gemms
+
+
 @contextlib.contextmanager
-def layer_profile(net, clock: Clock, table: dict):
-    """Adds the forward and backward time of every leaf module of ``net`` to ``table`` by type."""
+def layer_profile(net, clock: Clock, table: dict, flops: dict):
+    """Adds the forward and backward time of every leaf module of ``net`` to ``table``: by type, and
+    for convolutions by geometry, with their GEMM FLOPs in ``flops``."""
     patched = []
     for _, m in net.named_modules():
         if m.children and type(m).__name__ not in ("SharedFrozen",):
             continue
-        name = type(m).__name__
         fwd, bwd = m.forward, m.backward
 
-        def tf(x, fwd=fwd, name=name):
-            out = {}
+        def tf(x, m=m, fwd=fwd):
+            out, conv = {}, _conv_key(m, x)
+            name = type(m).__name__ if conv is None else conv[0]
             table[name + " fwd"] += clock.time(lambda: out.setdefault("y", fwd(x)))
+            if conv is not None:
+                flops[name + " fwd"] += conv[1]
+                flops[name + " bwd"] += conv[1] * conv[2]
+            m.__dict__["_profile_name"] = name
             return out["y"]
 
-        def tb(dy, bwd=bwd, name=name):
+        def tb(dy, m=m, bwd=bwd):
             out = {}
-            table[name + " bwd"] += clock.time(lambda: out.setdefault("d", bwd(dy)))
+            table[m.__dict__["_profile_name"] + " bwd"] += clock.time(lambda: out.setdefault("d", bwd(dy)))
             return out["d"]
 
         object.__setattr__(m, "forward", tf)
@@ -164,22 +185,26 @@ def layer_profile(net, clock: Clock, table: dict):
         yield table
     finally:
         for m in patched:
-            del m.__dict__["forward"], m.__dict__["backward"]
+            for key in ("forward", "backward", "_profile_name"):
+                m.__dict__.pop(key, None)
 
 
 def profile(model, step, clock: Clock, repeats: int, name: str) -> None:
-    """Print where the step's time goes, by layer type (forward and backward separately)."""
-    table = defaultdict(float)
-    with layer_profile(model.network(), clock, table):
+    """Print where the step's time goes, by layer type and conv geometry (forward and backward
+    separately), with the GEMM rate each conv reaches (its GEMM FLOPs / its time)."""
+    table, flops = defaultdict(float), defaultdict(float)
+    with layer_profile(model.network(), clock, table, flops):
         step()
         table.clear()
+        flops.clear()
         total = sum(clock.time(step) for _ in range(repeats))
     print(f"    where a {name} step's time goes (mean of {repeats} steps, {total / repeats:.3f} s):")
     for key, v in sorted(table.items(), key=lambda kv: -kv[1]):
         if v / total >= 0.002:
-            print(f"      {key:<26}{v / repeats:>8.3f} s {100 * v / total:>6.1f}%")
+            rate = f"{flops[key] / v / 1e9:>7.0f} GFLOP/s" if flops.get(key) else ""
+            print(f"      {key:<44}{v / repeats:>8.3f} s {100 * v / total:>6.1f}%{rate}")
     rest = total - sum(table.values())
-    print(f"      {'rest (loss, optimiser)':<26}{rest / repeats:>8.3f} s {100 * rest / total:>6.1f}%")
+    print(f"      {'rest (loss, optimiser)':<44}{rest / repeats:>8.3f} s {100 * rest / total:>6.1f}%")
 
 
 def peak_memory(xp, step) -> str:
