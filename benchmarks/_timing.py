@@ -64,3 +64,25 @@ def gemm_rate(xp, clock: Clock, n: int = 2048, repeats: int = 7) -> float:
     rate = 2 * n**3 / clock.repeat(lambda: xp.matmul(a, b, out=out), repeats) / 1e9
     settle(xp)
     return rate
+
+
+def take_turns(step, settings, rounds: int, clock: Clock):
+    """Time ``step`` under each setting, taking turns: ``(times, rates)`` (NumPy only).
+
+    ``settings`` are functions that switch to a setting. Each is warmed up with one step; then every
+    round measures the GEMM rate and times one step per setting, in reversed order every other
+    round, each after :func:`settle`. ``times[i]`` lists setting i's step times, one per round: on a
+    machine whose speed drifts within minutes, compare settings by their ratio within a round.
+    """
+    for switch in settings:
+        switch()
+        step()
+    order = list(range(len(settings)))
+    times, rates = [[] for _ in settings], []
+    for r in range(rounds):
+        rates.append(gemm_rate(np, clock, repeats=3))
+        for i in order if r % 2 == 0 else order[::-1]:
+            settings[i]()
+            settle(np)
+            times[i].append(clock.time(step))
+    return times, rates

@@ -23,12 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
-from npmask import models  # noqa: E402
-from npmask.multidomain import MultiDomainModel  # noqa: E402
 from npmask.nn import conv  # noqa: E402
 
-from _timing import Clock, gemm_rate, settle  # noqa: E402
-from train_step import make_step, step_flops  # noqa: E402
+from _timing import Clock, take_turns  # noqa: E402
+from train_step import build_step  # noqa: E402
 
 ROUTINES = ("_conv_gemm", "_weight_grad", "_input_grad_col2im")
 
@@ -61,27 +59,13 @@ def main(argv=None):
         for name, fn in versions[version].items():
             setattr(conv, name, fn)
 
-    backbone = models.create(args.model, num_classes=10, input_size=args.size, seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
-    y = rng.integers(0, 10, args.batch)
-    flops, _ = step_flops(backbone, x)
-    model = MultiDomainModel(backbone)
-    model.add_domain(args.variant, num_classes=10, variant=args.variant, seed=0)
-    model.set_domain(args.variant).train()
-    step = make_step(model, x, y)
-    clock = Clock(np)
-    for version in versions:                          # warm-up: buffers, threads
-        use(version)
-        step()
-    rates, times = [], {version: [] for version in versions}
-    for _ in range(args.rounds):
-        rates.append(gemm_rate(np, clock, repeats=3))
-        for version in versions:
-            use(version)
-            settle(np)
-            times[version].append(clock.time(step))
-    use("this checkout")
+    step, flops = build_step(args.model, args.size, args.batch, args.variant)
+    names = list(versions)
+    try:
+        times, rates = take_turns(step, [lambda v=v: use(v) for v in names], args.rounds, Clock(np))
+    finally:
+        use("this checkout")
+    times = dict(zip(names, times))
     floor = flops / 1e9 / float(np.median(rates))
     print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, variant {args.variant}, "
           f"{args.rounds} rounds; GEMM {np.median(rates):.0f} GFLOP/s "

@@ -26,11 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
-from npmask import models  # noqa: E402
-from npmask.multidomain import MultiDomainModel  # noqa: E402
-
-from _timing import Clock, gemm_rate, settle  # noqa: E402
-from train_step import make_step, step_flops  # noqa: E402
+from _timing import Clock, take_turns  # noqa: E402
+from train_step import build_step  # noqa: E402
 
 
 def parse_setting(text: str):
@@ -61,27 +58,10 @@ def main(argv=None):
     module, attr, values = parse_setting(args.setting)
     original = getattr(module, attr)
 
-    backbone = models.create(args.model, num_classes=10, input_size=args.size, seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
-    y = rng.integers(0, 10, args.batch)
-    flops, _ = step_flops(backbone, x)
-    model = MultiDomainModel(backbone)
-    model.add_domain(args.variant, num_classes=10, variant=args.variant, seed=0)
-    model.set_domain(args.variant).train()
-    step, clock = make_step(model, x, y), Clock(np)
-    order = list(range(len(values)))
-    times, rates = [[] for _ in values], []
+    step, flops = build_step(args.model, args.size, args.batch, args.variant)
+    switches = [lambda v=v: setattr(module, attr, v) for v in values]
     try:
-        for i in order:                                   # warm-up: buffers, threads
-            setattr(module, attr, values[i])
-            step()
-        for r in range(args.rounds):
-            rates.append(gemm_rate(np, clock, repeats=3))
-            for i in order if r % 2 == 0 else order[::-1]:
-                setattr(module, attr, values[i])
-                settle(np)
-                times[i].append(clock.time(step))
+        times, rates = take_turns(step, switches, args.rounds, Clock(np))
     finally:
         setattr(module, attr, original)
     floor = flops / 1e9 / float(np.median(rates))

@@ -108,6 +108,20 @@ def make_step(model: MultiDomainModel, x, y):
     return lambda: train_step(model, opt, x, y)[0]
 
 
+def build_step(model_name: str, size: int, batch: int, variant: str):
+    """(step, FLOPs of one step): ``variant`` added to a fresh ``model_name`` backbone (10 classes,
+    seed 0), trained on one fixed random NumPy batch of ``batch`` images of size x size."""
+    backbone = models.create(model_name, num_classes=10, input_size=size, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    flops, _ = step_flops(backbone, x)
+    model = MultiDomainModel(backbone)
+    model.add_domain(variant, num_classes=10, variant=variant, seed=0)
+    model.set_domain(variant).train()
+    return make_step(model, x, y), flops
+
+
 class TransformTimer:
     """Accumulates the time spent in the masked layers' transform forward and backward.
 

@@ -34,13 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
-from npmask import models  # noqa: E402
-from npmask.multidomain import MultiDomainModel  # noqa: E402
 from npmask.nn import conv  # noqa: E402
 from npmask.nn.parallel import each_chunk  # noqa: E402
 
-from _timing import Clock, gemm_rate, settle  # noqa: E402
-from train_step import make_step, step_flops  # noqa: E402
+from _timing import Clock, take_turns  # noqa: E402
+from train_step import build_step  # noqa: E402
 
 MIN_CHANNELS = 16        # Winograd for 3x3 stride-1 padding-1 layers with at least this many channels
 CHUNK_FLOATS = 1 << 20   # transformed-input floats per chunk of images
@@ -232,8 +230,12 @@ def check() -> None:
                 raise AssertionError("Winograd disagrees with npmask's convolution")
 
 
-def main(argv=None):
+def _use_from(channels: int) -> None:
     global MIN_CHANNELS
+    MIN_CHANNELS = channels
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--min-channels", default="1000000,256,128,16")
@@ -242,34 +244,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     check()
     settings = [int(s) for s in args.min_channels.split(",")]
-    backbone = models.create(args.model, num_classes=10, input_size=args.size, seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((32, 3, args.size, args.size)).astype(np.float32)
-    y = rng.integers(0, 10, 32)
-    flops, _ = step_flops(backbone, x)
-    model = MultiDomainModel(backbone)
-    model.add_domain("full", num_classes=10, variant="full", seed=0)
-    model.set_domain("full").train()
-    step, clock = make_step(model, x, y), Clock(np)
+    step, flops = build_step(args.model, args.size, 32, "full")
     restore = install()
     try:
-        for s in settings:                              # warm-up
-            MIN_CHANNELS = s
-            step()
-        times, rates = {s: [] for s in settings}, []
-        for r in range(args.rounds):
-            rates.append(gemm_rate(np, clock, repeats=3))
-            for s in settings if r % 2 == 0 else settings[::-1]:
-                MIN_CHANNELS = s
-                settle(np)
-                times[s].append(clock.time(step))
+        times, rates = take_turns(step, [lambda s=s: _use_from(s) for s in settings], args.rounds, Clock(np))
     finally:
         restore()
     floor = flops / 1e9 / float(np.median(rates))
-    base = np.array(times[settings[0]])
+    base = np.array(times[0])
     print(f"{args.model} at {args.size}x{args.size}, batch 32, full, {args.rounds} rounds; GEMM "
           f"{np.median(rates):.0f} GFLOP/s, floor {floor:.3f} s")
-    for s, t in times.items():
+    for s, t in zip(settings, times):
         t = np.array(t)
         print(f"Winograd from {s:>7} channels: median step {np.median(t):.3f} s = "
               f"{np.median(t) / floor:.2f}x floor, paired ratio to the first setting "
