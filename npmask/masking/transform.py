@@ -99,8 +99,9 @@ def _dot_like(a, b, k, blas: bool = True):
     """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum.
 
     ``blas=False`` sums with einsum also for one k: for a boolean b (the mask), which BLAS cannot
-    take; einsum converts it as it goes (measured 2.4x faster than G∘M and a sum for a 256x256x3x3
-    weight)."""
+    take and einsum converts as it goes. For the simple model's dk2 this replaced G∘M and its sum:
+    its transform in a WRN-28-4 step went from 0.708x to 0.660x the full model's
+    (benchmarks/train_step.py, benchmarks/results/train_step_cpu.txt runs 17 and 18)."""
     xp = get_array_module(a, b)
     if k.shape[0] == 1 and a.shape[0] != 1:
         if blas:
