@@ -95,16 +95,16 @@ def _reduce_like(a, k):
     return a.reshape(a.shape[0], -1).sum(axis=1)
 
 
-def _dot_like(a, b, k, blas: bool = True):
+def _dot_like(a, b, k):
     """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum.
 
-    ``blas=False`` sums with einsum also for one k: for a boolean b (the mask), which BLAS cannot
-    take and einsum converts as it goes. For the simple model's dk2 this replaced G∘M and its sum:
-    its transform in a WRN-28-4 step went from 0.708x to 0.660x the full model's
-    (benchmarks/train_step.py, benchmarks/results/train_step_cpu.txt runs 17 and 18)."""
+    A boolean b (the mask) goes to einsum also for one k: BLAS cannot take it, and einsum converts
+    it as it goes. For the simple model's dk2 = Σ G∘M this replaced G∘M and its sum: its transform
+    in a WRN-28-4 step went from 0.708x to 0.660x the full model's (benchmarks/train_step.py,
+    benchmarks/results/train_step_cpu.txt runs 17 and 18)."""
     xp = get_array_module(a, b)
     if k.shape[0] == 1 and a.shape[0] != 1:
-        if blas:
+        if b.dtype != bool:
             return xp.vdot(a.reshape(-1), b.reshape(-1)).reshape(1)
         return xp.einsum("i,i->", a.reshape(-1), b.reshape(-1)).reshape(1)
     return xp.einsum("ij,ij->i", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
@@ -228,7 +228,7 @@ def transform_backward(G, cache: TransformCache, need_k=(True, True, True, True)
     if want[3] or (need_W and not _is(ks[3], 0.0)):
         GM = xp.multiply(G, M, dtype=G.dtype)          # G∘M, shared by dk3, dW and dk2
     if want[2]:                                        # without G∘M (simple): one pass, no temporary
-        dks[2] = _reduce_like(GM, ks[2]) if GM is not None else _dot_like(G, M, ks[2], blas=False)
+        dks[2] = _reduce_like(GM, ks[2]) if GM is not None else _dot_like(G, M, ks[2])
     if want[3]:
         dks[3] = _dot_like(GM, W, ks[3])
 
