@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from npmask.nn import conv  # noqa: E402
 
 from _timing import Clock, take_turns  # noqa: E402
-from train_step import build_step  # noqa: E402
+from train_step import add_step_arguments, build_step, print_floor  # noqa: E402
 
 ROUTINES = ("_conv_gemm", "_weight_grad", "_input_grad_col2im")
 
@@ -44,11 +44,7 @@ def conv_module_at(revision: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("revision")
-    ap.add_argument("--model", default="wrn28_4")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--variant", default="full")
-    ap.add_argument("--rounds", type=int, default=10)
+    add_step_arguments(ap)
     args = ap.parse_args(argv)
 
     versions = {"this checkout": {name: getattr(conv, name) for name in ROUTINES}}
@@ -66,10 +62,7 @@ def main(argv=None):
     finally:
         use("this checkout")
     times = dict(zip(names, times))
-    floor = flops / 1e9 / float(np.median(rates))
-    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, variant {args.variant}, "
-          f"{args.rounds} rounds; GEMM {np.median(rates):.0f} GFLOP/s "
-          f"(range {min(rates):.0f}-{max(rates):.0f}), floor {floor:.3f} s")
+    floor = print_floor(args, flops, rates)
     base = np.array(times[args.revision])
     for version, t in times.items():
         ratio = float(np.median(np.array(t) / base))

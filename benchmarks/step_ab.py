@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from _timing import Clock, take_turns  # noqa: E402
-from train_step import build_step  # noqa: E402
+from train_step import add_step_arguments, build_step, print_floor  # noqa: E402
 
 
 def parse_setting(text: str):
@@ -49,11 +49,7 @@ def parse_setting(text: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("setting", help="MODULE.NAME=V1,V2,... (the first value is the baseline)")
-    ap.add_argument("--model", default="wrn28_4")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--variant", default="full")
-    ap.add_argument("--rounds", type=int, default=10)
+    add_step_arguments(ap)
     args = ap.parse_args(argv)
     module, attr, values = parse_setting(args.setting)
     original = getattr(module, attr)
@@ -64,10 +60,7 @@ def main(argv=None):
         times, rates = take_turns(step, switches, args.rounds, Clock(np))
     finally:
         setattr(module, attr, original)
-    floor = flops / 1e9 / float(np.median(rates))
-    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, variant {args.variant}, "
-          f"{args.rounds} rounds; GEMM {np.median(rates):.0f} GFLOP/s "
-          f"(range {min(rates):.0f}-{max(rates):.0f}), floor {floor:.3f} s")
+    floor = print_floor(args, flops, rates)
     base = np.array(times[0])
     for value, t in zip(values, times):
         t = np.array(t)

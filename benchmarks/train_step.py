@@ -122,6 +122,26 @@ def build_step(model_name: str, size: int, batch: int, variant: str):
     return make_step(model, x, y), flops
 
 
+def add_step_arguments(ap, rounds: int = 10) -> None:
+    """The options of the scripts that time one training step in rounds (step_ab.py,
+    conv_against.py, winograd_trial.py): --model, --size, --batch, --variant, --rounds."""
+    ap.add_argument("--model", default="wrn28_4")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variant", default="full")
+    ap.add_argument("--rounds", type=int, default=rounds)
+
+
+def print_floor(args, flops: float, rates) -> float:
+    """Print the step and the GEMM rate over the rounds (from add_step_arguments' options); return
+    the floor, FLOPs / the median GEMM rate, in seconds."""
+    floor = flops / 1e9 / float(np.median(rates))
+    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, variant {args.variant}, "
+          f"{args.rounds} rounds; GEMM {np.median(rates):.0f} GFLOP/s "
+          f"(range {min(rates):.0f}-{max(rates):.0f}), floor {floor:.3f} s")
+    return floor
+
+
 class TransformTimer:
     """Accumulates the time spent in the masked layers' transform forward and backward.
 

@@ -38,7 +38,7 @@ from npmask.nn import conv  # noqa: E402
 from npmask.nn.parallel import each_chunk  # noqa: E402
 
 from _timing import Clock, take_turns  # noqa: E402
-from train_step import build_step  # noqa: E402
+from train_step import add_step_arguments, build_step, print_floor  # noqa: E402
 
 MIN_CHANNELS = 16        # Winograd for 3x3 stride-1 padding-1 layers with at least this many channels
 CHUNK_FLOATS = 1 << 20   # transformed-input floats per chunk of images
@@ -237,23 +237,19 @@ def _use_from(channels: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--min-channels", default="1000000,256,128,16")
-    ap.add_argument("--model", default="wrn28_4")
-    ap.add_argument("--size", type=int, default=64)
+    add_step_arguments(ap, rounds=8)
     args = ap.parse_args(argv)
     check()
     settings = [int(s) for s in args.min_channels.split(",")]
-    step, flops = build_step(args.model, args.size, 32, "full")
+    step, flops = build_step(args.model, args.size, args.batch, args.variant)
     restore = install()
     try:
         times, rates = take_turns(step, [lambda s=s: _use_from(s) for s in settings], args.rounds, Clock(np))
     finally:
         restore()
-    floor = flops / 1e9 / float(np.median(rates))
+    floor = print_floor(args, flops, rates)
     base = np.array(times[0])
-    print(f"{args.model} at {args.size}x{args.size}, batch 32, full, {args.rounds} rounds; GEMM "
-          f"{np.median(rates):.0f} GFLOP/s, floor {floor:.3f} s")
     for s, t in zip(settings, times):
         t = np.array(t)
         print(f"Winograd from {s:>7} channels: median step {np.median(t):.3f} s = "

@@ -36,8 +36,9 @@ on one core) stays on the calling thread: handing work to a thread costs ~20-50 
 cores, one process, thresholds alternating step by step: 256K floats against 1M (where it was while
 BLAS's workers still spun, see above), WRN-28-4 0.952x and 0.969x the step time, the small default
 job 0.980x and 0.994x; 128K made the small job 1.09x slower. For GEMM work, a 16M-flop threshold
-made the small job 1.13x slower than 64M, and 256M 1.02x (measured while serial convolutions still
-used BLAS's threads).
+made the small job 1.13x slower than 64M, and 256M 1.02x, while serial convolutions still used
+BLAS's threads; re-measured since they hold BLAS at one thread too (benchmarks/step_ab.py, 40
+rounds), 16M, 4M and 1G flops were within the noise of 64M (1.019, 0.996, 0.962).
 A part that calls in_parallel/each_chunk again runs that call serially (no nesting).
 """
 from __future__ import annotations
