@@ -72,10 +72,13 @@ def test_k_and_weight_gradients_by_finite_differences(c):
     def f():
         return transform_forward(W, R, ks, tau)[0]
 
+    # W~ is linear in each k and in W (M fixed), so central differences are exact for any step; a
+    # large step keeps the rounding error (about eps * |L| / h) far below the tolerance (with
+    # h = 1e-6 it reached 1.4e-7 of a small dk2).
     for j, k in enumerate(ks):
         if not isinstance(k, float):
-            assert rel_error(dks[j], numeric_gradient(f, k, G)) < 1e-7, f"k{j}"
-    assert rel_error(dW, numeric_gradient(f, W, G)) < 1e-7
+            assert rel_error(dks[j], numeric_gradient(f, k, G, h=1e-2)) < 1e-7, f"k{j}"
+    assert rel_error(dW, numeric_gradient(f, W, G, h=1e-2)) < 1e-7
 
 
 @given(case)
