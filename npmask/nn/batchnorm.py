@@ -26,9 +26,13 @@ backward, so the two passes see exactly the same normalisation.
 
 For speed (these layers touch every activation twice per step) xhat is never stored: forward keeps
 the centred input x - mean_c and folds s_c into per-channel scales, ``y = centred * (weight_c s_c)
-+ bias_c``, and backward expands the training formula into one pass over each array,
-``dx = dy * (w s) - centred * (w s^2 dweight / M) - w s dbias / M``. Sums of products per channel
-(the variance, dweight) use ``einsum``, which adds the products without a temporary array.
++ bias_c``, and backward writes the training formula as four in-place passes over dx,
+``dx = (w s) * (dy - (centred * (s dweight / M) + dbias / M))``, with no temporary array.
+Both work on the (N, C, L) view of the input (L = H*W; 1 for BatchNorm1d). Per-channel sums (the
+mean, dbias) and sums of products (the variance, dweight) use ``einsum``, which adds without a
+temporary array and, for these reductions over the first and last axes, ran 1.7-3.7x faster than
+``sum(axis=(0, 2))`` on one core (same accuracy; benchmarks/elementwise.py). On NumPy every
+per-channel vector is spread to a (C, L) array before it meets an activation (:func:`_spread`).
 Channels are independent, so on NumPy both passes split the channels over a few threads
 (:mod:`npmask.nn.parallel`), with bit-identical results.
 """
@@ -43,17 +47,25 @@ from .module import Module
 from . import parallel
 
 
-def _channel_dot(a, b):
-    """sum over every axis but the channel axis (1) of a * b, without the product's temporary.
+def _channel_sum(a3):
+    """sum over images and positions of a3 (N, C, L) -> (C,).
 
-    a, b (N, C) or (N, C, H, W) -> (C,). einsum adds the products of each (n, c) row as it goes.
-    On CuPy, einsum was measured 2.7-7x slower than one fused ReductionKernel over the same axes
-    (benchmarks/cupy_reductions.py, benchmarks/results/gpu_h100.md), which is used there instead.
+    On NumPy ``einsum`` (1.7-3.7x faster than ``sum(axis=(0, 2))`` on one core for WRN-28-4's
+    shapes, benchmarks/elementwise.py); on CuPy the plain reduction.
     """
-    xp = get_array_module(a, b)
-    n, c = a.shape[:2]
-    a3, b3 = a.reshape(n, c, -1), b.reshape(n, c, -1)
-    if xp is np:
+    if get_array_module(a3) is np:
+        return np.einsum("ncl->c", a3)
+    return a3.sum(axis=(0, 2))
+
+
+def _channel_dot(a3, b3):
+    """sum over images and positions of a3 * b3, both (N, C, L) -> (C,), with no temporary product.
+
+    On NumPy ``einsum`` adds the products as it goes. On CuPy, einsum was measured 2.7-7x slower
+    than one fused ReductionKernel over the same axes (benchmarks/cupy_reductions.py,
+    benchmarks/results/gpu_h100.md), which is used there instead.
+    """
+    if get_array_module(a3, b3) is np:
         return np.einsum("ncl,ncl->c", a3, b3)
     return _cupy_dot_kernel()(a3, b3, axis=(0, 2))
 
@@ -65,24 +77,32 @@ def _cupy_dot_kernel():
                                           "npmask_channel_dot")
 
 
-def _part_shape(bshape, channels: int) -> tuple:
-    """``bshape`` = (1, C, 1, ...), the broadcast shape of a per-channel vector, for ``channels``."""
-    return (bshape[0], channels) + tuple(bshape[2:])
+def _spread(xp, v, length: int):
+    """The per-channel vector v (C,) shaped to broadcast against an (N, C, L) activation.
+
+    On NumPy it is repeated along L into a contiguous (C, L) array (one image's worth of memory):
+    NumPy's ufunc loops ran 1.4-2.1x faster (one core, WRN-28-4's shapes,
+    benchmarks/elementwise.py) when every operand is contiguous along the last axis than with the
+    (C, 1) view, whose stride along L is 0. On CuPy the view serves, and the copy would be one more
+    kernel launch.
+    """
+    column = v.reshape(-1, 1)
+    return np.repeat(column, length, axis=1) if xp is np else column
 
 
-def _over_channels(xp, x, fn) -> None:
-    """``fn(lo, hi)`` for ranges of channels covering all of x's; on threads for images.
+def _over_channels(xp, x3, fn) -> None:
+    """``fn(lo, hi)`` for ranges of channels covering all of x3's (N, C, L); on threads for images.
 
-    Threads must not change a single bit of the result, and NumPy's sums over axes (0, 2, 3) add in
+    Threads must not change a single bit of the result, and NumPy's sums over axes (0, 2) add in
     the same order for a slice of channels as for the whole array only when the slice has at least
     two channels (a one-channel slice is reduced along another path: measured, 1-ulp differences).
-    So images are split into parts of two or more channels; an (N, C) input, whose channel values
-    are strided and which is small anyway, is one part.
+    So images are split into parts of two or more channels; an (N, C) input (L = 1), whose channel
+    values are strided and which is small anyway, is one part.
     """
-    if x.ndim > 2 and x.shape[1] >= 2 * parallel.THREADS:
-        parallel.in_parallel(xp, x.shape[1], x.size, fn)
+    if x3.shape[2] > 1 and x3.shape[1] >= 2 * parallel.THREADS:
+        parallel.in_parallel(xp, x3.shape[1], x3.size, fn)
     else:
-        fn(0, x.shape[1])
+        fn(0, x3.shape[1])
 
 
 class _BatchNorm(Module):
@@ -108,25 +128,24 @@ class _BatchNorm(Module):
         self.register_buffer("running_var", np.ones(num_features, dtype=dtype))
         self._cache = None
 
-    def _axes_and_shape(self, x):
-        """Reduction axes (all but the channel axis) and the shape that broadcasts (C,) over x."""
+    def _check_input(self, x):
         if x.ndim != self._ndim or x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects input of shape "
                              f"{self._layout} with C={self.num_features}, got shape {tuple(x.shape)}")
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = (1, self.num_features) + (1,) * (x.ndim - 2)
-        return axes, shape
 
     def forward(self, x):
-        axes, shape = self._axes_and_shape(x)
+        self._check_input(x)
         xp = get_array_module(x)
-        c = self.num_features
-        m = x.size // c  # values per channel
+        n, c = x.shape[:2]
+        x3 = x.reshape(n, c, -1)                          # (N, C, L): L = H*W, or 1 for (N, C)
+        length = x3.shape[2]
+        m = n * length                                    # values per channel
         if self.training and m < 2:
             raise ValueError(f"{type(self).__name__} in training mode needs more than one value per "
                              f"channel (got input of shape {tuple(x.shape)}); use eval() or a larger batch")
         weight, bias = self.params["weight"], self.params["bias"]
         y = xp.empty_like(x)
+        y3 = y.reshape(n, c, length)
         if self.training:
             mean, var = xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
             centred = xp.empty_like(x)
@@ -137,11 +156,11 @@ class _BatchNorm(Module):
         def channels(lo, hi):
             # Every channel is normalised independently of the others, so the channels are split
             # over threads (npmask/nn/parallel.py): each part writes only its own channels.
-            xs, ys, sh = x[:, lo:hi], y[:, lo:hi], _part_shape(shape, hi - lo)
+            xs, ys = x3[:, lo:hi], y3[:, lo:hi]
             if centred is not None:
-                mean[lo:hi] = xs.mean(axis=axes)
-                cs = centred[:, lo:hi]
-                xp.subtract(xs, mean[lo:hi].reshape(sh), out=cs)
+                mean[lo:hi] = _channel_sum(xs) / m
+                cs = centred.reshape(n, c, length)[:, lo:hi]
+                xp.subtract(xs, _spread(xp, mean[lo:hi], length), out=cs)
                 var[lo:hi] = _channel_dot(cs, cs) / m  # biased: this is what normalises the batch
             inv_std[lo:hi] = 1 / xp.sqrt(var[lo:hi] + self.eps)  # s_c, reused unchanged by backward
             # y = weight * xhat + bias with xhat = (x - mean) * s folded into one per-channel scale, so
@@ -149,13 +168,14 @@ class _BatchNorm(Module):
             # backward rebuilds what it needs from ``centred`` (or x) and s.
             scale = weight[lo:hi] * inv_std[lo:hi]
             if centred is None:   # eval: y = x * scale + (bias - mean * scale), a fixed affine map
-                xp.multiply(xs, scale.reshape(sh), out=ys)
-                ys += (bias[lo:hi] - mean[lo:hi] * scale).reshape(sh)
+                xp.multiply(xs, _spread(xp, scale, length), out=ys)
+                shift = bias[lo:hi] - mean[lo:hi] * scale
             else:
-                xp.multiply(centred[:, lo:hi], scale.reshape(sh), out=ys)
-                ys += bias[lo:hi].reshape(sh)
+                xp.multiply(cs, _spread(xp, scale, length), out=ys)
+                shift = bias[lo:hi]
+            xp.add(ys, _spread(xp, shift, length), out=ys)
 
-        _over_channels(xp, x, channels)
+        _over_channels(xp, x3, channels)
         if self.training:
             mom = self.momentum
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
@@ -164,39 +184,52 @@ class _BatchNorm(Module):
             rv[...] = (1 - mom) * rv + mom * (var * (m / (m - 1))).astype(rv.dtype)
         # x is kept only in eval mode (where there is no centred copy): holding both would keep an
         # extra activation-sized array alive until the backward pass.
-        self._cache = (x if centred is None else None, mean, centred, inv_std, axes, shape, self.training)
+        self._cache = (x if centred is None else None, mean, centred, inv_std, self.training)
         return y
 
     def backward(self, dy):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        x, mean, centred, inv_std, axes, shape, training = self._cache
+        x, mean, centred, inv_std, training = self._cache
+        kept = centred if centred is not None else x
+        if tuple(dy.shape) != tuple(kept.shape):
+            raise ValueError(f"{type(self).__name__}.backward got dy of shape {tuple(dy.shape)}; "
+                             f"the forward pass produced {tuple(kept.shape)}")
         xp = get_array_module(dy)
         need_w, need_b = self.requires_grad("weight"), self.requires_grad("bias")
         scale = self.params["weight"] * inv_std  # weight * s, per channel
-        c, m = self.num_features, dy.size // self.num_features
+        n, c = dy.shape[:2]
+        dy3 = dy.reshape(n, c, -1)
+        length = dy3.shape[2]
+        m = n * length
         dx = xp.empty_like(dy)
+        dx3 = dx.reshape(n, c, length)
         if not training and not (need_w or need_b):
-            _over_channels(xp, dy, lambda lo, hi: xp.multiply(   # a frozen BN in eval mode is a
-                dy[:, lo:hi], scale[lo:hi].reshape(_part_shape(shape, hi - lo)), out=dx[:, lo:hi]))
+            _over_channels(xp, dy3, lambda lo, hi: xp.multiply(   # a frozen BN in eval mode is a
+                dy3[:, lo:hi], _spread(xp, scale[lo:hi], length), out=dx3[:, lo:hi]))
             return dx                                             # fixed scaling
         dbias, dweight = xp.empty(c, dtype=dy.dtype), xp.empty(c, dtype=dy.dtype)
 
         def channels(lo, hi):
-            sh = _part_shape(shape, hi - lo)
-            dys, dxs = dy[:, lo:hi], dx[:, lo:hi]
-            cs = centred[:, lo:hi] if centred is not None else x[:, lo:hi] - mean[lo:hi].reshape(sh)
-            dbias[lo:hi] = dys.sum(axis=axes)
-            dweight[lo:hi] = _channel_dot(dys, cs) * inv_std[lo:hi]  # sum dy * xhat, xhat = centred * s
-            xp.multiply(dys, scale[lo:hi].reshape(sh), out=dxs)
+            dys, dxs = dy3[:, lo:hi], dx3[:, lo:hi]
+            if centred is not None:
+                cs = centred.reshape(n, c, length)[:, lo:hi]
+            else:
+                cs = x.reshape(n, c, length)[:, lo:hi] - _spread(xp, mean[lo:hi], length)
+            s = inv_std[lo:hi]
+            dbias[lo:hi] = _channel_sum(dys)
+            dweight[lo:hi] = _channel_dot(dys, cs) * s  # sum dy * xhat, xhat = centred * s
             if training:
-                # dx = weight * s / M * (M dy - dbias - xhat * dweight), expanded so that each
-                # activation-sized array is read once:
-                # dx = dy * (w s) - centred * (w s * s * dweight / M) - (w s * dbias / M)
-                dxs -= cs * (scale[lo:hi] * inv_std[lo:hi] * (dweight[lo:hi] / m)).reshape(sh)
-                dxs -= (scale[lo:hi] * (dbias[lo:hi] / m)).reshape(sh)
+                # dx = weight * s / M * (M dy - dbias - xhat * dweight)
+                #    = (w s) * (dy - (centred * (s dweight / M) + dbias / M)), in place in dx
+                xp.multiply(cs, _spread(xp, s * (dweight[lo:hi] / m), length), out=dxs)
+                xp.add(dxs, _spread(xp, dbias[lo:hi] / m, length), out=dxs)
+                xp.subtract(dys, dxs, out=dxs)
+                xp.multiply(dxs, _spread(xp, scale[lo:hi], length), out=dxs)
+            else:
+                xp.multiply(dys, _spread(xp, scale[lo:hi], length), out=dxs)
 
-        _over_channels(xp, dy, channels)
+        _over_channels(xp, dy3, channels)
         if need_w:
             self.accumulate_grad("weight", dweight)
         if need_b:
