@@ -30,7 +30,7 @@ the centred input x - mean_c and folds s_c into per-channel scales, ``y = centre
 ``dx = (w s) * (dy - (centred * (s dweight / M) + dbias / M))``, with no temporary array.
 Both work on the (N, C, L) view of the input (L = H*W; 1 for BatchNorm1d). Per-channel sums (the
 mean, dbias) and sums of products (the variance, dweight) use ``einsum``, which adds without a
-temporary array and, for these reductions over the first and last axes, ran 1.7-3.7x faster than
+temporary array and, for these reductions over the first and last axes, ran 1.6-3.7x faster than
 ``sum(axis=(0, 2))`` on one core (same accuracy; benchmarks/elementwise.py). On NumPy every
 per-channel vector is spread to a (C, L) array before it meets an activation (:func:`_spread`).
 Channels are independent, so on NumPy both passes split the channels over a few threads
@@ -50,7 +50,7 @@ from . import parallel
 def _channel_sum(a3):
     """sum over images and positions of a3 (N, C, L) -> (C,).
 
-    On NumPy ``einsum`` (1.7-3.7x faster than ``sum(axis=(0, 2))`` on one core for WRN-28-4's
+    On NumPy ``einsum`` (1.6-3.7x faster than ``sum(axis=(0, 2))`` on one core for WRN-28-4's
     shapes, benchmarks/elementwise.py); on CuPy the plain reduction.
     """
     if get_array_module(a3) is np:
