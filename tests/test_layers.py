@@ -144,6 +144,12 @@ def test_batchnorm_errors():
         nn.BatchNorm2d(3).forward(np.ones((2, 2, 2, 2), np.float32))
     with pytest.raises(ValueError, match=r"\(N, C\)"):
         nn.BatchNorm1d(3).forward(np.ones((2, 3, 2, 2), np.float32))
+    for training in (True, False):
+        bn = nn.BatchNorm2d(2).train(training)
+        bn.forward(np.arange(16, dtype=np.float32).reshape(2, 2, 2, 2))
+        with pytest.raises(ValueError, match=r"dy of shape \(2, 2, 2, 3\); the forward pass produced "
+                                             r"\(2, 2, 2, 2\)"):
+            bn.backward(np.ones((2, 2, 2, 3), np.float32))
 
 
 # --------------------------------------------------------------------------------------- ReLU, Flatten
