@@ -17,7 +17,8 @@ Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 that share a convolution's chunks of images, each running its chunks' GEMMs on one BLAS thread;
 1 = serial chunks, BLAS on its own threads), the settings taking turns repeat by repeat, and prints
 each setting's total and its ratio to the first: a comparison within one run, which is what to
-trust on a machine whose speed drifts.
+trust on a machine whose speed drifts. ``--setting MODULE.NAME=V1,V2,...`` does the same for any
+npmask setting, e.g. ``--setting npmask.nn.conv.SHIFTED_ROWS=False,True`` (the column layouts).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
 
 from _timing import Clock, gemm_rate, settle  # noqa: E402  (benchmarks/_timing.py, beside this script)
+from step_ab import parse_setting  # noqa: E402
 
 
 def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
@@ -74,9 +76,24 @@ def main(argv=None):
                     help="statistic over repeats; min is robust on a machine shared with other jobs")
     ap.add_argument("--threads", default=None,
                     help="comma-separated npmask.nn.parallel.THREADS settings to compare, interleaved (e.g. 1,2)")
+    ap.add_argument("--setting", default=None,
+                    help="MODULE.NAME=V1,V2,...: any npmask setting to compare the same way")
     args = ap.parse_args(argv)
-    settings = ([int(v) for v in args.threads.split(",")] if args.threads
-                else [parallel.THREADS])
+    if args.threads and args.setting:
+        sys.exit("benchmarks/conv.py: give --threads or --setting, not both")
+    if args.setting:
+        module, attr, settings = parse_setting(args.setting)
+    else:
+        module, attr = parallel, "THREADS"
+        settings = [int(v) for v in args.threads.split(",")] if args.threads else [parallel.THREADS]
+    original = getattr(module, attr)
+    try:
+        run(args, module, attr, settings)
+    finally:
+        setattr(module, attr, original)
+
+
+def run(args, module, attr, settings):
 
     try:
         xp = get_backend(args.backend)
@@ -88,7 +105,7 @@ def main(argv=None):
           f"{args.stat} of {args.repeats} repeats")
     print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s "
           f"(fractions below are of this rate)")
-    print(f"npmask threads: {','.join(map(str, settings))}; OPENBLAS_THREAD_TIMEOUT="
+    print(f"{module.__name__}.{attr}: {', '.join(map(repr, settings))}; OPENBLAS_THREAD_TIMEOUT="
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}; {os.cpu_count()} CPUs\n")
 
     header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
@@ -96,7 +113,7 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
-    total_time = {threads: 0.0 for threads in settings}
+    total_time = {value: 0.0 for value in settings}
     total_flops = 0.0
     stat = np.min if args.stat == "min" else np.median
     for name, cin, cout, k, stride, h, count in wrn_conv_shapes(size=args.size):
@@ -114,36 +131,36 @@ def main(argv=None):
             conv2d_backward(dy, state["cache"], need_dx=True, need_dweight=True)
 
         # Each setting's forward and backward are timed in turns, one repeat at a time.
-        times = {t: ([], []) for t in settings}
+        times = {value: ([], []) for value in settings}
         for r in range(args.repeats + 1):                 # repeat 0 is the warm-up
-            for threads in settings:
-                parallel.THREADS = threads
+            for value in settings:
+                setattr(module, attr, value)
                 if len(settings) > 1:
                     settle(xp)              # the previous setting's BLAS workers must not spin here
                 t_f, t_b = timer.time(fwd), timer.time(bwd)
                 if r:
-                    times[threads][0].append(t_f)
-                    times[threads][1].append(t_b)
+                    times[value][0].append(t_f)
+                    times[value][1].append(t_b)
         flops = 3 * 2 * args.batch * cout * cin * k * k * ho * ho
         total_flops += count * flops
-        for threads in settings:
-            t_fwd, t_bwd = (float(stat(v)) for v in times[threads])
+        for value in settings:
+            t_fwd, t_bwd = (float(stat(v)) for v in times[value])
             t = t_fwd + t_bwd
             gflops = flops / t / 1e9
-            total_time[threads] += count * t
-            label = name if len(settings) == 1 else f"{name} [{threads}t]"
+            total_time[value] += count * t
+            label = name if len(settings) == 1 else f"{name} [{value}]"
             print(f"{label:<22}{cin:>5}{cout:>5}{k:>3}{stride:>3}{h:>5}{count:>6}"
                   f"{t_fwd * 1e3:>9.2f}{t_bwd * 1e3:>9.2f}{t * 1e3:>9.2f}{gflops:>9.1f}{gflops / rate:>8.2f}")
     print("-" * len(header))
     first = total_time[settings[0]]
-    for threads in settings:
-        t = total_time[threads]
+    for value in settings:
+        t = total_time[value]
         gflops = total_flops / t / 1e9
         print(f"all {sum(s[-1] for s in wrn_conv_shapes(size=args.size))} convs of WRN-28-4, "
-              f"forward + backward, {threads} thread(s): {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
+              f"forward + backward, {attr} = {value!r}: {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
               f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
               f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)"
-              + ("" if threads == settings[0] else f"; {t / first:.3f} x the time with {settings[0]}"))
+              + ("" if value == settings[0] else f"; {t / first:.3f} x the time with {settings[0]!r}"))
     rate_end = gemm_rate(xp, timer)
     print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "
           "(a large difference means the machine was busy with other work during the run)")

@@ -84,13 +84,26 @@ def test_naive_reference_against_hand_computed_example():
 
 # (N, C, H, W, O, kh, kw, stride, padding): the special paths that small drawn shapes rarely reach.
 GEOMETRIES = [
-    (3, 4, 6, 24, 5, 3, 3, 1, 1),      # "wide rows" columns (stride 1, Wp/Wo <= 1.1)
-    (2, 3, 5, 22, 4, 1, 3, 1, 1),      # wide rows, non-square kernel
+    (3, 4, 6, 24, 5, 3, 3, 1, 1),      # "shifted rows" columns (stride 1, Wo = W)
+    (2, 3, 5, 22, 4, 1, 3, 1, 1),      # shifted rows, non-square kernel (rows padded, kh = 1)
+    (2, 3, 7, 9, 4, 5, 5, 1, 2),       # shifted rows, two wrapped columns on each side
+    (2, 3, 6, 24, 4, 3, 3, 1, 0),      # "wide rows" (stride 1, Wo < W, Wp/Wo <= 1.1; also dx)
     (3, 5, 6, 7, 4, 1, 1, 1, 0),       # 1x1: the input is the column matrix
     (3, 5, 7, 7, 4, 1, 1, 2, 0),       # 1x1 stride 2: a strided slice
     (2, 3, 9, 9, 4, 3, 3, 2, 1),       # strided 3x3, input gradient by col2im
     (2, 3, 5, 5, 2, 2, 2, 1, 2),       # stride 1 but padding > k - 1: col2im fallback
 ]
+
+
+@pytest.mark.parametrize("geometry, shifted, wide", [
+    ((3, 4, 6, 24, 5, 3, 3, 1, 1), True, False), ((2, 3, 7, 9, 4, 5, 5, 1, 2), True, False),
+    ((2, 3, 6, 24, 4, 3, 3, 1, 0), False, True), ((5, 7, 8, 8, 6, 3, 3, 1, 0), False, False),
+    ((2, 3, 9, 9, 4, 3, 3, 2, 1), False, False)])
+def test_geometries_reach_the_column_layouts_they_are_listed_for(geometry, shifted, wide):
+    n, c, h, w, o, kh, kw, stride, padding = geometry
+    ho, wo = (conv_module.conv_output_size(s, k, stride, padding) for s, k in ((h, kh), (w, kw)))
+    cols = conv_module._Columns(np, np.float64, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
+    assert (cols.shifted, cols.wide) == (shifted, wide)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -207,10 +220,10 @@ def threaded_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES + [
-    (5, 7, 8, 8, 6, 3, 3, 1, 1),       # 3x3 stride 1, general (not wide) columns
+    (5, 7, 8, 8, 6, 3, 3, 1, 0),       # 3x3 stride 1, general columns (Wo < W, too many junk columns)
     (5, 7, 9, 9, 6, 3, 3, 2, 1),       # 3x3 stride 2: col2im
     (4, 2, 6, 6, 3, 1, 1, 2, 0),       # 1x1 stride 2
-    (9, 3, 20, 20, 4, 3, 3, 1, 1),     # wide rows, 2-3 images per chunk (with the 1M-float chunks)
+    (9, 3, 20, 20, 4, 3, 3, 1, 1),     # shifted rows, 2-3 images per chunk (1M-float chunks)
     (9, 3, 5, 5, 4, 1, 1, 1, 0),       # 1x1 stride 1: a transpose copy of several images
 ])
 @pytest.mark.parametrize("chunk_floats", [1, 200, 1 << 20])      # 1 image/chunk, partial, the default

@@ -29,7 +29,7 @@ machine's peak:
 The batch is processed in chunks of a few images: the column matrix of a whole batch can be tens of
 megabytes, and streaming it through memory (not the arithmetic) is what costs time; a chunk's columns
 stay in the CPU cache between the copy and the GEMM. For stride 1 the columns are built from
-contiguous slices of the flattened padded image ("wide rows", see :class:`_Columns`). 1x1
+contiguous slices of the flattened image ("shifted rows" and "wide rows", see :class:`_Columns`). 1x1
 convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
 the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout. On NumPy the
 chunks are shared out over a few threads, each doing a whole chunk (copies and a one-thread GEMM;
@@ -104,6 +104,12 @@ def _check_shapes(x, weight, bias, stride: int, padding: int):
 CHUNK_FLOATS = 1 << 20
 CHUNKS_MULTIPLE = 4
 GPU_CHUNK_FLOATS = 1 << 26
+# "Shifted rows" columns where they apply (see _Columns); False falls back to the wide-row and
+# general layouts, e.g. to compare the two with benchmarks/step_ab.py or benchmarks/conv.py
+# --setting. Measured on 2 cores (benchmarks/results/train_step_cpu.txt, run 24): all convolutions
+# of WRN-28-4, forward and backward, 0.959x the time of the fallback (0.916x on one core); whole
+# training steps taking turns in one process, 0.966x.
+SHIFTED_ROWS = True
 
 
 def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
@@ -130,26 +136,41 @@ class _Columns:
     column is one output position (n, i, j) and R is the length of an output row in this layout:
 
     - general case (R = Wo): cols[(c,u,v), (n,i,j)] = xpad[n, c, s*i + u, s*j + v], one strided
-      copy per kernel offset (u, v);
-    - stride 1 with little padding ("wide rows", R = Wp = W + 2*pw): the padded image is flattened
-      to one long row per channel and each kernel offset (u, v) becomes one *contiguous* slice of it,
-      starting at u*Wp + v. The price is Wp - Wo junk columns per output row (the positions that
-      wrap around the right border), which the GEMM computes and :meth:`write_output` discards; it is
-      used only when that costs at most 10% extra arithmetic, and then the copy is ~2x faster.
+      copy per kernel offset (u, v). Its inner loops copy one output row (Wo floats) at a time,
+      which is slow for small images;
+    - stride 1 and an output as wide as the input, Wo = W (every 3x3 convolution with padding 1,
+      and the input gradient of one) ("shifted rows", R = Wo): only the rows are padded; each
+      channel's image is one flat row, ``pw`` zeros + the padded rows + ``pw`` zeros, and the kernel
+      offset (u, v) is the *contiguous* slice of it that starts at u*W + v. An output pixel in the
+      first or last ``pw`` columns then reads, for some v, a pixel of the row above or below
+      instead of the zero padding (the slice wraps around the border); those few entries (at most
+      2*pw of every W) are zeroed after the copy. No junk columns, and for one image dy is
+      already the matrix the weight gradient needs. (Letting the GEMM write straight into y as
+      well measured slower, on the 64-channel 32x32 layers: so it does not);
+    - other stride-1 convolutions with little padding ("wide rows", R = Wp = W + 2*pw): the padded
+      image is flattened and offset (u, v) is the contiguous slice at u*Wp + v. The price is Wp - Wo
+      junk columns per output row (the positions that wrap around the right border), which the GEMM
+      computes and :meth:`product` discards; it is used only when that costs at most 10% extra
+      arithmetic, and then the copy is ~2x faster.
 
-    ``write_output(mat, y_chunk)`` copies the valid outputs of a GEMM result (O, m*Ho*R) into
-    y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` does the reverse for an upstream gradient (junk
-    columns zero, so they add nothing to a weight gradient). Each thread has its own instance.
+    ``product(w_mat, x_chunk, y_chunk)`` writes the valid outputs of the GEMM w_mat @ cols into
+    y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` lays out an upstream gradient like the columns
+    (junk columns zero, so they add nothing to a weight gradient). Each thread has its own instance.
     """
 
     def __init__(self, xp, dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo):
         self.c, self.h, self.w, self.kh, self.kw = c, h, w, kh, kw
         self.stride, self.ph, self.pw, self.ho, self.wo = stride, ph, pw, ho, wo
         self.hp, self.wp = h + 2 * ph, w + 2 * pw
-        self.wide = stride == 1 and self.wp * 10 <= wo * 11
+        pointwise = kh == 1 and kw == 1 and ph == 0 and pw == 0
+        self.shifted = SHIFTED_ROWS and not pointwise and stride == 1 and wo == w
+        self.wide = not self.shifted and stride == 1 and self.wp * 10 <= wo * 11
         self.r = self.wp if self.wide else wo
-        if kh == 1 and kw == 1 and ph == 0 and pw == 0:
+        if pointwise:
             self.xpad = None                           # not needed: see cols()
+        elif self.shifted:
+            # One flat row per channel: the rows padded above and below, pw zeros before and after.
+            self.xpad = xp.zeros((nb, c, pw + self.hp * w + pw), dtype=dtype)
         elif self.wide:
             # One flat row per channel; kw - 1 zeros of slack so the last offset's slice fits.
             self.xpad = xp.zeros((nb, c, self.hp * self.wp + kw - 1), dtype=dtype)
@@ -169,6 +190,22 @@ class _Columns:
             if m == 1:   # one image needs no im2col: the (strided) input is the column matrix
                 return x_chunk.reshape(c, ho * wo)      # a view for stride 1, a copy for stride 2
             cols.reshape(c, m, ho, wo)[...] = x_chunk.transpose(1, 0, 2, 3)
+        elif self.shifted:
+            pw, w = self.pw, self.w
+            flat = self.xpad[:m]
+            image = flat[:, :, pw:pw + self.hp * w].reshape(m, c, self.hp, w)
+            image[:, :, self.ph:self.ph + self.h] = x_chunk
+            span = ho * w
+            for u in range(kh):
+                for v in range(kw):
+                    start = u * w + v
+                    cols[:, u, v] = flat[:, :, start:start + span].transpose(1, 0, 2)
+            grid = cols.reshape(c, kh, kw, m, ho, w)
+            for v in range(kw):     # wrapped around the left or right border: padding, so zero
+                if v < pw:
+                    grid[:, :, v, :, :, :pw - v] = 0
+                elif v > pw:
+                    grid[:, :, v, :, :, w + pw - v:] = 0
         elif self.wide:
             flat = self.xpad[:m]
             image = flat[:, :, :self.hp * self.wp].reshape(m, c, self.hp, self.wp)
@@ -188,13 +225,16 @@ class _Columns:
                     cols[:, u, v] = window.transpose(1, 0, 2, 3)
         return self.buf[:, :length].reshape(k, length)
 
-    def write_output(self, mat, y_chunk):
-        """y_chunk (m, O, Ho, Wo) = the valid outputs of a GEMM result mat (O, m*Ho*R)."""
-        o, m = mat.shape[0], mat.shape[1] // (self.ho * self.r)
+    def product(self, w_mat, x_chunk, y_chunk):
+        """y_chunk (m, O, Ho, Wo) = the valid outputs of w_mat (O, C*kh*kw) @ cols(x_chunk)."""
+        o, m = w_mat.shape[0], x_chunk.shape[0]
+        mat = w_mat @ self.cols(x_chunk)
         y_chunk[...] = mat.reshape(o, m, self.ho, self.r)[:, :, :, :self.wo].transpose(1, 0, 2, 3)
 
     def rows(self, dy_chunk):
         m, o = dy_chunk.shape[:2]
+        if m == 1 and self.r == self.wo:   # one image, no junk: dy is already the matrix
+            return dy_chunk.reshape(o, self.ho * self.wo)
         if self.dy_buf is None:
             self.dy_buf = self.xp.zeros((o, self.nb * self.ho * self.r), dtype=self.dtype)
         length = m * self.ho * self.r
@@ -230,7 +270,7 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
 
     def one_chunk(im2col, i):
         n0, n1 = chunks[i]
-        im2col.write_output(w_mat @ im2col.cols(x[n0:n1]), y[n0:n1])
+        im2col.product(w_mat, x[n0:n1], y[n0:n1])
     each_chunk(xp, len(chunks), lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo),
                one_chunk, flops=2.0 * n * o * k * ho * wo)
     return y
