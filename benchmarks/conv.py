@@ -16,8 +16,9 @@ Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 ``--threads 1,2`` times every shape with each value of npmask.nn.parallel.THREADS (the threads
 that share a convolution's chunks of images, each running its chunks' GEMMs on one BLAS thread;
 1 = serial chunks, BLAS on its own threads), the settings taking turns repeat by repeat, and prints
-each setting's total and its ratio to the first: a comparison within one run, which is what to
-trust on a machine whose speed drifts. ``--setting MODULE.NAME=V1,V2,...`` does the same for any
+each setting's total and its ratio to the first, and for every shape the paired ratio (the median
+over the repeats of its time / the first setting's time in the same repeat): a comparison within
+one run, which is what to trust on a machine whose speed drifts. ``--setting MODULE.NAME=V1,V2,...`` does the same for any
 npmask setting, e.g. ``--setting npmask.nn.conv.SHIFTED_ROWS=False,True`` (the column layouts).
 """
 from __future__ import annotations
@@ -109,7 +110,8 @@ def run(args, module, attr, settings):
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}; {os.cpu_count()} CPUs\n")
 
     header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
-              f"{'ms fwd':>9}{'ms bwd':>9}{'ms tot':>9}{'GFLOP/s':>9}{'x GEMM':>8}")
+              f"{'ms fwd':>9}{'ms bwd':>9}{'ms tot':>9}{'GFLOP/s':>9}{'x GEMM':>8}"
+              + (f"{'paired':>8}" if len(settings) > 1 else ""))
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
@@ -133,7 +135,7 @@ def run(args, module, attr, settings):
         # Each setting's forward and backward are timed in turns, one repeat at a time.
         times = {value: ([], []) for value in settings}
         for r in range(args.repeats + 1):                 # repeat 0 is the warm-up
-            for value in settings:
+            for value in settings if r % 2 else settings[::-1]:   # each goes first in turn
                 setattr(module, attr, value)
                 if len(settings) > 1:
                     settle(xp)              # the previous setting's BLAS workers must not spin here
@@ -149,8 +151,12 @@ def run(args, module, attr, settings):
             gflops = flops / t / 1e9
             total_time[value] += count * t
             label = name if len(settings) == 1 else f"{name} [{value}]"
+            # paired: the median over the repeats of this setting's forward + backward divided by
+            # the first setting's in the same repeat (steadier than a ratio of medians)
+            paired = np.median((np.add(*times[value]) / np.add(*times[settings[0]])))
             print(f"{label:<22}{cin:>5}{cout:>5}{k:>3}{stride:>3}{h:>5}{count:>6}"
-                  f"{t_fwd * 1e3:>9.2f}{t_bwd * 1e3:>9.2f}{t * 1e3:>9.2f}{gflops:>9.1f}{gflops / rate:>8.2f}")
+                  f"{t_fwd * 1e3:>9.2f}{t_bwd * 1e3:>9.2f}{t * 1e3:>9.2f}{gflops:>9.1f}{gflops / rate:>8.2f}"
+                  + (f"{paired:>8.3f}" if len(settings) > 1 else ""))
     print("-" * len(header))
     first = total_time[settings[0]]
     for value in settings:
