@@ -106,9 +106,10 @@ CHUNKS_MULTIPLE = 4
 GPU_CHUNK_FLOATS = 1 << 26
 # "Shifted rows" columns where they apply (see _Columns); False falls back to the wide-row and
 # general layouts, e.g. to compare the two with benchmarks/step_ab.py or benchmarks/conv.py
-# --setting. Measured on 2 cores (benchmarks/results/train_step_cpu.txt, run 24): all convolutions
-# of WRN-28-4, forward and backward, 0.959x the time of the fallback (0.916x on one core); whole
-# training steps taking turns in one process, 0.966x.
+# --setting. Measured (benchmarks/results/train_step_cpu.txt, run 24): all convolutions of
+# WRN-28-4, forward and backward, on one core 0.916x the time of the fallback; whole training
+# steps on 2 cores, taking turns in one process, 0.966x (paired median, two runs). On 2 cores the
+# per-layer figures of conv.py scatter too much to show it (convs this does not touch: 0.84-1.17x).
 SHIFTED_ROWS = True
 
 
