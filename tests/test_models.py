@@ -223,3 +223,21 @@ def test_vgg_directional_gradcheck(cfg, size, batch_norm, mode):
     h = H if cfg == TINY_VGG else H / 10
     analytic, _ = directional_check(model, x, cross_entropy_of(labels), seed=9, h=h, tol=1e-6)
     assert abs(analytic) > 1e-3
+
+
+def test_training_skips_the_input_gradient_of_the_layer_named_by_input_layer_name():
+    from npmask.training.loop import input_gradient_skipped
+    wrn = create("wrn10_1", num_classes=3, input_size=8, seed=0)
+    vgg = VGG(TINY_VGG, num_classes=3, input_size=16, hidden=8, rng=0)
+    for model, name in ((wrn, "conv1"), (vgg, "features.0")):
+        assert model.input_layer_name == name
+        layer = get_submodule(model, name)
+        with input_gradient_skipped(model):
+            assert layer.need_input_grad is False
+            model.train().forward(images(2, model.input_size, seed=1))
+            assert model.backward(np.ones((2, 3), np.float32)) is None
+        assert layer.need_input_grad is True
+    pooled_first = VGG(["M", 4, "M"], num_classes=3, input_size=16, hidden=8, rng=0)
+    assert pooled_first.input_layer_name is None
+    with input_gradient_skipped(pooled_first):             # nothing to skip: left as it is
+        assert pooled_first.features[1].need_input_grad is True

@@ -188,3 +188,40 @@ def test_inspection_and_plot(wrn, tmp_path):
     path = plot_mask_statistics(stats, tmp_path / "masks.png", title="test")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("variant", ["full", "piggyback", "finetune", "classifier_only"])
+def test_training_step_skips_the_image_gradient_and_changes_no_other_bit(variant, wrn):
+    """train_step skips the first conv's input gradient; every parameter ends as with it computed."""
+    from npmask.training.loop import input_gradient_skipped, train_step
+    x, y = data(seed=3)
+    results = []
+    for skip in (False, True):
+        md = MultiDomainModel(wrn)
+        md.add_domain("d", 4, variant=variant, seed=1)
+        md.set_domain("d").train()
+        stem = md.network().conv1
+        seen = []
+        original = stem.backward
+        stem.backward = lambda dy: seen.append(original(dy)) or seen[-1]
+        groups = md.parameter_groups()
+        opt = Optimizers(head=SGD(groups["head"], 0.05, momentum=0.9),
+                         **({"body": Adam(groups["body"], 1e-2)} if groups["body"] else {}))
+        for _ in range(2):
+            if skip:
+                train_step(md, opt, x, y)
+            else:                               # the same step, with dL/dx computed
+                opt.zero_grad()
+                md.backward(softmax_cross_entropy(md.forward(x), y)[1])
+                opt.step()
+        if variant == "classifier_only":        # a shared frozen stem; backward stops at the head
+            assert not hasattr(stem, "need_input_grad") and seen == []
+        else:
+            assert all((dx is None) == skip for dx in seen) and len(seen) == 2
+            assert stem.need_input_grad                     # restored after each step
+            with input_gradient_skipped(md):
+                assert not stem.need_input_grad
+        results.append(snapshot(md.network()))
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)

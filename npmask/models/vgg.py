@@ -32,7 +32,8 @@ class VGG(Module):
     ``cfg``: "11", "16", or an explicit list of channel counts and "M" (max-pool), e.g.
     ``[8, "M", 16, "M"]`` for a tiny test network. ``hidden``: width of the two hidden
     fully-connected layers (512 suits 32x32 inputs, torchvision uses 4096 at 224x224).
-    ``dropout``: probability of the two dropout layers.
+    ``dropout``: probability of the two dropout layers. ``input_layer_name`` is "features.0", the
+    first conv, whose input gradient training skips (None when ``cfg`` starts with a max-pool).
     """
 
     head_name = "classifier.6"
@@ -57,6 +58,7 @@ class VGG(Module):
         self.num_classes, self.input_size, self.hidden = int(num_classes), int(input_size), int(hidden)
 
         self.features = Sequential()
+        self.input_layer_name = None if layers[0] == "M" else "features.0"
         channels = 3
         for v in layers:
             if v == "M":

@@ -28,10 +28,13 @@ class WRN(Module):
 
     Parameter names follow PyTorch: ``conv1.weight``, ``bn1.weight``, ``layer1.0.conv1.weight``,
     ``layer1.0.shortcut.0.weight``, ``fc.weight``. ``head_name = "fc"``. Every Conv2d/Linear has
-    ``followed_by_bn`` (True for the convs, False for ``fc``).
+    ``followed_by_bn`` (True for the convs, False for ``fc``). ``input_layer_name = "conv1"``: the
+    layer that takes the images, whose input gradient training skips
+    (:func:`npmask.training.loop.train_step`).
     """
 
     head_name = "fc"
+    input_layer_name = "conv1"
 
     def __init__(self, depth: int = 28, width: int = 4, num_classes: int = 10, input_size: int = 64,
                  dtype=np.float32, rng=None):
