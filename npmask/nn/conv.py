@@ -29,7 +29,7 @@ machine's peak:
 The batch is processed in chunks of a few images: the column matrix of a whole batch can be tens of
 megabytes, and streaming it through memory (not the arithmetic) is what costs time; a chunk's columns
 stay in the CPU cache between the copy and the GEMM. For stride 1 the columns are built from
-contiguous slices of the flattened image ("shifted rows" and "wide rows", see :class:`_Columns`). 1x1
+contiguous slices of the flattened image ("shifted rows", "wide rows": :class:`_Columns`). 1x1
 convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
 the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout. On NumPy the
 chunks are shared out over a few threads, each doing a whole chunk (copies and a one-thread GEMM;
