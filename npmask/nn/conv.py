@@ -152,7 +152,8 @@ class _Columns:
       image is flattened and offset (u, v) is the contiguous slice at u*Wp + v. The price is Wp - Wo
       junk columns per output row (the positions that wrap around the right border), which the GEMM
       computes and :meth:`product` discards; it is used only when that costs at most 10% extra
-      arithmetic, and then the copy is ~2x faster.
+      arithmetic, and then the copy is ~2x faster. The two flat layouts are one code path: rows
+      of R floats (W, or Wp with the padding columns), the slice of offset (u, v) at u*R + v.
 
     ``product(w_mat, x_chunk, y_chunk)`` writes the valid outputs of the GEMM w_mat @ cols into
     y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` lays out an upstream gradient like the columns
@@ -166,15 +167,13 @@ class _Columns:
         pointwise = kh == 1 and kw == 1 and ph == 0 and pw == 0
         self.shifted = SHIFTED_ROWS and not pointwise and stride == 1 and wo == w
         self.wide = not self.shifted and stride == 1 and self.wp * 10 <= wo * 11
-        self.r = self.wp if self.wide else wo
+        self.r = self.wp if self.wide else wo          # shifted rows: R = Wo = W
         if pointwise:
             self.xpad = None                           # not needed: see cols()
-        elif self.shifted:
-            # One flat row per channel: the rows padded above and below, pw zeros before and after.
-            self.xpad = xp.zeros((nb, c, pw + self.hp * w + pw), dtype=dtype)
-        elif self.wide:
-            # One flat row per channel; kw - 1 zeros of slack so the last offset's slice fits.
-            self.xpad = xp.zeros((nb, c, self.hp * self.wp + kw - 1), dtype=dtype)
+        elif self.shifted or self.wide:
+            # One flat row per channel: Hp rows of R, pixel (i, j) at pw + (ph + i)*R + j, and
+            # enough zeros after them for the last offset's slice (it ends at Hp*R + kw - 2).
+            self.xpad = xp.zeros((nb, c, self.hp * self.r + max(kw - 1, pw)), dtype=dtype)
         else:
             self.xpad = xp.zeros((nb, c, self.hp, self.wp), dtype=dtype)
         self.buf = xp.empty((c * kh * kw, nb * ho * self.r), dtype=dtype)
@@ -191,31 +190,22 @@ class _Columns:
             if m == 1:   # one image needs no im2col: the (strided) input is the column matrix
                 return x_chunk.reshape(c, ho * wo)      # a view for stride 1, a copy for stride 2
             cols.reshape(c, m, ho, wo)[...] = x_chunk.transpose(1, 0, 2, 3)
-        elif self.shifted:
-            pw, w = self.pw, self.w
+        elif self.shifted or self.wide:
+            pw, w, r = self.pw, self.w, self.r
             flat = self.xpad[:m]
-            image = flat[:, :, pw:pw + self.hp * w].reshape(m, c, self.hp, w)
-            image[:, :, self.ph:self.ph + self.h] = x_chunk
-            span = ho * w
+            image = flat[:, :, pw:pw + self.hp * r].reshape(m, c, self.hp, r)
+            image[:, :, self.ph:self.ph + self.h, :w] = x_chunk
             for u in range(kh):
                 for v in range(kw):
-                    start = u * w + v
-                    cols[:, u, v] = flat[:, :, start:start + span].transpose(1, 0, 2)
-            grid = cols.reshape(c, kh, kw, m, ho, w)
-            for v in range(kw):     # wrapped around the left or right border: padding, so zero
-                if v < pw:
-                    grid[:, :, v, :, :, :pw - v] = 0
-                elif v > pw:
-                    grid[:, :, v, :, :, w + pw - v:] = 0
-        elif self.wide:
-            flat = self.xpad[:m]
-            image = flat[:, :, :self.hp * self.wp].reshape(m, c, self.hp, self.wp)
-            image[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
-            span = ho * self.wp
-            for u in range(kh):
+                    start = u * r + v
+                    cols[:, u, v] = flat[:, :, start:start + ho * r].transpose(1, 0, 2)
+            if self.shifted:        # rows of W, no padding columns: some slices wrap around the
+                grid = cols.reshape(c, kh, kw, m, ho, w)       # border; those entries are padding
                 for v in range(kw):
-                    start = u * self.wp + v
-                    cols[:, u, v] = flat[:, :, start:start + span].transpose(1, 0, 2)
+                    if v < pw:
+                        grid[:, :, v, :, :, :pw - v] = 0
+                    elif v > pw:
+                        grid[:, :, v, :, :, w + pw - v:] = 0
         else:
             xpad = self.xpad[:m]
             xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
