@@ -149,6 +149,7 @@ class _BatchNorm(Module):
         if self.training:
             mean, var = xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
             centred = xp.empty_like(x)
+            c3 = centred.reshape(n, c, length)
         else:
             mean, var, centred = self.buffers["running_mean"].copy(), self.buffers["running_var"], None
         inv_std = xp.empty(c, dtype=x.dtype)
@@ -159,7 +160,7 @@ class _BatchNorm(Module):
             xs, ys = x3[:, lo:hi], y3[:, lo:hi]
             if centred is not None:
                 mean[lo:hi] = _channel_sum(xs) / m
-                cs = centred.reshape(n, c, length)[:, lo:hi]
+                cs = c3[:, lo:hi]
                 xp.subtract(xs, _spread(xp, mean[lo:hi], length), out=cs)
                 var[lo:hi] = _channel_dot(cs, cs) / m  # biased: this is what normalises the batch
             inv_std[lo:hi] = 1 / xp.sqrt(var[lo:hi] + self.eps)  # s_c, reused unchanged by backward
@@ -210,12 +211,13 @@ class _BatchNorm(Module):
             return dx                                             # fixed scaling
         dbias, dweight = xp.empty(c, dtype=dy.dtype), xp.empty(c, dtype=dy.dtype)
 
+        kept3 = kept.reshape(n, c, length)              # centred (training) or x (eval)
+
         def channels(lo, hi):
             dys, dxs = dy3[:, lo:hi], dx3[:, lo:hi]
-            if centred is not None:
-                cs = centred.reshape(n, c, length)[:, lo:hi]
-            else:
-                cs = x.reshape(n, c, length)[:, lo:hi] - _spread(xp, mean[lo:hi], length)
+            cs = kept3[:, lo:hi]
+            if centred is None:
+                cs = cs - _spread(xp, mean[lo:hi], length)
             s = inv_std[lo:hi]
             dbias[lo:hi] = _channel_sum(dys)
             dweight[lo:hi] = _channel_dot(dys, cs) * s  # sum dy * xhat, xhat = centred * s
