@@ -84,7 +84,9 @@ def test_naive_reference_against_hand_computed_example():
 
 # (N, C, H, W, O, kh, kw, stride, padding): the special paths that small drawn shapes rarely reach.
 GEOMETRIES = [
-    (3, 4, 6, 24, 5, 3, 3, 1, 1),      # "shifted rows" columns (stride 1, Wo = W)
+    (3, 4, 16, 16, 5, 3, 3, 1, 1),     # "folded rows" (stride 1, Ho = H, Wo = W, >= 256 pixels)
+    (2, 3, 12, 24, 4, 5, 5, 1, 2),     # folded rows, two wrapped columns on each side
+    (3, 4, 6, 24, 5, 3, 3, 1, 1),      # "shifted rows" columns (stride 1, Wo = W, < 256 pixels)
     (2, 3, 5, 22, 4, 1, 3, 1, 1),      # shifted rows, non-square kernel (rows padded, kh = 1)
     (2, 3, 7, 9, 4, 5, 5, 1, 2),       # shifted rows, two wrapped columns on each side
     (2, 3, 6, 24, 4, 3, 3, 1, 0),      # "wide rows" (stride 1, Wo < W, Wp/Wo <= 1.1; also dx)
@@ -95,21 +97,27 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("geometry, shifted, wide", [
-    ((3, 4, 6, 24, 5, 3, 3, 1, 1), True, False), ((2, 3, 7, 9, 4, 5, 5, 1, 2), True, False),
-    ((2, 3, 6, 24, 4, 3, 3, 1, 0), False, True), ((5, 7, 8, 8, 6, 3, 3, 1, 0), False, False),
-    ((2, 3, 9, 9, 4, 3, 3, 2, 1), False, False)])
-def test_geometries_reach_the_column_layouts_they_are_listed_for(geometry, shifted, wide):
+@pytest.mark.parametrize("geometry, folded, shifted, wide", [
+    ((3, 4, 16, 16, 5, 3, 3, 1, 1), True, True, False), ((2, 3, 12, 24, 4, 5, 5, 1, 2), True, True, False),
+    ((3, 4, 6, 24, 5, 3, 3, 1, 1), False, True, False), ((2, 3, 7, 9, 4, 5, 5, 1, 2), False, True, False),
+    ((2, 3, 16, 22, 4, 1, 3, 1, 1), False, True, False),                  # Ho > H: not folded
+    ((2, 3, 6, 24, 4, 3, 3, 1, 0), False, False, True), ((5, 7, 8, 8, 6, 3, 3, 1, 0), False, False, False),
+    ((2, 3, 9, 9, 4, 3, 3, 2, 1), False, False, False)])
+def test_geometries_reach_the_column_layouts_they_are_listed_for(geometry, folded, shifted, wide):
     n, c, h, w, o, kh, kw, stride, padding = geometry
     ho, wo = (conv_module.conv_output_size(s, k, stride, padding) for s, k in ((h, kh), (w, kw)))
+    assert conv_module._folds(np, n, c, h, w, kh, kw, stride, padding, padding, ho, wo) == folded
+    # (where folded rows apply, the shifted-rows columns are what FOLDED_ROWS = False falls back to)
     cols = conv_module._Columns(np, np.float64, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
     assert (cols.shifted, cols.wide) == (shifted, wide)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("chunk_floats", [1, 1 << 20])             # one image per chunk / one chunk
-def test_special_paths_match_reference(geometry, chunk_floats, monkeypatch):
+@pytest.mark.parametrize("folded_rows", [True, False])              # False: the columns of _Columns
+def test_special_paths_match_reference(geometry, chunk_floats, folded_rows, monkeypatch):
     monkeypatch.setattr(conv_module, "CHUNK_FLOATS", chunk_floats)
+    monkeypatch.setattr(conv_module, "FOLDED_ROWS", folded_rows)
     n, c, h, w, o, kh, kw, stride, padding = geometry
     x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 7)
     y, cache = conv2d_forward(x, weight, b, stride, padding)
@@ -223,14 +231,16 @@ def threaded_chunks(monkeypatch):
     (5, 7, 8, 8, 6, 3, 3, 1, 0),       # 3x3 stride 1, general columns (Wo < W, too many junk columns)
     (5, 7, 9, 9, 6, 3, 3, 2, 1),       # 3x3 stride 2: col2im
     (4, 2, 6, 6, 3, 1, 1, 2, 0),       # 1x1 stride 2
-    (9, 3, 20, 20, 4, 3, 3, 1, 1),     # shifted rows, 2-3 images per chunk (1M-float chunks)
+    (9, 3, 20, 20, 4, 3, 3, 1, 1),     # folded rows; shifted rows with 2-3 images per chunk
     (9, 3, 5, 5, 4, 1, 1, 1, 0),       # 1x1 stride 1: a transpose copy of several images
 ])
 @pytest.mark.parametrize("chunk_floats", [1, 200, 1 << 20])      # 1 image/chunk, partial, the default
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype,
+@pytest.mark.parametrize("folded_rows", [True, False])
+def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype, folded_rows,
                                                                 threaded_chunks, monkeypatch):
     monkeypatch.setattr(conv_module, "CHUNK_FLOATS", chunk_floats)
+    monkeypatch.setattr(conv_module, "FOLDED_ROWS", folded_rows)
     n, c, h, w, o, kh, kw, stride, padding = geometry
     x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 3, dtype)
     dy = rng.standard_normal((n, o, conv_module.conv_output_size(h, kh, stride, padding),

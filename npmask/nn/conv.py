@@ -29,7 +29,10 @@ machine's peak:
 The batch is processed in chunks of a few images: the column matrix of a whole batch can be tens of
 megabytes, and streaming it through memory (not the arithmetic) is what costs time; a chunk's columns
 stay in the CPU cache between the copy and the GEMM. For stride 1 the columns are built from
-contiguous slices of the flattened image ("shifted rows", "wide rows": :class:`_Columns`). 1x1
+contiguous slices of the flattened image ("shifted rows", "wide rows": :class:`_Columns`); where the
+output is as large as the input (3x3, padding 1) and the images are large enough, only the kernel's
+kw column shifts are copied, and its kh rows are column slices of that matrix, one GEMM each
+("folded rows": :class:`_FoldedRows`). 1x1
 convolutions need no columns at all (the input *is* the column matrix, after a strided slice when
 the stride is 2). Every temporary has the dtype of x: float32 in, float32 throughout. On NumPy the
 chunks are shared out over a few threads, each doing a whole chunk (copies and a one-thread GEMM;
@@ -111,6 +114,16 @@ GPU_CHUNK_FLOATS = 1 << 26
 # steps on 2 cores, taking turns in one process, 0.966x (paired median, two runs). On 2 cores the
 # per-layer figures of conv.py scatter too much to show it (convs this does not touch: 0.84-1.17x).
 SHIFTED_ROWS = True
+# "Folded rows" (see _FoldedRows) for the stride-1 convolutions whose output is as large as their
+# input (Ho = H, Wo = W: every 3x3 pad-1 convolution, and its input gradient) on images of at least
+# FOLDED_MIN_PIXELS, on NumPy; False falls back to the layouts above. Measured
+# (benchmarks/results/train_step_cpu.txt, run 29): all convolutions of WRN-28-4, forward and
+# backward, on one core 0.871x the time of shifted rows (64-channel 32x32 layers 0.836x,
+# 128-channel 16x16 0.772x); whole training steps on 2 cores, taking turns in one process, 0.970x
+# (paired median). On 8x8 images (64 output columns per image) the three GEMMs are too small, and
+# stacking images computes padding rows between them: 1.05-1.1x slower, so those keep shifted rows.
+FOLDED_ROWS = True
+FOLDED_MIN_PIXELS = 256
 
 
 def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
@@ -234,6 +247,96 @@ class _Columns:
         return self.dy_buf[:, :length]
 
 
+def _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo) -> bool:
+    """Whether a convolution of this geometry takes the "folded rows" route (:class:`_FoldedRows`)."""
+    return (FOLDED_ROWS and xp is np and n > 0 and stride == 1 and kh * kw > 1
+            and ho == h and wo == w                 # i.e. kh = 2*ph + 1 and kw = 2*pw + 1
+            and h * w >= FOLDED_MIN_PIXELS)
+
+
+class _FoldedRows:
+    """im2col with the kernel's columns only: ``kw`` copies of an image instead of ``kh * kw``.
+
+    For a stride-1 convolution whose output is as large as its input (Ho = H, Wo = W, so
+    kh = 2*ph + 1 and kw = 2*pw + 1), one image at a time. Each channel of the image is one flat
+    row: pw zeros, ph zero rows of W, the H rows of W pixels, ph zero rows, pw zeros; row r (of the
+    padded image), column j sits at flat[c, pw + r*W + j]. The column matrix holds only the ``kw``
+    horizontal shifts of it,
+
+        B[(c, v), s] = flat[c, s + v]                          shape (C*kw, (H + 2*ph) * W),
+
+    because the kernel's row u is then a *column slice* of B, the one that starts u rows down:
+    B[:, u*W : u*W + H*W] is the im2col matrix of kernel row u (a slice with a row stride, which
+    BLAS takes as it is). The convolution is kh GEMMs with C*kw terms each, instead of one with
+    C*kh*kw:
+
+        y_mat  = sum_u W_u @ B[:, u*W : u*W + H*W]           W_u[o, (c, v)] = W[o, c, u, v]
+        dW[:, :, u, :] = (B[:, u*W : u*W + H*W] @ dy_mat.T).T
+
+    As with shifted rows (:class:`_Columns`), an output pixel in the first or last pw columns
+    reads, for some v, a pixel of the row above or below instead of the zero padding; those entries
+    of B are zeroed after the copy. The copy is kw/(kh*kw) = 1/3 of the shifted-rows columns for a
+    3x3 kernel; the price is kh GEMMs instead of one and adding their outputs (the first writes
+    straight into y). The GEMMs of one 8x8 image are too small for this to pay (several images
+    stacked would compute junk rows between them: slower, measured), hence FOLDED_MIN_PIXELS.
+
+    Rows of B are (c, v), so W_u is ``weight[:, :, u, :]``: :meth:`weights` lays the kernel out as
+    (kh, O, C*kw) once per call. Each thread has its own instance (buffers reused image to image).
+    """
+
+    def __init__(self, dtype, c, h, w, kh, kw, ph, pw, o):
+        self.c, self.h, self.w, self.kh, self.kw, self.ph, self.pw, self.o = c, h, w, kh, kw, ph, pw, o
+        self.b = np.empty((c * kw, (h + 2 * ph) * w), dtype=dtype)
+        self.flat = np.zeros((c, self.b.shape[1] + kw - 1), dtype=dtype)   # padding stays zero
+        self.tmp = np.empty((o, h * w), dtype=dtype) if kh > 1 else None
+        self.dtype = dtype
+
+    @staticmethod
+    def weights(weight):
+        """W_u[o, (c, v)] = W[o, c, u, v], as one contiguous (kh, O, C*kw) array."""
+        o, c, kh, kw = weight.shape
+        return np.ascontiguousarray(weight.transpose(2, 0, 1, 3)).reshape(kh, o, c * kw)
+
+    def columns(self, image):
+        """B (C*kw, (H + 2*ph) * W) for one image (C, H, W)."""
+        c, h, w, kw, ph, pw = self.c, self.h, self.w, self.kw, self.ph, self.pw
+        self.flat[:, pw + ph * w:pw + (ph + h) * w] = image.reshape(c, h * w)
+        s = self.b.shape[1]
+        b3 = self.b.reshape(c, kw, s)
+        for v in range(kw):
+            b3[:, v] = self.flat[:, v:v + s]
+        grid = b3.reshape(c, kw, s // w, w)           # the entries that wrapped around the border
+        for v in range(kw):
+            if v < pw:
+                grid[:, v, :, :pw - v] = 0
+            elif v > pw:
+                grid[:, v, :, w + pw - v:] = 0
+        return self.b
+
+    def product(self, w_fold, image, out):
+        """out (O, H, W) = the convolution of one image (C, H, W); ``w_fold`` from :meth:`weights`."""
+        q, w = self.h * self.w, self.w
+        b, out = self.columns(image), out.reshape(self.o, q)
+        np.matmul(w_fold[0], b[:, :q], out=out)
+        for u in range(1, self.kh):
+            np.matmul(w_fold[u], b[:, u * w:u * w + q], out=self.tmp)
+            out += self.tmp
+
+    def weight_product(self, image, dy_image):
+        """One image's dW, laid out (kh, C*kw, O): [u, (c, v), o] = sum over output positions."""
+        q, w = self.h * self.w, self.w
+        b, d = self.columns(image), dy_image.reshape(self.o, q)
+        grad = np.empty((self.kh, self.c * self.kw, self.o), dtype=self.dtype)
+        for u in range(self.kh):
+            np.matmul(b[:, u * w:u * w + q], d.T, out=grad[u])
+        return grad
+
+    @staticmethod
+    def weight_gradient(total, o, c, kh, kw):
+        """dW (O, C, kh, kw) from the sum of :meth:`weight_product` over the images."""
+        return np.ascontiguousarray(total.reshape(kh, c, kw, o).transpose(3, 1, 0, 2))
+
+
 def _col2im(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
     """Add dcols (C, kh, kw, nb, Ho, Wo) back into out (nb, C, Hp, Wp): the adjoint of im2col.
 
@@ -247,7 +350,7 @@ def _col2im(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
 
 
 def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
-    """y (N, O, Ho, Wo) = conv2d(x, weight) without bias, by im2col + one GEMM per chunk of images.
+    """y (N, O, Ho, Wo) = conv2d(x, weight) without bias, by im2col + GEMMs, chunk of images by chunk.
 
     ph, pw: zero padding of the rows and columns (they differ in the input-gradient pass below).
     """
@@ -255,8 +358,16 @@ def _conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     k = c * kh * kw
-    w_mat = weight.reshape(o, k)
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
+    if _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo):    # one image at a time
+        w_fold = _FoldedRows.weights(weight)
+
+        def one_image(folded, i):
+            folded.product(w_fold, x[i], y[i])
+        each_chunk(xp, n, lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, ph, pw, o), one_image,
+                   flops=2.0 * n * o * k * ho * wo)
+        return y
+    w_mat = weight.reshape(o, k)
     nb, chunks = _chunks(xp, n, k * ho * wo)
 
     def one_chunk(im2col, i):
@@ -310,23 +421,32 @@ def _weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
     """dW (O, C, kh, kw) = sum over chunks of dy_mat @ cols.T, computed as (cols @ dy_mat.T).T.
 
     The transposed product (K, O) = cols (K, M) @ dy_mat.T (M, O) runs faster in BLAS than
-    dy_mat @ cols.T for these shapes (measured: ~1.3x on the 64-channel layers). The chunks'
-    products are added in chunk order (:class:`_InOrderSum`), so the sum does not depend on which
-    thread computed which chunk.
+    dy_mat @ cols.T for these shapes (measured: ~1.3x on the 64-channel layers); folded rows do
+    the same per kernel row. The chunks' products are added in chunk order (:class:`_InOrderSum`),
+    so the sum does not depend on which thread computed which chunk.
     """
     xp = get_array_module(dy, x)
     n, c, h, w = x.shape
     _, o, ho, wo = dy.shape
     k = c * kh * kw
-    nb, chunks = _chunks(xp, n, k * ho * wo)
     dw_t = _InOrderSum()
+    folded = _folds(xp, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
+    if folded:                                         # one image at a time
+        chunks = [(i, i + 1) for i in range(n)]
+        buffers = lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, padding, padding, o)  # noqa: E731
 
-    def one_chunk(im2col, i):
-        n0, n1 = chunks[i]
-        dw_t.add(i, im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T)
-    each_chunk(xp, len(chunks),
-               lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo),
-               one_chunk, flops=2.0 * n * o * k * ho * wo)
+        def one_chunk(rows, i):
+            dw_t.add(i, rows.weight_product(x[i], dy[i]))
+    else:
+        nb, chunks = _chunks(xp, n, k * ho * wo)
+        buffers = lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo)  # noqa: E731
+
+        def one_chunk(im2col, i):
+            n0, n1 = chunks[i]
+            dw_t.add(i, im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T)
+    each_chunk(xp, len(chunks), buffers, one_chunk, flops=2.0 * n * o * k * ho * wo)
+    if folded:
+        return _FoldedRows.weight_gradient(dw_t.total, o, c, kh, kw)
     return xp.ascontiguousarray(dw_t.total.T).reshape(o, c, kh, kw)
 
 
