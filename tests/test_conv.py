@@ -87,6 +87,8 @@ GEOMETRIES = [
     (3, 4, 16, 16, 5, 3, 3, 1, 1),     # "folded rows" (stride 1, Ho = H, Wo = W, >= 256 pixels)
     (2, 3, 12, 24, 4, 5, 5, 1, 2),     # folded rows, two wrapped columns on each side
     (3, 4, 6, 24, 5, 3, 3, 1, 1),      # "shifted rows" columns (stride 1, Wo = W, < 256 pixels)
+    (2, 3, 6, 2, 4, 7, 7, 1, 3),       # shifted rows, padding wider than the image (pw > W)
+    (2, 3, 130, 2, 4, 7, 7, 1, 3),     # folded rows, padding wider than the image (pw > W)
     (2, 3, 5, 22, 4, 1, 3, 1, 1),      # shifted rows, non-square kernel (rows padded, kh = 1)
     (2, 3, 7, 9, 4, 5, 5, 1, 2),       # shifted rows, two wrapped columns on each side
     (2, 3, 6, 24, 4, 3, 3, 1, 0),      # "wide rows" (stride 1, Wo < W, Wp/Wo <= 1.1; also dx)

@@ -218,7 +218,7 @@ class _Columns:
                     if v < pw:
                         grid[:, :, v, :, :, :pw - v] = 0
                     elif v > pw:
-                        grid[:, :, v, :, :, w + pw - v:] = 0
+                        grid[:, :, v, :, :, max(0, w + pw - v):] = 0
         else:
             xpad = self.xpad[:m]
             xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
@@ -310,7 +310,7 @@ class _FoldedRows:
             if v < pw:
                 grid[:, v, :, :pw - v] = 0
             elif v > pw:
-                grid[:, v, :, w + pw - v:] = 0
+                grid[:, v, :, max(0, w + pw - v):] = 0
         return self.b
 
     def product(self, w_fold, image, out):
