@@ -484,7 +484,7 @@ def test_in_order_sum_adds_in_index_order_whatever_the_arrival_order():
     assert not np.array_equal(shuffled, serial)                  # the order does change the bits
 
 
-@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (31, 3), (32, 7), (33, 64), (100, 257)])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (33, 64), (300, 257), (2304, 256)])
 def test_transposed_copy_in_bands_is_the_transpose(shape):
     a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t = conv_module._transposed(np, a)
