@@ -24,8 +24,8 @@ Prints, in one run on the chosen backend:
    needs (``classifier_only`` needs only the forward pass of the backbone), and ``/ full`` is the
    median over the rounds of the step's time divided by the ``full`` step's in the same round
    (steadier than a ratio of medians on a machine whose speed drifts). The steps of all
-   variants and the GEMM timings run interleaved, round by round, so that a change of machine load
-   during the run affects them all alike;
+   variants and the GEMM timings run interleaved, round by round (the variants' order reversed
+   every other round), so that a change of machine load during the run affects them all alike;
 4. for each mask variant (piggyback, simple, full), the time its step spends in the mask transform
    (forward and backward, gradient accumulation included), timed inside the step, its share of the
    step, and its ratio to the full model's transform in the same round;
@@ -262,7 +262,8 @@ def peak_memory(xp, step) -> str:
 def transform_shares(steps: dict, names: list, clock: Clock, repeats: int) -> None:
     """Print the time each mask variant's step spends in the mask transform (forward + backward).
 
-    The variants' steps run round-robin, ``repeats`` rounds, with :class:`TransformTimer` active.
+    The variants' steps run round-robin, ``repeats`` rounds (the order reversed every other round),
+    with :class:`TransformTimer` active.
     Mask variants differ from one another only in the transform (which k's are learned) and in a
     few scalars of optimiser state; the rest of their steps is the same code on the same shapes. So
     where the step times are equal within the machine's noise, the transform times (paired, per
@@ -273,9 +274,9 @@ def transform_shares(steps: dict, names: list, clock: Clock, repeats: int) -> No
     with timer.active():
         for name in names:
             steps[name][1]()
-        for _ in range(repeats):
-            for name in names:
-                timer.total = 0.0
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:     # as in main: reversed every
+                timer.total = 0.0                                 # other round
                 step_time[name].append(clock.time(steps[name][1]))
                 transform[name].append(timer.total)
     print("mask transform (forward + backward), median over the steps; share = transform / that step:")
@@ -333,7 +334,9 @@ def main(argv=None):
     # Every variant's network is built first, then the timed steps run round-robin (one step of each
     # variant per round, and one GEMM-rate measurement per round). On a machine shared with other
     # jobs the speed drifts by tens of percent within a run; interleaving spreads that drift evenly
-    # over the variants and the yardstick, so the ratios stay comparable.
+    # over the variants and the yardstick, so the ratios stay comparable. The order is reversed
+    # every other round, so that no variant always runs right after the same one (or right after
+    # the yardstick's two-thread GEMMs).
     names = args.variants.split(",")
     steps = {}
     for name in names:
@@ -343,9 +346,9 @@ def main(argv=None):
         steps[name] = (model, make_step(model, x, y))
         steps[name][1]()                      # warm-up step: optimiser state, buffers
     rates, times = [], {name: [] for name in names}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         rates.append(gemm_rate(xp, clock, repeats=3))
-        for name in names:
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(clock.time(steps[name][1]))
     reduce = np.min if args.stat == "min" else np.median
     rate = float(np.max(rates) if args.stat == "min" else np.median(rates))
