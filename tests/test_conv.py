@@ -490,3 +490,28 @@ def test_transposed_copy_in_bands_is_the_transpose(shape):
     t = conv_module._transposed(np, a)
     assert t.flags.c_contiguous and t.dtype == a.dtype
     np.testing.assert_array_equal(t, a.T)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, 3), st.booleans(), st.sampled_from([1, 3]), st.integers(0, 2**31 - 1))
+@settings(max_examples=40)
+def test_folded_rows_on_any_same_size_geometry_match_reference(n, c, o, h, w, padding, bias, threads, seed):
+    # Every stride-1 convolution with a (2p+1)x(2p+1) kernel and padding p takes folded rows here,
+    # whatever the image size (also images narrower than the padding), on one thread or several.
+    k = 2 * padding + 1
+    x, weight, b, rng = _arrays((n, c, h, w), (o, c, k, k), bias, seed)
+    old = conv_module.FOLDED_MIN_PIXELS, parallel.THREADS, parallel.PARALLEL_MIN_FLOPS
+    conv_module.FOLDED_MIN_PIXELS, parallel.THREADS, parallel.PARALLEL_MIN_FLOPS = 0, threads, 0
+    try:
+        assert conv_module._folds(np, n, c, h, w, k, k, 1, padding, padding, h, w)
+        y, cache = conv2d_forward(x, weight, b, 1, padding)
+        dy = rng.standard_normal(y.shape)
+        grads = conv2d_backward(dy, cache)
+    finally:
+        conv_module.FOLDED_MIN_PIXELS, parallel.THREADS, parallel.PARALLEL_MIN_FLOPS = old
+    np.testing.assert_allclose(y, conv2d_forward_naive(x, weight, b, 1, padding), rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, conv2d_backward_naive(dy, x, weight, 1, padding, with_bias=bias)):
+        if want is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
