@@ -143,6 +143,18 @@ def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
     return max(n1 - n0 for n0, n1 in chunks), chunks
 
 
+def _wrapped(v: int, pw: int, w: int) -> slice:
+    """The output columns j whose entry for kernel column v (v != pw) wraps around the border.
+
+    In a layout of rows of W pixels with no padding columns ("shifted rows", "folded rows"), output
+    column j reads pixel j + v - pw of its row, but the flat slice reads past the row's end into
+    the next row (or before its start into the one above) where that is outside [0, W): for
+    v < pw the first pw - v columns, for v > pw the last v - pw (all W of them when the padding is
+    wider than the image). Those entries must be zero, the padding.
+    """
+    return slice(0, pw - v) if v < pw else slice(max(0, w + pw - v), w)
+
+
 class _Columns:
     """im2col for chunks of images of one geometry, with buffers reused from chunk to chunk.
 
@@ -215,10 +227,8 @@ class _Columns:
             if self.shifted:        # rows of W, no padding columns: some slices wrap around the
                 grid = cols.reshape(c, kh, kw, m, ho, w)       # border; those entries are padding
                 for v in range(kw):
-                    if v < pw:
-                        grid[:, :, v, :, :, :pw - v] = 0
-                    elif v > pw:
-                        grid[:, :, v, :, :, max(0, w + pw - v):] = 0
+                    if v != pw:
+                        grid[:, :, v, :, :, _wrapped(v, pw, w)] = 0
         else:
             xpad = self.xpad[:m]
             xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
@@ -307,10 +317,8 @@ class _FoldedRows:
             b3[:, v] = self.flat[:, v:v + s]
         grid = b3.reshape(c, kw, s // w, w)           # the entries that wrapped around the border
         for v in range(kw):
-            if v < pw:
-                grid[:, v, :, :pw - v] = 0
-            elif v > pw:
-                grid[:, v, :, max(0, w + pw - v):] = 0
+            if v != pw:
+                grid[:, v, :, _wrapped(v, pw, w)] = 0
         return self.b
 
     def product(self, w_fold, image, out):
