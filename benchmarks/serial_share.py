@@ -54,8 +54,9 @@ class Regions:
                     finally:
                         busy[0] += time.perf_counter() - t
                 return part
-            caller = traceback.extract_stack(limit=4)[0]
-            key = f"{Path(caller.filename).name}:{caller.name}"
+            callers = [f for f in traceback.extract_stack(limit=8)
+                       if Path(f.filename).name not in ("serial_share.py", "parallel.py")]
+            key = f"{Path(callers[-1].filename).name}:{callers[-1].name}"
             self.inside = True
             t = time.perf_counter()
             try:
@@ -90,8 +91,7 @@ class Regions:
         self.patch(parallel, "_run", self._run)
         self.patch(masked_layers, "transform_forward", lambda f: self._suspect("mask transform forward", f))
         self.patch(masked_layers, "transform_backward", lambda f: self._suspect("mask transform backward", f))
-        self.patch(conv.np, "ascontiguousarray",
-                   lambda f: self._suspect("ascontiguousarray (conv weight relayouts, all callers)", f))
+        self.patch(conv, "contiguous", lambda f: self._suspect("conv weight relayouts (fold, flip, gradient)", f))
         self.patch(conv, "_transposed", lambda f: self._suspect("conv._transposed (weight gradient)", f))
         return self
 

@@ -484,12 +484,49 @@ def test_in_order_sum_adds_in_index_order_whatever_the_arrival_order():
     assert not np.array_equal(shuffled, serial)                  # the order does change the bits
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(0, 5), (1, 1), (33, 64), (300, 257), (2304, 256)])
-def test_transposed_copy_in_bands_is_the_transpose(shape):
+def test_transposed_copy_in_bands_is_the_transpose(shape, threads, monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", threads)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)    # the bands shared out, also small
     a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t = conv_module._transposed(np, a)
     assert t.flags.c_contiguous and t.dtype == a.dtype
     np.testing.assert_array_equal(t, a.T)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_parallel_contiguous_is_a_plain_copy(threads, monkeypatch):
+    """parallel.contiguous, a strided view copied with its first or second axis split over threads:
+    the view's numbers in a C-contiguous array of its shape."""
+    monkeypatch.setattr(parallel, "THREADS", threads)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)
+    views = [w.transpose(2, 0, 1, 3),                           # first axis short: split on the second
+             w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1],
+             w.reshape(3, 5, 3, 7).transpose(3, 1, 0, 2), w[:, 0, 0, 0], w[:0], w[0, 0, 0, 0]]
+    for v in views:
+        c = parallel.contiguous(np, v)
+        assert c.flags.c_contiguous and c.dtype == v.dtype and c.shape == v.shape
+        np.testing.assert_array_equal(c, v)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (1, 2, 1, 3), (4, 3, 5, 5)])
+def test_folded_weight_relayouts_are_the_plain_transposes(shape, threads, monkeypatch):
+    """_FoldedRows' weight layouts (written one kernel column or offset at a time, output channels
+    over threads) are exactly the transposes they stand for."""
+    monkeypatch.setattr(parallel, "THREADS", threads)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    o, c, kh, kw = shape
+    w = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(conv_module._FoldedRows.weights(w),
+                                  w.transpose(2, 0, 1, 3).reshape(kh, o, c * kw))
+    total = np.random.default_rng(3).standard_normal((kh, c * kw, o)).astype(np.float32)
+    dw = conv_module._FoldedRows.weight_gradient(total, o, c, kh, kw)
+    assert dw.flags.c_contiguous
+    np.testing.assert_array_equal(dw, total.reshape(kh, c, kw, o).transpose(3, 1, 0, 2))
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9),

@@ -28,7 +28,10 @@ Two implementations live here:
   mask bit is 1) shows that A is exactly dL/dM / G: the forward pass computes A once and the backward
   pass reuses it, so dL/dR costs one multiplication. Terms whose k is fixed to 0 are skipped, a k
   fixed to 1 costs no multiplication, M stays a 1-byte boolean array, and the full sums
-  Σ G∘W and Σ (G∘M)∘W are BLAS dot products (no temporary).
+  Σ G∘W and Σ (G∘M)∘W are BLAS dot products (no temporary). The elementwise work (M, A, W~ in the
+  forward pass; G∘M and dL/dR in the backward) is split by output channel over npmask's threads
+  (:func:`npmask.nn.parallel.in_parallel`: the same bits as serially; only weights of 256K entries
+  or more, in WRN-28-4 the 256-channel layers); the sums stay whole-array, on the calling thread.
 
 On CuPy arrays the fast path hands over to :mod:`npmask.masking.cuda`, where each direction is one
 fused GPU kernel (plus one reduction per learned k) computing the same formulas.
@@ -39,6 +42,7 @@ from numbers import Number
 from typing import NamedTuple
 
 from ..backend import get_array_module
+from ..nn.parallel import in_parallel
 from . import cuda
 
 SURROGATES = ("identity", "sigmoid")
@@ -59,6 +63,13 @@ def _bcast(k, ndim: int):
     if is_fixed(k):
         return float(k)
     return k.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _rows(k, lo: int, hi: int):
+    """The rows lo:hi of a weight-shaped or (O, 1, ..) array; a number or a (1, 1, ..) k as it is."""
+    if is_fixed(k) or k.shape[0] == 1:
+        return k
+    return k[lo:hi]
 
 
 def _check(W, R, ks, tau):
@@ -175,27 +186,37 @@ def transform_forward(W, R, ks, tau: float = 0.0):
     nd = W.ndim
     k0, k1, k2, k3 = (_bcast(k, nd) for k in ks)
     tau = float(tau)
-    M = R > tau                                        # bool, 1 byte per weight
-
+    M = xp.empty(W.shape, dtype=bool)                  # M = 1[R > tau], 1 byte per weight
     # A = k2 + k3*W: the amount a weight gains when its mask bit is on (and dL/dM = G∘A).
     if _is(k3, 0.0):
         A = None if _is(k2, 0.0) else k2               # a number or a broadcastable k array
     else:
-        A = W * k3 if not _is(k3, 1.0) else W.copy()
-        if not _is(k2, 0.0):
-            A += k2
+        A = xp.empty_like(W)
+    Wt = xp.empty_like(W)
 
-    # W~ = M∘A, then + k0*W + k1. M∘A is a fresh array we may add into.
-    if A is None:
-        Wt = xp.zeros_like(W)
-    else:
-        Wt = xp.multiply(M, A, dtype=W.dtype)          # broadcasts a (O,1,..) k2 over M as well
-    if _is(k0, 1.0):
-        Wt += W
-    elif not _is(k0, 0.0):
-        Wt += W * k0                                   # one weight-sized temporary (no BN after)
-    if not _is(k1, 0.0):
-        Wt += k1
+    def rows(lo, hi):   # elementwise: the output channels are split over threads (nn/parallel.py)
+        w, m, t = W[lo:hi], M[lo:hi], Wt[lo:hi]
+        xp.greater(R[lo:hi], tau, out=m)
+        if A is None:
+            t[...] = 0
+        else:
+            a = _rows(A, lo, hi)
+            if not _is(k3, 0.0):
+                if _is(k3, 1.0):
+                    a[...] = w
+                else:
+                    xp.multiply(w, _rows(k3, lo, hi), out=a)
+                if not _is(k2, 0.0):
+                    a += _rows(k2, lo, hi)
+            xp.multiply(m, a, out=t, dtype=W.dtype)    # W~ = M∘A (broadcasts a k2-only A) ...
+        if _is(k0, 1.0):                               # ... + k0*W + k1
+            t += w
+        elif not _is(k0, 0.0):
+            t += w * _rows(k0, lo, hi)                 # a temporary of the rows' size (no BN after)
+        if not _is(k1, 0.0):
+            t += _rows(k1, lo, hi)
+
+    in_parallel(xp, W.shape[0], W.size, rows)
     # A is kept only as an array of W's shape (a k2-only A is recomputed from the k itself).
     return Wt, TransformCache(W, R, M, A, tuple(ks), tau)
 
@@ -226,20 +247,24 @@ def transform_backward(G, cache: TransformCache, need_k=(True, True, True, True)
         dks[1] = _reduce_like(G, ks[1])
     GM = None
     if want[3] or (need_W and not _is(ks[3], 0.0)):
-        GM = xp.multiply(G, M, dtype=G.dtype)          # G∘M, shared by dk3, dW and dk2
+        GM = xp.empty_like(G)                          # G∘M, shared by dk3, dW and dk2
+    dR = xp.empty_like(G) if need_R else None
+    if GM is not None or dR is not None:
+        def rows(lo, hi):   # elementwise: the output channels are split over threads
+            if GM is not None:
+                xp.multiply(G[lo:hi], M[lo:hi], out=GM[lo:hi], dtype=G.dtype)
+            if dR is not None:
+                if A is None:
+                    dR[lo:hi] = 0
+                else:                                  # dL/dM = G∘(k2 + k3*W), A from the forward
+                    xp.multiply(G[lo:hi], _rows(A, lo, hi), out=dR[lo:hi], dtype=G.dtype)
+                if surrogate != "identity":
+                    dR[lo:hi] *= surrogate_derivative(R[lo:hi] - tau, surrogate)
+        in_parallel(xp, G.shape[0], G.size, rows)
     if want[2]:                                        # without G∘M (simple): one pass, no temporary
         dks[2] = _reduce_like(GM, ks[2]) if GM is not None else _dot_like(G, M, ks[2])
     if want[3]:
         dks[3] = _dot_like(GM, W, ks[3])
-
-    dR = None
-    if need_R:
-        if A is None:
-            dR = xp.zeros_like(G)
-        else:
-            dR = xp.multiply(G, A, dtype=G.dtype)      # dL/dM = G∘(k2 + k3*W), A from the forward
-        if surrogate != "identity":
-            dR *= surrogate_derivative(R - tau, surrogate)
 
     dW = None
     if need_W:

@@ -181,3 +181,18 @@ def each_chunk(xp, count: int, setup, fn, *, flops: float = 0.0, floats: float =
                     return
                 fn(state, i)
         _run([worker] * min(THREADS, count))
+
+
+# ---------------------------------------------------------------------------------- helpers
+def contiguous(xp, a):
+    """A C-contiguous copy of ``a`` (of its shape, also 0-d), typically a transposed or flipped
+    weight; the copy is split over the threads along the first axis, or the second where the first
+    is too short to share out evenly (under 4 entries per thread)."""
+    if a.ndim == 0 or xp is not np:
+        return xp.array(a, copy=True, order="C")
+    out = np.empty(a.shape, dtype=a.dtype)
+    if a.ndim > 1 and a.shape[0] < 4 * THREADS:
+        in_parallel(xp, a.shape[1], a.size, lambda lo, hi: np.copyto(out[:, lo:hi], a[:, lo:hi]))
+    else:
+        in_parallel(xp, a.shape[0], a.size, lambda lo, hi: np.copyto(out[lo:hi], a[lo:hi]))
+    return out
