@@ -12,7 +12,11 @@ This script wraps ``parallel._run`` and prints, per step (mean over the rounds):
 2. per calling function, the regions' count and wall time and the core time they leave idle,
    THREADS * wall - the parts' busy time (uneven parts, the helper thread's start, GIL waits);
 3. the serial time of named suspects (the mask transform, the convolution's weight relayouts):
-   their time outside parallel regions.
+   their time outside parallel regions;
+4. the serial time by layer class and pass ("BasicBlock.forward": the block's own code, the
+   residual add, not its children's), each pass's time outside parallel regions and outside the
+   passes it calls; what runs outside every layer's pass (the loss, the optimisers' bookkeeping,
+   the training loop) is the last line.
 
 It changes nothing in npmask; the wrappers cost a few microseconds per call.
 """
@@ -28,8 +32,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npmask.masking import layers as masked_layers  # noqa: E402
 from npmask.nn import conv, parallel  # noqa: E402
+from npmask.nn.module import Module  # noqa: E402
 
 from train_step import add_step_arguments, build_step  # noqa: E402
+
+
+def _layer_classes(cls):
+    """cls and every subclass of it, recursively (each once)."""
+    seen, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.append(c)
+            todo.extend(c.__subclasses__())
+    return seen
 
 
 class Regions:
@@ -40,6 +56,8 @@ class Regions:
         self.serial = defaultdict(float)                      # suspect -> time outside regions
         self.inside = False
         self.region_wall = 0.0
+        self.by_pass = defaultdict(float)                     # "Class.pass" -> its own serial time
+        self._stack = []                                      # [label, start, region_wall, child time]
         self._undo = []
 
     def _run(self, original):
@@ -82,6 +100,24 @@ class Regions:
                 self.serial[label] += time.perf_counter() - t - (self.region_wall - before)
         return fn
 
+    def _pass(self, label, original):
+        """A layer's forward/backward, timed as its own serial time: wall time outside parallel
+        regions, minus that of the passes it calls (they count for themselves)."""
+        def fn(*args, **kwargs):
+            if self.inside:
+                return original(*args, **kwargs)
+            frame = [label, time.perf_counter(), self.region_wall, 0.0]
+            self._stack.append(frame)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                serial = time.perf_counter() - frame[1] - (self.region_wall - frame[2])
+                self.by_pass[label] += serial - frame[3]
+                if self._stack:
+                    self._stack[-1][3] += serial
+        return fn
+
     def patch(self, module, name, wrapper):
         original = getattr(module, name)
         setattr(module, name, wrapper(original))
@@ -93,6 +129,10 @@ class Regions:
         self.patch(masked_layers, "transform_backward", lambda f: self._suspect("mask transform backward", f))
         self.patch(conv, "contiguous", lambda f: self._suspect("conv weight relayouts (fold, flip, gradient)", f))
         self.patch(conv, "_transposed", lambda f: self._suspect("conv._transposed (weight gradient)", f))
+        for cls in _layer_classes(Module):
+            for name in ("forward", "backward"):
+                if name in vars(cls):
+                    self.patch(cls, name, lambda f, label=f"{cls.__name__}.{name}": self._pass(label, f))
         return self
 
     def __exit__(self, *exc):
@@ -102,6 +142,7 @@ class Regions:
     def clear(self):
         self.regions.clear()
         self.serial.clear()
+        self.by_pass.clear()
         self.region_wall = 0.0
 
 
@@ -135,6 +176,12 @@ def main(argv=None):
     print("serial time of named suspects (per step):")
     for key, v in sorted(r.serial.items(), key=lambda kv: -kv[1]):
         print(f"  {key:<56} {1e3 * v / n:7.1f} ms")
+    print("serial time by layer class and pass, its own code only (per step):")
+    outside = total - r.region_wall - sum(r.by_pass.values())
+    for key, v in sorted(r.by_pass.items(), key=lambda kv: -kv[1]):
+        if v / n >= 5e-4:
+            print(f"  {key:<56} {1e3 * v / n:7.1f} ms")
+    print(f"  {'outside every layer (loss, optimisers, training loop)':<56} {1e3 * outside / n:7.1f} ms")
 
 
 if __name__ == "__main__":

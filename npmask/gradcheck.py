@@ -83,7 +83,10 @@ def check_layer(layer, x, upstream=None, seed: int = 0, h: float = 1e-6, tol: fl
     """
     xp = get_array_module(x)
     layer.zero_grad()
+    x_copy = x.copy()
     y = layer.forward(x)
+    if not bool(xp.array_equal(x, x_copy)):
+        raise AssertionError(f"{type(layer).__name__}.forward wrote into its input")
     if upstream is None:
         # A stream of its own: a caller drawing x from default_rng(seed) must not get upstream == x
         # (for batch norm that makes dx vanish and hides errors).

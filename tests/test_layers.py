@@ -171,6 +171,25 @@ def test_relu_values_and_zero_subgradient():
 
 
 @given(shape=st.lists(small, min_size=1, max_size=4), seed=seeds)
+def test_relu_inplace_matches_relu(shape, seed):
+    x = away_from_zero(seed, tuple(shape)).astype(np.float32)
+    x.flat[0] = 0.0                               # the subgradient at 0 is 0 here too
+    dy = normal(seed + 1, tuple(shape)).astype(np.float32)
+    plain, inplace = nn.ReLU(), nn.ReLU(inplace=True)
+    expected = plain.forward(x)
+    given_x = x.copy()
+    y = inplace.forward(given_x)
+    assert y is given_x                           # written over its input, no new array
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(inplace.backward(dy), plain.backward(dy))
+
+
+def test_check_layer_catches_a_forward_that_writes_into_its_input():
+    with pytest.raises(AssertionError, match="ReLU.forward wrote into its input"):
+        check_layer(nn.ReLU(inplace=True), away_from_zero(0, (3, 4)))
+
+
+@given(shape=st.lists(small, min_size=1, max_size=4), seed=seeds)
 def test_flatten_gradcheck(shape, seed):
     layer = nn.Flatten()
     x = normal(seed, tuple(shape))
@@ -378,6 +397,22 @@ def test_linear_backward_rejects_a_wrong_upstream_shape():
     lin.forward(np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"dy of shape \(N, out\) = \(2, 3\)"):
         lin.backward(np.zeros((2, 9), np.float32))
+
+
+def test_add_into_on_threads_matches_plain_add(monkeypatch):
+    from npmask.nn import parallel
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((7, 3, 4, 5)).astype(np.float32)
+    b = rng.standard_normal(a.shape).astype(np.float32)
+    for threads in (3, 1):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        out = a.copy()
+        parallel.add_into(np, out, b)
+        np.testing.assert_array_equal(out, a + b)
+    scalar = np.array(1.5, np.float32)
+    parallel.add_into(np, scalar, np.float32(2.0))
+    assert scalar == 3.5
 
 
 def test_relu_on_threads_matches_one_thread(monkeypatch):

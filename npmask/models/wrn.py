@@ -53,7 +53,7 @@ class WRN(Module):
         self.conv1 = Conv2d(3, 16, 3, stride=1, padding=1, dtype=dtype, rng=gen)
         self.conv1.followed_by_bn = True
         self.bn1 = BatchNorm2d(16, dtype=dtype)
-        self.relu = ReLU()
+        self.relu = ReLU(inplace=True)                 # bn1's output, needed no more
         in_planes = 16
         for i, planes in enumerate(widths, start=1):
             blocks = []

@@ -9,10 +9,16 @@ from .parallel import in_parallel
 
 
 class ReLU(Module):
-    """``y = max(x, 0)``; backward ``dx = dy * [x > 0]`` (the subgradient 0 is used at x = 0)."""
+    """``y = max(x, 0)``; backward ``dx = dy * [x > 0]`` (the subgradient 0 is used at x = 0).
 
-    def __init__(self):
+    ``ReLU(inplace=True)`` writes y over x and returns x (as PyTorch's ``inplace``): for a caller
+    that owns x and needs it no more, e.g. the residual sum of :class:`~npmask.nn.BasicBlock`; it
+    saves a new activation-sized array. The backward pass is the same (it keeps only the mask).
+    """
+
+    def __init__(self, inplace: bool = False):
         super().__init__()
+        self.inplace = bool(inplace)
         self._mask = None
 
     def forward(self, x):
@@ -20,10 +26,10 @@ class ReLU(Module):
         if x.ndim == 0:
             self._mask = x > 0
             return xp.maximum(x, 0)
-        mask, y = xp.empty(x.shape, dtype=bool), xp.empty_like(x)
+        mask, y = xp.empty(x.shape, dtype=bool), (x if self.inplace else xp.empty_like(x))
 
         def rows(lo, hi):   # elementwise: the batch is split over threads (npmask/nn/parallel.py)
-            xp.greater(x[lo:hi], 0, out=mask[lo:hi])
+            xp.greater(x[lo:hi], 0, out=mask[lo:hi])   # before y, which may be x itself
             xp.maximum(x[lo:hi], 0, out=y[lo:hi])  # NEP 50: the Python 0 keeps x's dtype
 
         in_parallel(xp, x.shape[0], x.size, rows)
@@ -40,6 +46,9 @@ class ReLU(Module):
         in_parallel(xp, dy.shape[0], dy.size,
                     lambda lo, hi: xp.multiply(dy[lo:hi], self._mask[lo:hi], out=dx[lo:hi]))
         return dx
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
 
 
 class Dropout(Module):

@@ -10,17 +10,24 @@ Backward: the final ReLU lets the gradient through where its input was positive,
 the two input gradients add up where the branches meet again, at ``x``:
 
     dx = main.backward(d) + shortcut.backward(d)        (shortcut.backward(d) = d for the identity)
+
+Both sums are made in place, in arrays the block owns (the output of bn2, the input gradient of
+conv1: new arrays of those layers, which keep no reference to them), on npmask's threads
+(:func:`~npmask.nn.parallel.add_into`), and relu2 rectifies the sum in place: no new
+activation-sized array for either. Measured on 2 cores (benchmarks/results/train_step_cpu.txt,
+run 35): the residual additions of a WRN-28-4 step took (serially, ``a + b``) ~11 ms each way.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import rng as make_rng
+from ..backend import get_array_module, rng as make_rng
 from .activation import ReLU
 from .batchnorm import BatchNorm2d
 from .container import Sequential
 from .conv import Conv2d
 from .module import Module
+from .parallel import add_into
 
 
 class BasicBlock(Module):
@@ -38,7 +45,7 @@ class BasicBlock(Module):
         self.in_planes, self.out_planes, self.stride = int(in_planes), int(out_planes), int(stride)
         self.conv1 = Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, dtype=dtype, rng=gen)
         self.bn1 = BatchNorm2d(out_planes, dtype=dtype)
-        self.relu1 = ReLU()
+        self.relu1 = ReLU(inplace=True)                # bn1's output is the block's own
         self.conv2 = Conv2d(out_planes, out_planes, 3, stride=1, padding=1, dtype=dtype, rng=gen)
         self.bn2 = BatchNorm2d(out_planes, dtype=dtype)
         if stride != 1 or in_planes != out_planes:
@@ -48,7 +55,7 @@ class BasicBlock(Module):
             self.shortcut[0].followed_by_bn = True
         else:
             self.shortcut = None
-        self.relu2 = ReLU()
+        self.relu2 = ReLU(inplace=True)                # rectifies the sum below in place
         self.conv1.followed_by_bn = True
         self.conv2.followed_by_bn = True
 
@@ -56,7 +63,8 @@ class BasicBlock(Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         skip = x if self.shortcut is None else self.shortcut(x)
-        return self.relu2(out + skip)
+        add_into(get_array_module(out), out, skip)      # out: bn2's new array, the block's own
+        return self.relu2(out)
 
     def backward(self, dy):
         d = self.relu2.backward(dy)  # gradient of the sum, shared by both branches
@@ -65,7 +73,8 @@ class BasicBlock(Module):
         dmain = self.bn1.backward(self.relu1.backward(dmain))
         dmain = self.conv1.backward(dmain)
         dskip = d if self.shortcut is None else self.shortcut.backward(d)
-        return dmain + dskip
+        add_into(get_array_module(dmain), dmain, dskip)  # dmain: conv1's new array
+        return dmain
 
     def extra_repr(self) -> str:
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
