@@ -44,9 +44,9 @@ def settle(xp) -> None:
     """Wait until BLAS's worker threads have stopped spinning (NumPy only).
 
     After a multi-threaded GEMM, OpenBLAS's workers busy-wait for ~0.1 s (OPENBLAS_THREAD_TIMEOUT)
-    on the cores; whatever is timed next would share the cores with them. npmask's own threaded
-    code never wakes them (npmask/nn/parallel.py), but the yardstick GEMM below and a
-    ``NPMASK_THREADS=1`` setting do, so the scripts call this before timing anything else.
+    on the cores; whatever is timed next would share the cores with them. npmask's convolutions
+    never wake them (npmask/nn/parallel.py), but the yardstick GEMM below and a large fully
+    connected layer do, so the scripts call this before timing anything else.
     """
     if xp is np:
         time.sleep(0.25)

@@ -15,7 +15,7 @@ Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 
 ``--threads 1,2`` times every shape with each value of npmask.nn.parallel.THREADS (the threads
 that share a convolution's chunks of images, each running its chunks' GEMMs on one BLAS thread;
-1 = serial chunks, BLAS on its own threads), the settings taking turns repeat by repeat, and prints
+1 = serial chunks, on one core), the settings taking turns repeat by repeat, and prints
 each setting's total and its ratio to the first, and for every shape the paired ratio (the median
 over the repeats of its time / the first setting's time in the same repeat): a comparison within
 one run, which is what to trust on a machine whose speed drifts. ``--setting MODULE.NAME=V1,V2,...`` does the same for any

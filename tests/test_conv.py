@@ -422,7 +422,11 @@ def test_each_chunk_reraises_an_error_after_every_thread_stopped(three_threads):
     assert len(outer) == 3                                       # threads work after the error
 
 
-def test_each_chunk_runs_blas_on_one_thread_and_restores_it(three_threads):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_each_chunk_runs_blas_on_one_thread_and_restores_it(threads, monkeypatch):
+    """Also with THREADS = 1: a chunk's GEMMs run on one BLAS thread whatever THREADS is."""
+    monkeypatch.setattr(parallel, "THREADS", threads)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
     threadpoolctl = pytest.importorskip("threadpoolctl")
 
     def blas_threads():
@@ -436,23 +440,25 @@ def test_each_chunk_runs_blas_on_one_thread_and_restores_it(three_threads):
     assert blas_threads() == before
 
 
-def test_chunk_gemms_give_the_same_bits_on_one_blas_thread_as_on_several(monkeypatch):
-    """A realistic layer, where serial BLAS uses its threads: the threaded result is bit-identical."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    if not any(lib["internal_api"] == "openblas" for lib in threadpoolctl.threadpool_info()):
-        pytest.skip("bit-identity across BLAS thread counts is checked for OpenBLAS (NumPy's wheels)")
+@pytest.mark.parametrize("folded", [False, True])
+def test_a_realistic_layer_gives_the_same_bits_on_one_two_and_three_threads(folded, monkeypatch):
+    """GEMMs large enough for BLAS to use its threads if it were let: the results are bit-identical
+    for every THREADS, on any BLAS, because every chunk's GEMMs run on one BLAS thread (OpenBLAS's
+    multi-threaded sgemm gives other bits than its one-thread sgemm on some CPUs)."""
     x, weight, _, rng = _arrays((8, 64, 16, 16), (64, 64, 3, 3), False, 5, np.float32)
     dy = rng.standard_normal((8, 64, 16, 16)).astype(np.float32)
-    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", 1 << 19)    # 4 chunks of 2 images
-    # (on a machine with one CPU, BLAS has one thread either way and this compares like with like)
+    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", 1 << 19)    # 4 chunks of 2 images (unfolded)
+    monkeypatch.setattr(conv_module, "FOLDED_MIN_PIXELS", 256 if folded else 1 << 30)
 
     def run(threads):
         monkeypatch.setattr(parallel, "THREADS", threads)
         monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
         y, cache = conv2d_forward(x, weight, None, 1, 1)
         return (y, *conv2d_backward(dy, cache)[:2])
-    for a, b in zip(run(1), run(2)):
-        np.testing.assert_array_equal(a, b)
+    serial = run(1)
+    for threads in (2, 3):
+        for a, b in zip(serial, run(threads)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_empty_batch_gives_empty_outputs_and_a_zero_weight_gradient():

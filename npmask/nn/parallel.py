@@ -13,24 +13,27 @@ truly in parallel. Two ways of splitting the work:
   thread is free next, with BLAS on ONE thread. Each core runs its own GEMMs on data in its own
   cache, instead of every core sharing one GEMM with one-core copies in between; and one-thread
   GEMMs are fastest on small chunks (see ``npmask.nn.conv.CHUNK_FLOATS``). The chunks are the same
-  whatever the number of threads, a chunk's GEMM gives the same bits on one BLAS thread as on
-  several (OpenBLAS; tested), and the caller combines per-chunk results in chunk order: the
-  results do not depend on THREADS.
+  whatever the number of threads, every chunk's GEMMs run on one BLAS thread (also with
+  THREADS = 1), and the caller combines per-chunk results in chunk order: the results do not
+  depend on THREADS, on any BLAS (tested). One BLAS thread in every case matters: OpenBLAS's
+  multi-threaded sgemm gives other bits than its one-thread sgemm on some CPUs (on an AMD EPYC
+  with its Haswell kernels, about 20% of the entries of a (64, 192) @ (192, 256) product differ
+  in the last bits; on the Intel machines measured before, none did).
 
 Why BLAS is held at one thread even where a convolution runs serially: after every
 multi-threaded GEMM, OpenBLAS's worker threads busy-wait for ~0.1 s (OPENBLAS_THREAD_TIMEOUT)
-for the next one, on the cores npmask's threads need. So on NumPy with THREADS > 1 every
-``each_chunk`` call holds BLAS at one thread, also when it runs serially (a single chunk, or work
-under PARALLEL_MIN_FLOPS), and the convolutions never wake the workers (a large fully connected
-layer's product, e.g. VGG's classifier, still uses BLAS's threads). Measured on 2
+for the next one, on the cores npmask's threads need. So on NumPy every ``each_chunk`` call holds
+BLAS at one thread, also when it runs serially (a single chunk, work under PARALLEL_MIN_FLOPS, or
+THREADS = 1), and the convolutions never wake the workers (a large fully connected layer's
+product, e.g. VGG's classifier, still uses BLAS's threads, whatever THREADS is). Measured on 2
 cores, one process, settings alternating step by step (benchmarks/results/train_step_cpu.txt,
 run 11): a masked WRN-28-4 step at 64x64 took 0.771x the time of the previous scheme (copies split
 by channel between multi-threaded GEMMs); the small default job (WRN-16-1 at 32x32) was unchanged
 (1.002x). BLAS's thread count is set through threadpoolctl (OpenBLAS, MKL, BLIS)
 and restored on exit; without it BLAS keeps its threads (same results, slower).
 
-THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code with BLAS
-on its default threads; CuPy arrays never use threads (on a GPU each operation is one kernel launch
+THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code, the
+convolutions on one core (their GEMMs on one BLAS thread, as above); CuPy arrays never use threads (on a GPU each operation is one kernel launch
 anyway). Work under PARALLEL_MIN_FLOATS (256K floats, 1 MB) or PARALLEL_MIN_FLOPS (64M, ~0.5 ms
 on one core) stays on the calling thread: handing work to a thread costs ~20-50 us. Measured on 2
 cores, one process, thresholds alternating step by step: 256K floats against 1M (where it was while
@@ -156,14 +159,15 @@ def in_parallel(xp, items: int, floats: int, fn) -> None:
 def each_chunk(xp, count: int, setup, fn, *, flops: float = 0.0, floats: float = 0.0) -> None:
     """Call ``fn(state, i)`` for every i in ``range(count)``; each thread has ``state = setup()``.
 
-    On NumPy with THREADS > 1, BLAS runs on one thread for the duration (so that its workers are
-    never woken, see the module docstring), and with at least two chunks and enough work (GEMM
+    On NumPy, BLAS runs on one thread for the duration (so that its workers are never woken and
+    a chunk's GEMMs give the same bits whatever THREADS is, see the module docstring), and with
+    THREADS > 1, at least two chunks and enough work (GEMM
     ``flops`` at least PARALLEL_MIN_FLOPS, or elementwise work on ``floats`` at least
     PARALLEL_MIN_FLOATS), THREADS threads take the chunks in order, each the next one as it becomes
     free (uneven chunks still keep every core busy). ``fn`` must write only what belongs to chunk
     i; ``setup`` makes a thread's private buffers. Otherwise: ``state = setup()`` and the loop, here.
     """
-    owner = xp is np and THREADS > 1 and not getattr(_local, "inside", False)
+    owner = xp is np and not getattr(_local, "inside", False)
     with blas_threads_limited_to_one() if owner else contextlib.nullcontext():
         if _serial(xp, count, flops < PARALLEL_MIN_FLOPS and floats < PARALLEL_MIN_FLOATS):
             state = setup()
