@@ -33,8 +33,8 @@ by channel between multi-threaded GEMMs); the small default job (WRN-16-1 at 32x
 and restored on exit; without it BLAS keeps its threads (same results, slower).
 
 THREADS = 1 (or the environment variable NPMASK_THREADS=1) gives the plain serial code, the
-convolutions on one core (their GEMMs on one BLAS thread, as above); CuPy arrays never use threads (on a GPU each operation is one kernel launch
-anyway). Work under PARALLEL_MIN_FLOATS (256K floats, 1 MB) or PARALLEL_MIN_FLOPS (64M, ~0.5 ms
+convolutions on one core (their GEMMs on one BLAS thread, as above); CuPy arrays never use
+threads (on a GPU each operation is one kernel launch anyway). Work under PARALLEL_MIN_FLOATS (256K floats, 1 MB) or PARALLEL_MIN_FLOPS (64M, ~0.5 ms
 on one core) stays on the calling thread: handing work to a thread costs ~20-50 us. Measured on 2
 cores, one process, thresholds alternating step by step: 256K floats against 1M (where it was while
 BLAS's workers still spun, see above), WRN-28-4 0.952x and 0.969x the step time, the small default
