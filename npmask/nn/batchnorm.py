@@ -43,6 +43,7 @@ import functools
 import numpy as np
 
 from ..backend import get_array_module
+from ..config import settings
 from .module import Module
 from . import parallel
 
@@ -99,7 +100,7 @@ def _over_channels(xp, x3, fn) -> None:
     So images are split into parts of two or more channels; an (N, C) input (L = 1), whose channel
     values are strided and which is small anyway, is one part.
     """
-    if x3.shape[2] > 1 and x3.shape[1] >= 2 * parallel.THREADS:
+    if x3.shape[2] > 1 and x3.shape[1] >= 2 * settings.threads:
         parallel.in_parallel(xp, x3.shape[1], x3.size, fn)
     else:
         fn(0, x3.shape[1])
