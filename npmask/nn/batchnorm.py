@@ -106,8 +106,11 @@ def _over_channels(xp, x3, fn) -> None:
         fn(0, x3.shape[1])
 
 
-class _BatchNorm(Module):
-    """Shared core: subclasses say which input rank they take; the channel axis is always 1."""
+class BatchNorm(Module):
+    """The batch-norm base class: subclasses say which input rank they take; channels are axis 1.
+
+    ``isinstance(m, BatchNorm)`` finds every batch-norm layer (e.g. to give each domain its own).
+    """
 
     _ndim = None  # input rank: 4 for BatchNorm2d, 2 for BatchNorm1d
     _layout = ""  # for error messages
@@ -243,15 +246,18 @@ class _BatchNorm(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNorm):
     """Batch normalisation over (N, C, H, W): statistics per channel over N, H and W."""
 
     _ndim = 4
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(BatchNorm):
     """Batch normalisation over (N, C) features: statistics per feature over the batch."""
 
     _ndim = 2
     _layout = "(N, C)"
+
+
+_BatchNorm = BatchNorm      # the former private name, kept so that older code still imports
