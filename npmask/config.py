@@ -8,7 +8,8 @@
 None of these settings changes what a layer computes: the chunking and the thread count are chosen
 so that the results are the same bits whatever their values (tested), and ``conv_impl`` swaps in a
 path that agrees to float32 rounding. They trade speed only; the measurements behind each default
-are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``).
+are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
+``code_comment_figures.md``).
 
 The settings are process-wide, like ``chainer.config``'s global defaults, not per thread: npmask's
 helper threads must see the values of the thread that hands them the work. Change them from the

@@ -30,8 +30,8 @@ the centred input x - mean_c and folds s_c into per-channel scales, ``y = centre
 ``dx = (w s) * (dy - (centred * (s dweight / M) + dbias / M))``, with no temporary array.
 Both work on the (N, C, L) view of the input (L = H*W; 1 for BatchNorm1d). Per-channel sums (the
 mean, dbias) and sums of products (the variance, dweight) use ``einsum``, which adds without a
-temporary array and, for these reductions over the first and last axes, ran 1.6-3.7x faster than
-``sum(axis=(0, 2))`` on one core (same accuracy; benchmarks/elementwise.py). On NumPy every
+temporary array and, for these reductions over the first and last axes, runs faster than
+``sum(axis=(0, 2))`` (same accuracy; benchmarks/elementwise.py). On NumPy every
 per-channel vector is spread to a (C, L) array before it meets an activation (:func:`_spread`).
 Channels are independent, so on NumPy both passes split the channels over a few threads
 (:mod:`npmask.nn.parallel`), with bit-identical results.
@@ -51,8 +51,8 @@ from . import parallel
 def _channel_sum(a3):
     """sum over images and positions of a3 (N, C, L) -> (C,).
 
-    On NumPy ``einsum`` (1.6-3.7x faster than ``sum(axis=(0, 2))`` on one core for WRN-28-4's
-    shapes, benchmarks/elementwise.py); on CuPy the plain reduction.
+    On NumPy ``einsum`` (faster than ``sum(axis=(0, 2))`` for WRN-28-4's shapes,
+    benchmarks/elementwise.py); on CuPy the plain reduction.
     """
     if get_array_module(a3) is np:
         return np.einsum("ncl->c", a3)
@@ -62,8 +62,8 @@ def _channel_sum(a3):
 def _channel_dot(a3, b3):
     """sum over images and positions of a3 * b3, both (N, C, L) -> (C,), with no temporary product.
 
-    On NumPy ``einsum`` adds the products as it goes. On CuPy, einsum was measured 2.7-7x slower
-    than one fused ReductionKernel over the same axes (benchmarks/cupy_reductions.py,
+    On NumPy ``einsum`` adds the products as it goes. On CuPy einsum is slower than one fused
+    ReductionKernel over the same axes (benchmarks/cupy_reductions.py,
     benchmarks/results/gpu_h100.md), which is used there instead.
     """
     if get_array_module(a3, b3) is np:
@@ -82,9 +82,8 @@ def _spread(xp, v, length: int):
     """The per-channel vector v (C,) shaped to broadcast against an (N, C, L) activation.
 
     On NumPy it is repeated along L into a contiguous (C, L) array (one image's worth of memory):
-    NumPy's ufunc loops ran 1.4-2.1x faster (one core, WRN-28-4's shapes,
-    benchmarks/elementwise.py) when every operand is contiguous along the last axis than with the
-    (C, 1) view, whose stride along L is 0. On CuPy the view serves, and the copy would be one more
+    NumPy's ufunc loops run faster (benchmarks/elementwise.py) when every operand is contiguous
+    along the last axis than with the (C, 1) view, whose stride along L is 0. On CuPy the view serves, and the copy would be one more
     kernel launch.
     """
     column = v.reshape(-1, 1)
@@ -96,7 +95,7 @@ def _over_channels(xp, x3, fn) -> None:
 
     Threads must not change a single bit of the result, and NumPy's sums over axes (0, 2) add in
     the same order for a slice of channels as for the whole array only when the slice has at least
-    two channels (a one-channel slice is reduced along another path: measured, 1-ulp differences).
+    two channels (a one-channel slice is reduced along another path, which can differ by 1 ulp).
     So images are split into parts of two or more channels; an (N, C) input (L = 1), whose channel
     values are strided and which is small anyway, is one part.
     """
