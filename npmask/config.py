@@ -5,10 +5,10 @@
     with config.using(threads=1, conv_impl="readable"):
         ...                                 # the plain serial code and the readable convolution
 
-None of these settings changes what a layer computes: the chunking and the thread count are chosen
-so that the results are the same bits whatever their values (tested), and ``conv_impl`` swaps in a
-path that agrees to float32 rounding. They trade speed only; the measurements behind each default
-are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
+None of these settings changes what a layer computes: the thread count and the thresholds do not
+change a single bit of the results (tested); the convolution's chunk sizes, layouts and
+``conv_impl`` change only the order of the roundings (the results agree to float32 rounding). They
+trade speed only; the measurements behind each default are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
 ``code_comment_figures.md``).
 
 The settings are process-wide, like ``chainer.config``'s global defaults, not per thread: npmask's
