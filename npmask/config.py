@@ -8,8 +8,8 @@
 None of these settings changes what a layer computes: the thread count and the thresholds do not
 change a single bit of the results (tested); the convolution's chunk sizes, layouts and
 ``conv_impl`` change only the order of the roundings (the results agree to float32 rounding). They
-trade speed only; the measurements behind each default are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
-``code_comment_figures.md``).
+trade speed only; the measurements behind each default are in ``benchmarks/results/``
+(``conv_cpu.txt``, ``train_step_cpu.txt``, ``code_comment_figures.md``).
 
 The settings are process-wide, like ``chainer.config``'s global defaults, not per thread: npmask's
 helper threads must see the values of the thread that hands them the work. Change them from the

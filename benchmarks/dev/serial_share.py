@@ -5,8 +5,9 @@ A developer's tool (benchmarks/dev/). Run:
           [--variant full] [--rounds 4]
 
 On NumPy with more than one thread (npmask.config.settings.threads), npmask's threads work only
-inside ``parallel._run`` (each_chunk, in_parallel); everything else in the step runs on the calling thread while the other cores wait.
-This script wraps ``parallel._run`` and prints, per step (mean over the rounds):
+inside ``parallel._run`` (each_chunk, in_parallel); everything else in the step runs on the calling
+thread while the other cores wait. This script wraps ``parallel._run`` and prints, per step (mean
+over the rounds):
 
 1. the step's wall time, the wall time inside parallel regions, and the rest ("serial": one core
    busy, the others idle);

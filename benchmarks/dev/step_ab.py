@@ -7,12 +7,13 @@ e.g.  .venv/bin/python benchmarks/dev/step_ab.py conv_chunk_floats=1048576,20971
       .venv/bin/python benchmarks/dev/step_ab.py threads=2,3,4
 
 Sets the npmask setting NAME (an attribute of ``npmask.config.settings`` that npmask reads when it
-runs, such as a chunk size, a threshold or the thread count) to each value in turn, one training step per value and round, the
-order reversed every other round, after a pause that lets OpenBLAS's workers stop spinning
-(``_timing.settle``). The machine's speed drifts by tens of percent within minutes, so a comparison
-is only trustworthy inside one process: the script prints each value's median step, its multiple
-of the FLOP floor (GEMM rate measured in the same rounds) and the median and quartiles over the
-rounds of the paired ratio (this value's step / the first value's step of the same round).
+runs, such as a chunk size, a threshold or the thread count) to each value in turn, one training
+step per value and round, the order reversed every other round, after a pause that lets OpenBLAS's
+workers stop spinning (``_timing.settle``). The machine's speed drifts by tens of percent within
+minutes, so a comparison is only trustworthy inside one process: the script prints each value's
+median step, its multiple of the FLOP floor (GEMM rate measured in the same rounds) and the median
+and quartiles over the rounds of the paired ratio (this value's step / the first value's step of the
+same round).
 The setting is restored at the end. Values are Python literals (ast.literal_eval).
 """
 from __future__ import annotations

@@ -83,8 +83,8 @@ def _spread(xp, v, length: int):
 
     On NumPy it is repeated along L into a contiguous (C, L) array (one image's worth of memory):
     NumPy's ufunc loops run faster (benchmarks/elementwise.py) when every operand is contiguous
-    along the last axis than with the (C, 1) view, whose stride along L is 0. On CuPy the view serves, and the copy would be one more
-    kernel launch.
+    along the last axis than with the (C, 1) view, whose stride along L is 0. On CuPy the view
+    serves, and the copy would be one more kernel launch.
     """
     column = v.reshape(-1, 1)
     return np.repeat(column, length, axis=1) if xp is np else column

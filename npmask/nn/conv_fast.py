@@ -150,9 +150,10 @@ def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
 def _transposed(xp, a):
     """a.T (2-D) as a new C-contiguous array. On NumPy the copy goes in bands of 32 rows of a: a
     plain ``ascontiguousarray(a.T)`` walks a column by column and misses the cache (the band width
-    was chosen with benchmarks/elementwise.py; figures in benchmarks/results/). A small array (under 64K entries, in cache anyway) is copied in one go; a large one's bands are
-    shared over npmask's threads (:func:`~npmask.nn.parallel.in_parallel`), as are the other weight
-    relayouts (:func:`~npmask.nn.parallel.contiguous`)."""
+    was chosen with benchmarks/elementwise.py; figures in benchmarks/results/). A small array (under
+    64K entries, in cache anyway) is copied in one go; a large one's bands are shared over npmask's
+    threads (:func:`~npmask.nn.parallel.in_parallel`), as are the other weight relayouts
+    (:func:`~npmask.nn.parallel.contiguous`)."""
     if xp is not np or a.size < 1 << 16:
         return xp.ascontiguousarray(a.T)
     out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)

@@ -49,8 +49,8 @@ _blas = None                                    # the threadpoolctl controller, 
 def _executor(threads: int) -> ThreadPoolExecutor:
     """The persistent pool of ``threads - 1`` helper threads (the caller is the last thread).
 
-    Re-created when the thread count changes, and in a child process after a fork (threads do not survive a
-    fork, and a pool whose threads are gone would wait forever).
+    Re-created when the thread count changes, and in a child process after a fork (threads do not
+    survive a fork, and a pool whose threads are gone would wait forever).
     """
     global _pool
     if _pool is None or _pool[:2] != (threads, os.getpid()):
@@ -108,8 +108,8 @@ def in_parallel(xp, items: int, floats: int, fn) -> None:
 
     ``fn`` must write only to slices selected by [lo, hi), so the parts may run at the same time.
     They do on NumPy, when ``floats`` (the size of the work) is at least
-    ``settings.parallel_min_floats`` and ``settings.threads`` > 1; otherwise this is just ``fn(0, items)``. Call it from one thread at a time (the
-    training loop's).
+    ``settings.parallel_min_floats`` and ``settings.threads`` > 1; otherwise this is just
+    ``fn(0, items)``. Call it from one thread at a time (the training loop's).
     """
     if _serial(xp, items, floats < settings.parallel_min_floats):
         fn(0, items)
