@@ -13,13 +13,14 @@ the machine); the GEMM rate is measured again at the end as a check on such inte
 
 Times on CuPy use CUDA events (GPU time, after a synchronising warm-up).
 
-``--threads 1,2`` times every shape with each value of npmask.nn.parallel.THREADS (the threads
+``--threads 1,2`` times every shape with each value of npmask.config.settings.threads (the threads
 that share a convolution's chunks of images, each running its chunks' GEMMs on one BLAS thread;
-1 = serial chunks, on one core), the settings taking turns repeat by repeat, and prints
-each setting's total and its ratio to the first, and for every shape the paired ratio (the median
-over the repeats of its time / the first setting's time in the same repeat): a comparison within
-one run, which is what to trust on a machine whose speed drifts. ``--setting MODULE.NAME=V1,V2,...`` does the same for any
-npmask setting, e.g. ``--setting npmask.nn.conv.SHIFTED_ROWS=False,True`` (the column layouts).
+1 = serial chunks, on one core), the settings taking turns repeat by repeat, and prints each
+setting's total and its ratio to the first, and for every shape the paired ratio (the median over
+the repeats of its time / the first setting's time in the same repeat): a comparison within one
+run, which is what to trust on a machine whose speed drifts. ``--setting NAME=V1,V2,...`` does the
+same for any npmask setting (benchmarks/_settings.py), e.g. ``--setting shifted_rows=False,True``
+(the column layouts) or ``--setting conv_impl="'readable','fast'"`` (the readable path of conv.py).
 """
 from __future__ import annotations
 
@@ -31,16 +32,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
+from npmask import config  # noqa: E402
 from npmask.backend import BackendError, get_backend  # noqa: E402
-from npmask.nn import parallel  # noqa: E402
 from npmask.nn.conv import conv2d_backward, conv2d_forward, conv_output_size  # noqa: E402
 
+from _settings import parse_setting, restored, switch  # noqa: E402  (beside this script)
 from _timing import Clock, gemm_rate, settle  # noqa: E402  (benchmarks/_timing.py, beside this script)
-from step_ab import parse_setting  # noqa: E402
 
 
 def wrn_conv_shapes(depth: int = 28, width: int = 4, size: int = 64):
-    """[(name, Cin, Cout, k, stride, H, count)] for the convs of WRN-depth-width (DESIGN.md section 2).
+    """[(name, Cin, Cout, k, stride, H, count)] for the convs of WRN-depth-width (docs/design.md).
 
     Stem 3x3 3->16; three stages of (depth-4)/6 basic blocks with widths 16k, 32k, 64k; the first
     block of each stage has stride 2 and a 1x1 stride-2 projection shortcut.
@@ -76,25 +77,24 @@ def main(argv=None):
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="statistic over repeats; min is robust on a machine shared with other jobs")
     ap.add_argument("--threads", default=None,
-                    help="comma-separated npmask.nn.parallel.THREADS settings to compare, interleaved (e.g. 1,2)")
+                    help="comma-separated thread counts (npmask.config.settings.threads) to compare, "
+                         "interleaved (e.g. 1,2)")
     ap.add_argument("--setting", default=None,
-                    help="MODULE.NAME=V1,V2,...: any npmask setting to compare the same way")
+                    help="NAME=V1,V2,...: any npmask.config setting to compare the same way")
     args = ap.parse_args(argv)
     if args.threads and args.setting:
         sys.exit("benchmarks/conv.py: give --threads or --setting, not both")
     if args.setting:
-        module, attr, settings = parse_setting(args.setting)
+        name, settings = parse_setting(args.setting)
     else:
-        module, attr = parallel, "THREADS"
-        settings = [int(v) for v in args.threads.split(",")] if args.threads else [parallel.THREADS]
-    original = getattr(module, attr)
-    try:
-        run(args, module, attr, settings)
-    finally:
-        setattr(module, attr, original)
+        name = "threads"
+        settings = (parse_setting(f"threads={args.threads}")[1] if args.threads
+                    else [config.settings.threads])
+    with restored(name):
+        run(args, name, settings)
 
 
-def run(args, module, attr, settings):
+def run(args, setting, settings):
 
     try:
         xp = get_backend(args.backend)
@@ -106,7 +106,7 @@ def run(args, module, attr, settings):
           f"{args.stat} of {args.repeats} repeats")
     print(f"float32 GEMM rate (2048x2048 matmul): {rate:.1f} GFLOP/s "
           f"(fractions below are of this rate)")
-    print(f"{module.__name__}.{attr}: {', '.join(map(repr, settings))}; OPENBLAS_THREAD_TIMEOUT="
+    print(f"npmask setting {setting}: {', '.join(map(repr, settings))}; OPENBLAS_THREAD_TIMEOUT="
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}; {os.cpu_count()} CPUs\n")
 
     header = (f"{'layer':<22}{'Cin':>5}{'Cout':>5}{'k':>3}{'s':>3}{'H':>5}{'count':>6}"
@@ -136,7 +136,7 @@ def run(args, module, attr, settings):
         times = {value: ([], []) for value in settings}
         for r in range(args.repeats + 1):                 # repeat 0 is the warm-up
             for value in settings if r % 2 else settings[::-1]:   # each goes first in turn
-                setattr(module, attr, value)
+                switch(setting, value)
                 if len(settings) > 1:
                     settle(xp)              # the previous setting's BLAS workers must not spin here
                 t_f, t_b = timer.time(fwd), timer.time(bwd)
@@ -163,7 +163,7 @@ def run(args, module, attr, settings):
         t = total_time[value]
         gflops = total_flops / t / 1e9
         print(f"all {sum(s[-1] for s in wrn_conv_shapes(size=args.size))} convs of WRN-28-4, "
-              f"forward + backward, {attr} = {value!r}: {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
+              f"forward + backward, {setting} = {value!r}: {t:.3f} s, {total_flops / 1e9:.1f} GFLOP, "
               f"{gflops:.1f} GFLOP/s = {gflops / rate:.2f} x GEMM "
               f"(floor at the GEMM rate: {total_flops / 1e9 / rate:.3f} s)"
               + ("" if value == settings[0] else f"; {t / first:.3f} x the time with {settings[0]!r}"))

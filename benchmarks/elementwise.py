@@ -12,8 +12,9 @@ makes two kinds of pass over it:
    ``v_spread = np.repeat(v.reshape(C, 1), L, axis=1)``, a contiguous (C, L) array (building it is
    timed too).
 
-Then one copy of the convolution (npmask/nn/conv.py): the weight gradient's final transpose
-(K, O) -> (O, K), ``np.ascontiguousarray(a.T)`` against ``conv._transposed`` (bands of 32 rows),
+Then one copy of the fast convolution (npmask/nn/conv_fast.py): the weight gradient's final
+transpose (K, O) -> (O, K), ``np.ascontiguousarray(a.T)`` against ``conv_fast._transposed`` (bands
+of 32 rows),
 at the (K, O) of WRN-28-4's convolutions that are not "folded rows".
 
 The two ways take turns, round by round, on one thread; the script prints each one's rate in
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from npmask.nn import conv  # noqa: E402
+from npmask.nn import conv_fast  # noqa: E402
 
 SHAPES = [(16, 64, 64), (64, 32, 32), (128, 16, 16), (256, 8, 8)]   # (C, H, W) of WRN-28-4 at 64x64
 
@@ -78,8 +79,8 @@ def main(argv=None):
           "bands of 32 rows (new); G elements/s")
     for k, o in [(2304, 256), (1152, 256), (576, 128), (144, 64)]:
         a = rng.standard_normal((k, o), dtype=np.float32)
-        assert np.array_equal(conv._transposed(np, a), a.T)
-        t_old, t_new, ratio = paired(lambda: np.ascontiguousarray(a.T), lambda: conv._transposed(np, a),
+        assert np.array_equal(conv_fast._transposed(np, a), a.T)
+        t_old, t_new, ratio = paired(lambda: np.ascontiguousarray(a.T), lambda: conv_fast._transposed(np, a),
                                      args.rounds)
         print(f"  {f'({k}, {o})':<17} {'transpose':<21} old {a.size / t_old / 1e9:5.2f}  "
               f"new {a.size / t_new / 1e9:5.2f}  new/old {ratio:.3f}  ({t_old * 1e3:.2f} -> {t_new * 1e3:.2f} ms)")

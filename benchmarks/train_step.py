@@ -1,4 +1,4 @@
-"""One training step of a masked WRN-28-4 against the machine's floor (issue 7).
+"""One training step of a masked WRN-28-4 against the machine's floor.
 
 Run:  .venv/bin/python benchmarks/train_step.py [--backend numpy|cupy] [--model wrn28_4]
           [--size 64] [--batch 32] [--repeats 5] [--stat median|min] [--clock wall|cpu]
@@ -56,7 +56,7 @@ from npmask.backend import get_backend  # noqa: E402
 from npmask.masking import layers as masked_layers  # noqa: E402
 from npmask.masking.variants import VARIANTS as VARIANT_SPECS  # noqa: E402
 from npmask.multidomain import MultiDomainModel  # noqa: E402
-from npmask.nn import parallel  # noqa: E402
+from npmask import config  # noqa: E402
 from npmask.nn.conv import Conv2d  # noqa: E402
 from npmask.nn.linear import Linear  # noqa: E402
 from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
@@ -123,8 +123,8 @@ def build_step(model_name: str, size: int, batch: int, variant: str):
 
 
 def add_step_arguments(ap, rounds: int = 10) -> None:
-    """The options of the scripts that time one training step in rounds (step_ab.py,
-    conv_against.py, winograd_trial.py): --model, --size, --batch, --variant, --rounds."""
+    """The options of the scripts that time one training step in rounds (dev/step_ab.py,
+    dev/conv_against.py, dev/serial_share.py): --model, --size, --batch, --variant, --rounds."""
     ap.add_argument("--model", default="wrn28_4")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
@@ -321,7 +321,7 @@ def main(argv=None):
     print(f"backend {args.backend}, float32, {args.model} at {args.size}x{args.size}, batch {args.batch}, "
           f"{args.stat} of {args.repeats} steps, {args.clock} clock, BLAS threads: {threads} "
           f"({os.cpu_count()} CPUs), OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}, "
-          f"npmask threads: {parallel.THREADS}")
+          f"npmask threads: {config.settings.threads}")
 
     backbone = models.create(args.model, num_classes=args.classes, input_size=args.size, seed=0)
     if xp is not np:

@@ -1,8 +1,31 @@
 """npmask: binary-mask multi-domain learning in NumPy/CuPy with hand-written backprop.
 
-On a CPU, npmask runs its own threads (npmask/nn/parallel.py; ``NPMASK_THREADS`` sets how many, 1
-turns them off): convolutions are split into chunks of images, each chunk's GEMM on one BLAS thread,
-with BLAS held at one thread meanwhile (threadpoolctl) so that OpenBLAS's workers, which busy-wait
-after every multi-threaded GEMM, never take the cores the threads use.
+The method (Mancini et al., "Boosting Binary Masks for Multi-Domain Learning through Affine
+Transformations"): a pretrained network is extended to new visual domains without changing its
+weights. Per domain, every convolution and hidden fully connected weight W is replaced by
+
+    W~ = k0*W + k1 + k2*M + k3*W∘M          M = 1[R > tau], a learned binary mask (1 bit per weight)
+
+with a few learned scalars k; the real-valued R learns through a straight-through gradient, and
+only M (packed), the k's, the domain's batch norm and its classifier are stored. Piggyback and the
+"simple" model are special cases (the variants). There is no autodiff: every layer has a
+hand-written backward pass, checked against finite differences. Formulas, variants and protocols:
+docs/design.md.
+
+The map of the package:
+
+- ``nn/``: layers with forward and backward passes (convolution: the readable im2col path in
+  ``conv.py``, the naive loops in ``conv_reference.py``, the fast path in ``conv_fast.py`` and
+  ``conv_columns.py``; batch norm, linear, pooling, the Wide-ResNet block; ``parallel.py``, the
+  CPU threads);
+- ``masking/``: the mask transform (eq. 1), the masked layers and the variants;
+- ``models/``, ``pretrained/``: the backbones (WRN, VGG) and the shipped pretrained one;
+- ``multidomain.py``: one frozen backbone, a set of per-domain parameters for each domain;
+- ``optim.py``, ``metrics.py``, ``storage.py``, ``gradcheck.py``: optimisers, the Decathlon
+  score and parameter cost, domain files, gradient checks;
+- ``data/``, ``training/``: the domain format, the batch iterator, the synthetic benchmark, and
+  the training loop behind ``python -m npmask.train`` / ``pretrain`` / ``compare``;
+- ``backend.py``: NumPy or CuPy; ``config.py``: the run-time settings (threads, convolution chunking
+  and layouts), changed with ``npmask.config.using(...)``, the thread count also by ``NPMASK_THREADS``.
 """
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ from .backend import get_array_module, to_numpy
 from .masking.layers import DEFAULT_MASK_INIT, MaskedConv2d, MaskedLinear, SharedFrozen
 from .masking.variants import Variant, get_variant
 from .models import get_submodule, set_submodule
-from .nn.batchnorm import _BatchNorm
+from .nn.batchnorm import BatchNorm as _BatchNorm
 from .nn.conv import Conv2d
 from .nn.linear import Linear
 from .nn.module import Module

@@ -70,27 +70,26 @@ def test_fast_batchnorm_matches_formulas(shape, training, frozen):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_channels_on_threads_give_the_serial_bits(shape, threads, training, frozen, dtype, monkeypatch):
+def test_channels_on_threads_give_the_serial_bits(shape, threads, training, frozen, dtype):
     """Channels split over threads give exactly the numbers of one thread, run after run."""
-    from npmask.nn import parallel
+    from npmask import config
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(dtype) * 3 + 1
     dy = rng.standard_normal(shape).astype(dtype)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
     results = []
     for threads in (threads, 1, threads):
-        monkeypatch.setattr(parallel, "THREADS", threads)
-        layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(dtype)
-        layer.params["weight"][...] = np.linspace(0.5, 2, shape[1])
-        layer.buffers["running_var"][...] = np.linspace(0.5, 3, shape[1])
-        if frozen:
-            layer.freeze()
-        layer.train(training)
-        y = layer.forward(x)
-        dx = layer.backward(dy)
-        grads = [layer.grads.get(k) for k in ("weight", "bias")]
-        results.append([y, dx, layer.buffers["running_mean"].copy(), layer.buffers["running_var"].copy()]
-                       + [g.copy() for g in grads if g is not None])
+        with config.using(threads=threads, parallel_min_floats=0):
+            layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(dtype)
+            layer.params["weight"][...] = np.linspace(0.5, 2, shape[1])
+            layer.buffers["running_var"][...] = np.linspace(0.5, 3, shape[1])
+            if frozen:
+                layer.freeze()
+            layer.train(training)
+            y = layer.forward(x)
+            dx = layer.backward(dy)
+            grads = [layer.grads.get(k) for k in ("weight", "bias")]
+            results.append([y, dx, layer.buffers["running_mean"].copy(), layer.buffers["running_var"].copy()]
+                           + [g.copy() for g in grads if g is not None])
     for threaded, serial in ((results[0], results[1]), (results[2], results[1])):
         assert len(threaded) == len(serial)
         for a, b in zip(threaded, serial):

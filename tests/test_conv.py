@@ -1,13 +1,15 @@
-"""The fast convolution against the naive loop reference, numeric gradient checks, dtype and contracts."""
-import threading
+"""The convolution: the readable path against the naive loop reference, the fast path against both,
+numeric gradient checks, dtype and contracts. (The thread pool itself: tests/test_parallel.py.)"""
+import contextlib
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
+from npmask import config
 from npmask.gradcheck import check_layer, rel_error
 import npmask.nn.conv as conv_module
-from npmask.nn import parallel
+from npmask.nn import conv_columns, conv_fast
 from npmask.nn.conv import Conv2d, conv2d_backward, conv2d_forward
 from npmask.nn.conv_reference import conv2d_backward_naive, conv2d_forward_naive
 
@@ -29,6 +31,13 @@ def conv_cases(draw, max_batch=3, max_channels=5, max_size=9):
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return (n, c, h, w), (o, c, kh, kw), stride, padding, bias, seed
+
+
+@pytest.fixture
+def use():
+    """``use(name=value, ...)``: npmask settings (npmask.config.using) until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(config.using(**overrides))
 
 
 def _arrays(xshape, wshape, bias, seed, dtype=np.float64):
@@ -99,6 +108,78 @@ GEOMETRIES = [
 ]
 
 
+def _forward_backward(x, weight, b, stride, padding, dy_seed):
+    """(y, dx, dweight, dbias) of conv2d_forward/backward under the current settings."""
+    y, cache = conv2d_forward(x, weight, b, stride, padding)
+    dy = np.random.default_rng(dy_seed).standard_normal(y.shape).astype(x.dtype)
+    return (y, *conv2d_backward(dy, cache)), dy
+
+
+@given(conv_cases())
+@settings(max_examples=60)
+def test_readable_conv_matches_naive_reference(case):
+    # The im2col + GEMM + col2im path of conv.py, the one a reader follows, against the plain loops.
+    xshape, wshape, stride, padding, bias, seed = case
+    x, weight, b, _ = _arrays(xshape, wshape, bias, seed)
+    with config.using(conv_impl="readable"):
+        got, dy = _forward_backward(x, weight, b, stride, padding, seed + 1)
+    want = (conv2d_forward_naive(x, weight, b, stride, padding),
+            *conv2d_backward_naive(dy, x, weight, stride, padding, with_bias=bias))
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+@given(conv_cases(max_batch=5, max_channels=6, max_size=12), st.sampled_from([1, 300, 1 << 20]),
+       st.sampled_from([np.float32, np.float64]))
+@settings(max_examples=40)
+def test_fast_conv_matches_the_readable_path(case, chunk_floats, dtype):
+    # The fast path computes the same sums in another order: tight in float64, within float32
+    # rounding in float32 (relative to the size of the terms, which can cancel).
+    xshape, wshape, stride, padding, bias, seed = case
+    x, weight, b, _ = _arrays(xshape, wshape, bias, seed, dtype)
+    with config.using(conv_chunk_floats=chunk_floats, folded_min_pixels=0):
+        fast, _ = _forward_backward(x, weight, b, stride, padding, seed + 1)
+        with config.using(conv_impl="readable"):
+            readable, _ = _forward_backward(x, weight, b, stride, padding, seed + 1)
+    for f, r in zip(fast, readable):
+        if r is None:
+            assert f is None
+            continue
+        assert f.dtype == r.dtype == dtype and f.shape == r.shape
+        scale = max(1.0, float(np.abs(r).max()))
+        tol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(f, r, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_fast_conv_matches_the_readable_path_on_every_special_path(geometry):
+    n, c, h, w, o, kh, kw, stride, padding = geometry
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        x, weight, b, _ = _arrays((n, c, h, w), (o, c, kh, kw), True, 11, dtype)
+        fast, _ = _forward_backward(x, weight, b, stride, padding, 12)
+        with config.using(conv_impl="readable"):
+            readable, _ = _forward_backward(x, weight, b, stride, padding, 12)
+        for f, r in zip(fast, readable):
+            assert f.dtype == r.dtype == dtype
+            np.testing.assert_allclose(f, r, rtol=tol, atol=tol * max(1.0, float(np.abs(r).max())))
+
+
+def test_im2col_and_col2im_are_adjoint():
+    # <im2col(x), g> = <x, col2im(g)> for every x and g: col2im is the transpose of the copy.
+    rng = np.random.default_rng(0)
+    for (n, c, h, w), kh, kw, stride, padding in (((2, 3, 7, 6), 3, 2, 2, 1), ((1, 2, 5, 5), 3, 3, 1, 1)):
+        x = rng.standard_normal((n, c, h, w))
+        cols = conv_module.im2col(x, kh, kw, stride, padding)
+        g = rng.standard_normal(cols.shape)
+        back = conv_module.col2im(g, x.shape, kh, kw, stride, padding)
+        assert back.shape == x.shape
+        np.testing.assert_allclose(np.sum(cols * g), np.sum(x * back), rtol=1e-12)
+
+
 @pytest.mark.parametrize("geometry, folded, shifted, wide", [
     ((3, 4, 16, 16, 5, 3, 3, 1, 1), True, True, False), ((2, 3, 12, 24, 4, 5, 5, 1, 2), True, True, False),
     ((3, 4, 6, 24, 5, 3, 3, 1, 1), False, True, False), ((2, 3, 7, 9, 4, 5, 5, 1, 2), False, True, False),
@@ -108,18 +189,18 @@ GEOMETRIES = [
 def test_geometries_reach_the_column_layouts_they_are_listed_for(geometry, folded, shifted, wide):
     n, c, h, w, o, kh, kw, stride, padding = geometry
     ho, wo = (conv_module.conv_output_size(s, k, stride, padding) for s, k in ((h, kh), (w, kw)))
-    assert conv_module._folds(np, n, c, h, w, kh, kw, stride, padding, padding, ho, wo) == folded
-    # (where folded rows apply, the shifted-rows columns are what FOLDED_ROWS = False falls back to)
-    cols = conv_module._Columns(np, np.float64, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
+    assert conv_columns._folds(np, n, c, h, w, kh, kw, stride, padding, padding, ho, wo) == folded
+    # (where folded rows apply, the shifted-rows columns are what folded_rows=False falls back to)
+    cols = conv_columns._Columns(np, np.float64, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
     assert (cols.shifted, cols.wide) == (shifted, wide)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("chunk_floats", [1, 1 << 20])             # one image per chunk / one chunk
 @pytest.mark.parametrize("folded_rows", [True, False])              # False: the columns of _Columns
-def test_special_paths_match_reference(geometry, chunk_floats, folded_rows, monkeypatch):
-    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", chunk_floats)
-    monkeypatch.setattr(conv_module, "FOLDED_ROWS", folded_rows)
+def test_special_paths_match_reference(geometry, chunk_floats, folded_rows, use):
+    use(conv_chunk_floats=chunk_floats)
+    use(folded_rows=folded_rows)
     n, c, h, w, o, kh, kw, stride, padding = geometry
     x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 7)
     y, cache = conv2d_forward(x, weight, b, stride, padding)
@@ -135,14 +216,10 @@ def test_chunked_batches_match_reference(case, chunk_floats):
     # Small chunks: several chunks per batch, the last one partial, buffers reused across them.
     xshape, wshape, stride, padding, bias, seed = case
     x, weight, b, rng = _arrays(xshape, wshape, bias, seed)
-    old = conv_module.CHUNK_FLOATS
-    conv_module.CHUNK_FLOATS = chunk_floats
-    try:
+    with config.using(conv_chunk_floats=chunk_floats):          # (hypothesis forbids fixtures)
         y, cache = conv2d_forward(x, weight, b, stride, padding)
         dy = rng.standard_normal(y.shape)
         grads = conv2d_backward(dy, cache)
-    finally:
-        conv_module.CHUNK_FLOATS = old
     np.testing.assert_allclose(y, conv2d_forward_naive(x, weight, b, stride, padding), rtol=1e-10, atol=1e-10)
     for got, want in zip(grads[:2], conv2d_backward_naive(dy, x, weight, stride, padding)[:2]):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
@@ -223,10 +300,10 @@ def test_mixed_dtypes_rejected():
 
 # ------------------------------------------------------------------ chunks on several threads
 @pytest.fixture
-def threaded_chunks(monkeypatch):
+def threaded_chunks(use):
     """Every convolution's chunks shared out over 3 threads, however small the work."""
-    monkeypatch.setattr(parallel, "THREADS", 3)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
+    use(threads=3)
+    use(parallel_min_flops=0)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES + [
@@ -240,9 +317,9 @@ def threaded_chunks(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("folded_rows", [True, False])
 def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_floats, dtype, folded_rows,
-                                                                threaded_chunks, monkeypatch):
-    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", chunk_floats)
-    monkeypatch.setattr(conv_module, "FOLDED_ROWS", folded_rows)
+                                                                threaded_chunks, use):
+    use(conv_chunk_floats=chunk_floats)
+    use(folded_rows=folded_rows)
     n, c, h, w, o, kh, kw, stride, padding = geometry
     x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 3, dtype)
     dy = rng.standard_normal((n, o, conv_module.conv_output_size(h, kh, stride, padding),
@@ -253,7 +330,7 @@ def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_
         return (y, *conv2d_backward(dy, cache))
 
     threaded, again = run(), run()
-    monkeypatch.setattr(parallel, "THREADS", 1)
+    use(threads=1)
     serial = run()
     for t, a, s in zip(threaded, again, serial):
         assert t.dtype == dtype
@@ -271,188 +348,29 @@ def test_threaded_chunks_match_reference_and_serial_bit_for_bit(geometry, chunk_
 def test_threaded_chunked_batches_match_reference(case, chunk_floats, threads):
     xshape, wshape, stride, padding, bias, seed = case
     x, weight, b, rng = _arrays(xshape, wshape, bias, seed)
-    settings_ = [(conv_module, "CHUNK_FLOATS", chunk_floats), (parallel, "THREADS", threads),
-                 (parallel, "PARALLEL_MIN_FLOPS", 0)]
-    saved = [getattr(m, name) for m, name, _ in settings_]
-    for m, name, value in settings_:                              # (hypothesis forbids monkeypatch)
-        setattr(m, name, value)
-    try:
+    with config.using(conv_chunk_floats=chunk_floats, threads=threads, parallel_min_flops=0):
         y, cache = conv2d_forward(x, weight, b, stride, padding)
         dy = rng.standard_normal(y.shape)
         grads = conv2d_backward(dy, cache)
-    finally:
-        for (m, name, _), value in zip(settings_, saved):
-            setattr(m, name, value)
     y_ref = conv2d_forward_naive(x, weight, b, stride, padding)
     np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads[:2], conv2d_backward_naive(dy, x, weight, stride, padding)[:2]):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("items, threads", [(7, 3), (2, 4), (1, 2), (10, 1)])
-def test_in_parallel_covers_the_range_in_disjoint_parts(items, threads, monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", threads)
-    parts = []
-    parallel.in_parallel(np, items, 1 << 30, lambda lo, hi: parts.append((lo, hi)))
-    assert len(parts) == min(threads, items)
-    assert sorted(i for lo, hi in parts for i in range(lo, hi)) == list(range(items))
-
-
-def test_in_parallel_stays_serial_off_numpy_small_or_one_thread(monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", 4)
-    calls = []
-
-    def record(lo, hi):
-        calls.append((lo, hi))
-    parallel.in_parallel(object(), 8, 1 << 30, record)       # not NumPy (e.g. CuPy): serial
-    parallel.in_parallel(np, 8, parallel.PARALLEL_MIN_FLOATS - 1, record)  # small copy
-    monkeypatch.setattr(parallel, "THREADS", 1)
-    parallel.in_parallel(np, 8, 1 << 30, record)
-    assert calls == [(0, 8)] * 3
-
-
-def test_npmask_threads_must_be_a_positive_integer(monkeypatch):
-    for bad in ("abc", "0", "-2"):
-        monkeypatch.setenv("NPMASK_THREADS", bad)
-        with pytest.raises(ValueError, match="NPMASK_THREADS must be a positive integer"):
-            parallel._default_threads()
-    monkeypatch.setenv("NPMASK_THREADS", "3")
-    assert parallel._default_threads() == 3
-
-
-def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", 2)
-    done = []
-
-    def fn(lo, hi):
-        if lo > 0:
-            raise RuntimeError("boom")
-        done.append(lo)
-    with pytest.raises(RuntimeError, match="boom"):
-        parallel.in_parallel(np, 4, 1 << 30, fn)
-    assert done == [0]
-
-
-def test_thread_pool_is_recreated_in_a_forked_child(monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", 2)
-    pool = parallel._executor(2)
-    assert parallel._executor(2) is pool                      # persistent
-    monkeypatch.setattr(parallel.os, "getpid", lambda: -1)    # as seen from a child process
-    child_pool = parallel._executor(2)
-    assert child_pool is not pool
-    child_pool.shutdown(wait=True)       # made under a fake pid: the next call makes a new pool
-
-
-# ------------------------------------------------------------------ each_chunk
-@pytest.fixture
-def three_threads(monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", 3)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
-
-
-@pytest.mark.parametrize("count", [1, 2, 7, 40])
-def test_each_chunk_does_every_chunk_once_with_one_state_per_thread(count, three_threads):
-    done, states = [], []
-
-    def setup():
-        state = {"thread": threading.get_ident(), "chunks": []}
-        states.append(state)
-        return state
-
-    def fn(state, i):
-        assert state["thread"] == threading.get_ident()          # a thread's own buffers
-        state["chunks"].append(i)
-        done.append(i)
-    parallel.each_chunk(np, count, setup, fn, flops=1 << 40)
-    assert sorted(done) == list(range(count))
-    assert len(states) == min(3, count)                          # one worker per thread
-    for s in states:
-        assert s["chunks"] == sorted(s["chunks"])                # each thread takes them in order
-
-
-def test_each_chunk_is_serial_off_numpy_small_or_one_thread(monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", 4)
-    me = threading.get_ident()
-    small = dict(flops=parallel.PARALLEL_MIN_FLOPS - 1, floats=parallel.PARALLEL_MIN_FLOATS - 1)
-    for xp, work in ((object(), dict(flops=1 << 40)), (np, small)):
-        seen = []
-        parallel.each_chunk(xp, 5, lambda: [], lambda state, i: seen.append((threading.get_ident(), i)),
-                            **work)
-        assert seen == [(me, i) for i in range(5)]
-    for work in (dict(flops=parallel.PARALLEL_MIN_FLOPS), dict(floats=parallel.PARALLEL_MIN_FLOATS)):
-        workers, seen = [], []
-        parallel.each_chunk(np, 5, lambda: workers.append(1), lambda state, i: seen.append(i), **work)
-        assert sorted(seen) == list(range(5)) and len(workers) == 4  # either kind of work: threads
-    monkeypatch.setattr(parallel, "THREADS", 1)
-    seen = []
-    parallel.each_chunk(np, 5, lambda: None, lambda state, i: seen.append(threading.get_ident()),
-                        flops=1 << 40)
-    assert seen == [me] * 5
-
-
-def test_work_inside_a_chunk_does_not_nest_threads(three_threads, monkeypatch):
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
-    inner = []
-    parallel.each_chunk(np, 6, lambda: None,
-                        lambda state, i: parallel.in_parallel(np, 9, 1 << 40,
-                                                              lambda lo, hi: inner.append((lo, hi))),
-                        flops=1 << 40)
-    assert inner == [(0, 9)] * 6                                 # each inner call ran whole, in its part
-    outer = []
-    parallel.in_parallel(np, 9, 1 << 40, lambda lo, hi: outer.append((lo, hi)))
-    assert len(outer) == 3                                       # and the flag does not outlive the region
-
-
-def test_each_chunk_reraises_an_error_after_every_thread_stopped(three_threads):
-    running = []
-
-    def fn(state, i):
-        running.append(i)
-        if i == 3:
-            raise RuntimeError("chunk 3 failed")
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
-    with pytest.raises(RuntimeError, match="chunk 3 failed"):
-        parallel.each_chunk(np, 8, lambda: None, fn, flops=1 << 40)
-    assert 3 in running
-    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == before  # BLAS restored
-    assert not getattr(parallel._local, "inside", False)         # and this thread is no part
-    outer = []
-    parallel.in_parallel(np, 6, 1 << 40, lambda lo, hi: outer.append(lo))
-    assert len(outer) == 3                                       # threads work after the error
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-def test_each_chunk_runs_blas_on_one_thread_and_restores_it(threads, monkeypatch):
-    """Also with THREADS = 1: a chunk's GEMMs run on one BLAS thread whatever THREADS is."""
-    monkeypatch.setattr(parallel, "THREADS", threads)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def blas_threads():
-        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    before = blas_threads()
-    if not before:
-        pytest.skip("threadpoolctl sees no BLAS library in this process")
-    inside = []
-    parallel.each_chunk(np, 4, lambda: None, lambda state, i: inside.append(blas_threads()), flops=1 << 40)
-    assert inside == [[1] * len(before)] * 4
-    assert blas_threads() == before
-
-
 @pytest.mark.parametrize("folded", [False, True])
-def test_a_realistic_layer_gives_the_same_bits_on_one_two_and_three_threads(folded, monkeypatch):
+def test_a_realistic_layer_gives_the_same_bits_on_one_two_and_three_threads(folded, use):
     """GEMMs large enough for BLAS to use its threads if it were let: the results are bit-identical
-    for every THREADS, on any BLAS, because every chunk's GEMMs run on one BLAS thread (OpenBLAS's
+    for every thread count, on any BLAS, because every chunk's GEMMs run on one BLAS thread (OpenBLAS's
     multi-threaded sgemm gives other bits than its one-thread sgemm on some CPUs)."""
     x, weight, _, rng = _arrays((8, 64, 16, 16), (64, 64, 3, 3), False, 5, np.float32)
     dy = rng.standard_normal((8, 64, 16, 16)).astype(np.float32)
-    monkeypatch.setattr(conv_module, "CHUNK_FLOATS", 1 << 19)    # 4 chunks of 2 images (unfolded)
-    monkeypatch.setattr(conv_module, "FOLDED_MIN_PIXELS", 256 if folded else 1 << 30)
+    use(conv_chunk_floats=1 << 19)    # 4 chunks of 2 images (unfolded)
+    use(folded_min_pixels=256 if folded else 1 << 30)
 
     def run(threads):
-        monkeypatch.setattr(parallel, "THREADS", threads)
-        monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOPS", 0)
+        use(threads=threads)
+        use(parallel_min_flops=0)
         y, cache = conv2d_forward(x, weight, None, 1, 1)
         return (y, *conv2d_backward(dy, cache)[:2])
     serial = run(1)
@@ -479,7 +397,7 @@ def test_in_order_sum_adds_in_index_order_whatever_the_arrival_order():
     for a in arrays[1:]:
         serial += a
     for order in (range(9), reversed(range(9)), rng.permutation(9)):
-        total = conv_module._InOrderSum()
+        total = conv_fast._InOrderSum()
         for i in order:
             total.add(int(i), arrays[int(i)].copy())
         np.testing.assert_array_equal(total.total, serial)
@@ -492,45 +410,28 @@ def test_in_order_sum_adds_in_index_order_whatever_the_arrival_order():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(0, 5), (1, 1), (33, 64), (300, 257), (2304, 256)])
-def test_transposed_copy_in_bands_is_the_transpose(shape, threads, monkeypatch):
-    monkeypatch.setattr(parallel, "THREADS", threads)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)    # the bands shared out, also small
+def test_transposed_copy_in_bands_is_the_transpose(shape, threads, use):
+    use(threads=threads)
+    use(parallel_min_floats=0)    # the bands shared out, also small
     a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    t = conv_module._transposed(np, a)
+    t = conv_fast._transposed(np, a)
     assert t.flags.c_contiguous and t.dtype == a.dtype
     np.testing.assert_array_equal(t, a.T)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_parallel_contiguous_is_a_plain_copy(threads, monkeypatch):
-    """parallel.contiguous, a strided view copied with its first or second axis split over threads:
-    the view's numbers in a C-contiguous array of its shape."""
-    monkeypatch.setattr(parallel, "THREADS", threads)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)
-    views = [w.transpose(2, 0, 1, 3),                           # first axis short: split on the second
-             w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1],
-             w.reshape(3, 5, 3, 7).transpose(3, 1, 0, 2), w[:, 0, 0, 0], w[:0], w[0, 0, 0, 0]]
-    for v in views:
-        c = parallel.contiguous(np, v)
-        assert c.flags.c_contiguous and c.dtype == v.dtype and c.shape == v.shape
-        np.testing.assert_array_equal(c, v)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(7, 5, 3, 3), (1, 2, 1, 3), (4, 3, 5, 5)])
-def test_folded_weight_relayouts_are_the_plain_transposes(shape, threads, monkeypatch):
+def test_folded_weight_relayouts_are_the_plain_transposes(shape, threads, use):
     """_FoldedRows' weight layouts (written one kernel column or offset at a time, output channels
     over threads) are exactly the transposes they stand for."""
-    monkeypatch.setattr(parallel, "THREADS", threads)
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    use(threads=threads)
+    use(parallel_min_floats=0)
     o, c, kh, kw = shape
     w = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
-    np.testing.assert_array_equal(conv_module._FoldedRows.weights(w),
+    np.testing.assert_array_equal(conv_columns._FoldedRows.weights(w),
                                   w.transpose(2, 0, 1, 3).reshape(kh, o, c * kw))
     total = np.random.default_rng(3).standard_normal((kh, c * kw, o)).astype(np.float32)
-    dw = conv_module._FoldedRows.weight_gradient(total, o, c, kh, kw)
+    dw = conv_columns._FoldedRows.weight_gradient(total, o, c, kh, kw)
     assert dw.flags.c_contiguous
     np.testing.assert_array_equal(dw, total.reshape(kh, c, kw, o).transpose(3, 1, 0, 2))
 
@@ -543,15 +444,11 @@ def test_folded_rows_on_any_same_size_geometry_match_reference(n, c, o, h, w, pa
     # whatever the image size (also images narrower than the padding), on one thread or several.
     k = 2 * padding + 1
     x, weight, b, rng = _arrays((n, c, h, w), (o, c, k, k), bias, seed)
-    old = conv_module.FOLDED_MIN_PIXELS, parallel.THREADS, parallel.PARALLEL_MIN_FLOPS
-    conv_module.FOLDED_MIN_PIXELS, parallel.THREADS, parallel.PARALLEL_MIN_FLOPS = 0, threads, 0
-    try:
-        assert conv_module._folds(np, n, c, h, w, k, k, 1, padding, padding, h, w)
+    with config.using(folded_min_pixels=0, threads=threads, parallel_min_flops=0):
+        assert conv_columns._folds(np, n, c, h, w, k, k, 1, padding, padding, h, w)
         y, cache = conv2d_forward(x, weight, b, 1, padding)
         dy = rng.standard_normal(y.shape)
         grads = conv2d_backward(dy, cache)
-    finally:
-        conv_module.FOLDED_MIN_PIXELS, parallel.THREADS, parallel.PARALLEL_MIN_FLOPS = old
     np.testing.assert_allclose(y, conv2d_forward_naive(x, weight, b, 1, padding), rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, conv2d_backward_naive(dy, x, weight, 1, padding, with_bias=bias)):
         if want is None:

@@ -399,34 +399,33 @@ def test_linear_backward_rejects_a_wrong_upstream_shape():
         lin.backward(np.zeros((2, 9), np.float32))
 
 
-def test_add_into_on_threads_matches_plain_add(monkeypatch):
+def test_add_into_on_threads_matches_plain_add():
+    from npmask import config
     from npmask.nn import parallel
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
     rng = np.random.default_rng(3)
     a = rng.standard_normal((7, 3, 4, 5)).astype(np.float32)
     b = rng.standard_normal(a.shape).astype(np.float32)
     for threads in (3, 1):
-        monkeypatch.setattr(parallel, "THREADS", threads)
-        out = a.copy()
-        parallel.add_into(np, out, b)
+        with config.using(threads=threads, parallel_min_floats=0):
+            out = a.copy()
+            parallel.add_into(np, out, b)
         np.testing.assert_array_equal(out, a + b)
     scalar = np.array(1.5, np.float32)
     parallel.add_into(np, scalar, np.float32(2.0))
     assert scalar == 3.5
 
 
-def test_relu_on_threads_matches_one_thread(monkeypatch):
-    from npmask.nn import parallel
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+def test_relu_on_threads_matches_one_thread():
+    from npmask import config
     rng = np.random.default_rng(0)
     x = rng.standard_normal((7, 3, 4, 5)).astype(np.float32)
     x[0, 0, 0, :2] = 0.0                          # the subgradient at 0 is 0
     dy = rng.standard_normal(x.shape).astype(np.float32)
     out = []
     for threads in (3, 1):
-        monkeypatch.setattr(parallel, "THREADS", threads)
-        layer = nn.ReLU()
-        out.append((layer.forward(x), layer.backward(dy)))
+        with config.using(threads=threads, parallel_min_floats=0):
+            layer = nn.ReLU()
+            out.append((layer.forward(x), layer.backward(dy)))
     for a, b in zip(*out):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b)

@@ -171,25 +171,24 @@ def test_basic_block_gradcheck(in_planes, out_planes, stride, size, seed, train)
 
 
 @pytest.mark.parametrize("in_planes,stride", [(4, 1), (2, 2)])
-def test_basic_block_sums_in_place_on_threads_give_the_serial_bits(in_planes, stride, monkeypatch):
+def test_basic_block_sums_in_place_on_threads_give_the_serial_bits(in_planes, stride):
     # The block adds its branches and rectifies in arrays of its own, split over threads: the same
     # bits on 3 threads as on 1, and neither its input nor the upstream gradient is written.
-    from npmask.nn import parallel
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+    from npmask import config
     rng = np.random.default_rng(7)
     x = rng.standard_normal((5, in_planes, 6, 6)).astype(np.float32)
     dy = rng.standard_normal((5, 4, 6 // stride, 6 // stride)).astype(np.float32)
     x_copy, dy_copy, results = x.copy(), dy.copy(), []
     for threads in (3, 1):
-        monkeypatch.setattr(parallel, "THREADS", threads)
-        block = BasicBlock(in_planes, 4, stride, rng=0).train()
-        y = block.forward(x)
-        dx = block.backward(dy)
-        grads = [g for _, m in block.named_modules() for _, g in sorted(m.grads.items())]
-        assert len(grads) == len(list(block.named_parameters()))    # every parameter trains
-        results.append((y, dx, *grads))
-        np.testing.assert_array_equal(x, x_copy)
-        np.testing.assert_array_equal(dy, dy_copy)
+        with config.using(threads=threads, parallel_min_floats=0):
+            block = BasicBlock(in_planes, 4, stride, rng=0).train()
+            y = block.forward(x)
+            dx = block.backward(dy)
+            grads = [g for _, m in block.named_modules() for _, g in sorted(m.grads.items())]
+            assert len(grads) == len(list(block.named_parameters()))    # every parameter trains
+            results.append((y, dx, *grads))
+            np.testing.assert_array_equal(x, x_copy)
+            np.testing.assert_array_equal(dy, dy_copy)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
     assert (results[0][0] >= 0).all()

@@ -169,7 +169,7 @@ def test_float32_is_kept(make):
     lambda r: Adam(r, lr=0.1, weight_decay=1e-2),
 ])
 def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monkeypatch):
-    from npmask import optim
+    from npmask import config, optim
     from npmask.nn import parallel
     shapes = [(7, 3), (5,), (64, 9), (1,), (300,), (2, 2, 2)] * 3
     calls = []
@@ -181,8 +181,10 @@ def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monk
     monkeypatch.setattr(optim, "each_chunk", spy)
 
     def train(threads):
-        monkeypatch.setattr(parallel, "THREADS", threads)
-        monkeypatch.setattr(parallel, "PARALLEL_MIN_FLOATS", 0)
+        with config.using(threads=threads, parallel_min_floats=0):
+            return run()
+
+    def run():
         m = Params(np.float32, **{f"p{i}": np.linspace(-1, 1, int(np.prod(s))).reshape(s)
                                   for i, s in enumerate(shapes)})
         opt = make(m.parameter_refs())

@@ -64,20 +64,15 @@ def test_fast_forward_and_backward_equal_reference(c):
 @given(case, st.sampled_from([2, 3]))
 def test_output_channels_on_threads_give_the_serial_bits(c, threads):
     """The fast path's elementwise work split over threads by output channel: the serial numbers."""
-    from npmask.nn import parallel
+    from npmask import config
     shape, choices, channelwise, seed, surrogate, tau = c
     W, R, ks, G = make_case(shape, choices, channelwise, seed, dtype=np.float32)
     results = []
-    saved = parallel.THREADS, parallel.PARALLEL_MIN_FLOATS
-    try:
-        parallel.PARALLEL_MIN_FLOATS = 0
-        for t in (threads, 1):
-            parallel.THREADS = t
+    for t in (threads, 1):
+        with config.using(threads=t, parallel_min_floats=0):
             Wt, cache = transform_forward(W, R, ks, tau)
             dks, dR, dW = transform_backward(G, cache, need_W=True, surrogate=surrogate)
             results.append([Wt, cache.M, dR, dW] + [d for d in dks if d is not None])
-    finally:
-        parallel.THREADS, parallel.PARALLEL_MIN_FLOATS = saved
     for a, b in zip(*results):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)

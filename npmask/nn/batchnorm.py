@@ -30,8 +30,8 @@ the centred input x - mean_c and folds s_c into per-channel scales, ``y = centre
 ``dx = (w s) * (dy - (centred * (s dweight / M) + dbias / M))``, with no temporary array.
 Both work on the (N, C, L) view of the input (L = H*W; 1 for BatchNorm1d). Per-channel sums (the
 mean, dbias) and sums of products (the variance, dweight) use ``einsum``, which adds without a
-temporary array and, for these reductions over the first and last axes, ran 1.6-3.7x faster than
-``sum(axis=(0, 2))`` on one core (same accuracy; benchmarks/elementwise.py). On NumPy every
+temporary array and, for these reductions over the first and last axes, runs faster than
+``sum(axis=(0, 2))`` (same accuracy; benchmarks/elementwise.py). On NumPy every
 per-channel vector is spread to a (C, L) array before it meets an activation (:func:`_spread`).
 Channels are independent, so on NumPy both passes split the channels over a few threads
 (:mod:`npmask.nn.parallel`), with bit-identical results.
@@ -43,6 +43,7 @@ import functools
 import numpy as np
 
 from ..backend import get_array_module
+from ..config import settings
 from .module import Module
 from . import parallel
 
@@ -50,8 +51,8 @@ from . import parallel
 def _channel_sum(a3):
     """sum over images and positions of a3 (N, C, L) -> (C,).
 
-    On NumPy ``einsum`` (1.6-3.7x faster than ``sum(axis=(0, 2))`` on one core for WRN-28-4's
-    shapes, benchmarks/elementwise.py); on CuPy the plain reduction.
+    On NumPy ``einsum`` (faster than ``sum(axis=(0, 2))`` for WRN-28-4's shapes,
+    benchmarks/elementwise.py); on CuPy the plain reduction.
     """
     if get_array_module(a3) is np:
         return np.einsum("ncl->c", a3)
@@ -61,8 +62,8 @@ def _channel_sum(a3):
 def _channel_dot(a3, b3):
     """sum over images and positions of a3 * b3, both (N, C, L) -> (C,), with no temporary product.
 
-    On NumPy ``einsum`` adds the products as it goes. On CuPy, einsum was measured 2.7-7x slower
-    than one fused ReductionKernel over the same axes (benchmarks/cupy_reductions.py,
+    On NumPy ``einsum`` adds the products as it goes. On CuPy einsum is slower than one fused
+    ReductionKernel over the same axes (benchmarks/cupy_reductions.py,
     benchmarks/results/gpu_h100.md), which is used there instead.
     """
     if get_array_module(a3, b3) is np:
@@ -81,10 +82,9 @@ def _spread(xp, v, length: int):
     """The per-channel vector v (C,) shaped to broadcast against an (N, C, L) activation.
 
     On NumPy it is repeated along L into a contiguous (C, L) array (one image's worth of memory):
-    NumPy's ufunc loops ran 1.4-2.1x faster (one core, WRN-28-4's shapes,
-    benchmarks/elementwise.py) when every operand is contiguous along the last axis than with the
-    (C, 1) view, whose stride along L is 0. On CuPy the view serves, and the copy would be one more
-    kernel launch.
+    NumPy's ufunc loops run faster (benchmarks/elementwise.py) when every operand is contiguous
+    along the last axis than with the (C, 1) view, whose stride along L is 0. On CuPy the view
+    serves, and the copy would be one more kernel launch.
     """
     column = v.reshape(-1, 1)
     return np.repeat(column, length, axis=1) if xp is np else column
@@ -95,18 +95,21 @@ def _over_channels(xp, x3, fn) -> None:
 
     Threads must not change a single bit of the result, and NumPy's sums over axes (0, 2) add in
     the same order for a slice of channels as for the whole array only when the slice has at least
-    two channels (a one-channel slice is reduced along another path: measured, 1-ulp differences).
+    two channels (a one-channel slice is reduced along another path, which can differ by 1 ulp).
     So images are split into parts of two or more channels; an (N, C) input (L = 1), whose channel
     values are strided and which is small anyway, is one part.
     """
-    if x3.shape[2] > 1 and x3.shape[1] >= 2 * parallel.THREADS:
+    if x3.shape[2] > 1 and x3.shape[1] >= 2 * settings.threads:
         parallel.in_parallel(xp, x3.shape[1], x3.size, fn)
     else:
         fn(0, x3.shape[1])
 
 
-class _BatchNorm(Module):
-    """Shared core: subclasses say which input rank they take; the channel axis is always 1."""
+class BatchNorm(Module):
+    """The batch-norm base class: subclasses say which input rank they take; channels are axis 1.
+
+    ``isinstance(m, BatchNorm)`` finds every batch-norm layer (e.g. to give each domain its own).
+    """
 
     _ndim = None  # input rank: 4 for BatchNorm2d, 2 for BatchNorm1d
     _layout = ""  # for error messages
@@ -242,15 +245,18 @@ class _BatchNorm(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNorm):
     """Batch normalisation over (N, C, H, W): statistics per channel over N, H and W."""
 
     _ndim = 4
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(BatchNorm):
     """Batch normalisation over (N, C) features: statistics per feature over the batch."""
 
     _ndim = 2
     _layout = "(N, C)"
+
+
+_BatchNorm = BatchNorm      # the former private name, kept so that older code still imports

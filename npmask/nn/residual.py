@@ -1,4 +1,4 @@
-"""The post-activation basic block of Wide ResNets (DESIGN.md section 2).
+"""The post-activation basic block of Wide ResNets (docs/design.md, architectures).
 
     main(x)     = BN2(conv2(ReLU(BN1(conv1(x)))))      conv1: 3x3, stride s; conv2: 3x3, stride 1
     shortcut(x) = x                                     when s = 1 and the channel count is kept
@@ -14,8 +14,8 @@ the two input gradients add up where the branches meet again, at ``x``:
 Both sums are made in place, in arrays the block owns (the output of bn2, the input gradient of
 conv1: new arrays of those layers, which keep no reference to them), on npmask's threads
 (:func:`~npmask.nn.parallel.add_into`), and relu2 rectifies the sum in place: no new
-activation-sized array for either. Measured on 2 cores (benchmarks/results/train_step_cpu.txt,
-run 35): the residual additions of a WRN-28-4 step took (serially, ``a + b``) ~11 ms each way.
+activation-sized array for either (new arrays cost more than the additions themselves:
+benchmarks/results/train_step_cpu.txt).
 """
 from __future__ import annotations
 

@@ -1,16 +1,18 @@
 """Where a 2-thread training step leaves a core idle: serial code, and idle time inside parallel regions.
 
-Run:  .venv/bin/python benchmarks/serial_share.py [--model wrn28_4] [--size 64] [--batch 32]
+A developer's tool (benchmarks/dev/). Run:
+      .venv/bin/python benchmarks/dev/serial_share.py [--model wrn28_4] [--size 64] [--batch 32]
           [--variant full] [--rounds 4]
 
-On NumPy with THREADS > 1, npmask's threads work only inside ``parallel._run`` (each_chunk,
-in_parallel); everything else in the step runs on the calling thread while the other cores wait.
-This script wraps ``parallel._run`` and prints, per step (mean over the rounds):
+On NumPy with more than one thread (npmask.config.settings.threads), npmask's threads work only
+inside ``parallel._run`` (each_chunk, in_parallel); everything else in the step runs on the calling
+thread while the other cores wait. This script wraps ``parallel._run`` and prints, per step (mean
+over the rounds):
 
 1. the step's wall time, the wall time inside parallel regions, and the rest ("serial": one core
    busy, the others idle);
 2. per calling function, the regions' count and wall time and the core time they leave idle,
-   THREADS * wall - the parts' busy time (uneven parts, the helper thread's start, GIL waits);
+   threads * wall - the parts' busy time (uneven parts, the helper thread's start, GIL waits);
 3. the serial time of named suspects (the mask transform, the convolution's weight relayouts):
    their time outside parallel regions;
 4. the serial time by layer class and pass ("BasicBlock.forward": the block's own code, the
@@ -28,9 +30,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))                # train_step
+from npmask import config  # noqa: E402
 from npmask.masking import layers as masked_layers  # noqa: E402
-from npmask.nn import conv, parallel  # noqa: E402
+from npmask.nn import conv_fast, parallel  # noqa: E402
 from npmask.nn.module import Module  # noqa: E402
 
 from train_step import add_step_arguments, build_step  # noqa: E402
@@ -136,8 +141,8 @@ class Regions:
         self.patch(parallel, "_run", self._run)
         self.patch(masked_layers, "transform_forward", lambda f: self._suspect("mask transform forward", f))
         self.patch(masked_layers, "transform_backward", lambda f: self._suspect("mask transform backward", f))
-        self.patch(conv, "contiguous", lambda f: self._suspect("conv weight relayouts (fold, flip, gradient)", f))
-        self.patch(conv, "_transposed", lambda f: self._suspect("conv._transposed (weight gradient)", f))
+        self.patch(conv_fast, "contiguous", lambda f: self._suspect("conv weight relayouts (flip)", f))
+        self.patch(conv_fast, "_transposed", lambda f: self._suspect("conv_fast._transposed (weight gradient)", f))
         for cls in _layer_classes(Module):
             for name in ("forward", "backward"):
                 if name in vars(cls):
@@ -160,7 +165,7 @@ def main(argv=None):
     add_step_arguments(ap, rounds=4)
     args = ap.parse_args(argv)
     step, _ = build_step(args.model, args.size, args.batch, args.variant)
-    threads = parallel.THREADS
+    threads = config.settings.threads
     with Regions() as r:
         step()
         step()

@@ -1,0 +1,206 @@
+"""The fast convolution that :mod:`npmask.nn.conv` dispatches to: the same sums, arranged for speed.
+
+Same shapes and formulas as :mod:`npmask.nn.conv` (its readable im2col + GEMM + col2im is what
+this module is tested against); what differs is how the work is laid out:
+
+- the batch is processed in chunks of a few images (:func:`_chunks`): a whole batch's column matrix
+  is tens of megabytes, and streaming it through memory, not the arithmetic, is what costs time; a
+  chunk's columns stay in the CPU cache between the copy and the GEMM. On NumPy the chunks are
+  shared out over npmask's threads (:func:`npmask.nn.parallel.each_chunk`), and neither the chunks
+  nor the results depend on how many threads there are;
+- the column matrix is built in cheaper layouts (:mod:`npmask.nn.conv_columns`); 1x1
+  convolutions need no columns at all;
+- for stride 1 the input gradient is itself a convolution (of dy with the flipped, channel-swapped
+  kernel), so it takes the forward route instead of col2im's read-modify-write passes;
+- the weight gradient is computed transposed, (cols @ dy_mat.T).T, which BLAS runs faster for these
+  shapes, and the per-chunk products are added in chunk order (:class:`_InOrderSum`).
+
+Every temporary has the dtype of x: float32 in, float32 throughout. The tuning constants are
+settings (:mod:`npmask.config`); the measurements behind them are in ``benchmarks/results/``.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..config import settings
+from .conv_columns import _Columns, _folds, _FoldedRows
+from .parallel import contiguous, each_chunk, in_parallel
+
+
+def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
+    """(nb, [(n0, n1), ...]): the batch of n images in chunks wide enough for a fast GEMM and small
+    enough for the columns to stay in cache, and nb, the images of the largest (what a thread's
+    buffers must hold); ``col_floats`` is the column floats of one image. The chunks do not depend
+    on how many threads will share them (so neither do the results)."""
+    if n == 0:
+        chunks = [(0, 0)]                               # an empty batch: one empty chunk
+    elif xp is not np:
+        nb = max(1, settings.gpu_chunk_floats // max(col_floats, 1))
+        chunks = [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
+    else:
+        per_chunk = settings.conv_chunk_floats // max(col_floats, 1)
+        fewest = -(-n // max(1, per_chunk))                # chunks of <= conv_chunk_floats
+        multiple = settings.conv_chunks_multiple
+        count = min(n, -(-fewest // multiple) * multiple)
+        chunks = [(n * i // count, n * (i + 1) // count) for i in range(count)]
+    return max(n1 - n0 for n0, n1 in chunks), chunks
+
+
+def col2im_chunk(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
+    """Add dcols (C, kh, kw, nb, Ho, Wo) back into out (nb, C, Hp, Wp): the adjoint of im2col.
+
+    One strided-slice ``+=`` per kernel offset, in a fixed order (deterministic, no atomics): the
+    readable :func:`npmask.nn.conv.col2im`, on one chunk's buffer with the columns' axis order.
+    """
+    for u in range(kh):
+        for v in range(kw):
+            window = out[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
+            window += dcols[:, u, v].transpose(1, 0, 2, 3)
+    return out
+
+
+def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
+    """y (N, O, Ho, Wo) = conv2d(x, weight) without bias, by im2col + GEMMs, chunk of images by chunk.
+
+    ph, pw: zero padding of the rows and columns (they differ in the input-gradient pass below).
+    """
+    xp = get_array_module(x, weight)
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    k = c * kh * kw
+    y = xp.empty((n, o, ho, wo), dtype=x.dtype)
+    if _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo):    # one image at a time
+        w_fold = _FoldedRows.weights(weight)
+
+        def one_image(folded, i):
+            folded.product(w_fold, x[i], y[i])
+        each_chunk(xp, n, lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, ph, pw, o), one_image,
+                   flops=2.0 * n * o * k * ho * wo)
+        return y
+    w_mat = weight.reshape(o, k)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
+
+    def one_chunk(im2col, i):
+        n0, n1 = chunks[i]
+        im2col.product(w_mat, x[n0:n1], y[n0:n1])
+    each_chunk(xp, len(chunks), lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo),
+               one_chunk, flops=2.0 * n * o * k * ho * wo)
+    return y
+
+
+class _InOrderSum:
+    """Adds arrays handed over in any order, in the order of their indices: ``add(i, a)``, ``total``.
+
+    Threads finish their chunks in any order; holding each array until those before it have been
+    added gives the same sum, bit for bit, as ``total = a0; total += a1; ...`` in a single thread,
+    while keeping only the few arrays that arrived early (not one per chunk).
+    """
+
+    def __init__(self):
+        self.total, self._next, self._waiting, self._lock = None, 0, {}, threading.Lock()
+
+    def add(self, i: int, a) -> None:
+        with self._lock:
+            self._waiting[i] = a
+            while self._next in self._waiting:
+                a = self._waiting.pop(self._next)
+                if self.total is None:
+                    self.total = a
+                else:
+                    self.total += a
+                self._next += 1
+
+
+def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
+    """dW (O, C, kh, kw) = sum over chunks of dy_mat @ cols.T, computed as (cols @ dy_mat.T).T.
+
+    The transposed product (K, O) = cols (K, M) @ dy_mat.T (M, O) runs faster in BLAS than
+    dy_mat @ cols.T for these shapes; folded rows do the same per kernel row. The chunks' products
+    are added in chunk order (:class:`_InOrderSum`), so the sum does not depend on which thread
+    computed which chunk.
+    """
+    xp = get_array_module(dy, x)
+    n, c, h, w = x.shape
+    _, o, ho, wo = dy.shape
+    k = c * kh * kw
+    dw_t = _InOrderSum()
+    folded = _folds(xp, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
+    if folded:                                         # one image at a time
+        chunks = [(i, i + 1) for i in range(n)]
+        buffers = lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, padding, padding, o)  # noqa: E731
+
+        def one_chunk(rows, i):
+            dw_t.add(i, rows.weight_product(x[i], dy[i]))
+    else:
+        nb, chunks = _chunks(xp, n, k * ho * wo)
+        buffers = lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo)  # noqa: E731
+
+        def one_chunk(im2col, i):
+            n0, n1 = chunks[i]
+            dw_t.add(i, im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T)
+    each_chunk(xp, len(chunks), buffers, one_chunk, flops=2.0 * n * o * k * ho * wo)
+    if folded:
+        return _FoldedRows.weight_gradient(dw_t.total, o, c, kh, kw)
+    return _transposed(xp, dw_t.total).reshape(o, c, kh, kw)
+
+
+def _transposed(xp, a):
+    """a.T (2-D) as a new C-contiguous array. On NumPy the copy goes in bands of 32 rows of a: a
+    plain ``ascontiguousarray(a.T)`` walks a column by column and misses the cache (the band width
+    was chosen with benchmarks/elementwise.py; figures in benchmarks/results/). A small array (under
+    64K entries, in cache anyway) is copied in one go; a large one's bands are shared over npmask's
+    threads (:func:`~npmask.nn.parallel.in_parallel`), as are the other weight relayouts
+    (:func:`~npmask.nn.parallel.contiguous`)."""
+    if xp is not np or a.size < 1 << 16:
+        return xp.ascontiguousarray(a.T)
+    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
+
+    def bands(lo, hi):                                 # the threads take whole bands
+        for i in range(32 * lo, min(32 * hi, a.shape[0]), 32):
+            out[:, i:i + 32] = a[i:i + 32].T
+    in_parallel(np, -(-a.shape[0] // 32), a.size, bands)
+    return out
+
+
+def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
+    """dx by dcols = W_mat.T @ dy_mat and col2im (any stride and padding)."""
+    xp = get_array_module(dy, weight)
+    n, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    _, _, ho, wo = dy.shape
+    k = c * kh * kw
+    w_mat_t = weight.reshape(o, k).T
+    dx = xp.empty(x_shape, dtype=dy.dtype)
+    nb, chunks = _chunks(xp, n, k * ho * wo)
+
+    def one_chunk(dxpad, i):
+        n0, n1 = chunks[i]
+        m = n1 - n0
+        dy_mat = dy[n0:n1].transpose(1, 0, 2, 3).reshape(o, m * ho * wo)
+        dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho, wo)
+        dxpad[:m] = 0
+        col2im_chunk(dcols, kh, kw, stride, ho, wo, dxpad[:m])
+        dx[n0:n1] = dxpad[:m, :, padding:padding + h, padding:padding + w]
+    each_chunk(xp, len(chunks), lambda: xp.empty((nb, c, h + 2 * padding, w + 2 * padding), dtype=dy.dtype),
+               one_chunk, flops=2.0 * n * o * k * ho * wo)
+    return dx
+
+
+def input_grad(dy, weight, x_shape, stride: int, padding: int):
+    """dx (N, C, H, W) for dy (N, O, Ho, Wo) and weight (O, C, kh, kw).
+
+    For stride 1 (and padding <= k - 1) the input gradient is itself a convolution, and takes the
+    fast forward route instead of col2im's kh*kw read-modify-write passes:
+    dxpad[n,c,a,b] = sum_{o,u,v} W[o,c,u,v] dy[n,o,a-u,b-v], a correlation of dy padded by
+    k-1-p with the flipped, channel-swapped kernel Wf[c,o,u,v] = W[o,c,kh-1-u,kw-1-v].
+    """
+    xp = get_array_module(dy, weight)
+    _, _, h, w = x_shape
+    _, _, kh, kw = weight.shape
+    if stride == 1 and padding <= min(kh, kw) - 1:
+        w_flip = contiguous(xp, weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        return conv_gemm(dy, w_flip, 1, kh - 1 - padding, kw - 1 - padding, h, w)
+    return input_grad_col2im(dy, weight, x_shape, stride, padding)
