@@ -127,7 +127,7 @@ def run(args, argv=None) -> dict:
 def check(cfg: PretrainConfig) -> str:
     """Validate backend, model and data before anything is written; returns the data root."""
     from .data.format import list_domains, read_meta
-    from .training.benchmarks import resolve_data_root
+    from .training.suites import resolve_data_root
     get_backend(cfg.backend)  # BackendError (one line) before any work
     cli.check_model(cfg.model, cfg.input_size)
     root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root)

@@ -52,7 +52,7 @@ FLAGS = {  # config field -> flag (for messages and --resume checks)
 
 def build_parser():
     from .masking.variants import VARIANTS
-    from .training.benchmarks import BENCHMARKS
+    from .training.suites import BENCHMARKS
     syn = BENCHMARKS["synthetic"]
     p = cli.parser(PROG, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1]
                    .split("Examples::")[0].strip(), epilog="examples:" + __doc__.split("Examples::")[1])
@@ -119,7 +119,7 @@ def build_parser():
 
 def config_from_args(ns: dict) -> TrainConfig:
     """Build the run's config: the flags given, then the benchmark's defaults."""
-    from .training.benchmarks import choose_domains, get_benchmark, resolve_data_root
+    from .training.suites import choose_domains, get_benchmark, resolve_data_root
     bench = get_benchmark(ns.get("benchmark", "synthetic"))
     given = {k: v for k, v in ns.items() if k in FLAGS}
     cfg = TrainConfig(

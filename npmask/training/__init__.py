@@ -3,7 +3,7 @@
 One concept per module:
 
 - :mod:`.config`      the settings of a run (``config.json``) and the library versions
-- :mod:`.benchmarks`  synthetic / decathlon / folder: data, network, domains, Emax defaults
+- :mod:`.suites`      synthetic / decathlon / folder: data, network, domains, Emax defaults
 - :mod:`.batches`     a domain folder -> training and test batch iterators
 - :mod:`.loop`        one training epoch, one evaluation pass (NaN-checked, tqdm bars)
 - :mod:`.fit`         the epoch loop with a checkpoint after every epoch and exact resume

@@ -9,7 +9,7 @@ SGD with momentum 0.9 and lr 1e-3 for the classifier; batch 32; no weight decay;
 multiplied by 0.1 after a fixed number of epochs (45 of 60 on the Decathlon). Those rates were
 tuned for 60 epochs over tens of thousands of images. A run of a few epochs on the synthetic
 benchmark takes ~10x fewer optimiser steps, so the synthetic defaults scale both rates by 10
-(see :data:`npmask.training.benchmarks.SYNTHETIC_LR_SCALE` and the note in config.json).
+(see :data:`npmask.training.suites.SYNTHETIC_LR_SCALE` and the note in config.json).
 """
 from __future__ import annotations
 
