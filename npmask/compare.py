@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from .io import atomic_write_text
 from .training import cli
-from .training.checkpoint import atomic_write_text
 from .training.errors import ConfigError, exit_on_error
 
 PROG = "python -m npmask.compare"

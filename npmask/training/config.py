@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .errors import ConfigError
 
 CONFIG_FILE = "config.json"

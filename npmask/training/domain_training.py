@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 
 from ..backend import get_backend
-from .checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .errors import ConfigError
 
 
