@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.format import check_domain_files, list_domains
+from ..data.synthetic import ensure_synthetic
 from ..metrics import decathlon_emax
 from .errors import ConfigError
 
@@ -91,13 +93,11 @@ def resolve_data_root(benchmark: str, data_root) -> str:
     if benchmark != "synthetic":
         raise ConfigError(f"--benchmark {benchmark} needs --data-root DIR (a folder of converted "
                           "domains, e.g. made by data_scripts)")
-    from ..data.synthetic import ensure_synthetic
     return str(ensure_synthetic())
 
 
 def available_domains(root) -> list[str]:
     """Domain folders under ``root`` (each holding meta.json)."""
-    from ..data.format import list_domains
     return list_domains(root)
 
 
@@ -108,7 +108,6 @@ def choose_domains(bench: Benchmark, root, requested) -> list[str]:
     hundred bytes each), so a malformed or truncated folder stops the command before a run folder
     is created.
     """
-    from ..data.format import check_domain_files
     chosen = _choose(bench, root, requested)
     for d in chosen:
         check_domain_files(Path(root) / d)  # DataFormatError naming the file and the problem
