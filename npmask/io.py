@@ -1,14 +1,17 @@
 """Atomic file writes: a reader sees the old complete file or the new complete one, never half.
 
 The bottom of npmask's layers (standard library only), used by the checkpoints and run folders of
-:mod:`npmask.training` and by :mod:`npmask.pretrained`'s backbone files alike. The file is written
+:mod:`npmask.training`, by :mod:`npmask.pretrained`'s backbone files and by the domain folders of
+:mod:`npmask.data.format` alike. The file is written
 to a temporary name in the same folder, flushed to disk, and renamed over the target: a rename
 within one file system is atomic, whenever the process is killed.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 
 def atomic_write_bytes(path: str, write) -> None:
@@ -42,3 +45,23 @@ def _umask() -> int:
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``folder``, keeping any old ``folder`` until it worked.
+
+    Directories cannot be swapped atomically with os.replace when the target is a non-empty
+    folder, so: old -> aside, tmp -> folder, delete aside; on failure move the old one back.
+    """
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    aside.rmdir()  # only wanted a unique name
+    os.replace(folder, aside)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        os.replace(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
