@@ -107,8 +107,8 @@ def transform_backward(G, cache, need_k=(True, True, True, True), need_R: bool =
     for j in range(4):
         if need_k[j] and not is_fixed(ks[j]):
             # Always one sum per output channel (a thread block each), then the (O,) vector is
-            # summed for a scalar k: a ReductionKernel with a single output runs in ONE block,
-            # measured 5.6x slower on a 256x256x3x3 weight (benchmarks/cupy_reductions.py).
+            # summed for a scalar k: a ReductionKernel with a single output runs in ONE block, several
+            # times slower on large weights (benchmarks/results/gpu_h100.md, "CuPy reductions").
             per_channel = kern["sums"][j](G, W, R, t, axis=tuple(range(1, W.ndim)))
             dks[j] = (per_channel if ks[j].shape[0] != 1 else per_channel.sum()).reshape(ks[j].shape)
     dR = None

@@ -103,9 +103,8 @@ def _dot_like(a, b, k):
     """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum.
 
     A boolean b (the mask) goes to einsum also for one k: BLAS cannot take it, and einsum converts
-    it as it goes. For the simple model's dk2 = Σ G∘M this replaced G∘M and its sum: its transform
-    in a WRN-28-4 step went from 0.708x to 0.660x the full model's (benchmarks/train_step.py,
-    benchmarks/results/train_step_cpu.txt runs 17 and 18)."""
+    it as it goes. For the simple model's dk2 = Σ G∘M this replaced G∘M and its sum, which made its
+    transform faster (benchmarks/results/train_step_cpu.txt)."""
     xp = get_array_module(a, b)
     if k.shape[0] == 1 and a.shape[0] != 1:
         if b.dtype != bool:

@@ -3,15 +3,16 @@
 - ``synthetic``: the built-in benchmark (npmask.data.synthetic), generated once into a cache
   folder; a small WRN pretrained on its ``base`` domain ships with npmask. 32x32 images, CPU sized.
 - ``decathlon``: the Visual Decathlon converted by data_scripts (``--data-root``), WRN-28-4 at
-  64x64 with the 72->64 protocol, scored with the published fine-tuning errors (DESIGN.md).
+  64x64 with the 72->64 protocol, scored with the published fine-tuning errors (docs/design.md
+  section 4).
 - ``folder``: any set of converted domains under ``--data-root``; Emax from a finetune run.
 
 Learning rates. The paper's rates (Adam 1e-4, SGD 1e-3) were tuned for 60 epochs over data sets
 of tens of thousands of images. The CPU default here is a few epochs over ~5,000 images per
 domain, ~50x fewer optimiser steps; with the paper's rates the masks barely move in that time,
 so the synthetic benchmark scales both rates by :data:`SYNTHETIC_LR_SCALE` and says so in
-config.json. Measured (``full``, shipped backbone, 2 epochs on 2,000 training images, no decay;
-test accuracy digits / textures): paper's rates 36.3 / 43.4, x10 51.0 / 48.3, x30 33.7 / 27.2.
+config.json; x10 beat the paper's rates and x30 in a short run, recorded in
+``benchmarks/results/compare_synthetic.md``.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ from .generation import DOMAINS, ensure_synthetic, save_grid
 
 
 def _main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate (or reuse) the synthetic benchmark.")
+    ap = argparse.ArgumentParser(prog="python -m npmask.data.synthetic",
+                                 description="Generate (or reuse) the synthetic benchmark.")
     ap.add_argument("--root", default=None, help="output folder (default: the cache folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None)
