@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from .backend import get_backend
 from .training import cli
