@@ -25,9 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+from .io import atomic_write_text
 from .training import cli
-from .training.checkpoint import atomic_write_text
+from .training.config import TrainConfig, load_config, save_config
+from .training.domain_training import emax_from_run, score, train_domains
 from .training.errors import ConfigError, exit_on_error
+from .training.fit import StopRequested
+from .training.results import markdown_table
+from .training.run_folder import RunFolder, resume_target
 
 PROG = "python -m npmask.compare"
 DEFAULT_VARIANTS = ["classifier_only", "finetune", "piggyback", "piggyback_bn", "simple", "full",
@@ -35,7 +40,6 @@ DEFAULT_VARIANTS = ["classifier_only", "finetune", "piggyback", "piggyback_bn", 
 
 
 def build_parser():
-    from .train import build_parser as train_parser
     p = cli.parser(PROG, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1]
                    .split("Examples::")[0].strip(), epilog="examples:" + __doc__.split("Examples::")[1])
     p.add_argument("--variants", type=cli.name_list, metavar="V1,V2",
@@ -45,7 +49,7 @@ def build_parser():
                    help="also write the markdown table and the command that produced it to PATH")
     # Every setting of npmask.train applies to all variants alike.
     skip = {"--variant", "--emax-from", "--out", "--resume", "--help", "-h", "--stop-after-epochs"}
-    for action in train_parser()._actions:
+    for action in cli.add_train_arguments(cli.parser(PROG, ""))._actions:
         if not action.option_strings or set(action.option_strings) & skip:
             continue
         kwargs = {"help": action.help, "default": argparse.SUPPRESS}
@@ -78,18 +82,12 @@ def main(argv=None) -> int:
 
 def run(ns: dict, argv=None) -> str | None:
     """Train every variant (resuming finished or partial ones) and write the comparison table."""
-    from .train import FLAGS, config_from_args
-    from .training.config import TrainConfig, load_config, save_config
-    from .training.domain_training import train_domains
-    from .training.fit import StopRequested
-    from .training.run_folder import RunFolder, resume_target
-
     if ns.get("resume"):
         out = resume_target(ns.get("out"), "compare-", what="comparison folder")
         doc = _read_json(Path(out) / "compare.json")
         variants, base = doc["variants"], TrainConfig.from_dict(doc["config"])
-        given = {k: v for k, v in ns.items() if k in FLAGS}
-        cli.check_resume_conflicts(given, base.to_dict(), FLAGS)
+        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
+        cli.check_resume_conflicts(given, base.to_dict(), cli.TRAIN_FLAGS)
         if ns.get("variants") and ns["variants"] != variants:
             raise ConfigError(f"--variants differs from the comparison's {variants}")
         command = doc["command"]
@@ -99,7 +97,8 @@ def run(ns: dict, argv=None) -> str | None:
             raise ConfigError(f"--variants lists a variant twice: {variants}")
         for v in variants:
             cli.check_variant(v)
-        base = config_from_args({**{k: v for k, v in ns.items() if k in FLAGS}, "variant": "full"})
+        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
+        base = cli.train_config_from_args({**given, "variant": "full"})
         out = ns.get("out") or cli.default_out("compare", base.benchmark)
         if (Path(out) / "compare.json").is_file():
             raise ConfigError(f"comparison folder {out} already exists; pass --resume to continue "
@@ -140,7 +139,6 @@ def run(ns: dict, argv=None) -> str | None:
                 return None
         results[v] = res
         if v == "finetune" and emax is None:
-            from .training.domain_training import emax_from_run
             emax, emax_source = emax_from_run(folder.path)
             emax_source = "2 x the test error of the finetune row"
     return write_table(out, variants, results, base, emax, emax_source, command, ns.get("table"))
@@ -153,8 +151,6 @@ def _epochs_done(folder, cfg) -> int:
 
 def write_table(out, variants, results, base, emax, emax_source, command, table_path=None) -> str:
     """Score every row with the common Emax and write results.md (and ``table_path``)."""
-    from .training.domain_training import score
-    from .training.results import markdown_table
     rows = []
     for v in variants:
         res = results[v]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from .nn.loss import accuracy  # noqa: F401  (re-exported: one accuracy for the whole package)
+from .storage import read_domain_file
 
 # Test accuracy (%) of the fine-tuning baseline of Rebuffi et al. (table 4, "Finetune"); Emax = 2 x error.
 DECATHLON_FINETUNE_ACCURACY = {
@@ -75,8 +76,6 @@ def domain_file_bits(path) -> dict:
     "variant", "domain"}``; bits_per_parameter = A_d / N_p (just over 1 for mask variants, just over 32
     for ``finetune``).
     """
-    from .storage import read_domain_file  # noqa: PLC0415  (storage imports the models; keep metrics light)
-
     meta, arrays = read_domain_file(path)
     mask_bits = sum(8 * a.nbytes for k, a in arrays.items() if k.startswith("mask/"))
     param_bits = sum(8 * a.nbytes for k, a in arrays.items() if k.startswith("param/"))

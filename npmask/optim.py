@@ -46,7 +46,7 @@ import math
 
 import numpy as np
 
-from .backend import backend_name, get_array_module, to_device, to_numpy
+from .backend import _import_cupy, backend_name, get_array_module, to_device, to_numpy
 from .nn.parallel import each_chunk
 
 
@@ -263,7 +263,6 @@ class Adam(Optimizer):
 def _adam_kernel():
     """Adam's update as one CuPy ElementwiseKernel: the same formula as the NumPy code above
     (equal up to float rounding: the kernel adds the weight decay term even when it is 0)."""
-    from .backend import _import_cupy
     return _import_cupy().ElementwiseKernel(
         "T g, T step_size, T b1, T b2, T bias2, T eps, T wd", "T p, T m, T v",
         """

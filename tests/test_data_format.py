@@ -5,6 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from npmask import io as npmask_io
 from npmask.data import format as fmt
 from npmask.data.format import DataFormatError, check_domain_files, list_domains, load_domain, write_domain
 
@@ -92,7 +93,7 @@ def test_failure_midway_keeps_existing_domain(tmp_path, monkeypatch):
 
 def test_failed_final_rename_restores_old_domain(tmp_path, monkeypatch):
     folder, old = _write(tmp_path / "toy", seed=0)
-    real_replace = fmt.os.replace
+    real_replace = npmask_io.os.replace
     calls = []
 
     def flaky_replace(src, dst):
@@ -101,7 +102,7 @@ def test_failed_final_rename_restores_old_domain(tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(fmt.os, "replace", flaky_replace)
+    monkeypatch.setattr(npmask_io.os, "replace", flaky_replace)  # the folder swap is npmask.io's
     with pytest.raises(OSError, match="rename failed"):
         _write(tmp_path / "toy", seed=1)
     monkeypatch.undo()

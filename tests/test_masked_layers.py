@@ -127,7 +127,7 @@ def test_weight_is_a_reference_not_state():
 
 
 def test_dR_is_zero_at_step_zero_for_full():
-    """DESIGN.md: with k2 = k3 = 0 the masks get no gradient until k2/k3 move (expected)."""
+    """With k2 = k3 = 0 the masks get no gradient (dL/dR = G∘(k2 + k3*W)) until k2/k3 move (expected)."""
     conv = Conv2d(2, 3, 3, dtype=np.float64, rng=0)
     layer = MaskedConv2d(conv, "full")
     y = layer.forward(np.random.default_rng(0).standard_normal((2, 2, 4, 4)))

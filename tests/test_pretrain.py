@@ -128,7 +128,7 @@ def test_shipped_backbone_reaches_its_recorded_base_accuracy():
 
 
 def _generator_sha1():
-    """The current generator's hash as the synthetic module records it (None if it records none)."""
-    from npmask.data import synthetic
-    f = getattr(synthetic, "_source_hash", None)
+    """The current generator's hash as the synthetic package records it (None if it records none)."""
+    from npmask.data.synthetic import generation
+    f = getattr(generation, "_source_hash", None)
     return f() if callable(f) else None

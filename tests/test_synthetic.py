@@ -4,7 +4,7 @@ import pytest
 
 from npmask.data import synthetic
 from npmask.data.format import load_domain
-from npmask.data.synthetic import DOMAINS, ensure_synthetic, generate_domain, save_grid
+from npmask.data.synthetic import DOMAINS, ensure_synthetic, generate_domain, generation, save_grid
 
 TINY = dict(n_train=60, n_test=50, base_train=120, base_test=60, workers=1)
 
@@ -28,7 +28,7 @@ def test_same_seed_same_arrays(domain):
 
 def test_result_does_not_depend_on_workers(monkeypatch):
     a = generate_domain("signs", "test", 30, seed=1)
-    monkeypatch.setattr(synthetic, "_CHUNK", 7)  # seeds are per chunk: same chunk size needed
+    monkeypatch.setattr(generation, "_CHUNK", 7)  # seeds are per chunk: same chunk size needed
     b = generate_domain("signs", "test", 30, seed=1)
     assert not np.array_equal(a[0], b[0])  # documents that chunk size is part of the recipe
     import multiprocessing
@@ -65,11 +65,11 @@ def test_cache_is_reused_and_size_change_regenerates(tiny_root):
 
 def test_default_root_names_seed_and_hash(monkeypatch, tmp_path):
     monkeypatch.setenv("NPMASK_DATA", str(tmp_path))
-    config = synthetic._config(3, 10, 10, 10, 10, 32, ["x"])
+    config = generation._config(3, 10, 10, 10, 10, 32, ["x"])
     root = synthetic.default_root(config)
     assert root.parent == tmp_path and root.name.startswith(f"synthetic-v{synthetic.VERSION}-3-")
-    assert synthetic.default_root(synthetic._config(3, 10, 11, 10, 10, 32, ["x"])) != root
-    assert synthetic.default_root(synthetic._config(3, 10, 10, 10, 10, 32, ["y"])) != root
+    assert synthetic.default_root(generation._config(3, 10, 11, 10, 10, 32, ["x"])) != root
+    assert synthetic.default_root(generation._config(3, 10, 10, 10, 10, 32, ["y"])) != root
 
 
 def test_unknown_domain():

@@ -20,6 +20,7 @@ from npmask import train
 from npmask.backend import cupy_available
 from npmask.data.format import write_domain
 from npmask.training import checkpoint as ck
+from npmask.training import cli
 from npmask.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,8 +335,8 @@ def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path):
         (root / d).symlink_to(tiny["data"] / "a")
     expect_exit(["--benchmark", "decathlon", "--data-root", str(root)],
                 "needs --backbone", "--model wrn28_4 --input-size 64")
-    cfg = train.config_from_args({"benchmark": "decathlon", "data_root": str(root),
-                                  "backbone": str(tiny["backbone"])})
+    cfg = cli.train_config_from_args({"benchmark": "decathlon", "data_root": str(root),
+                                      "backbone": str(tiny["backbone"])})
     assert (cfg.model, cfg.input_size, cfg.epochs, cfg.lr_decay_epochs) == ("wrn28_4", 64, 60, [45])
     assert (cfg.lr_body, cfg.lr_head, cfg.augmentation) == (1e-4, 1e-3, "decathlon")
     assert cfg.emax == decathlon_emax() and "published" in cfg.emax_source

@@ -12,6 +12,7 @@ from npmask.masking.transform import (apply_affine, surrogate_derivative, transf
 
 # Each k: fixed 0, fixed 1, fixed other, or learned (array).
 K_CHOICES = ("zero", "one", "fixed", "learned")
+ALL_LEARNED = ("learned", "learned", "learned", "learned")  # k0, k1, k2, k3 all learned
 shapes = st.sampled_from([(3, 2, 3, 3), (4, 1, 1, 1), (2, 5), (5, 3, 1, 3), (1, 4, 3, 3)])
 
 
@@ -29,8 +30,10 @@ def make_case(shape, choices, channelwise, seed, dtype=np.float64):
             ks.append(1.0)
         elif c == "fixed":
             ks.append(float(rng.uniform(-2, 2)))
-        else:
+        elif c == "learned":
             ks.append(rng.uniform(-2, 2, n).astype(dtype))
+        else:
+            raise ValueError(f"unknown k choice {c!r}; one of {K_CHOICES}")
     G = rng.standard_normal(shape).astype(dtype)
     return W, R, tuple(ks), G
 
@@ -114,8 +117,8 @@ def test_R_gradient_is_surrogate_times_dL_dM(c):
 
 
 def test_R_gradient_is_zero_when_k2_k3_are_zero():
-    """DESIGN.md pitfall: at init of simple/full (k2 = k3 = 0) dL/dR is exactly 0."""
-    W, R, _, G = make_case((3, 2, 3, 3), "llll", False, 1)
+    """A known pitfall: at init of simple/full (k2 = k3 = 0) dL/dR = G∘(k2 + k3*W) is exactly 0."""
+    W, R, _, G = make_case((3, 2, 3, 3), ALL_LEARNED, False, 1)
     ks = (1.0, np.zeros(1), np.zeros(1), np.zeros(1))
     _, cache = transform_forward(W, R, ks)
     _, dR, _ = transform_backward(G, cache)
@@ -123,7 +126,7 @@ def test_R_gradient_is_zero_when_k2_k3_are_zero():
 
 
 def test_mask_is_a_hard_threshold_and_piggyback_is_W_times_M():
-    W, R, _, _ = make_case((4, 3, 3, 3), "llll", False, 2)
+    W, R, _, _ = make_case((4, 3, 3, 3), ALL_LEARNED, False, 2)
     Wt, cache = transform_forward(W, R, (0.0, 0.0, 0.0, 1.0), 0.0)
     assert cache.M.dtype == bool
     assert np.array_equal(Wt, W * (R > 0))
@@ -140,7 +143,7 @@ def test_float32_stays_float32():
 
 @pytest.mark.parametrize("bad", ["shape", "k_shape", "k_dtype", "surrogate"])
 def test_bad_inputs_are_clear_errors(bad):
-    W, R, _, G = make_case((4, 3, 3, 3), "llll", False, 4)
+    W, R, _, G = make_case((4, 3, 3, 3), ALL_LEARNED, False, 4)
     ks = [1.0, np.zeros(1), np.zeros(1), np.zeros(1)]
     if bad == "shape":
         with pytest.raises(ValueError, match="shape"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import zipfile
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..io import replace_folder
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -223,31 +224,11 @@ def write_domain(folder, *, name: str, train, test, val=None, class_names, mirro
                 save(f, images=images, labels=labels)
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             f.write(meta_text)
-        _replace_folder(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``folder``, keeping any old ``folder`` until it worked.
-
-    Directories cannot be swapped atomically with os.replace when the target is a non-empty
-    folder, so: old -> aside, tmp -> folder, delete aside; on failure move the old one back.
-    """
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    aside.rmdir()  # only wanted a unique name
-    os.replace(folder, aside)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        os.replace(aside, folder)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

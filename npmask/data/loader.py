@@ -15,7 +15,7 @@ digits, signs, characters and textures") comes in two protocols:
 
 * ``"pad_crop"`` (CIFAR-style, for the 32x32 synthetic benchmark): train pads every side with
   ``padding`` black pixels and crops a random window of the original size; test uses the image.
-* ``"decathlon"`` (images stored with shorter side 72, see DESIGN.md section 3): train crops a
+* ``"decathlon"`` (images stored with shorter side 72, see docs/design.md section 6): train crops a
   random 64x64 window, test the centre 64x64 window; gtsrb, omniglot and svhn use the full 72x72
   image for both (no cropping) and are never mirrored.
 
@@ -36,7 +36,7 @@ from ..backend import get_array_module, to_device
 from .format import Domain
 
 PROTOCOLS = ("pad_crop", "decathlon", "none")
-# Decathlon domains fed as the full 72x72 image, for training and testing (DESIGN.md section 3).
+# Decathlon domains fed as the full 72x72 image, for training and testing (docs/design.md section 3).
 DECATHLON_FULL_VIEW = frozenset({"gtsrb", "omniglot", "svhn"})
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..backend import _import_cupy, backend_name
+from .common import TransformCache, is_fixed
 
 # One expression per coefficient: dL/dk_j = sum over the weights of this term.
 _DK_TERMS = (
@@ -80,7 +81,6 @@ def kernels() -> dict:
 def _kernel_arg(k, W):
     """A k as a kernel argument: a fixed number as a scalar of W's dtype, a learned (1,)/(O,) array
     reshaped to broadcast against W as (O or 1, 1, ..., 1)."""
-    from .transform import is_fixed
     if is_fixed(k):
         return W.dtype.type(k)
     return k.reshape((-1,) + (1,) * (W.ndim - 1))
@@ -92,7 +92,6 @@ def transform_forward(W, R, ks, tau: float = 0.0):
     Returns ``(W~, cache)``; the cache holds W, R, the ks and tau (no mask, no A: the backward
     kernels recompute them from R and W).
     """
-    from .transform import TransformCache
     k0, k1, k2, k3 = (_kernel_arg(k, W) for k in ks)
     Wt = kernels()["forward"](W, R, k0, k1, k2, k3, W.dtype.type(tau))
     return Wt, TransformCache(W, R, None, None, tuple(ks), float(tau))
@@ -101,7 +100,6 @@ def transform_forward(W, R, ks, tau: float = 0.0):
 def transform_backward(G, cache, need_k=(True, True, True, True), need_R: bool = True,
                        need_W: bool = False, surrogate: str = "identity"):
     """CuPy version of :func:`npmask.masking.transform.transform_backward`: ``(dks, dR, dW)``."""
-    from .transform import is_fixed
     W, R, _, _, ks, tau = cache
     kern = kernels()
     t = W.dtype.type(tau)
@@ -109,8 +107,8 @@ def transform_backward(G, cache, need_k=(True, True, True, True), need_R: bool =
     for j in range(4):
         if need_k[j] and not is_fixed(ks[j]):
             # Always one sum per output channel (a thread block each), then the (O,) vector is
-            # summed for a scalar k: a ReductionKernel with a single output runs in ONE block,
-            # measured 5.6x slower on a 256x256x3x3 weight (benchmarks/cupy_reductions.py).
+            # summed for a scalar k: a ReductionKernel with a single output runs in ONE block, several
+            # times slower on large weights (benchmarks/results/gpu_h100.md, "CuPy reductions").
             per_channel = kern["sums"][j](G, W, R, t, axis=tuple(range(1, W.ndim)))
             dks[j] = (per_channel if ks[j].shape[0] != 1 else per_channel.sum()).reshape(ks[j].shape)
     dR = None

@@ -38,22 +38,15 @@ fused GPU kernel (plus one reduction per learned k) computing the same formulas.
 """
 from __future__ import annotations
 
-from numbers import Number
-from typing import NamedTuple
-
 from ..backend import get_array_module
 from ..nn.parallel import in_parallel
 from . import cuda
+from .common import TransformCache, is_fixed
 
 SURROGATES = ("identity", "sigmoid")
 
 
 # ---------------------------------------------------------------------------------- small helpers
-def is_fixed(k) -> bool:
-    """True for a fixed k (a plain Python/NumPy number), False for a learned k (an array)."""
-    return isinstance(k, Number)
-
-
 def _is(k, value: float) -> bool:
     return is_fixed(k) and float(k) == value
 
@@ -110,9 +103,8 @@ def _dot_like(a, b, k):
     """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum.
 
     A boolean b (the mask) goes to einsum also for one k: BLAS cannot take it, and einsum converts
-    it as it goes. For the simple model's dk2 = Σ G∘M this replaced G∘M and its sum: its transform
-    in a WRN-28-4 step went from 0.708x to 0.660x the full model's (benchmarks/train_step.py,
-    benchmarks/results/train_step_cpu.txt runs 17 and 18)."""
+    it as it goes. For the simple model's dk2 = Σ G∘M this replaced G∘M and its sum, which made its
+    transform faster (benchmarks/results/train_step_cpu.txt)."""
     xp = get_array_module(a, b)
     if k.shape[0] == 1 and a.shape[0] != 1:
         if b.dtype != bool:
@@ -159,17 +151,6 @@ def transform_backward_reference(G, W, R, ks, tau: float = 0.0, surrogate: str =
 
 
 # ---------------------------------------------------------------------------------- fast path
-class TransformCache(NamedTuple):
-    """What :func:`transform_backward` needs from the forward pass (references, no copies)."""
-
-    W: object          # the pretrained weight
-    R: object          # the real-valued mask
-    M: object          # bool array, 1[R > tau]
-    A: object          # k2 + k3*W (array, or a broadcastable k2 / float when k3 is fixed 0), or None
-    ks: tuple          # the four coefficients as given (numbers or arrays)
-    tau: float
-
-
 def transform_forward(W, R, ks, tau: float = 0.0):
     """W~ = k0*W + k1 + k2*M + k3*(W∘M), M = 1[R > tau]; returns ``(W~, cache)``.
 

@@ -1,4 +1,4 @@
-"""The variants of the method, one per row of tables 5/6 of the paper (DESIGN.md section 1).
+"""The variants of the method, one per row of tables 5/6 of the paper (docs/design.md section 2).
 
 Each k of ``W~ = k0*W + k1 + k2*M + k3*(W∘M)`` is, per variant, one of
 

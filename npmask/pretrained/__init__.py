@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import models
+from ..backend import to_numpy
+from ..io import atomic_write_bytes, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 SHIPPED = "wrn16_1_synthetic"
 
@@ -50,8 +54,6 @@ def read_info(npz_path) -> dict:
 
 def save_backbone(path, model, info: dict) -> None:
     """Write ``model.state_dict()`` to ``path`` (.npz) and ``info`` to the .json beside it, atomically."""
-    from ..backend import to_numpy
-    from ..training.checkpoint import atomic_write_bytes, atomic_write_text
     arrays = {k: to_numpy(v) for k, v in model.state_dict().items()}
     atomic_write_bytes(str(path), lambda f: np.savez(f, **arrays))
     atomic_write_text(str(info_path(path)), json.dumps(info, indent=2) + "\n")
@@ -62,7 +64,6 @@ def load_backbone(path=None, *, dtype=None, backend: str = "numpy"):
 
     path: a backbone ``.npz`` (default: the shipped one). dtype: override the stored dtype.
     """
-    from .. import models
     path = Path(path) if path is not None else shipped_path()
     if not path.is_file():
         raise BackboneError(f"backbone {path} not found; create one with python -m npmask.pretrain")

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.format import load_domain
-from ..data.loader import BatchIterator
+from ..data.loader import BatchIterator, augmentation_for
+from .errors import ConfigError
 
 EVAL_BATCH = 200  # test batches: BN uses running statistics, so the size changes no number
 
@@ -49,18 +50,15 @@ def make_iterators(domain, *, batch_size: int, seed: int, backend: str, dtype, p
         for it, split in ((train, "train"), (test, "test")):
             c, h, w = it.output_shape
             if (h, w) != (input_size, input_size):
-                from .errors import ConfigError
                 raise ConfigError(
                     f"domain {domain.name!r} gives {h}x{w} {split} images but the network takes "
                     f"{input_size}x{input_size}; convert the data to that size or pick another "
                     "--model/--benchmark")
     if len(train) == 0:
-        from .errors import ConfigError
         raise ConfigError(f"domain {domain.name!r} has {train.num_samples} training images, fewer "
                           f"than one batch of {batch_size}")
     return train, test
 
 
 def _aug(domain, train: bool, protocol: str):
-    from ..data.loader import augmentation_for
     return augmentation_for(domain, train, protocol)

@@ -10,8 +10,8 @@ whose leaves are arrays or plain values; :func:`flatten` splits it into
   reference ``{"__array__": "a3"}``. The skeleton is stored in the same file as a uint8 member
   ``"__skeleton__"``, so one file is one checkpoint.
 
-Why one file and ``os.replace``: the file is written to a temporary name in the same folder,
-flushed to disk, and renamed over the old checkpoint. A rename within one file system is atomic,
+Why one file and ``os.replace`` (:func:`npmask.io.atomic_write_bytes`): the file is written to a
+temporary name in the same folder, flushed to disk, and renamed over the old checkpoint. A rename within one file system is atomic,
 so a reader (or a resumed run) sees either the old complete checkpoint or the new complete one,
 never a half-written file, whenever the process is killed. Loading uses ``allow_pickle=False``:
 a checkpoint can never execute code.
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from ..backend import to_numpy
+from ..io import atomic_write_bytes
 
 SKELETON_KEY = "__skeleton__"
 FORMAT_VERSION = 1
@@ -98,39 +98,6 @@ def unflatten(skeleton, arrays) -> object:
 
 
 # ---------------------------------------------------------------------------------------- files
-def atomic_write_bytes(path: str, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
-
-    If anything fails (or the process dies) before the rename, ``path`` keeps its old content;
-    the temporary file is removed on a Python exception.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it normal rights
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def save_checkpoint(path: str, state) -> None:
     """Write nested ``state`` to ``path`` (an ``.npz``) atomically."""
     skeleton, arrays = flatten(state)

@@ -3,6 +3,10 @@
 Parsers are built with ``argument_default=argparse.SUPPRESS``: the namespace then holds only the
 flags the user actually typed. That lets a benchmark supply its own defaults (model, epochs,
 learning rates) and lets ``--resume`` refuse a flag that contradicts the saved config.
+
+The flags of ``npmask.train`` and how they become a :class:`~npmask.training.config.TrainConfig`
+live here too (:func:`add_train_arguments`, :func:`train_config_from_args`): ``npmask.compare``
+takes the same flags for all its variants, and the commands do not import one another.
 """
 from __future__ import annotations
 
@@ -11,8 +15,18 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
+from .. import pretrained
+from ..backend import get_backend
+from ..masking.variants import VARIANTS
+from .config import (PretrainConfig, TrainConfig, check_model, check_variant, load_config,
+                     save_config)
+from .domain_training import emax_from_run
 from .errors import ConfigError
+from .pretraining import pretrain
+from .run_folder import RunFolder
+from .suites import BENCHMARKS, choose_domains, get_benchmark, resolve_data_root
 
 
 def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -59,27 +73,6 @@ def default_out(kind: str, *parts) -> str:
     return os.path.join("runs", name)
 
 
-def create_model(name: str, **kwargs):
-    """``models.create`` with an unknown name (or impossible size) reported as a ConfigError."""
-    from .. import models
-    try:
-        return models.create(name, **kwargs)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def check_model(name: str, input_size: int = 32) -> None:
-    """ConfigError listing the known architectures when ``name`` is not one of them."""
-    create_model(name, num_classes=2, input_size=input_size)
-
-
-def check_variant(name: str) -> None:
-    """ConfigError listing the known variants and baselines when ``name`` is not one of them."""
-    from ..masking.variants import VARIANTS
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
-
-
 def check_resume_conflicts(given: dict, saved: dict, flag_of: dict) -> None:
     """On --resume, every flag typed again must agree with the saved config."""
     bad = [f"{flag_of.get(k, k)} {given[k]!r} (the run has {saved[k]!r})"
@@ -87,3 +80,144 @@ def check_resume_conflicts(given: dict, saved: dict, flag_of: dict) -> None:
     if bad:
         raise ConfigError("--resume continues a run with its saved settings; these flags differ: "
                           + "; ".join(bad))
+
+
+TRAIN_FLAGS = {  # config field -> flag of npmask.train (for messages and --resume checks)
+    "benchmark": "--benchmark", "data_root": "--data-root", "domains": "--domains",
+    "model": "--model", "input_size": "--input-size", "backbone": "--backbone",
+    "variant": "--variant", "epochs": "--epochs", "batch_size": "--batch-size",
+    "lr_body": "--lr-body", "lr_head": "--lr-head", "momentum": "--momentum",
+    "lr_decay_epochs": "--lr-decay-epochs", "lr_decay": "--lr-decay",
+    "weight_decay": "--weight-decay", "max_train": "--max-train", "seed": "--seed",
+    "mask_init": "--mask-init", "tau": "--tau",
+    "backend": "--backend", "dtype": "--dtype", "augmentation": "--augmentation",
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every flag of ``npmask.train`` to ``p`` (returned)."""
+    syn = BENCHMARKS["synthetic"]
+    g = p.add_argument_group("what to train")
+    g.add_argument("--benchmark", choices=list(BENCHMARKS),
+                   help="synthetic (default: built in, CPU sized), decathlon (Visual Decathlon "
+                        "converted by data_scripts: WRN-28-4, 64x64, 72->64 crops, published Emax), "
+                        "or folder (any converted domains under --data-root)")
+    g.add_argument("--data-root", metavar="DIR",
+                   help="folder holding one sub-folder per domain in npmask's data format "
+                        "(default for synthetic: generated once into ~/.cache/npmask)")
+    g.add_argument("--domains", type=name_list, metavar="D1,D2",
+                   help="target domains, comma-separated (default: every domain of the benchmark "
+                        "but the pretraining one)")
+    g.add_argument("--variant", help="the method variant or baseline (default: full); one of "
+                                     + ", ".join(VARIANTS))
+    g.add_argument("--model", help=f"backbone architecture (default: {syn.model} for synthetic, "
+                                   "wrn28_4 for decathlon); must match --backbone")
+    g.add_argument("--input-size", type=int, help="network input side in pixels (default: 32; 64 "
+                                                  "for decathlon)")
+    g.add_argument("--backbone", metavar="NPZ",
+                   help="pretrained backbone .npz written by npmask.pretrain (default for "
+                        "synthetic: the one shipped in npmask/pretrained/)")
+    g = p.add_argument_group("protocol (paper, section 4)")
+    g.add_argument("--epochs", type=int, help=f"epochs per domain (default: {syn.epochs} synthetic, "
+                                              "60 decathlon)")
+    g.add_argument("--batch-size", type=int, help="images per step (default: 32)")
+    g.add_argument("--lr-body", type=float,
+                   help="Adam learning rate of masks, k's and batch norm (paper: 1e-4; default "
+                        f"synthetic: {syn.lr_body:g}, scaled for short runs, see config notes)")
+    g.add_argument("--lr-head", type=float,
+                   help=f"SGD learning rate of the classifier (paper: 1e-3; default synthetic: "
+                        f"{syn.lr_head:g})")
+    g.add_argument("--momentum", type=float, help="SGD momentum of the classifier (default: 0.9)")
+    g.add_argument("--lr-decay-epochs", type=int_list, metavar="E1,E2",
+                   help="multiply both learning rates by --lr-decay after these epochs (default "
+                        f"synthetic: {','.join(map(str, syn.lr_decay_epochs))}; decathlon: 45)")
+    g.add_argument("--lr-decay", type=float, help="step-decay factor (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay (default: 0, as the paper)")
+    g.add_argument("--max-train", type=int, metavar="N",
+                   help="use a fixed random subset of N training images per domain (default: all)")
+    g.add_argument("--mask-init", type=float_pair, metavar="LO,HI",
+                   help="real masks start as R ~ U(tau+LO, tau+HI), so M is all ones (default: "
+                        "1e-4,2e-4 as the paper; Piggyback's code starts 5e-3 above its threshold)")
+    g.add_argument("--tau", type=float, help="mask threshold: M = 1[R > tau] (default: 0)")
+    g.add_argument("--seed", type=int, help="seed of mask init, heads, batch order, augmentation "
+                                            "(default: 0)")
+    g = p.add_argument_group("where and how")
+    g.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: numpy)")
+    g.add_argument("--dtype", choices=["float32", "float64"], help="float type (default: float32)")
+    g.add_argument("--augmentation", choices=["auto", "pad_crop", "decathlon", "none"],
+                   help="loader protocol (default: pad_crop synthetic, decathlon for decathlon)")
+    g.add_argument("--out", metavar="DIR", help="run folder (default: runs/train-<variant>-<time>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default: the newest runs/train-*) from its "
+                        "last checkpoint with its saved settings")
+    g.add_argument("--emax-from", metavar="DIR",
+                   help="a finished finetune run folder; Emax = 2 x its test errors (for the S-score)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--stop-after-epochs", type=int, metavar="N",
+                   help="stop (as if killed) after N epochs of this invocation; for testing --resume")
+    return p
+
+
+def train_config_from_args(ns: dict) -> TrainConfig:
+    """Build the config of an ``npmask.train`` run: the flags given, then the benchmark's defaults."""
+    bench = get_benchmark(ns.get("benchmark", "synthetic"))
+    given = {k: v for k, v in ns.items() if k in TRAIN_FLAGS}
+    cfg = TrainConfig(
+        benchmark=bench.name, model=bench.model, input_size=bench.input_size, epochs=bench.epochs,
+        lr_body=bench.lr_body, lr_head=bench.lr_head, lr_decay_epochs=list(bench.lr_decay_epochs),
+        augmentation=bench.augmentation, emax=bench.emax, emax_source=bench.emax_source,
+        notes=bench.notes)
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    if any(k in given for k in ("lr_body", "lr_head", "lr_decay_epochs", "epochs")) \
+            and bench.name == "synthetic":
+        cfg.notes = "protocol settings changed on the command line (see the fields above)"
+    cfg.validate()
+    check_variant(cfg.variant)
+    get_backend(cfg.backend)  # --backend cupy without a GPU: one clear line, before any work
+    check_model(cfg.model, cfg.input_size)
+    root = resolve_data_root(bench.name, cfg.data_root)
+    cfg.data_root = str(root)
+    cfg.domains = choose_domains(bench, root, cfg.domains or None)
+    if bench.base_domain in cfg.domains:
+        raise ConfigError(f"{bench.base_domain!r} is the pretraining domain of the {bench.name} "
+                          "benchmark; it is the backbone itself and is not trained again")
+    cfg.backbone = resolve_backbone(cfg, bench, root)
+    if ns.get("emax_from"):
+        cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
+    return cfg
+
+
+def resolve_backbone(cfg: TrainConfig, bench, root) -> str:
+    """The backbone file: --backbone, else (synthetic) the shipped one, pretrained when missing."""
+    if cfg.backbone is not None:
+        if not Path(cfg.backbone).is_file():
+            raise ConfigError(f"backbone {cfg.backbone} not found")
+        return str(Path(cfg.backbone).resolve())
+    if bench.name != "synthetic":
+        raise ConfigError(f"--benchmark {bench.name} needs --backbone NPZ: pretrain one with "
+                          f"python -m npmask.pretrain --data-root {root} --domain "
+                          f"{bench.base_domain or '<domain>'} --model {cfg.model} --input-size "
+                          f"{cfg.input_size}")
+    path = pretrained.shipped_path(f"{cfg.model}_synthetic")
+    if not path.is_file():
+        path = pretrain_on_the_spot(cfg, root)
+    return str(path)
+
+
+def pretrain_on_the_spot(cfg: TrainConfig, root) -> Path:
+    """No shipped backbone for this model: pretrain one on the synthetic base domain now."""
+    out = Path("runs") / f"pretrain-{cfg.model}-synthetic"
+    pcfg = PretrainConfig(data_root=str(root), model=cfg.model, input_size=cfg.input_size,
+                          seed=cfg.seed, backend=cfg.backend, dtype=cfg.dtype,
+                          save=str(out / "backbone.npz"))
+    folder = RunFolder(out)
+    if folder.exists():
+        pcfg = load_config(str(folder.config), PretrainConfig)  # resume the earlier attempt
+    else:
+        folder.create()
+        save_config(str(folder.config), pcfg, {"command": "(pretrained on the spot by npmask.train)"})
+    print(f"no shipped backbone for {cfg.model}: pretraining one on the synthetic base domain "
+          f"into {out} (resumable; this takes a while on a CPU)", file=sys.stderr)
+    pretrain(pcfg, folder)
+    return Path(pcfg.save)

@@ -9,7 +9,7 @@ SGD with momentum 0.9 and lr 1e-3 for the classifier; batch 32; no weight decay;
 multiplied by 0.1 after a fixed number of epochs (45 of 60 on the Decathlon). Those rates were
 tuned for 60 epochs over tens of thousands of images. A run of a few epochs on the synthetic
 benchmark takes ~10x fewer optimiser steps, so the synthetic defaults scale both rates by 10
-(see :data:`npmask.training.benchmarks.SYNTHETIC_LR_SCALE` and the note in config.json).
+(see :data:`npmask.training.suites.SYNTHETIC_LR_SCALE` and the note in config.json).
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
+from .. import __version__, models
+from ..io import atomic_write_text
+from ..masking.variants import VARIANTS
 from .errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -120,10 +122,8 @@ class TrainConfig(_Settings):
         return self
 
 
-
 def environment() -> dict:
     """Versions that can change numbers: Python, NumPy, npmask, platform, BLAS, CuPy if used."""
-    from .. import __version__
     env = {"python": platform.python_version(), "numpy": np.__version__, "npmask": __version__,
            "platform": platform.platform(), "executable": sys.executable}
     try:
@@ -201,3 +201,21 @@ class PretrainConfig(_Settings):
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         return self
 
+
+def create_model(name: str, **kwargs):
+    """``models.create`` with an unknown name (or impossible size) reported as a ConfigError."""
+    try:
+        return models.create(name, **kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_model(name: str, input_size: int = 32) -> None:
+    """ConfigError listing the known architectures when ``name`` is not one of them."""
+    create_model(name, num_classes=2, input_size=input_size)
+
+
+def check_variant(name: str) -> None:
+    """ConfigError listing the known variants and baselines when ``name`` is not one of them."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")

@@ -17,12 +17,26 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 
 from ..backend import get_backend
-from .checkpoint import atomic_write_text
+from ..io import atomic_write_text
+from ..masking.inspect import mask_statistics, plot_mask_statistics
+from ..masking.variants import get_variant
+from ..metrics import decathlon_score, emax_from_accuracies, params_ratio, score_per_parameter
+from ..multidomain import MultiDomainModel
+from ..optim import SGD, Adam, MultiStepLR, Optimizers
+from ..pretrained import BackboneError, load_backbone
+from ..storage import load_domain as load_stored_domain
+from ..storage import save_domain
+from . import batches
 from .errors import ConfigError
+from .fit import fit
+from .loop import evaluate
+from .plots import plot_learning_curves
+from .results import markdown_table
 
 
 def domain_seed(seed: int, domain: str) -> int:
@@ -36,7 +50,6 @@ def build_optimizers(model, cfg):
     body (masks, k's, BN; all weights for finetune): Adam(lr_body); head: SGD(lr_head, momentum).
     ``classifier_only`` has an empty body group: its Adam simply holds no parameter.
     """
-    from ..optim import SGD, Adam, MultiStepLR, Optimizers
     groups = model.parameter_groups()
     opt = Optimizers(body=Adam(groups["body"], lr=cfg.lr_body, weight_decay=cfg.weight_decay),
                      head=SGD(groups["head"], lr=cfg.lr_head, momentum=cfg.momentum,
@@ -47,8 +60,6 @@ def build_optimizers(model, cfg):
 
 def load_run_backbone(cfg):
     """The pretrained backbone of a run as a MultiDomainModel (checked against cfg.model)."""
-    from ..multidomain import MultiDomainModel
-    from ..pretrained import BackboneError, load_backbone
     try:
         backbone, info = load_backbone(cfg.backbone, dtype=cfg.dtype, backend=cfg.backend)
     except BackboneError as err:
@@ -65,12 +76,6 @@ def load_run_backbone(cfg):
 
 def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print) -> dict:
     """Train every domain of ``cfg`` not yet finished in ``folder``; returns the results dict."""
-    from ..storage import load_domain as load_stored_domain
-    from ..storage import save_domain
-    from . import batches
-    from .fit import fit
-    from .loop import evaluate
-
     get_backend(cfg.backend)
     model, info = load_run_backbone(cfg)
     if cfg.backend != "numpy":
@@ -122,9 +127,6 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
 
 def emax_from_run(run_dir) -> tuple[dict, str]:
     """Emax (fractions) from a finished ``finetune`` run folder: 2 x its test error per domain."""
-    from pathlib import Path
-
-    from ..metrics import emax_from_accuracies
     p = Path(run_dir) / "results.json"
     try:
         res = json.loads(p.read_text(encoding="utf-8"))
@@ -142,7 +144,6 @@ def score(acc: dict, emax: dict | None, domain_files) -> dict:
 
     The S-score sums over the domains in ``acc``; it is None when Emax is missing for any of them.
     """
-    from ..metrics import decathlon_score, params_ratio, score_per_parameter
     params = params_ratio(domain_files) if domain_files else None
     s = sp = None
     per = None
@@ -154,8 +155,6 @@ def score(acc: dict, emax: dict | None, domain_files) -> dict:
 
 def finish(cfg, folder, model, seconds: float = 0.0) -> dict:
     """Score the finished run, write results.md/results.json and the plots; returns the results."""
-    from .plots import plot_learning_curves
-    from .results import markdown_table
     done = folder.progress()["done"]
     acc = {d: done[d]["test_acc"] for d in cfg.domains if d in done}
     files = [folder.domain_file(d) for d in cfg.domains if d in done]
@@ -194,8 +193,6 @@ def finish(cfg, folder, model, seconds: float = 0.0) -> dict:
 
 def _plot_masks(cfg, folder, model) -> None:
     """Figures 3/4 of the paper (mask density and k's per layer) for mask variants."""
-    from ..masking.inspect import mask_statistics, plot_mask_statistics
-    from ..masking.variants import get_variant
     if not get_variant(cfg.variant).has_mask:
         return
     stats = {d: mask_statistics(model.network(d)) for d in cfg.domains if d in model.domains}

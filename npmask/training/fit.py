@@ -24,6 +24,7 @@ import math
 import os
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .errors import ConfigError
 from .loop import train_epoch
 
 
@@ -54,7 +55,6 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
         state = load_checkpoint(str(checkpoint_path))
         saved_extra = state.get("extra", {})
         if saved_extra != extra:
-            from .errors import ConfigError
             diff = sorted(k for k in set(extra) | set(saved_extra)
                           if extra.get(k) != saved_extra.get(k))
             raise ConfigError(f"checkpoint {checkpoint_path} was written with other settings "

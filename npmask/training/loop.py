@@ -21,6 +21,8 @@ import contextlib
 import math
 import time
 
+from tqdm.auto import tqdm
+
 from ..models import get_submodule
 from ..nn.loss import softmax_cross_entropy
 from .errors import NonFiniteLossError
@@ -29,7 +31,6 @@ from .errors import NonFiniteLossError
 def _progress(iterable, total, desc, enabled):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
 
 

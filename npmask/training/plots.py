@@ -10,9 +10,10 @@ import math
 
 
 def _pyplot():
+    # Imported here, not at the top: pyplot takes ~0.7 s to import and only the end of a run draws.
     import matplotlib
     matplotlib.use("Agg", force=False)  # no display needed; keeps working over ssh and in CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the heavy part (see above)
     return plt
 
 

@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .errors import ConfigError
 
 

@@ -41,7 +41,7 @@ from npmask.masking.inspect import mask_statistics, plot_mask_statistics
 from npmask.multidomain import MultiDomainModel
 from npmask.optim import SGD, Adam, Optimizers
 from npmask.training.batches import make_iterators
-from npmask.training.benchmarks import get_benchmark
+from npmask.training.suites import get_benchmark
 from npmask.training.loop import evaluate, train_epoch
 
 QUICK = os.environ.get("NPMASK_TUTORIAL_QUICK") == "1"

@@ -3,21 +3,24 @@
 - ``synthetic``: the built-in benchmark (npmask.data.synthetic), generated once into a cache
   folder; a small WRN pretrained on its ``base`` domain ships with npmask. 32x32 images, CPU sized.
 - ``decathlon``: the Visual Decathlon converted by data_scripts (``--data-root``), WRN-28-4 at
-  64x64 with the 72->64 protocol, scored with the published fine-tuning errors (DESIGN.md).
+  64x64 with the 72->64 protocol, scored with the published fine-tuning errors (docs/design.md
+  section 4).
 - ``folder``: any set of converted domains under ``--data-root``; Emax from a finetune run.
 
 Learning rates. The paper's rates (Adam 1e-4, SGD 1e-3) were tuned for 60 epochs over data sets
 of tens of thousands of images. The CPU default here is a few epochs over ~5,000 images per
 domain, ~50x fewer optimiser steps; with the paper's rates the masks barely move in that time,
 so the synthetic benchmark scales both rates by :data:`SYNTHETIC_LR_SCALE` and says so in
-config.json. Measured (``full``, shipped backbone, 2 epochs on 2,000 training images, no decay;
-test accuracy digits / textures): paper's rates 36.3 / 43.4, x10 51.0 / 48.3, x30 33.7 / 27.2.
+config.json; x10 beat the paper's rates and x30 in a short run, recorded in
+``benchmarks/results/compare_synthetic.md``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.format import check_domain_files, list_domains
+from ..data.synthetic import ensure_synthetic
 from ..metrics import decathlon_emax
 from .errors import ConfigError
 
@@ -91,13 +94,11 @@ def resolve_data_root(benchmark: str, data_root) -> str:
     if benchmark != "synthetic":
         raise ConfigError(f"--benchmark {benchmark} needs --data-root DIR (a folder of converted "
                           "domains, e.g. made by data_scripts)")
-    from ..data.synthetic import ensure_synthetic
     return str(ensure_synthetic())
 
 
 def available_domains(root) -> list[str]:
     """Domain folders under ``root`` (each holding meta.json)."""
-    from ..data.format import list_domains
     return list_domains(root)
 
 
@@ -108,7 +109,6 @@ def choose_domains(bench: Benchmark, root, requested) -> list[str]:
     hundred bytes each), so a malformed or truncated folder stops the command before a run folder
     is created.
     """
-    from ..data.format import check_domain_files
     chosen = _choose(bench, root, requested)
     for d in chosen:
         check_domain_files(Path(root) / d)  # DataFormatError naming the file and the problem

@@ -1,0 +1,67 @@
+"""Atomic file writes: a reader sees the old complete file or the new complete one, never half.
+
+The bottom of npmask's layers (standard library only), used by the checkpoints and run folders of
+:mod:`npmask.training`, by :mod:`npmask.pretrained`'s backbone files and by the domain folders of
+:mod:`npmask.data.format` alike. The file is written
+to a temporary name in the same folder, flushed to disk, and renamed over the target: a rename
+within one file system is atomic, whenever the process is killed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
+
+    If anything fails (or the process dies) before the rename, ``path`` keeps its old content;
+    the temporary file is removed on a Python exception.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it normal rights
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``folder``, keeping any old ``folder`` until it worked.
+
+    Directories cannot be swapped atomically with os.replace when the target is a non-empty
+    folder, so: old -> aside, tmp -> folder, delete aside; on failure move the old one back.
+    """
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    aside.rmdir()  # only wanted a unique name
+    os.replace(folder, aside)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        os.replace(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
