@@ -42,7 +42,7 @@ import functools
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import _import_cupy, get_array_module
 from ..config import settings
 from .module import Module
 from . import parallel
@@ -73,7 +73,6 @@ def _channel_dot(a3, b3):
 
 @functools.lru_cache(maxsize=None)
 def _cupy_dot_kernel():
-    from ..backend import _import_cupy
     return _import_cupy().ReductionKernel("T a, T b", "T out", "a * b", "a + b", "out = a", "0",
                                           "npmask_channel_dot")
 
