@@ -27,7 +27,7 @@ from .resnet26_ra import ResNet26RA
 from .vgg import VGG
 from .wrn import WRN
 
-__all__ = ["WRN", "VGG", "ResNet", "DenseNet", "ResNet26RA", "create", "available", "default_input_size",
+__all__ = ["WRN", "VGG", "ResNet", "DenseNet", "ResNet26RA", "create", "available", "default_input_size", "head_name",
            "get_submodule", "set_submodule"]
 
 _PATTERNS = [
@@ -73,6 +73,21 @@ def create(name: str, num_classes: int, input_size: int = 32, dtype=np.float32, 
                         dtype=dtype, rng=gen)
     if name == "resnet26_ra":
         return ResNet26RA(num_classes=num_classes, input_size=input_size, dtype=dtype, rng=gen)
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(_PATTERNS)}")
+
+
+def head_name(name: str) -> str:
+    """The dotted path of the classifier of model ``name`` (without building it)."""
+    if re.fullmatch(r"wrn(\d+)_(\d+)", name):
+        return WRN.head_name
+    if re.fullmatch(r"vgg(11|16)(_bn)?", name):
+        return VGG.head_name
+    if name in RESNET_LAYOUTS:
+        return ResNet.head_name
+    if name == "densenet121":
+        return DenseNet.head_name
+    if name == "resnet26_ra":
+        return ResNet26RA.head_name
     raise ValueError(f"unknown model {name!r}; known: {', '.join(_PATTERNS)}")
 
 
