@@ -306,3 +306,111 @@ def test_all_variants_build_on_densenet():
     for v in variant_names():
         md.add_domain(v, 2, v, seed=1)
         assert md.predict(x, domain=v).shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------- forward semantics
+# An independent eval-mode forward from the state_dict alone (naive convolution, BN formula, pools
+# written with reshapes), following torchvision's and the residual-adapters release's definitions.
+from npmask.nn.conv_reference import conv2d_forward_naive  # noqa: E402
+
+
+def _conv(sd, name, x, stride=1, padding=0):
+    return conv2d_forward_naive(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"), stride, padding)
+
+
+def _bn(sd, name, x):
+    s = sd[f"{name}.weight"] / np.sqrt(sd[f"{name}.running_var"] + 1e-5)
+    return (x - sd[f"{name}.running_mean"][:, None, None]) * s[:, None, None] + sd[f"{name}.bias"][:, None, None]
+
+
+def _relu(x):
+    return np.maximum(x, 0)
+
+
+def _maxpool3s2p1(x):
+    n, c, h, w = x.shape
+    p = np.full((n, c, h + 2, w + 2), -np.inf)
+    p[:, :, 1:-1, 1:-1] = x
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    return np.max([p[:, :, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2] for i in range(3) for j in range(3)], axis=0)
+
+
+def _avg2(x):
+    n, c, h, w = x.shape
+    return x[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+
+
+def _linear(sd, name, x):
+    return x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+
+def ref_resnet(sd, x, blocks, bottleneck):
+    x = _maxpool3s2p1(_relu(_bn(sd, "bn1", _conv(sd, "conv1", x, 2, 3))))
+    for s, n in enumerate(blocks, start=1):
+        for b in range(n):
+            p = f"layer{s}.{b}"
+            stride = 2 if (b == 0 and s > 1) else 1
+            if bottleneck:          # v1.5: the stride is on the 3x3 conv2
+                out = _relu(_bn(sd, f"{p}.bn1", _conv(sd, f"{p}.conv1", x)))
+                out = _relu(_bn(sd, f"{p}.bn2", _conv(sd, f"{p}.conv2", out, stride, 1)))
+                out = _bn(sd, f"{p}.bn3", _conv(sd, f"{p}.conv3", out))
+            else:
+                out = _relu(_bn(sd, f"{p}.bn1", _conv(sd, f"{p}.conv1", x, stride, 1)))
+                out = _bn(sd, f"{p}.bn2", _conv(sd, f"{p}.conv2", out, 1, 1))
+            skip = _bn(sd, f"{p}.downsample.1", _conv(sd, f"{p}.downsample.0", x, stride)) \
+                if f"{p}.downsample.0.weight" in sd else x
+            x = _relu(out + skip)
+    return _linear(sd, "fc", x.mean(axis=(2, 3)))
+
+
+def ref_densenet(sd, x, block_config):
+    f = "features"
+    x = _maxpool3s2p1(_relu(_bn(sd, f"{f}.norm0", _conv(sd, f"{f}.conv0", x, 2, 3))))
+    for i, n in enumerate(block_config, start=1):
+        feats = [x]
+        for j in range(1, n + 1):
+            p = f"{f}.denseblock{i}.denselayer{j}"
+            h = np.concatenate(feats, axis=1)
+            h = _conv(sd, f"{p}.conv1", _relu(_bn(sd, f"{p}.norm1", h)))
+            feats.append(_conv(sd, f"{p}.conv2", _relu(_bn(sd, f"{p}.norm2", h)), 1, 1))
+        x = np.concatenate(feats, axis=1)
+        if i < len(block_config):
+            p = f"{f}.transition{i}"
+            x = _avg2(_conv(sd, f"{p}.conv", _relu(_bn(sd, f"{p}.norm", x))))
+    x = _relu(_bn(sd, f"{f}.norm5", x))
+    return _linear(sd, "classifier", x.mean(axis=(2, 3)))
+
+
+def ref_resnet26_ra(sd, x, nblocks):
+    x = _bn(sd, "pre_layers_conv.bns.0", _conv(sd, "pre_layers_conv.conv", x, 1, 1))   # no ReLU
+    for s, n in enumerate(nblocks, start=1):
+        for b in range(n):
+            p = f"layer{s}.{b}"
+            stride = 2 if b == 0 else 1
+            y = _bn(sd, f"{p}.conv1.bns.0", _conv(sd, f"{p}.conv1.conv", x, stride, 1))
+            y = _bn(sd, f"{p}.conv2.1.bns.0", _conv(sd, f"{p}.conv2.1.conv", _relu(y), 1, 1))
+            if b == 0:
+                r = _avg2(x)
+                r = np.concatenate([r, r * 0], axis=1)
+            else:
+                r = x
+            x = _relu(y + r)
+    x = _relu(_bn(sd, "end_bns.0.0", x))
+    return _linear(sd, "linears.0", x.mean(axis=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "resnet_basic", "densenet", "resnet26_ra"])
+def test_forward_matches_an_independent_reference(name):
+    model = tiny_models()[name]()
+    rng = np.random.default_rng(11)
+    randomise_bn(model, rng)
+    model.eval()
+    x = images(2, 33 if name.startswith("resnet_") else size_of(model), seed=12)   # odd size: padding/ceil
+    sd = {k: np.asarray(v) for k, v in model.state_dict().items()}
+    if name == "densenet":
+        want = ref_densenet(sd, x, model.block_config)
+    elif name == "resnet26_ra":
+        want = ref_resnet26_ra(sd, x, model.nblocks)
+    else:
+        want = ref_resnet(sd, x, model.layers, bottleneck=name == "resnet_bottleneck")
+    np.testing.assert_allclose(model.forward(x), want, rtol=1e-10, atol=1e-10)
