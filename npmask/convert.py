@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import re
 import sys
 from pathlib import Path
 
@@ -78,7 +78,9 @@ def _read_torch(path: Path) -> dict:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConvertError(f"{path}: torch.load(weights_only=True) cannot read it ({_one_line(err)}); "
+        text = re.sub(r"\x1b\[[0-9;]*m", "", _one_line(err))          # torch colours parts of it
+        text = text if len(text) <= 120 else text[:117] + "..."     # torch's own message is a page long
+        raise ConvertError(f"{path}: torch.load(weights_only=True) cannot read it ({type(err).__name__}: {text}); "
                            "a whole pickled model is not read: save its state_dict() instead") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]              # a training checkpoint that wraps the state_dict

@@ -7,9 +7,9 @@ The domain file (:mod:`npmask.storage`) holds only what the domain adds to the b
 k's, batch norm, head). Export applies it: each masked weight is replaced by
 W~ = k0 W + k1 + k2 M + k3 W∘M, batch norm is the domain's (or the backbone's, for variants that share
 it) with its running statistics, and the head is the domain's. The names and shapes are the
-backbone's (the PyTorch layout it was converted from), so e.g. ``torchvision.models.resnet50(
-num_classes=K).load_state_dict(torch_tensors, strict=False)`` loads it with nothing missing but
-``num_batches_tracked`` and gives npmask's logits (eval mode). See
+backbone's (the PyTorch layout it was converted from), so e.g.
+``torchvision.models.resnet50(num_classes=K).load_state_dict(tensors, strict=True)`` loads it
+(BatchNorm fills the absent ``num_batches_tracked`` in) and gives npmask's logits (eval mode). See
 :meth:`npmask.multidomain.MultiDomainModel.export_dense` for the same arrays in a notebook.
 
 ``.safetensors`` is written with the safetensors package's NumPy API, ``.npz`` with ``np.savez``;

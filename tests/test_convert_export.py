@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from npmask import convert as convert_mod
 from npmask.convert import ConvertError, convert, read_state_dict
 from npmask.export import ExportError, export_domain
 from npmask.masking.layers import MaskedConv2d, MaskedLinear
