@@ -318,7 +318,7 @@ def _conv(sd, name, x, stride=1, padding=0):
     return conv2d_forward_naive(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"), stride, padding)
 
 
-def _bn(sd, name, x):
+def _bn_eval(sd, name, x):
     s = sd[f"{name}.weight"] / np.sqrt(sd[f"{name}.running_var"] + 1e-5)
     return (x - sd[f"{name}.running_mean"][:, None, None]) * s[:, None, None] + sd[f"{name}.bias"][:, None, None]
 
@@ -345,19 +345,19 @@ def _linear(sd, name, x):
 
 
 def ref_resnet(sd, x, blocks, bottleneck):
-    x = _maxpool3s2p1(_relu(_bn(sd, "bn1", _conv(sd, "conv1", x, 2, 3))))
+    x = _maxpool3s2p1(_relu(_bn_eval(sd, "bn1", _conv(sd, "conv1", x, 2, 3))))
     for s, n in enumerate(blocks, start=1):
         for b in range(n):
             p = f"layer{s}.{b}"
             stride = 2 if (b == 0 and s > 1) else 1
             if bottleneck:          # v1.5: the stride is on the 3x3 conv2
-                out = _relu(_bn(sd, f"{p}.bn1", _conv(sd, f"{p}.conv1", x)))
-                out = _relu(_bn(sd, f"{p}.bn2", _conv(sd, f"{p}.conv2", out, stride, 1)))
-                out = _bn(sd, f"{p}.bn3", _conv(sd, f"{p}.conv3", out))
+                out = _relu(_bn_eval(sd, f"{p}.bn1", _conv(sd, f"{p}.conv1", x)))
+                out = _relu(_bn_eval(sd, f"{p}.bn2", _conv(sd, f"{p}.conv2", out, stride, 1)))
+                out = _bn_eval(sd, f"{p}.bn3", _conv(sd, f"{p}.conv3", out))
             else:
-                out = _relu(_bn(sd, f"{p}.bn1", _conv(sd, f"{p}.conv1", x, stride, 1)))
-                out = _bn(sd, f"{p}.bn2", _conv(sd, f"{p}.conv2", out, 1, 1))
-            skip = _bn(sd, f"{p}.downsample.1", _conv(sd, f"{p}.downsample.0", x, stride)) \
+                out = _relu(_bn_eval(sd, f"{p}.bn1", _conv(sd, f"{p}.conv1", x, stride, 1)))
+                out = _bn_eval(sd, f"{p}.bn2", _conv(sd, f"{p}.conv2", out, 1, 1))
+            skip = _bn_eval(sd, f"{p}.downsample.1", _conv(sd, f"{p}.downsample.0", x, stride)) \
                 if f"{p}.downsample.0.weight" in sd else x
             x = _relu(out + skip)
     return _linear(sd, "fc", x.mean(axis=(2, 3)))
@@ -365,37 +365,37 @@ def ref_resnet(sd, x, blocks, bottleneck):
 
 def ref_densenet(sd, x, block_config):
     f = "features"
-    x = _maxpool3s2p1(_relu(_bn(sd, f"{f}.norm0", _conv(sd, f"{f}.conv0", x, 2, 3))))
+    x = _maxpool3s2p1(_relu(_bn_eval(sd, f"{f}.norm0", _conv(sd, f"{f}.conv0", x, 2, 3))))
     for i, n in enumerate(block_config, start=1):
         feats = [x]
         for j in range(1, n + 1):
             p = f"{f}.denseblock{i}.denselayer{j}"
             h = np.concatenate(feats, axis=1)
-            h = _conv(sd, f"{p}.conv1", _relu(_bn(sd, f"{p}.norm1", h)))
-            feats.append(_conv(sd, f"{p}.conv2", _relu(_bn(sd, f"{p}.norm2", h)), 1, 1))
+            h = _conv(sd, f"{p}.conv1", _relu(_bn_eval(sd, f"{p}.norm1", h)))
+            feats.append(_conv(sd, f"{p}.conv2", _relu(_bn_eval(sd, f"{p}.norm2", h)), 1, 1))
         x = np.concatenate(feats, axis=1)
         if i < len(block_config):
             p = f"{f}.transition{i}"
-            x = _avg2(_conv(sd, f"{p}.conv", _relu(_bn(sd, f"{p}.norm", x))))
-    x = _relu(_bn(sd, f"{f}.norm5", x))
+            x = _avg2(_conv(sd, f"{p}.conv", _relu(_bn_eval(sd, f"{p}.norm", x))))
+    x = _relu(_bn_eval(sd, f"{f}.norm5", x))
     return _linear(sd, "classifier", x.mean(axis=(2, 3)))
 
 
 def ref_resnet26_ra(sd, x, nblocks):
-    x = _bn(sd, "pre_layers_conv.bns.0", _conv(sd, "pre_layers_conv.conv", x, 1, 1))   # no ReLU
+    x = _bn_eval(sd, "pre_layers_conv.bns.0", _conv(sd, "pre_layers_conv.conv", x, 1, 1))   # no ReLU
     for s, n in enumerate(nblocks, start=1):
         for b in range(n):
             p = f"layer{s}.{b}"
             stride = 2 if b == 0 else 1
-            y = _bn(sd, f"{p}.conv1.bns.0", _conv(sd, f"{p}.conv1.conv", x, stride, 1))
-            y = _bn(sd, f"{p}.conv2.1.bns.0", _conv(sd, f"{p}.conv2.1.conv", _relu(y), 1, 1))
+            y = _bn_eval(sd, f"{p}.conv1.bns.0", _conv(sd, f"{p}.conv1.conv", x, stride, 1))
+            y = _bn_eval(sd, f"{p}.conv2.1.bns.0", _conv(sd, f"{p}.conv2.1.conv", _relu(y), 1, 1))
             if b == 0:
                 r = _avg2(x)
                 r = np.concatenate([r, r * 0], axis=1)
             else:
                 r = x
             x = _relu(y + r)
-    x = _relu(_bn(sd, "end_bns.0.0", x))
+    x = _relu(_bn_eval(sd, "end_bns.0.0", x))
     return _linear(sd, "linears.0", x.mean(axis=(2, 3)))
 
 
