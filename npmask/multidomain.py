@@ -171,6 +171,31 @@ class MultiDomainModel:
                 net.to(backend)
         return self
 
+    def export_dense(self, name: str | None = None) -> dict:
+        """Domain ``name``'s network as a plain dense state_dict in the backbone's layout (NumPy arrays).
+
+        Every masked conv/linear weight becomes W~ = k0 W + k1 + k2 M + k3 W∘M with the domain's
+        mask and k's (its bias is the backbone's); batch norm is the domain's own (parameters and
+        running statistics) when the variant has domain BN, else the backbone's; the head is the
+        domain's classifier. A model of the backbone's architecture built for the domain's classes
+        loads the result with ``load_state_dict`` and computes the domain's logits (eval mode).
+        The names are the backbone's (PyTorch's, for the torchvision layouts).
+        """
+        net = self.network(name)
+        out = {}
+        for key in self.backbone.state_dict():
+            path, _, leaf = key.rpartition(".")
+            module = get_submodule(net, path)
+            if isinstance(module, (MaskedConv2d, MaskedLinear)):
+                value = module.transformed_weight() if leaf == "weight" else module.source.params[leaf]
+            elif isinstance(module, SharedFrozen):
+                src = module.source
+                value = src.params[leaf] if leaf in src.params else src.buffers[leaf]
+            else:
+                value = module.params[leaf] if leaf in module.params else module.buffers[leaf]
+            out[key] = np.array(to_numpy(value), copy=True)
+        return out
+
     # ------------------------------------------------------------------ accounting
     def backbone_arrays(self) -> list[tuple[str, object]]:
         """(name, array) of every backbone parameter and buffer, classifier excluded, in a stable order."""

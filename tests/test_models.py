@@ -141,7 +141,7 @@ def test_set_submodule_swaps_the_layer_used_by_forward():
 
 def test_create_errors_and_available():
     with pytest.raises(ValueError, match="vgg16_bn"):
-        create("resnet50", 10)
+        create("resnet101", 10)
     with pytest.raises(ValueError, match="6n"):
         create("wrn12_1", 10)
     with pytest.raises(ValueError, match="input_size"):

@@ -20,7 +20,8 @@ LAYERS = [
     {"npmask.models", "npmask.masking", "npmask.data", "npmask.optim", "npmask.gradcheck"},
     {"npmask.multidomain", "npmask.storage", "npmask.metrics", "npmask.pretrained"},
     {"npmask.training"},                                        # the machinery of the commands
-    {"npmask.train", "npmask.pretrain", "npmask.compare"},      # the commands
+    {"npmask.train", "npmask.pretrain", "npmask.compare",       # the commands
+     "npmask.convert", "npmask.export"},
 ]
 COMMANDS = LAYERS[-1]
 

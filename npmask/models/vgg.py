@@ -5,8 +5,11 @@
     classifier   Linear(., hidden) ReLU Dropout  Linear(hidden, hidden) ReLU Dropout  Linear(hidden, K)
 
 Parameter names: ``features.0.weight``, ``classifier.0.weight``, ..., the head is
-``classifier.6``. torchvision's adaptive 7x7 average pool is left out: the classifier takes the
-flattened feature map directly, so ``input_size`` fixes its input width. Convs keep their bias as in
+``classifier.6``. With ``adaptive_pool=7`` (what :func:`npmask.models.create` builds for inputs of
+224 pixels or more) the features go through torchvision's adaptive 7x7 average pool (``avgpool``)
+first, so the classifier always takes 512*7*7 inputs and torchvision's ``vgg16``/``vgg16_bn``
+weights load and compute the same logits at any input size. Without it (the CIFAR-style VGG) the
+classifier takes the flattened feature map directly, so ``input_size`` fixes its input width. Convs keep their bias as in
 torchvision (with BN that bias is redundant: BN subtracts the channel mean and its gradient is 0).
 The hidden fully-connected layers are masked as the linear special case of the method
 (``followed_by_bn = False``, so their k0 is learned).
@@ -17,6 +20,7 @@ import numpy as np
 
 from ..backend import rng as make_rng
 from ..nn import BatchNorm2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from ..nn.adaptive import AdaptiveAvgPool2d
 from ..nn.conv import Conv2d
 from ..nn.module import Module
 
@@ -39,7 +43,8 @@ class VGG(Module):
     head_name = "classifier.6"
 
     def __init__(self, cfg="16", batch_norm: bool = False, num_classes: int = 10, input_size: int = 32,
-                 hidden: int = 512, dropout: float = 0.5, dtype=np.float32, rng=None):
+                 hidden: int = 512, dropout: float = 0.5, adaptive_pool: int | None = None,
+                 dtype=np.float32, rng=None):
         super().__init__()
         layers = CFGS[cfg] if isinstance(cfg, str) and cfg in CFGS else cfg
         if isinstance(layers, str) or not all(v == "M" or (isinstance(v, int) and v > 0) for v in layers):
@@ -71,6 +76,10 @@ class VGG(Module):
                 self.features.append(BatchNorm2d(v, dtype=dtype))
             self.features.append(ReLU())
             channels = v
+        self.adaptive_pool = None if adaptive_pool is None else int(adaptive_pool)
+        if self.adaptive_pool is not None:
+            self.avgpool = AdaptiveAvgPool2d(self.adaptive_pool)
+            side = self.adaptive_pool
         self.flatten = Flatten()
         self.classifier = Sequential(
             Linear(channels * side * side, hidden, dtype=dtype, rng=gen), ReLU(),
@@ -85,13 +94,18 @@ class VGG(Module):
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"VGG expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
+        if self.adaptive_pool is not None:
+            return self.classifier(self.flatten(self.avgpool(self.features(x))))
         if x.shape[2] != self.input_size or x.shape[3] != self.input_size:
             raise ValueError(f"this VGG was built for {self.input_size}x{self.input_size} inputs "
                              f"(its classifier width depends on it), got {x.shape[2]}x{x.shape[3]}")
         return self.classifier(self.flatten(self.features(x)))
 
     def backward(self, dy):
-        return self.features.backward(self.flatten.backward(self.classifier.backward(dy)))
+        d = self.flatten.backward(self.classifier.backward(dy))
+        if self.adaptive_pool is not None:
+            d = self.avgpool.backward(d)
+        return self.features.backward(d)
 
     def extra_repr(self) -> str:
         return f"cfg={self.cfg!r}, batch_norm={self.batch_norm}, num_classes={self.num_classes}"

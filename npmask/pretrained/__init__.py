@@ -6,6 +6,9 @@ A backbone is two files side by side::
     <name>.json   how to rebuild and judge it: model name, classes, input size, dtype, the command
                   and settings that produced it, and its test accuracy on the pretraining domain
 
+``python -m npmask.convert`` writes the same two files from PyTorch weights (torchvision, timm,
+residual adapters; see :mod:`npmask.convert`), recording the source file and its sha256.
+
 The shipped backbone (``wrn16_1_synthetic``) was pretrained on the synthetic ``base`` domain by
 ``python -m npmask.pretrain``; its JSON records the exact command. It plays the role ImageNet
 plays in the paper: target domains start from its weights.
@@ -66,7 +69,8 @@ def load_backbone(path=None, *, dtype=None, backend: str = "numpy"):
     """
     path = Path(path) if path is not None else shipped_path()
     if not path.is_file():
-        raise BackboneError(f"backbone {path} not found; create one with python -m npmask.pretrain")
+        raise BackboneError(f"backbone {path} not found; create one with python -m npmask.pretrain, or "
+                            "from PyTorch weights with python -m npmask.convert")
     info = read_info(path)
     dt = np.dtype(dtype or info.get("dtype", "float32"))
     model = models.create(info["model"], num_classes=int(info["num_classes"]),

@@ -250,6 +250,54 @@ assert same
 
 # %% [markdown]
 r"""
+**Starting from PyTorch weights, and going back.** The paper starts from ImageNet networks that
+everyone has as PyTorch files. `npmask.convert` reads a torchvision/timm state_dict (here a
+`.safetensors` file, written the way `safetensors.torch.save_file(model.state_dict(), ...)` writes
+one; we make it with npmask's own ResNet-18, whose names and shapes are torchvision's) into an npmask
+backbone; `npmask.export` turns a domain back into a dense state_dict, every masked weight replaced by
+$\tilde W = k_0 W + k_1 + k_2 M + k_3 W \circ M$, that `torchvision.models.resnet18(num_classes=10)`
+loads. Shell equivalents: `python -m npmask.convert r18.safetensors --model resnet18 --out r18.npz`
+and `python -m npmask.export digits.npz --backbone r18.npz --out digits.safetensors`.
+"""
+
+# %%
+from safetensors.numpy import load_file, save_file
+
+from npmask.convert import convert
+from npmask.export import export_domain
+from npmask.models import create
+
+r18 = create("resnet18", num_classes=1000, seed=0)             # stands in for torchvision weights
+tv_state = dict(r18.state_dict())
+tv_state.update({k.replace("running_var", "num_batches_tracked"): np.array(0, np.int64)
+                 for k in r18.state_dict() if k.endswith("running_var")})   # as PyTorch saves BN
+save_file(tv_state, os.path.join(out_dir, "r18.safetensors"))
+info = convert(os.path.join(out_dir, "r18.safetensors"), "resnet18", os.path.join(out_dir, "r18.npz"),
+               input_size=32, domain="imagenet-stand-in")
+print(f"converted: {info['model']}, {info['num_classes']} classes, dropped {len(info['dropped'])} "
+      "num_batches_tracked entries")
+
+r18_backbone, _ = pretrained.load_backbone(os.path.join(out_dir, "r18.npz"))
+tv_model = MultiDomainModel(r18_backbone, base_domain="imagenet")
+net = tv_model.add_domain("digits", num_classes=10, variant="full", seed=0)
+rng = np.random.default_rng(0)                  # stands in for training: some mask bits flipped
+for m in net.modules():
+    if isinstance(m, MaskedConv2d):
+        m.params["mask_real"][...] = rng.uniform(-0.2, 1.0, m.params["mask_real"].shape)
+save_domain(tv_model, "digits", os.path.join(out_dir, "r18-digits.npz"))
+export_domain(os.path.join(out_dir, "r18-digits.npz"), os.path.join(out_dir, "r18.npz"),
+              os.path.join(out_dir, "digits.safetensors"))
+
+dense = load_file(os.path.join(out_dir, "digits.safetensors"))  # what torch would load (strict,
+plain = create("resnet18", num_classes=10)                       # but for num_batches_tracked)
+plain.load_state_dict(dense, strict=True)
+x = images[:4].astype(np.float32)
+diff = np.abs(plain.eval().forward(x) - tv_model.predict(x, "digits")).max()
+print(f"{len(dense)} arrays exported; max |logit difference| plain model vs npmask domain: {diff:.2e}")
+assert diff < 1e-4
+
+# %% [markdown]
+r"""
 **What to remember**
 
 * A domain is $\Omega_i$ only: masks, a few $k$'s per layer, its batch norm, its classifier. The
