@@ -163,6 +163,17 @@ class MultiDomainModel:
         return {"body": net.parameter_refs(trainable_only=True, exclude=(self.head_name,)),
                 "head": net.parameter_refs(trainable_only=True, include=(self.head_name,))}
 
+    def parameters(self, name: str | None = None) -> list:
+        """Every parameter of domain ``name``'s network (default: the active one), as PyTorch's
+        ``parameters()``: the frozen shared backbone weights too (their ``grad`` is None, so an
+        optimiser skips them). ``SGD(model.parameters(), lr=...)`` trains the whole domain with one
+        rule; :meth:`parameter_groups` splits it as the paper does."""
+        return self.network(name).parameters()
+
+    def named_parameters(self, name: str | None = None) -> list:
+        """``[(dotted_name, array), ...]`` of domain ``name``'s network (see :meth:`parameters`)."""
+        return self.network(name).named_parameters()
+
     def to(self, backend: str) -> "MultiDomainModel":
         """Move the backbone and every domain to ``backend``. Create optimisers afterwards."""
         self.backbone.to(backend)

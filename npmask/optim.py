@@ -1,9 +1,14 @@
 """Optimisers (SGD, Adam), named groups of optimisers, and learning-rate schedulers.
 
-An optimiser holds a list of :class:`~npmask.nn.module.ParamRef` (from ``model.parameter_refs()``)
-and reads ``ref.data`` / ``ref.grad`` at every step, so it always sees the module's current arrays.
+An optimiser holds a list of :class:`~npmask.nn.module.ParamRef` and reads ``ref.data`` / ``ref.grad`` at every step, so it always sees the module's current arrays.
 Parameters are updated **in place** (``p -= ...``), so every other reference to them stays valid.
 A parameter whose gradient is ``None`` (frozen) is skipped: no update, no state.
+
+It takes its parameters as PyTorch's optimisers do, from ``model.parameters()`` or
+``model.named_parameters()`` (or ``model.parameter_refs(...)``, the same ParamRefs with name
+filters, and ``MultiDomainModel.parameter_groups()``)::
+
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 The update rules follow PyTorch's ``torch.optim.SGD`` and ``torch.optim.Adam`` exactly. With
 gradient ``g``, parameter ``p``, learning rate ``lr`` and weight decay ``wd``:
@@ -61,7 +66,7 @@ class Optimizer:
     buffers: tuple = ()  # names of the per-parameter state arrays, for state_dict validation
 
     def __init__(self, refs, lr: float):
-        self.refs = list(refs)
+        self.refs = _as_refs(refs, type(self).__name__)
         names = [r.name for r in self.refs]
         if len(set(names)) != len(names):
             raise ValueError("an optimiser was given the same parameter twice: "
@@ -163,6 +168,37 @@ class Optimizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.refs)} params, {self.extra_repr()})"
+
+
+def _as_refs(params, who: str = "an optimiser") -> list:
+    """The ParamRefs in ``params``: ``model.parameters()``, ``model.named_parameters()`` or
+    ``model.parameter_refs()``. Anything else is a TypeError that says what to pass instead."""
+    from .nn.module import Module, NamedParameter, ParamRef
+    hint = ("pass model.parameters() or model.named_parameters() (the arrays alone do not know "
+            "where their gradients are); for a part of the model filter model.parameters() by "
+            "p.name, or use model.parameter_refs(include=(...))")
+    if isinstance(params, Module) or hasattr(params, "parameter_groups"):
+        raise TypeError(f"{who} got the model itself; {hint}")
+    if isinstance(params, dict) or hasattr(params, "shape") or isinstance(params, (str, bytes)):
+        raise TypeError(f"{who} got a {type(params).__name__}; {hint}")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(f"{who} got a {type(params).__name__}, not a list of parameters; "
+                        f"{hint}") from None
+    refs = []
+    for i, item in enumerate(items):
+        if isinstance(item, ParamRef):
+            refs.append(item)
+        elif isinstance(item, NamedParameter):
+            refs.append(item.ref)
+        elif isinstance(item, dict):
+            raise TypeError(f"{who}: item {i} is a dict; PyTorch-style parameter groups are not "
+                            "supported -- give each group its own optimiser and step them together "
+                            "with Optimizers(body=Adam(...), head=SGD(...))")
+        else:
+            raise TypeError(f"{who}: item {i} is a {type(item).__name__}, not a parameter; {hint}")
+    return refs
 
 
 class SGD(Optimizer):
