@@ -7,6 +7,10 @@
     groups = model.parameter_groups()                     # {"body": [...], "head": [...]}
     opt = Optimizers(body=Adam(groups["body"], 1e-4), head=SGD(groups["head"], 1e-3, momentum=0.9))
 
+    model.set_data_info("svhn", domain)                   # class names, mean/std, sizes (for predict)
+    model.predict(["cat.png"], domain="svhn").top(3)      # image files or uint8 HWC -> (name, prob)
+    model.save("my_model"); MultiDomainModel.load("my_model")   # every domain + backbone reference
+
 A domain network has the pretrained network's structure with
 
 - every Conv2d and hidden Linear replaced by a :class:`MaskedConv2d` / :class:`MaskedLinear` that
@@ -23,6 +27,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +61,10 @@ class MultiDomainModel:
         self.settings: dict[str, dict] = {base_domain: {}}
         self.active = base_domain
         self._fingerprint = None
+        # per domain: what inference needs (class names, mean/std, sizes; npmask.inference)
+        self.data_info: dict[str, dict] = {}
+        # where the backbone was loaded from ({"path": ...} or {"shipped": name}); save() records it
+        self.backbone_source: dict | None = None
 
     # ------------------------------------------------------------------ domains
     @property
@@ -79,6 +90,24 @@ class MultiDomainModel:
         self.settings[name] = {"num_classes": int(num_classes), "seed": seed, "tau": float(tau),
                                "mask_init": [float(v) for v in mask_init]}
         return net
+
+    def set_data_info(self, name: str, domain=None, *, input_size=None, **fields) -> "MultiDomainModel":
+        """Record what inference on domain ``name`` needs; it is saved in the domain's file.
+
+        ``domain``: a loaded :class:`npmask.data.format.Domain` (class names, mean/std, image size,
+        mirroring come from it; ``input_size`` is the network input when the test view crops the
+        images). Or give the fields of :data:`npmask.inference.DATA_KEYS` by keyword.
+        """
+        from .inference import check_data_info, data_info
+        self._check(name)
+        if domain is not None:
+            info = data_info(domain, input_size)
+        else:
+            info = {} if input_size is None else {"input_size": input_size}
+        info.update(fields)
+        num_classes = self.settings[name].get("num_classes") if name != self.base_domain else None
+        self.data_info[name] = check_data_info(info, num_classes)
+        return self
 
     def set_domain(self, name: str) -> "MultiDomainModel":
         self._check(name)
@@ -125,7 +154,40 @@ class MultiDomainModel:
             return None
         return self.network().backward(dlogits)
 
-    def predict(self, x, domain: str | None = None, batch_size: int = 256):
+    def predict(self, images, domain: str | None = None, batch_size: int = 256):
+        """Class names and probabilities of ``domain`` (default: the active one) for ``images``.
+
+        images: image file paths, or uint8 pixels (H, W, C) / (N, H, W, C) / a list of them. They
+        are resized and normalised as the domain's test data were (:mod:`npmask.inference`), using
+        the description stored with the domain (:meth:`set_data_info`, or its domain file).
+        Returns :class:`npmask.inference.Predictions` (``.labels``, ``.probabilities``, ``.top(k)``).
+
+        A float array (N, C, h, w) is taken as the network input, already normalised, and its
+        logits are returned, as :meth:`predict_logits` does.
+        """
+        if _is_network_input(images):
+            return self.predict_logits(images, domain, batch_size)
+        from .backend import backend_name, to_device
+        from .inference import Predictions, prepare_images, softmax
+        name = self._check(domain)
+        info = self.data_info.get(name)
+        if info is None:
+            raise ValueError(f"domain {name!r} has no class names and normalisation (its domain "
+                             "file predates them, or it was added by hand): call "
+                             f"model.set_data_info({name!r}, <the loaded data domain>), or train it "
+                             "again with npmask.train, whose domain files carry them")
+        head_w = self.head(name).params["weight"]
+        x = prepare_images(images, info, dtype=head_w.dtype)
+        x = to_device(x, backend_name(head_w))
+        probs = softmax(to_numpy(self.predict_logits(x, name, batch_size)))
+        sources = None
+        if isinstance(images, (list, tuple)):
+            sources = [str(i) if isinstance(i, (str, os.PathLike)) else None for i in images]
+        elif isinstance(images, (str, os.PathLike)):
+            sources = [str(images)]
+        return Predictions(list(info["class_names"]), probs, sources)
+
+    def predict_logits(self, x, domain: str | None = None, batch_size: int = 256):
         """Logits of ``domain`` in eval mode, batch by batch; the training mode is restored after."""
         net = self.network(domain)
         was_training = net.training
@@ -182,6 +244,66 @@ class MultiDomainModel:
                 net.to(backend)
         return self
 
+    # ------------------------------------------------------------------ saving the whole model
+    def save(self, path) -> Path:
+        """Write every added domain and a reference to the backbone into folder ``path``.
+
+        Layout (the same as a training run folder's ``domains/``, so :meth:`load` reads both)::
+
+            <path>/model.json          format, base domain, head name, the domains in order, and the
+                                       backbone: its fingerprint and where it was loaded from
+            <path>/domains/<name>.npz  one domain file each (npmask.storage: 1-bit masks, k's, BN,
+                                       head, class names and normalisation)
+
+        The backbone's weights are not copied: :meth:`load` takes them from the recorded location
+        (or from ``backbone=``) and checks the fingerprint. Every file is written atomically,
+        ``model.json`` last. Returns the folder.
+        """
+        from .storage import save_domain
+        from .training.checkpoint import atomic_write_text
+        folder = Path(path)
+        names = [d for d in self.domains if d != self.base_domain]
+        for d in names:
+            save_domain(self, d, folder / "domains" / f"{d}.npz")
+        meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "base_domain": self.base_domain,
+                "head_name": self.head_name, "domains": names,
+                "backbone": {"fingerprint": self.fingerprint(), **(self.backbone_source or {})}}
+        atomic_write_text(str(folder / "model.json"), json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, path, backbone=None, *, domains=None, dtype=None,
+             backend: str = "numpy") -> "MultiDomainModel":
+        """The model saved by :meth:`save` in folder ``path``, or the trained domains of a run folder.
+
+        backbone: the pretrained network (a Module), a backbone ``.npz`` path, or None for the one
+        recorded in ``model.json`` (a run folder: its ``config.json``; the shipped backbone when it
+        names none). Its fingerprint must match. domains: the names to load (default: all).
+        Raises :class:`npmask.storage.DomainFileError` (a ValueError) with one clear line when the
+        folder holds no model or does not fit the backbone.
+        """
+        from .storage import DomainFileError, load_domain
+        folder = Path(path)
+        meta, names, source = _read_model_folder(folder)
+        if backbone is None:
+            backbone = source
+        pretrained, source, info = _backbone(backbone, dtype=dtype, backend=backend)
+        model = cls(pretrained, base_domain=meta.get("base_domain") or info.get("domain", "base"))
+        model.backbone_source = source
+        want = meta.get("backbone", {}).get("fingerprint")
+        if want and want != model.fingerprint():
+            raise DomainFileError(f"{folder}: the model was saved with another backbone (fingerprint "
+                                  f"{want[:12]}..., the given one is {model.fingerprint()[:12]}...)")
+        if domains is not None:
+            unknown = [d for d in domains if d not in names]
+            if unknown:
+                raise DomainFileError(f"{folder}: no domain {unknown[0]!r}; it holds "
+                                      f"{', '.join(names) or 'none'}")
+            names = list(domains)
+        for d in names:
+            load_domain(model, folder / "domains" / f"{d}.npz", name=d)
+        return model
+
     # ------------------------------------------------------------------ accounting
     def backbone_arrays(self) -> list[tuple[str, object]]:
         """(name, array) of every backbone parameter and buffer, classifier excluded, in a stable order."""
@@ -202,6 +324,81 @@ class MultiDomainModel:
     def __repr__(self) -> str:
         rows = [f"  {n}: {'pretrained' if v is None else v.name}" for n, v in self.variants.items()]
         return f"MultiDomainModel(head={self.head_name!r}, active={self.active!r}\n" + "\n".join(rows) + "\n)"
+
+
+MODEL_FORMAT = "npmask-model"
+MODEL_VERSION = 1
+
+
+def _read_model_folder(folder: Path):
+    """(meta, domain names, backbone spec) of a saved model folder or a training run folder."""
+    from .storage import DomainFileError
+    if (folder / "model.json").is_file():
+        try:
+            meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise DomainFileError(f"{folder}/model.json is not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise DomainFileError(f"{folder}/model.json is not an npmask model description")
+        if meta.get("version") != MODEL_VERSION:
+            raise DomainFileError(f"{folder}/model.json: format version {meta.get('version')}, this "
+                                  f"code reads {MODEL_VERSION}")
+        bb = meta.get("backbone", {})
+        spec = {k: bb[k] for k in ("path", "shipped") if k in bb} or None
+        return meta, list(meta.get("domains", [])), spec
+    if (folder / "config.json").is_file() and (folder / "domains").is_dir():
+        try:
+            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise DomainFileError(f"{folder}/config.json is not valid JSON ({err})") from None
+        cfg = cfg.get("config", cfg) if isinstance(cfg, dict) else {}
+        names = sorted(p.stem for p in (folder / "domains").glob("*.npz"))
+        spec = {"path": cfg["backbone"]} if cfg.get("backbone") else {"shipped": None}
+        if not names:
+            raise DomainFileError(f"{folder}: the run has not finished any domain yet (domains/ is "
+                                  "empty)")
+        return {}, names, spec
+    if not folder.exists():
+        raise DomainFileError(f"{folder}: no such folder")
+    raise DomainFileError(f"{folder}: neither a saved model (model.json) nor a training run folder "
+                          "(config.json and domains/)")
+
+
+def _backbone(spec, *, dtype=None, backend="numpy"):
+    """(pretrained Module, source record, backbone info) for a Module, a backbone path or a
+    recorded source."""
+    from .pretrained import SHIPPED, BackboneError, load_backbone, shipped_path
+    from .storage import DomainFileError
+    if isinstance(spec, Module):
+        return spec, None, {}
+    if spec is None:
+        raise DomainFileError("the saved model records no backbone location; pass backbone=")
+    if isinstance(spec, dict):
+        if "path" in spec:
+            spec = spec["path"]
+        else:
+            spec = shipped_path(spec.get("shipped") or SHIPPED)
+    try:
+        net, info = load_backbone(spec, dtype=dtype, backend=backend)
+    except BackboneError as err:
+        raise DomainFileError(str(err)) from None
+    return net, backbone_source(spec), info
+
+
+def backbone_source(path) -> dict:
+    """How :meth:`MultiDomainModel.save` records a backbone file: the shipped one by name (it
+    moves with the installation), any other by absolute path."""
+    from .pretrained import HERE
+    p = Path(path).resolve()
+    if p.parent == HERE:
+        return {"shipped": p.stem}
+    return {"path": str(p)}
+
+
+def _is_network_input(x) -> bool:
+    """A float array (N, C, h, w), NumPy or CuPy: already the network's input."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and getattr(dtype, "kind", "") == "f" and getattr(x, "ndim", 0) == 4
 
 
 def fingerprint_arrays(named_arrays) -> str:

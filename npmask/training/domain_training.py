@@ -60,7 +60,10 @@ def load_run_backbone(cfg):
     if int(info["input_size"]) != int(cfg.input_size):
         raise ConfigError(f"backbone {cfg.backbone} was trained on {info['input_size']}px inputs, "
                           f"the run uses {cfg.input_size}px")
-    return MultiDomainModel(backbone, base_domain=info.get("domain", "base")), info
+    from ..multidomain import backbone_source
+    model = MultiDomainModel(backbone, base_domain=info.get("domain", "base"))
+    model.backbone_source = backbone_source(cfg.backbone) if cfg.backbone else {"shipped": None}
+    return model, info
 
 
 def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print) -> dict:
@@ -93,6 +96,7 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
         model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
                          mask_init=tuple(cfg.mask_init))
         model.set_domain(d)
+        model.set_data_info(d, domain, input_size=test_it.output_shape[1:])  # saved for predict
         net = model.network(d)
         opt, sched = build_optimizers(model, cfg)
         t0 = time.time()
