@@ -8,11 +8,13 @@ A domain file (:mod:`npmask.storage`) carries what inference needs, under ``__me
     input_size    [h, w] of the network input: the test view, a centre crop of image_size
     channels      1 (grey) or 3 (RGB)
     mirror        whether a horizontal flip keeps the class (the data's flag; not used at test time)
+    resize        optional: "crop" (default) or "stretch", how the data's converter made pictures
+                  square (``data_scripts/image_folder.py --resize``); a file is resized the same way
 
 :func:`prepare_images` turns images into the network's input exactly as the test split was fed
 during training: a picture of another size is resized (shorter side to the stored size, bilinear,
-then a centre crop -- the default of ``data_scripts/image_folder.py``), centre-cropped to the
-input size and normalised. :class:`Predictions` holds the softmax probabilities.
+then a centre crop -- the default of ``data_scripts/image_folder.py`` -- or both sides, for data
+converted with ``--resize stretch``), centre-cropped to the input size and normalised. :class:`Predictions` holds the softmax probabilities.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def data_info(domain, input_size=None) -> dict:
     protocol: 64 of 72); default: the stored size.
     """
     h, w = (int(v) for v in domain.image_size)
+    extra = domain.meta.get("extra") or {}
     if input_size is None:
         ih, iw = h, w
     elif np.ndim(input_size) == 0:
@@ -45,7 +48,8 @@ def data_info(domain, input_size=None) -> dict:
             "mean": [float(v) for v in np.asarray(domain.mean).reshape(-1)],
             "std": [float(v) for v in np.asarray(domain.std).reshape(-1)],
             "image_size": [h, w], "input_size": [ih, iw],
-            "channels": int(np.asarray(domain.mean).size), "mirror": bool(domain.mirror)}
+            "channels": int(np.asarray(domain.mean).size), "mirror": bool(domain.mirror),
+            "resize": "stretch" if str(extra.get("preprocess", "")).startswith("stretch") else "crop"}
 
 
 def check_data_info(info: dict, num_classes: int | None = None) -> dict:
@@ -57,7 +61,10 @@ def check_data_info(info: dict, num_classes: int | None = None) -> dict:
            "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],
            "image_size": [int(v) for v in info["image_size"]],
            "input_size": [int(v) for v in info["input_size"]],
-           "channels": int(info["channels"]), "mirror": bool(info["mirror"])}
+           "channels": int(info["channels"]), "mirror": bool(info["mirror"]),
+           "resize": str(info.get("resize", "crop"))}
+    if out["resize"] not in ("crop", "stretch"):
+        raise ValueError(f"data description: resize must be 'crop' or 'stretch', got {out['resize']!r}")
     if out["channels"] not in (1, 3) or len(out["mean"]) != out["channels"] \
             or len(out["std"]) != out["channels"]:
         raise ValueError(f"data description: {out['channels']} channels with mean {out['mean']} "
@@ -92,15 +99,19 @@ def read_image(path, channels: int = 3) -> np.ndarray:
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def _fit(image: np.ndarray, size, what: str) -> np.ndarray:
-    """Resize uint8 (H, W, C) so it covers ``size`` (shorter side, bilinear), then centre-crop."""
+def _fit(image: np.ndarray, size, mode: str = "crop") -> np.ndarray:
+    """Resize uint8 (H, W, C) to ``size``: "crop" scales the shorter side (bilinear) and
+    centre-crops, "stretch" scales both sides."""
     from PIL import Image
     th, tw = size
     h, w = image.shape[:2]
     if (h, w) == (th, tw):
         return image
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if mode == "stretch":
+        nh, nw = th, tw
+    else:
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
     pil = pil.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
     a = np.asarray(pil, dtype=np.uint8)
@@ -148,7 +159,7 @@ def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
                 a = np.repeat(a, 3, axis=2)
             elif a.shape[2] != channels:
                 raise ImageError(f"{what}: {a.shape[2]} channels, the domain takes {channels}")
-        a = _fit(a, info["image_size"], what)
+        a = _fit(a, info["image_size"], info.get("resize", "crop"))
         out.append(_centre_crop(a, info["input_size"]))
     if not out:
         raise ImageError("no images given")

@@ -108,6 +108,12 @@ def test_prepare_images_resizes_crops_and_normalises():
     x = prepare_images(img, info)
     assert x.shape == (1, 1, 4, 4) and x.dtype == np.float32
     assert np.allclose(x, (1.0 - 0.5) / 0.25)        # the centre 4x4 of the 8x8: all white
+    stripes = np.zeros((8, 32, 1), np.uint8)        # white outer quarters: gone when cropped,
+    stripes[:, :8] = stripes[:, 24:] = 255          # kept at the sides when stretched
+    square = dict(info, input_size=[8, 8])
+    assert np.allclose(prepare_images(stripes, square), (0 - 0.5) / 0.25)
+    stretched = prepare_images(stripes, dict(square, resize="stretch"))[0, 0]
+    assert np.allclose(stretched[:, [0, 7]], 2.0) and np.allclose(stretched[:, 3:5], -2.0)
     grey_for_rgb = dict(info, mean=[0.5] * 3, std=[0.25] * 3, channels=3)
     assert prepare_images(np.full((8, 8), 255, np.uint8), grey_for_rgb).shape == (1, 3, 4, 4)
 
