@@ -7,6 +7,10 @@
     groups = model.parameter_groups()                     # {"body": [...], "head": [...]}
     opt = Optimizers(body=Adam(groups["body"], 1e-4), head=SGD(groups["head"], 1e-3, momentum=0.9))
 
+    model.set_data_info("svhn", domain)                   # class names, mean/std, sizes (for predict)
+    model.predict(["cat.png"], domain="svhn").top(3)      # image files or uint8 HWC -> (name, prob)
+    model.save("my_model"); MultiDomainModel.load("my_model")   # every domain + backbone reference
+
 A domain network has the pretrained network's structure with
 
 - every Conv2d and hidden Linear replaced by a :class:`MaskedConv2d` / :class:`MaskedLinear` that
@@ -23,17 +27,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import backend_name, get_array_module, to_device, to_numpy
+from .inference import Predictions, check_data_info, data_info, prepare_images, softmax
 from .masking.layers import DEFAULT_MASK_INIT, MaskedConv2d, MaskedLinear, SharedFrozen
 from .masking.variants import Variant, get_variant
 from .models import get_submodule, set_submodule
-from .nn.batchnorm import BatchNorm as _BatchNorm
+from .nn.batchnorm import BatchNorm
 from .nn.conv import Conv2d
 from .nn.linear import Linear
 from .nn.module import Module
+from .model_folder import load_model, save_model
 
 
 class MultiDomainModel:
@@ -54,6 +62,10 @@ class MultiDomainModel:
         self.settings: dict[str, dict] = {base_domain: {}}
         self.active = base_domain
         self._fingerprint = None
+        # per domain: what inference needs (class names, mean/std, sizes; npmask.inference)
+        self.data_info: dict[str, dict] = {}
+        # where the backbone was loaded from ({"path": ...} or {"shipped": name}); save() records it
+        self.backbone_source: dict | None = None
 
     # ------------------------------------------------------------------ domains
     @property
@@ -79,6 +91,23 @@ class MultiDomainModel:
         self.settings[name] = {"num_classes": int(num_classes), "seed": seed, "tau": float(tau),
                                "mask_init": [float(v) for v in mask_init]}
         return net
+
+    def set_data_info(self, name: str, domain=None, *, input_size=None, **fields) -> "MultiDomainModel":
+        """Record what inference on domain ``name`` needs; it is saved in the domain's file.
+
+        ``domain``: a loaded :class:`npmask.data.format.Domain` (class names, mean/std, image size,
+        mirroring come from it; ``input_size`` is the network input when the test view crops the
+        images). Or give the fields of :data:`npmask.inference.DATA_KEYS` by keyword.
+        """
+        self._check(name)
+        if domain is not None:
+            info = data_info(domain, input_size)
+        else:
+            info = {} if input_size is None else {"input_size": input_size}
+        info.update(fields)
+        num_classes = self.settings[name].get("num_classes") if name != self.base_domain else None
+        self.data_info[name] = check_data_info(info, num_classes)
+        return self
 
     def set_domain(self, name: str) -> "MultiDomainModel":
         self._check(name)
@@ -125,7 +154,38 @@ class MultiDomainModel:
             return None
         return self.network().backward(dlogits)
 
-    def predict(self, x, domain: str | None = None, batch_size: int = 256):
+    def predict(self, images, domain: str | None = None, batch_size: int = 256):
+        """Class names and probabilities of ``domain`` (default: the active one) for ``images``.
+
+        images: image file paths, or uint8 pixels (H, W, C) / (N, H, W, C) / a list of them. They
+        are resized and normalised as the domain's test data were (:mod:`npmask.inference`), using
+        the description stored with the domain (:meth:`set_data_info`, or its domain file).
+        Returns :class:`npmask.inference.Predictions` (``.labels``, ``.probabilities``, ``.top(k)``).
+
+        A float array (N, C, h, w) is taken as the network input, already normalised, and its
+        logits are returned, as :meth:`predict_logits` does.
+        """
+        if _is_network_input(images):
+            return self.predict_logits(images, domain, batch_size)
+        name = self._check(domain)
+        info = self.data_info.get(name)
+        if info is None:
+            raise ValueError(f"domain {name!r} has no class names and normalisation (its domain "
+                             "file predates them, or it was added by hand): call "
+                             f"model.set_data_info({name!r}, <the loaded data domain>), or train it "
+                             "again with npmask.train, whose domain files carry them")
+        head_w = self.head(name).params["weight"]
+        x = prepare_images(images, info, dtype=head_w.dtype)
+        x = to_device(x, backend_name(head_w))
+        probs = softmax(to_numpy(self.predict_logits(x, name, batch_size)))
+        sources = None
+        if isinstance(images, (list, tuple)):
+            sources = [str(i) if isinstance(i, (str, os.PathLike)) else None for i in images]
+        elif isinstance(images, (str, os.PathLike)):
+            sources = [str(images)]
+        return Predictions(list(info["class_names"]), probs, sources)
+
+    def predict_logits(self, x, domain: str | None = None, batch_size: int = 256):
         """Logits of ``domain`` in eval mode, batch by batch; the training mode is restored after."""
         net = self.network(domain)
         was_training = net.training
@@ -163,6 +223,17 @@ class MultiDomainModel:
         return {"body": net.parameter_refs(trainable_only=True, exclude=(self.head_name,)),
                 "head": net.parameter_refs(trainable_only=True, include=(self.head_name,))}
 
+    def parameters(self, name: str | None = None) -> list:
+        """Every parameter of domain ``name``'s network (default: the active one), as PyTorch's
+        ``parameters()``: the frozen shared backbone weights too (their ``grad`` is None, so an
+        optimiser skips them). ``SGD(model.parameters(), lr=...)`` trains the whole domain with one
+        rule; :meth:`parameter_groups` splits it as the paper does."""
+        return self.network(name).parameters()
+
+    def named_parameters(self, name: str | None = None) -> list:
+        """``[(dotted_name, array), ...]`` of domain ``name``'s network (see :meth:`parameters`)."""
+        return self.network(name).named_parameters()
+
     def to(self, backend: str) -> "MultiDomainModel":
         """Move the backbone and every domain to ``backend``. Create optimisers afterwards."""
         self.backbone.to(backend)
@@ -196,6 +267,36 @@ class MultiDomainModel:
             out[key] = np.array(to_numpy(value), copy=True)
         return out
 
+    # ------------------------------------------------------------------ saving the whole model
+    def save(self, path) -> Path:
+        """Write every added domain and a reference to the backbone into folder ``path``.
+
+        Layout (the same as a training run folder's ``domains/``, so :meth:`load` reads both)::
+
+            <path>/model.json          format, base domain, head name, the domains in order, and the
+                                       backbone: its fingerprint and where it was loaded from
+            <path>/domains/<name>.npz  one domain file each (npmask.storage: 1-bit masks, k's, BN,
+                                       head, class names and normalisation)
+
+        The backbone's weights are not copied: :meth:`load` takes them from the recorded location
+        (or from ``backbone=``) and checks the fingerprint. Every file is written atomically,
+        ``model.json`` last. Returns the folder.
+        """
+        return save_model(self, path)
+
+    @classmethod
+    def load(cls, path, backbone=None, *, domains=None, dtype=None,
+             backend: str = "numpy") -> "MultiDomainModel":
+        """The model saved by :meth:`save` in folder ``path``, or the trained domains of a run folder.
+
+        backbone: the pretrained network (a Module), a backbone ``.npz`` path, or None for the one
+        recorded in ``model.json`` (a run folder: its ``config.json``; the shipped backbone when it
+        names none). Its fingerprint must match. domains: the names to load (default: all).
+        Raises :class:`npmask.storage.DomainFileError` (a ValueError) with one clear line when the
+        folder holds no model or does not fit the backbone.
+        """
+        return load_model(cls, path, backbone, domains=domains, dtype=dtype, backend=backend)
+
     # ------------------------------------------------------------------ accounting
     def backbone_arrays(self) -> list[tuple[str, object]]:
         """(name, array) of every backbone parameter and buffer, classifier excluded, in a stable order."""
@@ -216,6 +317,12 @@ class MultiDomainModel:
     def __repr__(self) -> str:
         rows = [f"  {n}: {'pretrained' if v is None else v.name}" for n, v in self.variants.items()]
         return f"MultiDomainModel(head={self.head_name!r}, active={self.active!r}\n" + "\n".join(rows) + "\n)"
+
+
+def _is_network_input(x) -> bool:
+    """A float array (N, C, h, w), NumPy or CuPy: already the network's input."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and getattr(dtype, "kind", "") == "f" and getattr(x, "ndim", 0) == 4
 
 
 def fingerprint_arrays(named_arrays) -> str:
@@ -281,7 +388,7 @@ def build_domain_network(pretrained: Module, variant, num_classes: int, seed=0, 
                     new = cls(src, variant, tau=tau, mask_init=mask_init, rng=rng)
                 else:
                     new = SharedFrozen(src)
-            elif isinstance(src, _BatchNorm):
+            elif isinstance(src, BatchNorm):
                 if variant.domain_bn:
                     new = copy.deepcopy(src)                  # its own arrays, initialised from src
                     new.unfreeze()

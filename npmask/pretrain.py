@@ -74,7 +74,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest runs/pretrain-*) from its "
                         "last checkpoint, with its saved settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (a terminal) and no per-epoch lines (a log file)")
     p.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="stop (as if killed) after N epochs of this invocation; for testing --resume")
     return p

@@ -3,7 +3,10 @@
 File layout (every entry a plain array; loaded with ``allow_pickle=False``)::
 
     __meta__           JSON text: format, domain, variant, num_classes, tau, backbone fingerprint,
-                       N_p (backbone parameters), head name, dtype, mask shapes
+                       N_p (backbone parameters), head name, dtype, mask shapes, and (optional,
+                       files written before it existed lack it) ``data``: what inference needs --
+                       class names, mean/std, image and input size, channels, the mirroring flag
+                       (npmask.inference; MultiDomainModel.set_data_info)
     mask/<layer>       uint8, the binary mask M = 1[R > tau] bit-packed (np.packbits): 1 bit per weight
     param/<name>       learned k's, domain batch norm (weight, bias, running_mean, running_var), and
                        for ``finetune`` every weight of the domain's copy
@@ -80,6 +83,9 @@ def save_domain(model, name: str, path, include_real_masks: bool = False) -> str
         "backbone_parameters": model.backbone_num_parameters(),
         "head_name": head_name, "dtype": dtype, "mask_shapes": mask_shapes,
     }
+    info = getattr(model, "data_info", {}).get(name)
+    if info is not None:
+        meta["data"] = info
     arrays["__meta__"] = np.array(json.dumps(meta))
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -164,15 +170,23 @@ def load_domain(model, path, name: str | None = None, replace: bool = False) -> 
     # the old domain (if any) is put back when the file turns out not to fit: a failed load changes nothing
     old = ((model.networks.pop(name), model.variants.pop(name), model.settings.pop(name))
            if name in model.networks else None)
+    old_info = model.data_info.pop(name, None)
     try:
         model.add_domain(name, meta["num_classes"], meta["variant"], seed=0, tau=meta["tau"],
                          mask_init=meta["mask_init"])
         _fill(model, name, meta, arrays, path)
+        if meta.get("data") is not None:
+            try:
+                model.set_data_info(name, **meta["data"])
+            except (ValueError, TypeError) as err:
+                raise DomainFileError(f"{path}: __meta__ 'data' is malformed ({err})") from None
     except Exception:
-        for store in (model.networks, model.variants, model.settings):
+        for store in (model.networks, model.variants, model.settings, model.data_info):
             store.pop(name, None)
         if old is not None:
             model.networks[name], model.variants[name], model.settings[name] = old
+        if old_info is not None:
+            model.data_info[name] = old_info
         raise
     return name
 

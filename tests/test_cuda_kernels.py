@@ -135,7 +135,7 @@ def _nvrtc():
 def _record_kernels(monkeypatch):
     """Build every CuPy kernel object npmask defines, recording the arguments they were built with."""
     cp = pytest.importorskip("cupy")
-    from npmask import optim
+    from npmask.optim import optimizers as optim
     from npmask.nn import batchnorm
     built, sites = [], set()
 

@@ -169,7 +169,8 @@ def test_float32_is_kept(make):
     lambda r: Adam(r, lr=0.1, weight_decay=1e-2),
 ])
 def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monkeypatch):
-    from npmask import config, optim
+    from npmask import config
+    from npmask.optim import optimizers as optim
     from npmask.nn import parallel
     shapes = [(7, 3), (5,), (64, 9), (1,), (300,), (2, 2, 2)] * 3
     calls = []
@@ -201,7 +202,7 @@ def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monk
 
 def test_one_array_under_two_names_is_updated_by_one_thread(monkeypatch):
     """Tied weights: two threads updating one array would race (lost updates), so no threads."""
-    from npmask import optim
+    from npmask.optim import optimizers as optim
 
     def no_threads(*args, **kwargs):
         raise AssertionError("parameters sharing an array were handed to the threads")

@@ -2,6 +2,7 @@
 
     stats = mask_statistics(model.network("svhn"))         # one row per masked layer, network order
     plot_mask_statistics({"svhn": stats, "dtd": ...}, "masks.png")
+    fig = mask_statistics_figure({"svhn": stats})          # the same figure, to show in a notebook
 """
 from __future__ import annotations
 
@@ -40,21 +41,23 @@ def _mean(v) -> float:
     return float(np.mean(v)) if isinstance(v, list) else float(v)
 
 
-def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) -> str:
-    """Draw mask density per layer depth per domain, and k1, k2, k3 per layer; save a PNG at ``path``.
+def mask_statistics_figure(stats_by_domain: dict, title: str | None = None):
+    """Mask density per layer per domain, and k1, k2, k3 per layer, as a Figure.
 
     ``stats_by_domain``: ``{domain: mask_statistics(net)}``. Left panel: percentage of ones in the mask
-    against layer index (one line per domain, as the paper's figures 3/4 compare domains and
-    Piggyback); the other three panels: k1, k2, k3 against layer index. Returns the path.
+    per layer (one line per domain, as the paper's figures 3/4 compare domains and Piggyback); the
+    other three panels: k1, k2, k3 per layer. The x axis names the layers (``conv1``,
+    ``layer1.0.conv1``, ...; those of the domain with the most masked layers); every panel has a
+    y label. A bare Figure (no pyplot): drawing it never changes matplotlib's backend.
     """
-    # A bare Figure (no pyplot) draws to a file without touching the global backend, so calling this
-    # from a notebook leaves its inline plots working.
     from matplotlib.figure import Figure  # noqa: PLC0415  (plotting is optional at import time)
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     if not stats_by_domain:
         raise ValueError("nothing to plot: stats_by_domain is empty")
-    fig = Figure(figsize=(16, 3.8), constrained_layout=True)
+    layers = max((r for r in stats_by_domain.values()), key=len)
+    names = [r["layer"] for r in layers]
+    fig = Figure(figsize=(16, 3.2 + 0.09 * max((len(n) for n in names), default=0)),
+                 constrained_layout=True)
     axes = fig.subplots(1, 4)
     for i, (domain, rows) in enumerate(stats_by_domain.items()):
         if not rows:
@@ -66,21 +69,35 @@ def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) 
             if not any(key in r["learned"] for r in rows):
                 continue  # fixed for this variant (e.g. Piggyback's k3 = 1): nothing learned to show
             ax.plot(depth, [_mean(r[key]) for r in rows], marker="o", ms=3, color=color, label=domain)
-    axes[0].set_ylabel("% of ones in the mask")
     axes[0].set_ylim(0, 105)
-    for ax, label in zip(axes, ("mask density", "k1", "k2", "k3")):
-        ax.set_xlabel("layer (network order)")
+    ylabels = ("% of ones in the mask", "k1 (channel mean if per channel)",
+               "k2 (channel mean if per channel)", "k3 (channel mean if per channel)")
+    for ax, label, ylabel in zip(axes, ("mask density", "k1", "k2", "k3"), ylabels):
         ax.set_title(label)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(np.arange(1, len(names) + 1))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_xlim(0.5, len(names) + 0.5)
     for ax in axes[1:]:
         ax.axhline(0, color="k", lw=0.6)
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_mask_statistics(stats_by_domain: dict, path, title: str | None = None) -> str:
+    """Draw :func:`mask_statistics_figure` and save it as a PNG at ``path`` (atomically); returns
+    the path."""
+    fig = mask_statistics_figure(stats_by_domain, title)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -43,6 +43,35 @@ class ParamRef(NamedTuple):
     def grad(self):
         return self.module.grads.get(self.key)
 
+    # The attributes a PyTorch user reads on a ``torch.nn.Parameter``.
+    @property
+    def requires_grad(self) -> bool:
+        """True when the parameter is trained (not frozen)."""
+        return self.key in self.module.grads
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def numel(self) -> int:
+        """Number of scalars, as ``torch.Tensor.numel``."""
+        return int(self.data.size)
+
+
+class NamedParameter(tuple):
+    """One ``(name, array)`` pair of :meth:`Module.named_parameters`; it unpacks, compares and
+    prints as the plain pair, and also carries its :class:`ParamRef` (``.ref``) so that an optimiser
+    given ``model.named_parameters()`` can find the gradient of each array."""
+
+    def __new__(cls, ref: ParamRef):
+        self = super().__new__(cls, (ref.name, ref.data))
+        self.ref = ref
+        return self
+
 
 class Module:
     """Base class of layers and models. Subclasses implement ``forward`` and ``backward``."""
@@ -163,8 +192,22 @@ class Module:
         return refs
 
     def named_parameters(self, trainable_only: bool = False) -> list[tuple[str, object]]:
-        """``[(dotted_name, array), ...]`` of every parameter (frozen ones too unless asked)."""
-        return [(r.name, r.data) for r in self.parameter_refs(trainable_only=trainable_only)]
+        """``[(dotted_name, array), ...]`` of every parameter (frozen ones too unless asked).
+
+        As in PyTorch, the list can be given to an optimiser: ``SGD(model.named_parameters(), lr=0.1)``
+        (each pair is a :class:`NamedParameter` that remembers where its gradient lives).
+        """
+        return [NamedParameter(r) for r in self.parameter_refs(trainable_only=trainable_only)]
+
+    def parameters(self, trainable_only: bool = False) -> list[ParamRef]:
+        """Every parameter of the subtree (frozen ones too unless asked), as PyTorch's ``parameters()``.
+
+        Each item is a :class:`ParamRef`: like a ``torch.nn.Parameter`` it has ``.data`` (the array),
+        ``.grad`` (its gradient, None while frozen), ``.requires_grad``, ``.shape`` and ``numel()``.
+        Give them to an optimiser as in PyTorch: ``Adam(model.parameters(), lr=1e-3)``; frozen
+        parameters are skipped at each step, as PyTorch skips parameters whose ``grad`` is None.
+        """
+        return self.parameter_refs(trainable_only=trainable_only)
 
     def named_buffers(self) -> list[tuple[str, object]]:
         out = []

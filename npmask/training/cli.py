@@ -152,7 +152,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "last checkpoint with its saved settings")
     g.add_argument("--emax-from", metavar="DIR",
                    help="a finished finetune run folder; Emax = 2 x its test errors (for the S-score)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars (a terminal) and no per-epoch lines (a log file)")
     g.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="stop (as if killed) after N epochs of this invocation; for testing --resume")
     return p

@@ -26,6 +26,7 @@ from ..io import atomic_write_text
 from ..masking.inspect import mask_statistics, plot_mask_statistics
 from ..masking.variants import get_variant
 from ..metrics import decathlon_score, emax_from_accuracies, params_ratio, score_per_parameter
+from ..model_folder import backbone_source
 from ..multidomain import MultiDomainModel
 from ..optim import SGD, Adam, MultiStepLR, Optimizers
 from ..pretrained import BackboneError, load_backbone
@@ -71,7 +72,9 @@ def load_run_backbone(cfg):
     if int(info["input_size"]) != int(cfg.input_size):
         raise ConfigError(f"backbone {cfg.backbone} was trained on {info['input_size']}px inputs, "
                           f"the run uses {cfg.input_size}px")
-    return MultiDomainModel(backbone, base_domain=info.get("domain", "base")), info
+    model = MultiDomainModel(backbone, base_domain=info.get("domain", "base"))
+    model.backbone_source = backbone_source(cfg.backbone) if cfg.backbone else {"shipped": None}
+    return model, info
 
 
 def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print) -> dict:
@@ -98,6 +101,7 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
         model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
                          mask_init=tuple(cfg.mask_init))
         model.set_domain(d)
+        model.set_data_info(d, domain, input_size=test_it.output_shape[1:])  # saved for predict
         net = model.network(d)
         opt, sched = build_optimizers(model, cfg)
         t0 = time.time()

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .errors import ConfigError
-from .loop import train_epoch
+from .loop import epoch_line, train_epoch
 
 
 class StopRequested(Exception):
@@ -35,7 +36,7 @@ class StopRequested(Exception):
 def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epochs: int,
         checkpoint_path, state_fn, load_state_fn, evaluate_fn=None, log_fn=None,
         desc: str = "", progress: bool = True, extra: dict | None = None,
-        epoch_budget=None) -> list[dict]:
+        epoch_budget=None, echo=None) -> list[dict]:
     """Train for ``epochs`` epochs, resuming from ``checkpoint_path`` when it exists.
 
     batches_for_epoch(e): the iterable of ``(x, y)`` batches of epoch ``e`` (0-based).
@@ -46,10 +47,16 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
         checkpoint of another configuration is never continued by mistake.
     epoch_budget: a one-element list counting the epochs this process may still run; at 0,
         StopRequested is raised after the checkpoint (``--stop-after-epochs``, for tests).
+    echo: where the one-line summary of every epoch goes (:func:`~npmask.training.loop.epoch_line`);
+        default: standard error when ``progress`` is on (in a terminal and in a log file alike),
+        nowhere when it is off (``--quiet``).
 
     Returns the list of per-epoch records (the resumed ones included).
     """
     extra = dict(extra or {})
+    if echo is None and progress:
+        def echo(line):
+            print(line, file=sys.stderr, flush=True)
     start, history = 0, []
     if os.path.isfile(checkpoint_path):
         state = load_checkpoint(str(checkpoint_path))
@@ -85,6 +92,8 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         history.append(record)
+        if echo:
+            echo(epoch_line(desc, record, epochs))
         if log_fn is not None:  # first the log line, then the checkpoint: see the module docstring
             log_fn(record)
         save_checkpoint(str(checkpoint_path), {

@@ -14,11 +14,16 @@ The loss is checked after every step: a NaN or infinite loss raises :class:`NonF
 Nobody needs the gradient of the images, so the backward pass of a training step skips it: the
 layer that takes the images (the model's ``input_layer_name``, e.g. WRN's ``conv1``) computes
 its weight gradient only (:func:`input_gradient_skipped`).
+
+Progress: in a terminal a tqdm bar shows the batches of the running epoch. When the output is not a
+terminal (a log file, a notebook, CI) there is no bar -- its carriage returns would glue every
+update into one long line -- and :func:`epoch_line` gives one plain line per epoch instead.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 
 from tqdm.auto import tqdm
@@ -28,8 +33,18 @@ from ..nn.loss import softmax_cross_entropy
 from .errors import NonFiniteLossError
 
 
+def is_terminal(stream=None) -> bool:
+    """True when ``stream`` (default: sys.stderr, where tqdm draws) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False
+
+
 def _progress(iterable, total, desc, enabled):
-    if not enabled:
+    """A tqdm bar over ``iterable`` in a terminal; None when disabled or not in a terminal."""
+    if not enabled or not is_terminal():
         return None
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
 
@@ -82,7 +97,7 @@ def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, de
     model:     a Module with forward(x) -> logits (B, K) and backward(dlogits).
     optimizer: anything with zero_grad() and step() (an Optimizer or Optimizers).
     Returns ``{"train_loss": mean loss, "train_acc": accuracy in %, "train_seconds": s,
-    "steps": number of steps}``; the means are over images (weighted by batch size).
+    "steps": number of steps, "train_images": images seen}``; the means are over images (weighted by batch size).
     Raises NonFiniteLossError when a loss is NaN or infinite (``where`` names the run position).
     """
     model.train()
@@ -112,7 +127,7 @@ def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, de
     if seen == 0:
         raise ValueError("training epoch saw no batch (fewer images than one batch with drop_last?)")
     return {"train_loss": total_loss / seen, "train_acc": 100.0 * correct / seen,
-            "train_seconds": time.perf_counter() - start, "steps": steps}
+            "train_seconds": time.perf_counter() - start, "steps": steps, "train_images": seen}
 
 
 def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "test",
@@ -143,3 +158,30 @@ def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "tes
     return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "n": seen,
             "seconds": time.perf_counter() - start}
 
+
+
+def epoch_line(desc: str, record: dict, epochs: int | None = None) -> str:
+    """One plain line for a finished epoch (no carriage return), e.g.::
+
+        digits (full) epoch 2/5: train loss 1.234 acc 56.7% | test loss 1.100 acc 60.1% | 12.3 s, 410 img/s | lr body 0.0001 head 0.001
+
+    ``record``: the epoch record of :func:`npmask.training.fit.fit` (train_loss, train_acc,
+    train_seconds, train_images, optional test_loss/test_acc/test_seconds, lr).
+    """
+    def num(key, fmt):
+        v = record.get(key)
+        return "n/a" if v is None else format(v, fmt)
+    ep = record.get("epoch", "?")
+    head = f"{desc} epoch {ep}/{epochs}" if epochs else f"{desc} epoch {ep}"
+    parts = [f"{head.strip()}: train loss {num('train_loss', '.3f')} acc {num('train_acc', '.1f')}%"]
+    if "test_acc" in record:
+        parts.append(f"test loss {num('test_loss', '.3f')} acc {num('test_acc', '.1f')}%")
+    secs = (record.get("train_seconds") or 0.0) + (record.get("test_seconds") or 0.0)
+    timing = f"{secs:.1f} s"
+    if record.get("train_images") and record.get("train_seconds"):
+        timing += f", {record['train_images'] / record['train_seconds']:.0f} img/s"
+    parts.append(timing)
+    lr = record.get("lr") or {}
+    if lr:
+        parts.append("lr " + " ".join(f"{k} {v:.3g}" if k else f"{v:.3g}" for k, v in lr.items()))
+    return " | ".join(parts)

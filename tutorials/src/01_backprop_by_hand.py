@@ -340,3 +340,71 @@ r"""
 
 Next: [2. Binary masks and surrogate gradients](02_binary_masks_and_surrogate_gradients.ipynb).
 """
+
+# %% [markdown]
+r"""
+## Exercises
+
+Solutions: `tutorials/solutions/ex01_backprop.py` (the test suite checks them; try first).
+
+**Exercise 1.1 — batch norm's backward pass.** In training mode batch norm normalises every
+channel with the mean and (biased) variance of the batch,
+$\hat x = (x - \mu_c)/\sqrt{\sigma_c^2 + \epsilon}$, $y = w_c \hat x + b_c$. Both $\mu_c$ and
+$\sigma_c^2$ depend on *every* $x$ of the channel, so $\partial L/\partial x$ has more than one
+term. Derive it with the rule of section 1.1 and fill in `batchnorm_backward` below;
+`MyBatchNorm2d` uses it, and the cell runs `check_layer` on it (all three errors should be tiny).
+
+**Exercise 1.2 — a convolution's backward pass as loops.** Write `conv2d_backward_loops` with
+plain loops over the output positions: each output $y_{n,o,i,j}$ is the dot product of
+$W_o$ with one input window, so that window receives $G_{n,o,i,j}\,W_o$ and $W_o$ receives
+$G_{n,o,i,j}$ times the window. Handle `stride` and `padding`; the cell compares your three
+gradients with npmask's im2col version.
+"""
+
+# %%
+from npmask.nn import BatchNorm2d
+
+
+def batchnorm_backward(dy, x, weight, eps=1e-5):
+    """(dx, dweight, dbias) of batch norm in training mode; x and dy (N, C, H, W), weight (C,)."""
+    # TODO (exercise 1.1): per-channel batch mean and variance, x-hat, then the three gradients
+    return None
+
+
+class MyBatchNorm2d(BatchNorm2d):
+    """npmask's forward pass with your backward pass."""
+
+    def forward(self, x):
+        self._x = x
+        return super().forward(x)
+
+    def backward(self, dy):
+        dx, dweight, dbias = batchnorm_backward(dy, self._x, self.params["weight"], self.eps)
+        self.accumulate_grad("weight", dweight)
+        self.accumulate_grad("bias", dbias)
+        return dx
+
+
+x_bn = rng.standard_normal((4, 3, 5, 5)) * 2 + 1
+if batchnorm_backward(x_bn, x_bn, np.ones(3)) is None:
+    print("exercise 1.1 is not done yet: fill in batchnorm_backward and run this cell again")
+else:
+    print(check_layer(MyBatchNorm2d(3).astype(np.float64), x_bn, seed=1, raise_on_fail=False))
+
+# %%
+def conv2d_backward_loops(dy, x, weight, stride=1, padding=0):
+    """(dx, dweight, dbias) of y = conv2d(x, weight) + bias, by loops over the output positions."""
+    # TODO (exercise 1.2)
+    return None
+
+
+x_ex = rng.standard_normal((2, 3, 6, 5))
+w_ex = rng.standard_normal((4, 3, 3, 3))
+y_ex, cache_ex = conv2d_forward(x_ex, w_ex, np.zeros(4), 2, 1)
+dy_ex = rng.standard_normal(y_ex.shape)
+mine = conv2d_backward_loops(dy_ex, x_ex, w_ex, stride=2, padding=1)
+if mine is None:
+    print("exercise 1.2 is not done yet: fill in conv2d_backward_loops and run this cell again")
+else:
+    for what, a, b in zip(("dx", "dweight", "dbias"), mine, conv2d_backward(dy_ex, cache_ex)):
+        print(f"{what}: relative error {rel_error(a, b):.1e}")

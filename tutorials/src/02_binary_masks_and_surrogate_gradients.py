@@ -328,3 +328,84 @@ r"""
 
 Next: [3. Adding a domain to a pretrained network](03_adding_a_domain.ipynb).
 """
+
+# %% [markdown]
+r"""
+## Exercises
+
+Solutions: `tutorials/solutions/ex02_masks.py` (the test suite checks them; try first).
+
+**Exercise 2.1 — break the sigmoid surrogate and watch a test catch it.** Write
+`my_surrogate_derivative(x, surrogate)` that is *wrong* for `"sigmoid"`: for example
+$\sigma(x)$ instead of $\sigma(x)(1-\sigma(x))$. The cell puts it where `transform_backward`
+looks it up and runs the repository's own test
+`tests/test_transform.py::test_R_gradient_is_surrogate_times_dL_dM`, then puts the real one
+back. Does the test catch your mistake? It computes $\partial L/\partial M$ by finite
+differences, independently of the code under test; why does that matter?
+
+**Exercise 2.2 — add a variant to the table.** Define a new row of the variant table: Piggyback
+with a learned scale and shift of the masked weights, $\tilde W = k_1 + k_3\,(W\circ M)$ ($k_0 =
+k_2 = 0$ fixed, $k_1$ and $k_3$ learned, domain batch norm). Register it in `VARIANTS` under the
+name `piggyback_affine`; the cell builds a masked conv with it and prints what is learned. What
+is $\tilde W$ at step 0 with npmask's initialisation of learned $k$'s, and is that a good start?
+"""
+
+# %%
+import importlib.util
+import sys
+from pathlib import Path
+
+import npmask
+from npmask.masking import transform
+
+
+def my_surrogate_derivative(x, surrogate="identity"):
+    """h~'(x), deliberately wrong for "sigmoid"."""
+    # TODO (exercise 2.1)
+    return None
+
+
+tests_dir = Path(npmask.__file__).resolve().parents[1] / "tests"
+
+
+def run_repo_test(derivative):
+    """Run the repository's dL/dR test with `derivative` in place of npmask's; report the outcome."""
+    spec = importlib.util.spec_from_file_location("repo_test_transform", tests_dir / "test_transform.py")
+    repo_test = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(tests_dir))
+    try:
+        spec.loader.exec_module(repo_test)
+    except ImportError as err:
+        print(f"the test needs {err.name}: pip install -e '.[notebooks]'")
+        return
+    original = transform.surrogate_derivative
+    transform.surrogate_derivative = derivative       # where transform_backward looks it up
+    try:
+        repo_test.test_R_gradient_is_surrogate_times_dL_dM()
+        print("the test passed: is your derivative really wrong for 'sigmoid'?")
+    except AssertionError as err:
+        print("the test caught it:", str(err).strip().splitlines()[0])
+    finally:
+        transform.surrogate_derivative = original     # npmask's own again
+
+
+if my_surrogate_derivative(np.zeros(1), "sigmoid") is None:
+    print("exercise 2.1 is not done yet: fill in my_surrogate_derivative and run this cell again")
+elif not (tests_dir / "test_transform.py").is_file():
+    print(f"the repository's tests are not beside this npmask ({tests_dir}); use a source checkout")
+else:
+    run_repo_test(my_surrogate_derivative)
+
+# %%
+from npmask.masking.variants import LEARNED, Variant
+
+my_variant = None   # TODO (exercise 2.2): Variant("piggyback_affine", ks=(...), description="...")
+
+if my_variant is None:
+    print("exercise 2.2 is not done yet: define my_variant and run this cell again")
+else:
+    VARIANTS[my_variant.name] = my_variant
+    mine = MaskedConv2d(conv, my_variant.name, rng=0)
+    print("learned:", sorted(k for k in mine.params if k.startswith("k")),
+          "| fixed:", mine.fixed_k, "| W~ equals W at step 0:",
+          np.array_equal(mine.transformed_weight(), W))

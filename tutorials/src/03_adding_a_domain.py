@@ -311,3 +311,51 @@ The same in one command, for all five synthetic domains: `python -m npmask.train
 
 Next: [4. Reading the masks](04_reading_the_masks.ipynb).
 """
+
+# %% [markdown]
+r"""
+## Exercises
+
+Solutions: `tutorials/solutions/ex03_domain.py` (the test suite checks them; try first).
+
+**Exercise 3.1 — one optimiser, the PyTorch way.** Add a domain `digits_one_opt` (variant
+`full`) and train it with a single `Adam(model.parameters(), lr=1e-3)` instead of the paper's
+two groups. `model.parameters()` also lists the frozen backbone weights: why is that harmless?
+Compare its test accuracy with the two-optimiser run above.
+
+**Exercise 3.2 — classify an image file.** Write `predict_image_file(model, domain, image,
+folder)`: save the uint8 image as a PNG in `folder`, classify the *file* with `model.predict`,
+and return the top class and its probability. `model.set_data_info` (done in the cell) gives the
+domain its class names and normalisation, as `npmask.train` does for every domain file; the
+command-line equivalent is `python -m npmask.predict RUN_DIR --domain digits image.png`.
+"""
+
+# %%
+def train_with_one_optimizer(model, domain, train_it, test_it, epochs=1, lr=1e-3):
+    """Train `domain` with one Adam over model.parameters(); returns its test accuracy (%)."""
+    # TODO (exercise 3.1)
+    return None
+
+
+if "digits_one_opt" not in model.domains:           # the cell can be run again
+    model.add_domain("digits_one_opt", digits.num_classes, "full", seed=0)
+acc_one = train_with_one_optimizer(model, "digits_one_opt", train_it, test_it, epochs=EPOCHS)
+if acc_one is None:
+    print("exercise 3.1 is not done yet: fill in train_with_one_optimizer and run this cell again")
+else:
+    print(f"one Adam: {acc_one:.1f}% | Adam + SGD: {acc['digits']:.1f}%")
+
+# %%
+def predict_image_file(model, domain, image, folder):
+    """Save `image` (uint8 H x W x C) as a PNG in `folder`, classify the file: (class, probability)."""
+    # TODO (exercise 3.2)
+    return None
+
+
+model.set_data_info("digits", digits)
+test_image, test_label = digits.test[0][0], digits.test[1][0]
+answer = predict_image_file(model, "digits", test_image, out_dir)
+if answer is None:
+    print("exercise 3.2 is not done yet: fill in predict_image_file and run this cell again")
+else:
+    print(f"predicted {answer[0]} ({answer[1]:.2f}), true class {digits.class_names[test_label]}")

@@ -239,3 +239,48 @@ r"""
 
 Next: [5. The same code on a GPU](05_same_code_on_a_gpu.ipynb).
 """
+
+# %% [markdown]
+r"""
+## Exercises
+
+Solutions: `tutorials/solutions/ex04_masks.py` (the test suite checks them; try first).
+
+**Exercise 4.1 — densities from the file alone.** A stored domain keeps each mask as packed bits
+(`mask/<layer>` entries, `np.packbits`; the shapes are in the file's `__meta__`). Write
+`densities_from_file(path)` that returns `{layer: fraction of ones}` using only
+`npmask.storage.read_domain_file` and NumPy -- no network. The cell saves `digits (full)` and
+compares your numbers with `mask_statistics`.
+
+**Exercise 4.2 — the layer the domain changed most.** Write `most_changed_layer(densities)`,
+returning the layer whose mask keeps the fewest weights and its density. Is it early or late in
+the network for digits? Does the same hold for textures (save that domain too)?
+"""
+
+# %%
+from npmask.storage import save_domain
+
+
+def densities_from_file(path):
+    """{layer: fraction of ones in its mask}, read from a domain file alone."""
+    # TODO (exercise 4.1)
+    return None
+
+
+def most_changed_layer(densities):
+    """(layer, density) of the layer with the fewest ones."""
+    # TODO (exercise 4.2)
+    return None
+
+
+digits_file = save_domain(model, "digits (full)", os.path.join(out_dir, "digits_full.npz"))
+mine = densities_from_file(digits_file)
+if mine is None:
+    print("exercise 4.1 is not done yet: fill in densities_from_file and run this cell again")
+else:
+    want = {r["layer"]: r["density"] for r in stats["digits (full)"]}
+    print("largest difference from mask_statistics:", max(abs(mine[k] - want[k]) for k in want))
+    if most_changed_layer(mine) is None:
+        print("exercise 4.2 is not done yet: fill in most_changed_layer")
+    else:
+        print("the layer changed most:", most_changed_layer(mine))

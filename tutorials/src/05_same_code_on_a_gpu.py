@@ -221,3 +221,42 @@ version as `nvidia-smi` reports it).
 
 Back to the start: [1. Backprop by hand](01_backprop_by_hand.ipynb).
 """
+
+# %% [markdown]
+r"""
+## Exercises
+
+Solutions: `tutorials/solutions/ex05_gpu.py` (the test suite checks them; try first).
+
+**Exercise 5.1 — one softmax for both backends.** Write `softmax(logits)` for (N, K) logits that
+runs on NumPy and CuPy arrays alike, in the input's dtype, without an `if` on the backend (take
+the array module from the input, as `log_softmax` above does). Subtract the row maximum first:
+what goes wrong with logits around 1000 if you do not?
+
+**Exercise 5.2 — where does a model live?** Write `backends_of(module)`, the set of backend names
+of every array in `module.state_dict()`. After `model.to("cupy")` it should be `{"cupy"}`; a
+mixed set means some array was left behind, which the next forward pass would reject.
+"""
+
+# %%
+def softmax(logits):
+    """Row-wise softmax of (N, K) logits, on their backend and in their dtype."""
+    # TODO (exercise 5.1)
+    return None
+
+
+def backends_of(module):
+    """The backend names of the arrays of module.state_dict()."""
+    # TODO (exercise 5.2)
+    return None
+
+
+big = to_device(np.array([[1000.0, 1001.0, 999.0]], dtype=np.float32), BACKEND)
+p = softmax(big)
+if p is None:
+    print("exercise 5.1 is not done yet: fill in softmax and run this cell again")
+else:
+    print("softmax of logits near 1000:", to_numpy(p), "on", backend_name(p))
+where = backends_of(ref_model.network())
+print("exercise 5.2 is not done yet: fill in backends_of" if where is None
+      else f"the reference model's arrays live on: {where}")

@@ -1,9 +1,14 @@
-"""Optimisers (SGD, Adam), named groups of optimisers, and learning-rate schedulers.
+"""Optimisers (SGD, Adam) and named groups of optimisers (learning-rate schedulers: schedulers.py).
 
-An optimiser holds a list of :class:`~npmask.nn.module.ParamRef` (from ``model.parameter_refs()``)
-and reads ``ref.data`` / ``ref.grad`` at every step, so it always sees the module's current arrays.
+An optimiser holds a list of :class:`~npmask.nn.module.ParamRef` and reads ``ref.data`` / ``ref.grad`` at every step, so it always sees the module's current arrays.
 Parameters are updated **in place** (``p -= ...``), so every other reference to them stays valid.
 A parameter whose gradient is ``None`` (frozen) is skipped: no update, no state.
+
+It takes its parameters as PyTorch's optimisers do, from ``model.parameters()`` or
+``model.named_parameters()`` (or ``model.parameter_refs(...)``, the same ParamRefs with name
+filters, and ``MultiDomainModel.parameter_groups()``)::
+
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 The update rules follow PyTorch's ``torch.optim.SGD`` and ``torch.optim.Adam`` exactly. With
 gradient ``g``, parameter ``p``, learning rate ``lr`` and weight decay ``wd``:
@@ -38,16 +43,17 @@ Two optimisers for two parts of a model, as in the paper's protocol, are one lin
 ``{str: numpy.ndarray}`` dict (scalars as 0-d arrays), ready for ``numpy.savez`` and loadable with
 ``allow_pickle=False``.
 """
+
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 
 import numpy as np
 
-from .backend import _import_cupy, backend_name, get_array_module, to_device, to_numpy
-from .nn.parallel import each_chunk
+from ..backend import _import_cupy, backend_name, get_array_module, to_device, to_numpy
+from ..nn.module import Module, NamedParameter, ParamRef
+from ..nn.parallel import each_chunk
 
 
 class Optimizer:
@@ -61,7 +67,7 @@ class Optimizer:
     buffers: tuple = ()  # names of the per-parameter state arrays, for state_dict validation
 
     def __init__(self, refs, lr: float):
-        self.refs = list(refs)
+        self.refs = _as_refs(refs, type(self).__name__)
         names = [r.name for r in self.refs]
         if len(set(names)) != len(names):
             raise ValueError("an optimiser was given the same parameter twice: "
@@ -163,6 +169,36 @@ class Optimizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.refs)} params, {self.extra_repr()})"
+
+
+def _as_refs(params, who: str = "an optimiser") -> list:
+    """The ParamRefs in ``params``: ``model.parameters()``, ``model.named_parameters()`` or
+    ``model.parameter_refs()``. Anything else is a TypeError that says what to pass instead."""
+    hint = ("pass model.parameters() or model.named_parameters() (the arrays alone do not know "
+            "where their gradients are); for a part of the model filter model.parameters() by "
+            "p.name, or use model.parameter_refs(include=(...))")
+    if isinstance(params, Module) or hasattr(params, "parameter_groups"):
+        raise TypeError(f"{who} got the model itself; {hint}")
+    if isinstance(params, dict) or hasattr(params, "shape") or isinstance(params, (str, bytes)):
+        raise TypeError(f"{who} got a {type(params).__name__}; {hint}")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(f"{who} got a {type(params).__name__}, not a list of parameters; "
+                        f"{hint}") from None
+    refs = []
+    for i, item in enumerate(items):
+        if isinstance(item, ParamRef):
+            refs.append(item)
+        elif isinstance(item, NamedParameter):
+            refs.append(item.ref)
+        elif isinstance(item, dict):
+            raise TypeError(f"{who}: item {i} is a dict; PyTorch-style parameter groups are not "
+                            "supported -- give each group its own optimiser and step them together "
+                            "with Optimizers(body=Adam(...), head=SGD(...))")
+        else:
+            raise TypeError(f"{who}: item {i} is a {type(item).__name__}, not a parameter; {hint}")
+    return refs
 
 
 class SGD(Optimizer):
@@ -344,80 +380,3 @@ def _leaves(optimizer) -> dict[str, Optimizer]:
     if isinstance(optimizer, Optimizer):
         return {"": optimizer}
     raise TypeError(f"a scheduler needs an Optimizer or Optimizers, got {type(optimizer).__name__}")
-
-
-class LRScheduler:
-    """Base of the epoch-wise schedulers: ``lr = base_lr * factor(last_epoch)`` for every group.
-
-    ``base_lrs`` are the learning rates when the scheduler is created (epoch 0). Call
-    :meth:`step` once at the end of every epoch; ``last_epoch`` counts those calls. The rate is
-    recomputed from ``base_lr`` (closed form), so a rate set by hand is overwritten at the next step.
-    """
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        self.base_lrs = {k: o.lr for k, o in _leaves(optimizer).items()}
-        self.last_epoch = 0
-
-    def factor(self, epoch: int) -> float:
-        raise NotImplementedError
-
-    def get_lr(self) -> dict:
-        """``{group name: lr}`` at ``last_epoch`` (group ``""`` for a single optimiser)."""
-        f = self.factor(self.last_epoch)
-        return {k: b * f for k, b in self.base_lrs.items()}
-
-    def _apply(self) -> None:
-        leaves = _leaves(self.optimizer)
-        for k, lr in self.get_lr().items():
-            leaves[k].lr = lr
-
-    def step(self) -> None:
-        self.last_epoch += 1
-        self._apply()
-
-    def state_dict(self) -> dict:
-        """``{"last_epoch": ..., "base_lr/<group>": ...}`` as NumPy scalars."""
-        out = {"last_epoch": np.asarray(self.last_epoch, dtype=np.int64)}
-        for k, b in self.base_lrs.items():
-            out[f"base_lr/{k}"] = np.asarray(b, dtype=np.float64)
-        return out
-
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore the epoch counter and base rates, and set the optimiser's rates accordingly."""
-        expected = {f"base_lr/{k}" for k in self.base_lrs} | {"last_epoch"}
-        if set(sd) != expected:
-            raise KeyError(f"scheduler state_dict keys {sorted(sd)} do not match {sorted(expected)}")
-        self.last_epoch = int(np.asarray(sd["last_epoch"]))
-        self.base_lrs = {k: float(np.asarray(sd[f"base_lr/{k}"])) for k in self.base_lrs}
-        self._apply()
-
-
-class StepLR(LRScheduler):
-    """``lr = base_lr * gamma ** (epoch // step_size)``: decay by ``gamma`` every ``step_size`` epochs."""
-
-    def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {step_size}")
-        self.step_size = int(step_size)
-        self.gamma = float(gamma)
-        super().__init__(optimizer)
-
-    def factor(self, epoch: int) -> float:
-        return self.gamma ** (epoch // self.step_size)
-
-
-class MultiStepLR(LRScheduler):
-    """``lr = base_lr * gamma ** (number of milestones <= epoch)``, e.g. milestones=[45], gamma=0.1
-    for the Decathlon protocol (x0.1 after 45 epochs)."""
-
-    def __init__(self, optimizer, milestones, gamma: float = 0.1):
-        ms = [int(m) for m in milestones]
-        if ms != sorted(ms):
-            raise ValueError(f"milestones must be increasing, got {list(milestones)}")
-        self.milestones = ms
-        self.gamma = float(gamma)
-        super().__init__(optimizer)
-
-    def factor(self, epoch: int) -> float:
-        return self.gamma ** bisect.bisect_right(self.milestones, epoch)
