@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_backend
-from .training import cli
+from .training import cli, validate
 from .training.config import PretrainConfig, environment, load_config, save_config
 from .training.errors import ConfigError, exit_on_error
 
@@ -83,42 +83,63 @@ def build_parser():
 
 def config_from_args(args) -> PretrainConfig:
     given = {k: v for k, v in vars(args).items() if k in FLAGS}
+    validate.check_args(vars(args))
+    validate.check_environment()
     cfg = PretrainConfig(**given)
-    return cfg.validate()
+    return validate.check_pretrain_config(cfg.validate())
 
 
 def main(argv=None) -> int:
+    with exit_on_error(PROG):
+        validate.check_environment()  # NPMASK_THREADS is read when the parser imports the layers
     args = build_parser().parse_args(argv)
     from .training.fit import StopRequested
-    with exit_on_error(PROG):
+    with exit_on_error(PROG) as ctx:
         try:
-            result = run(args, argv)
+            result = run(args, argv, ctx)
         except StopRequested as stop:
-            print(f"{stop}; continue with: {PROG} --resume --out <run folder>", file=sys.stderr)
+            print(f"{stop}; continue with: {ctx.resume or PROG + ' --resume --out <run folder>'}",
+                  file=sys.stderr)
             return 0
         print(f"backbone written to {result['save']} (test accuracy {result['test_acc']:.2f}%, "
               f"first {result['eval_subset']} test images {result['subset_acc']:.2f}%)")
     return 0
 
 
-def run(args, argv=None) -> dict:
+def run(args, argv=None, ctx=None) -> dict:
     from .training.run_folder import RunFolder, resume_target
     ns = vars(args)
     if ns.get("resume"):
+        validate.check_args(ns)
         folder = RunFolder(resume_target(ns.get("out"), "pretrain-"))
-        cfg = load_config(str(folder.config), PretrainConfig)
-        cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(), FLAGS)
+        validate.check_resume_folder(folder.path, "pretrain", PROG)
+        folder.lock()  # one process per run folder; removes temp files of interrupted writes
+        try:
+            cfg = load_config(str(folder.config), PretrainConfig)
+            validate.check_environment()
+            validate.check_pretrain_config(cfg, where=str(folder.config))
+            check(cfg)
+            cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(),
+                                       FLAGS)
+        except BaseException:
+            folder.unlock()
+            raise
     else:
         cfg = config_from_args(args)
         check(cfg)
         out = ns.get("out") or cli.default_out("pretrain", cfg.model, cfg.domain)
+        validate.check_new_out(out, "pretrain", PROG)
         folder = RunFolder(out)
         if folder.exists():
             raise ConfigError(f"run folder {out} already exists; pass --resume to continue it "
                               "or choose another --out")
-        folder.create()
         cfg.save = cfg.save or str(Path(out) / "backbone.npz")
-        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.pretrain", argv)})
+        with validate.new_folder(folder):
+            save_config(str(folder.config), cfg,
+                        {"command": cli.command_line("npmask.pretrain", argv)})
+    if ctx is not None:
+        ctx.on_exit(folder.unlock)
+        ctx.resume = f"{PROG} --resume --out {folder.path}"
     return pretrain(cfg, folder, progress=not ns.get("quiet", False),
                     stop_after=ns.get("stop_after_epochs"),
                     command=cli.command_line("npmask.pretrain", argv))
@@ -135,6 +156,9 @@ def check(cfg: PretrainConfig) -> str:
         raise ConfigError(f"unknown domain {cfg.domain!r} in {root}; available: "
                           f"{', '.join(list_domains(root)) or 'none'}")
     read_meta(Path(root) / cfg.domain)  # a malformed meta.json stops here, before the run folder
+    validate.check_data(root, [cfg.domain], input_size=cfg.input_size,
+                        augmentation=cfg.augmentation, batch_size=cfg.batch_size,
+                        max_train=cfg.max_train)
     return root
 
 
@@ -199,11 +223,11 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
 def _drop_metrics_after_checkpoint(folder) -> None:
     """On resume, drop metrics.jsonl lines of epochs the checkpoint does not hold (the process
     died between the log line and the checkpoint, see npmask.training.fit): they run again."""
-    from .training.checkpoint import load_checkpoint
+    from .training.checkpoint import checkpoint_epoch
     if not folder.metrics.is_file():
         return
     ck = folder.checkpoint("pretrain")
-    done = int(load_checkpoint(str(ck))["epoch"]) if ck.is_file() else 0
+    done = checkpoint_epoch(ck) if ck.is_file() else 0
     folder.truncate_metrics(lambda r: r.get("epoch", 0) <= done)
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from .backend import get_backend
-from .training import cli
+from .training import cli, validate
 from .training.config import TrainConfig, load_config, save_config
 from .training.errors import ConfigError, exit_on_error
 
@@ -120,6 +120,8 @@ def build_parser():
 def config_from_args(ns: dict) -> TrainConfig:
     """Build the run's config: the flags given, then the benchmark's defaults."""
     from .training.benchmarks import choose_domains, get_benchmark, resolve_data_root
+    validate.check_args(ns)
+    validate.check_environment()
     bench = get_benchmark(ns.get("benchmark", "synthetic"))
     given = {k: v for k, v in ns.items() if k in FLAGS}
     cfg = TrainConfig(
@@ -133,6 +135,7 @@ def config_from_args(ns: dict) -> TrainConfig:
             and bench.name == "synthetic":
         cfg.notes = "protocol settings changed on the command line (see the fields above)"
     cfg.validate()
+    validate.check_train_config(cfg)  # every setting, before the data or a backbone is touched
     cli.check_variant(cfg.variant)
     get_backend(cfg.backend)  # --backend cupy without a GPU: one clear line, before any work
     cli.check_model(cfg.model, cfg.input_size)
@@ -146,7 +149,7 @@ def config_from_args(ns: dict) -> TrainConfig:
     if ns.get("emax_from"):
         from .training.domain_training import emax_from_run
         cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
-    return cfg
+    return validate.check_train_run(cfg)  # data (channels, labels, archives) and the backbone
 
 
 def resolve_backbone(cfg: TrainConfig, bench, root) -> str:
@@ -194,31 +197,46 @@ def prepare(args, argv=None):
     ns = vars(args)
     if ns.get("resume"):
         from .training.run_folder import resume_target
+        validate.check_args(ns)
         folder = RunFolder(resume_target(ns.get("out"), "train-"))
-        cfg = load_config(str(folder.config))
-        given = {k: v for k, v in ns.items() if k in FLAGS}
-        cli.check_resume_conflicts(given, cfg.to_dict(), FLAGS)
-        get_backend(cfg.backend)
-        if ns.get("emax_from"):
-            from .training.domain_training import emax_from_run
-            cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
-            save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
-        _drop_metrics_after_checkpoints(folder)
+        validate.check_resume_folder(folder.path, "train", PROG)
+        folder.lock()  # one process per run folder; removes temp files of interrupted writes
+        try:
+            cfg = _resume_config(folder, ns, argv)
+        except BaseException:
+            folder.unlock()
+            raise
         return cfg, folder
     cfg = config_from_args(ns)
     out = ns.get("out") or cli.default_out("train", cfg.variant)
+    validate.check_new_out(out, "train", PROG)
     folder = RunFolder(out)
     if folder.exists():
         raise ConfigError(f"run folder {out} already exists; pass --resume to continue it or "
                           "choose another --out")
-    folder.create()
-    save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
+    with validate.new_folder(folder):
+        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
     return cfg, folder
+
+
+def _resume_config(folder, ns, argv):
+    """The stored config of a run being resumed, checked as a new one would be."""
+    cfg = load_config(str(folder.config))
+    validate.check_train_run(cfg, where=str(folder.config))
+    given = {k: v for k, v in ns.items() if k in FLAGS}
+    cli.check_resume_conflicts(given, cfg.to_dict(), FLAGS)
+    get_backend(cfg.backend)
+    if ns.get("emax_from"):
+        from .training.domain_training import emax_from_run
+        cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
+        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
+    _drop_metrics_after_checkpoints(folder)
+    return cfg
 
 
 def _drop_metrics_after_checkpoints(folder) -> None:
     """Keep metrics.jsonl consistent with what the run resumes from (see run_folder)."""
-    from .training.checkpoint import load_checkpoint
+    from .training.checkpoint import checkpoint_epoch
     done = folder.progress()["done"]
     keep_epochs = {}
     for r in folder.read_metrics():
@@ -226,18 +244,22 @@ def _drop_metrics_after_checkpoints(folder) -> None:
         if d is None or d in done or d in keep_epochs:
             continue
         ck = folder.checkpoint(d)
-        keep_epochs[d] = int(load_checkpoint(str(ck))["epoch"]) if ck.is_file() else 0
+        keep_epochs[d] = checkpoint_epoch(ck) if ck.is_file() else 0
     if keep_epochs:
         folder.truncate_metrics(lambda r: r.get("domain") not in keep_epochs
                                 or r.get("epoch", 0) <= keep_epochs[r["domain"]])
 
 
 def main(argv=None) -> int:
+    with exit_on_error(PROG):
+        validate.check_environment()  # NPMASK_THREADS is read when the parser imports the layers
     args = build_parser().parse_args(argv)
     from .training.fit import StopRequested
-    with exit_on_error(PROG):
+    with exit_on_error(PROG) as ctx:
         start = time.time()
         cfg, folder = prepare(args, argv)
+        ctx.on_exit(folder.unlock)
+        ctx.resume = f"{PROG} --resume --out {folder.path}"
         print(f"run folder: {folder.path}", file=sys.stderr)
         from .training.domain_training import train_domains
         try:

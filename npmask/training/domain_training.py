@@ -70,6 +70,7 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
     from . import batches
     from .fit import fit
     from .loop import evaluate
+    from .validate import check_stored_domain
 
     get_backend(cfg.backend)
     model, info = load_run_backbone(cfg)
@@ -81,6 +82,8 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
     for d in cfg.domains:
         done = folder.progress()["done"]
         if d in done and folder.domain_file(d).is_file():
+            check_stored_domain(folder.domain_file(d), domain=d, variant=cfg.variant,
+                                fingerprint=model.fingerprint())
             load_stored_domain(model, folder.domain_file(d), name=d)
             continue
         seed = domain_seed(cfg.seed, d)
@@ -130,6 +133,21 @@ def emax_from_run(run_dir) -> tuple[dict, str]:
         res = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--emax-from {run_dir}: no results.json (is it a finished run?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--emax-from {p}: not valid JSON ({err})") from None
+    if not isinstance(res, dict):
+        raise ConfigError(f"--emax-from {p}: expected a JSON object, got {type(res).__name__}")
+    acc = res.get("acc")
+    if not isinstance(acc, dict) or not acc or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 100
+            for a in acc.values()):
+        raise ConfigError(f"--emax-from {p}: field 'acc' must map domains to test accuracies in "
+                          f"[0, 100] %, got {json.dumps(acc)[:80]}")
+    perfect = sorted(d for d, a in acc.items() if a == 100)
+    if perfect:
+        raise ConfigError(f"--emax-from {p}: the finetune run is 100% accurate on "
+                          f"{', '.join(perfect)}, so Emax = 2 x its error is 0 and the S-score is "
+                          "undefined there")
     if res.get("variant") != "finetune":
         raise ConfigError(f"--emax-from {run_dir}: that run trained variant {res.get('variant')!r}; "
                           "Emax comes from a 'finetune' run")
