@@ -26,6 +26,7 @@ import hashlib
 
 import numpy as np
 
+from .nn.checks import check_array
 from .backend import get_array_module, to_numpy
 from .masking.layers import DEFAULT_MASK_INIT, MaskedConv2d, MaskedLinear, SharedFrozen
 from .masking.variants import Variant, get_variant
@@ -106,6 +107,7 @@ class MultiDomainModel:
     # ------------------------------------------------------------------ computation
     def forward(self, x, domain: str | None = None):
         """Logits (N, num_classes of the domain) for images x (N, C, H, W) of ``domain`` (default: active)."""
+        check_array(self, x, "input", (None, None, None, None))
         return self.network(domain).forward(x)
 
     __call__ = forward

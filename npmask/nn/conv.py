@@ -48,6 +48,7 @@ import threading
 import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
+from .checks import check_array, check_conv_gradient
 from .module import Module
 from .parallel import contiguous, each_chunk, in_parallel
 
@@ -582,11 +583,13 @@ class Conv2d(Module):
         self._cache = None
 
     def forward(self, x):
+        check_array(self, x, "input", None)
         y, self._cache = conv2d_forward(x, self.params["weight"], self.params.get("bias"),
                                         self.stride, self.padding)
         return y
 
     def backward(self, dy):
+        check_conv_gradient(self, dy, self._cache)
         if self._cache is None:
             raise RuntimeError("Conv2d.backward called before forward")
         dx, dweight, dbias = conv2d_backward(dy, self._cache, need_dx=self.need_input_grad,
