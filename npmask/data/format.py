@@ -216,6 +216,11 @@ def write_domain(folder, *, name: str, train, test, val=None, class_names, mirro
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        # mkdtemp makes the folder private (0700): a data cache shared by several users would be
+        # unreadable to all but its writer. Give it the rights any new folder gets (the umask).
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
         save = np.savez_compressed if compress else np.savez
         for split, (images, labels) in splits.items():
             # np.savez appends ".npz" to a name without it, so pass an open file instead.
