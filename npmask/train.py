@@ -187,7 +187,11 @@ def pretrain_on_the_spot(cfg: TrainConfig, root) -> Path:
         save_config(str(folder.config), pcfg, {"command": "(pretrained on the spot by npmask.train)"})
     print(f"no shipped backbone for {cfg.model}: pretraining one on the synthetic base domain "
           f"into {out} (resumable; this takes a while on a CPU)", file=sys.stderr)
-    pretrain(pcfg, folder)
+    folder.lock()  # a second train waiting for the same backbone is refused, not interleaved
+    try:
+        pretrain(pcfg, folder)
+    finally:
+        folder.unlock()
     return Path(pcfg.save)
 
 

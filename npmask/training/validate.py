@@ -347,8 +347,10 @@ def new_folder(folder):
     success the lock stays held (``folder.unlock()`` when the command ends). A folder another
     process got to first is left alone."""
     import shutil
+    from .checkpoint import fsync_dir
     existed = folder.path.exists()
     folder.create()
+    fsync_dir(folder.path.resolve().parent)  # the run folder's own entry reaches the disk
     folder.lock()  # refused (one line) when another live process holds it: nothing removed
     if folder.exists():  # another process started a run here between our check and our lock
         folder.unlock()
