@@ -128,15 +128,16 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
     emax, emax_source = base.emax, base.emax_source
     for v in order:
         folder = RunFolder(Path(out) / v)
+        if ctx is not None:
+            ctx.on_exit(folder.unlock)  # a no-op unless the lock below was taken
         if folder.exists():
             folder.lock()
             cfg = load_config(str(folder.config))
+            validate.check_train_config(cfg, where=str(folder.config))
         else:
             cfg = TrainConfig.from_dict({**base.to_dict(), "variant": v})
             with validate.new_folder(folder):
                 save_config(str(folder.config), cfg, {"command": command, "part_of": str(out)})
-        if ctx is not None:
-            ctx.on_exit(folder.unlock)
         if emax is not None and cfg.emax != emax:
             cfg.emax, cfg.emax_source = emax, emax_source
         print(f"== {v} ==", file=sys.stderr)

@@ -140,7 +140,18 @@ def check_mask_init(mask_init, tau: float, dtype: str) -> None:
 
 
 def check_train_config(cfg, where: str = "the command line"):
-    """All value checks of a TrainConfig (types, ranges, variant, backend, model); returns it."""
+    """All value checks of a TrainConfig (types, ranges, variant, backend, model); returns it.
+
+    ``where``: the command line, or the stored config's path (named in every message then)."""
+    try:
+        return _check_train_config(cfg, where)
+    except ConfigError as err:
+        if where == "the command line" or str(err).startswith(where):
+            raise
+        raise ConfigError(f"{where} (the run's stored settings): {err}") from None
+
+
+def _check_train_config(cfg, where: str):
     from . import cli
     _common(cfg, where)
     for name in ("lr_body", "lr_head"):
@@ -240,12 +251,7 @@ def check_train_backbone(cfg) -> None:
 def check_train_run(cfg, where: str = "the command line"):
     """Everything a train run needs, before its folder exists (and again on --resume)."""
     check_environment()
-    try:
-        check_train_config(cfg, where)
-    except ConfigError as err:
-        if where == "the command line" or str(err).startswith(where):
-            raise
-        raise ConfigError(f"{where} (the run's stored settings): {err}") from None
+    check_train_config(cfg, where)
     if cfg.data_root is not None and cfg.domains:
         if not Path(cfg.data_root).is_dir():
             raise ConfigError(f"data folder {cfg.data_root} does not exist")
