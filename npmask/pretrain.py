@@ -134,6 +134,7 @@ def run(args, argv=None, ctx=None) -> dict:
             raise ConfigError(f"run folder {out} already exists; pass --resume to continue it "
                               "or choose another --out")
         cfg.save = cfg.save or str(Path(out) / "backbone.npz")
+        validate.check_save_path(cfg.save)
         with validate.new_folder(folder):
             save_config(str(folder.config), cfg,
                         {"command": cli.command_line("npmask.pretrain", argv)})

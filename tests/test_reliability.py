@@ -190,6 +190,14 @@ def test_3_pretrain_environment_and_stored_config_are_checked(tiny, reference, t
                         (["--lr-decay", "-2"], "--lr-decay must be a finite number")]:
         refused(pretrain.main, pargs(tiny, tmp_path / "p", *extra), part)
     assert not (tmp_path / "p").exists()
+    # --save never overwrites a file that is not a backbone
+    notes = tmp_path / "notes.npz"
+    notes.write_bytes(b"mine")
+    refused(pretrain.main, pargs(tiny, tmp_path / "p", "--save", str(notes)),
+            "is not an npmask backbone")
+    refused(pretrain.main, pargs(tiny, tmp_path / "p", "--save", str(tmp_path / "README.md")),
+            "ending in .npz")
+    assert notes.read_bytes() == b"mine" and not (tmp_path / "p").exists()
     monkeypatch.setenv("NPMASK_THREADS", "many")
     refused(train.main, args(tiny, tmp_path / "t"), "NPMASK_THREADS must be a positive integer")
     monkeypatch.delenv("NPMASK_THREADS")

@@ -320,6 +320,31 @@ def check_new_out(out, kind: str, prog: str) -> None:
         raise ConfigError(f"--out {out}: folder {parent} is not writable")
 
 
+def check_save_path(save) -> None:
+    """``pretrain --save``: a ``.npz`` path that is new or an earlier backbone (an .npz with its
+    .json beside it, e.g. the shipped one being regenerated); never another file of the user."""
+    p = Path(save)
+    if p.suffix != ".npz":
+        raise ConfigError(f"--save {save}: a backbone is written as a .npz file (with a .json "
+                          "beside it); give a path ending in .npz")
+    if p.is_dir():
+        raise ConfigError(f"--save {save} is a folder; give the path of the .npz to write")
+    info = p.with_suffix(".json")
+    if p.exists() and not info.is_file():
+        raise ConfigError(f"--save {save} exists and is not an npmask backbone (no {info.name} "
+                          "beside it); npmask does not overwrite it: choose another path")
+    if info.exists() and not p.exists():
+        raise ConfigError(f"--save {save}: {info} exists without its .npz; npmask does not "
+                          "overwrite it: choose another path")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--save {save}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--save {save}: folder {parent} is not writable")
+
+
 def check_resume_folder(out, kind: str, prog: str) -> None:
     """``--resume`` must name a run folder of this command."""
     if not Path(out).is_dir():
