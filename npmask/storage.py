@@ -132,6 +132,10 @@ def read_domain_file(path) -> tuple[dict, dict]:
     if missing:
         raise DomainFileError(f"{path}: __meta__ lacks {missing}; the file is incomplete or corrupt")
     _check_meta_types(meta, path)
+    head = arrays.get(f"head/{meta['head_name']}.weight")
+    if head is not None and (head.ndim != 2 or head.shape[0] != meta["num_classes"]):
+        raise DomainFileError(f"{path}: __meta__ field 'num_classes' is {meta['num_classes']} but "
+                              f"the stored classifier has shape {tuple(head.shape)}")
     return meta, arrays
 
 

@@ -396,6 +396,10 @@ def test_7_malformed_files_are_one_line_naming_file_and_field(tiny, reference, t
     bad_meta = doctored("meta", edit_meta=lambda m: m.update(num_classes="three"))
     with pytest.raises(DomainFileError, match="field 'num_classes'"):
         load_domain(model, bad_meta)
+    huge = doctored("huge", edit_meta=lambda m: m.update(num_classes=10 ** 30))
+    with pytest.raises(DomainFileError, match="'num_classes' is 1000000000000000000000000000000 "
+                                              "but the stored classifier has shape"):
+        load_domain(model, huge)  # not an OverflowError or a MemoryError building the head
 
     def nan_k(arrays):
         key = next(k for k in arrays if k.startswith("param/") and k.endswith(".k1"))
