@@ -25,12 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from .io import atomic_write_text
-from .training import cli
+from .io import atomic_write_text, remove_stale_temps
+from .training import cli, validate
 from .training.config import TrainConfig, load_config, save_config
 from .training.domain_training import emax_from_run, score, train_domains
 from .training.errors import ConfigError, exit_on_error
 from .training.fit import StopRequested
+from .training.lock import RunLock
 from .training.results import markdown_table
 from .training.run_folder import RunFolder, resume_target
 
@@ -69,10 +70,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     with exit_on_error(PROG):
+        validate.check_environment()  # NPMASK_THREADS, NPMASK_DATA: one line, before any work
+    args = build_parser().parse_args(argv)
+    with exit_on_error(PROG) as ctx:
         start = time.time()
-        text = run(vars(args), argv)
+        text = run(vars(args), argv, ctx)
         if text is None:
             return 0
         print(text)
@@ -80,12 +83,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(ns: dict, argv=None) -> str | None:
+def run(ns: dict, argv=None, ctx=None) -> str | None:
     """Train every variant (resuming finished or partial ones) and write the comparison table."""
+    validate.check_args(ns)
     if ns.get("resume"):
         out = resume_target(ns.get("out"), "compare-", what="comparison folder")
         doc = _read_json(Path(out) / "compare.json")
-        variants, base = doc["variants"], TrainConfig.from_dict(doc["config"])
+        variants, base = _read_compare(doc, Path(out) / "compare.json")
+        validate.check_train_run(base, where=str(Path(out) / "compare.json"))
         given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
         cli.check_resume_conflicts(given, base.to_dict(), cli.TRAIN_FLAGS)
         if ns.get("variants") and ns["variants"] != variants:
@@ -103,10 +108,19 @@ def run(ns: dict, argv=None) -> str | None:
         if (Path(out) / "compare.json").is_file():
             raise ConfigError(f"comparison folder {out} already exists; pass --resume to continue "
                               "it or choose another --out")
-        Path(out).mkdir(parents=True, exist_ok=True)
+        validate.check_new_out(out, "compare", PROG)
         command = cli.command_line("npmask.compare", argv)
-        atomic_write_text(str(Path(out) / "compare.json"), json.dumps(
-            {"variants": variants, "config": base.to_dict(), "command": command}, indent=2) + "\n")
+    top = _CompareFolder(out)
+    if ns.get("resume"):
+        top.lock()
+    else:
+        with validate.new_folder(top):
+            atomic_write_text(str(Path(out) / "compare.json"), json.dumps(
+                {"variants": variants, "config": base.to_dict(), "command": command},
+                indent=2) + "\n")
+    if ctx is not None:
+        ctx.on_exit(top.unlock)
+        ctx.resume = f"{PROG} --resume --out {out}"
     # finetune first: its errors are Emax for every row's S-score
     order = sorted(variants, key=lambda v: v != "finetune")
     budget = ns.get("stop_after_epochs")
@@ -114,12 +128,16 @@ def run(ns: dict, argv=None) -> str | None:
     emax, emax_source = base.emax, base.emax_source
     for v in order:
         folder = RunFolder(Path(out) / v)
+        if ctx is not None:
+            ctx.on_exit(folder.unlock)  # a no-op unless the lock below was taken
         if folder.exists():
+            folder.lock()
             cfg = load_config(str(folder.config))
+            validate.check_train_config(cfg, where=str(folder.config))
         else:
             cfg = TrainConfig.from_dict({**base.to_dict(), "variant": v})
-            folder.create()
-            save_config(str(folder.config), cfg, {"command": command, "part_of": str(out)})
+            with validate.new_folder(folder):
+                save_config(str(folder.config), cfg, {"command": command, "part_of": str(out)})
         if emax is not None and cfg.emax != emax:
             cfg.emax, cfg.emax_source = emax, emax_source
         print(f"== {v} ==", file=sys.stderr)
@@ -183,9 +201,51 @@ def write_table(out, variants, results, base, emax, emax_source, command, table_
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: not a comparison folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _read_compare(doc: dict, path: Path):
+    """(variants, base TrainConfig) of compare.json, each field checked."""
+    variants = doc.get("variants")
+    if not (isinstance(variants, list) and variants and all(isinstance(v, str) for v in variants)):
+        raise ConfigError(f"{path}: field 'variants' must be a non-empty list of names, got "
+                          f"{json.dumps(variants)[:80]}")
+    for v in variants:
+        cli.check_variant(v)
+    if not isinstance(doc.get("config"), dict):
+        raise ConfigError(f"{path}: field 'config' must be an object")
+    if not isinstance(doc.get("command"), str):
+        raise ConfigError(f"{path}: field 'command' must be a string")
+    return variants, TrainConfig.from_dict(doc["config"])
+
+
+class _CompareFolder:
+    """The comparison folder as :func:`validate.new_folder` and the lock see it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = RunLock(self.path)
+
+    def create(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def exists(self) -> bool:
+        return (self.path / "compare.json").is_file()
+
+    def lock(self):
+        if not self._lock.held:
+            self._lock.acquire()
+            remove_stale_temps(self.path, recursive=False)  # sub-run folders clean their own
+
+    def unlock(self):
+        self._lock.release()
 
 
 if __name__ == "__main__":

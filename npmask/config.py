@@ -72,10 +72,12 @@ _CHOICES = {"conv_impl": ("fast", "readable")}
 class Settings:
     """The settings, as attributes; see ``Settings.describe()`` for each one's meaning and why."""
 
-    __slots__ = tuple(_DOCS)
+    __slots__ = tuple(name for name in _DOCS if name != "threads") + ("_threads",)
 
     def __init__(self):
-        self.threads = default_threads()
+        # NPMASK_THREADS is read at first use, not at import: a bad value then reaches the user
+        # as the commands' one-line error instead of a traceback from an import.
+        object.__setattr__(self, "_threads", None)
         self.parallel_min_floats = 1 << 18     # 256K floats, 1 MB
         self.parallel_min_flops = 1 << 26      # 64M flops, ~0.5 ms on one core
         self.conv_chunk_floats = 1 << 20       # 4 MB in float32: one to a few images
@@ -86,7 +88,20 @@ class Settings:
         self.folded_min_pixels = 256           # 16x16 images and larger
         self.conv_impl = "fast"
 
+    @property
+    def threads(self) -> int:
+        if self._threads is None:
+            object.__setattr__(self, "_threads", default_threads())
+        return self._threads
+
+    @threads.setter
+    def threads(self, value) -> None:
+        object.__setattr__(self, "_threads", _checked("threads", value))
+
     def __setattr__(self, name, value):
+        if name == "threads":
+            Settings.threads.fset(self, value)
+            return
         object.__setattr__(self, name, _checked(name, value))
 
     def as_dict(self) -> dict:

@@ -24,7 +24,7 @@ def atomic_write_bytes(path: str, write) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it normal rights
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; give it normal rights
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -34,9 +34,55 @@ def atomic_write_bytes(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_dir(folder)
 
 
-def _umask() -> int:
+def fsync_dir(folder) -> None:
+    """fsync a folder, so that a rename inside it survives a power cut (not only a kill).
+
+    A no-op where folders cannot be opened (Windows) or fsynced (some network file systems).
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_temp_name(name: str) -> bool:
+    """Names of the temporary files of an interrupted atomic write: ``.<target>.<random>.tmp``
+    (:func:`atomic_write_bytes`) and ``.tmp-<random>.npz`` (npmask.storage.save_domain)."""
+    return name.startswith(".") and (name.endswith(".tmp")
+                                     or (name.startswith(".tmp-") and name.endswith(".npz")))
+
+
+def remove_stale_temps(folder, recursive: bool = True) -> list[str]:
+    """Delete the temporary files interrupted writes left in ``folder`` (and its sub-folders).
+
+    Call it only while no other process writes there (a run holds its folder's lock). Returns the
+    removed paths.
+    """
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if is_temp_name(name):
+                p = os.path.join(root, name)
+                try:
+                    os.remove(p)
+                    removed.append(p)
+                except FileNotFoundError:
+                    pass
+        if not recursive:
+            break
+    return removed
+
+
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -38,6 +38,7 @@ from .masking.layers import DEFAULT_MASK_INIT, MaskedConv2d, MaskedLinear, Share
 from .masking.variants import Variant, get_variant
 from .models import get_submodule, set_submodule
 from .nn.batchnorm import BatchNorm
+from .nn.checks import check_array
 from .nn.conv import Conv2d
 from .nn.linear import Linear
 from .nn.module import Module
@@ -135,6 +136,7 @@ class MultiDomainModel:
     # ------------------------------------------------------------------ computation
     def forward(self, x, domain: str | None = None):
         """Logits (N, num_classes of the domain) for images x (N, C, H, W) of ``domain`` (default: active)."""
+        check_array(self, x, "input", (None, None, None, None))
         return self.network(domain).forward(x)
 
     __call__ = forward

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .training import cli
+from .training import cli, validate
 from .training.config import PretrainConfig, load_config, save_config
 from .training.errors import ConfigError, exit_on_error
 from .training.fit import StopRequested
@@ -83,43 +83,71 @@ def build_parser():
 
 def config_from_args(args) -> PretrainConfig:
     given = {k: v for k, v in vars(args).items() if k in FLAGS}
+    validate.check_args(vars(args))
+    validate.check_environment()
     cfg = PretrainConfig(**given)
-    return cfg.validate()
+    return validate.check_pretrain_config(cfg.validate())
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     with exit_on_error(PROG):
+        validate.check_environment()  # NPMASK_THREADS, NPMASK_DATA: one line, before any work
+    args = build_parser().parse_args(argv)
+    with exit_on_error(PROG) as ctx:
         try:
-            result = run(args, argv)
+            result = run(args, argv, ctx)
         except StopRequested as stop:
-            print(f"{stop}; continue with: {PROG} --resume --out <run folder>", file=sys.stderr)
+            print(f"{stop}; continue with: {ctx.resume or PROG + ' --resume --out <run folder>'}",
+                  file=sys.stderr)
             return 0
         print(f"backbone written to {result['save']} (test accuracy {result['test_acc']:.2f}%, "
               f"first {result['eval_subset']} test images {result['subset_acc']:.2f}%)")
     return 0
 
 
-def run(args, argv=None) -> dict:
+def run(args, argv=None, ctx=None) -> dict:
     ns = vars(args)
     if ns.get("resume"):
+        validate.check_args(ns)
         folder = RunFolder(resume_target(ns.get("out"), "pretrain-"))
-        cfg = load_config(str(folder.config), PretrainConfig)
-        cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(), FLAGS)
+        validate.check_resume_folder(folder.path, "pretrain", PROG)
+        folder.lock()  # one process per run folder; removes temp files of interrupted writes
+        try:
+            cfg = load_config(str(folder.config), PretrainConfig)
+            validate.check_environment()
+            validate.check_pretrain_config(cfg, where=str(folder.config))
+            _check_data(cfg, check(cfg))
+            cli.check_resume_conflicts({k: v for k, v in ns.items() if k in FLAGS}, cfg.to_dict(),
+                                       FLAGS)
+        except BaseException:
+            folder.unlock()
+            raise
     else:
         cfg = config_from_args(args)
-        check(cfg)
+        _check_data(cfg, check(cfg))
         out = ns.get("out") or cli.default_out("pretrain", cfg.model, cfg.domain)
+        validate.check_new_out(out, "pretrain", PROG)
         folder = RunFolder(out)
         if folder.exists():
             raise ConfigError(f"run folder {out} already exists; pass --resume to continue it "
                               "or choose another --out")
-        folder.create()
         cfg.save = cfg.save or str(Path(out) / "backbone.npz")
-        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.pretrain", argv)})
+        validate.check_save_path(cfg.save)
+        with validate.new_folder(folder):
+            save_config(str(folder.config), cfg,
+                        {"command": cli.command_line("npmask.pretrain", argv)})
+    if ctx is not None:
+        ctx.on_exit(folder.unlock)
+        ctx.resume = f"{PROG} --resume --out {folder.path}"
     return pretrain(cfg, folder, progress=not ns.get("quiet", False),
                     stop_after=ns.get("stop_after_epochs"),
                     command=cli.command_line("npmask.pretrain", argv))
+
+
+def _check_data(cfg: PretrainConfig, root) -> None:
+    """The domain's files (channels, archives, labels, sizes), read once before the run folder."""
+    validate.check_data(root, [cfg.domain], input_size=cfg.input_size, augmentation=cfg.augmentation,
+                        batch_size=cfg.batch_size, max_train=cfg.max_train)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .backend import get_array_module, to_numpy
 from .masking.layers import DEFAULT_MASK_INIT
 from .masking.variants import get_variant
 from .models import get_submodule
+from .io import current_umask, fsync_dir
 
 FORMAT = "npmask-domain"
 VERSION = 1
@@ -92,6 +93,7 @@ def save_domain(model, name: str, path, include_real_masks: bool = False) -> str
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; give it normal rights
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -101,6 +103,7 @@ def save_domain(model, name: str, path, include_real_masks: bool = False) -> str
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_dir(folder)  # the rename itself reaches the disk
     return path
 
 
@@ -134,7 +137,39 @@ def read_domain_file(path) -> tuple[dict, dict]:
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
         raise DomainFileError(f"{path}: __meta__ lacks {missing}; the file is incomplete or corrupt")
+    _check_meta_types(meta, path)
+    head = arrays.get(f"head/{meta['head_name']}.weight")
+    if head is not None and (head.ndim != 2 or head.shape[0] != meta["num_classes"]):
+        raise DomainFileError(f"{path}: __meta__ field 'num_classes' is {meta['num_classes']} but "
+                              f"the stored classifier has shape {tuple(head.shape)}")
     return meta, arrays
+
+
+def _check_meta_types(meta: dict, path) -> None:
+    """Each __meta__ field has the type load_domain relies on (DomainFileError naming it)."""
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    checks = {
+        "domain": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+        "variant": (lambda v: isinstance(v, str), "a string"),
+        "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                        "an integer >= 1"),
+        "tau": (num, "a finite number"),
+        "mask_init": (lambda v: isinstance(v, list) and len(v) == 2 and all(num(x) for x in v)
+                      and 0 < v[0] < v[1], "[LO, HI] with 0 < LO < HI"),
+        "backbone_fingerprint": (lambda v: isinstance(v, str), "a string"),
+        "backbone_parameters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                                "an integer > 0"),
+        "head_name": (lambda v: isinstance(v, str), "a string"),
+        "mask_shapes": (lambda v: isinstance(v, dict) and all(
+            isinstance(s, list) and all(isinstance(n, int) and n >= 0 for n in s)
+            for s in v.values()), "an object mapping layers to shapes"),
+    }
+    for key, (ok, want) in checks.items():
+        if not ok(meta[key]):
+            raise DomainFileError(f"{path}: __meta__ field {key!r} must be {want}, got "
+                                  f"{json.dumps(meta[key])[:60]}")
 
 
 # What load_domain and the overhead accounting read from __meta__.
@@ -206,6 +241,7 @@ def _fill(model, name, meta, arrays, path) -> None:
                 src = arrays[real_key]
                 used.add(real_key)
                 _check_shape(src.shape, dst.shape, real_key, path)
+                _check_values(src, real_key, path)
             else:
                 entry = f"mask/{layer}"
                 if entry not in arrays:
@@ -228,11 +264,27 @@ def _fill(model, name, meta, arrays, path) -> None:
             src = arrays[entry]
             used.add(entry)
             _check_shape(src.shape, dst.shape, entry, path)
+            _check_values(src, entry, path)
         xp = get_array_module(dst)
         dst[...] = xp.asarray(src, dtype=dst.dtype)
     extra = sorted(set(arrays) - used)
     if extra:
         raise DomainFileError(f"{path}: entries {extra[:5]} do not belong to this network")
+
+
+def _check_values(src, entry, path) -> None:
+    """Learned numbers must be finite (a NaN k or BN weight makes every logit NaN), and a batch
+    norm's running variance >= 0 (its square root is taken)."""
+    if src.dtype.kind not in "fc":
+        if src.dtype.kind not in "iub":
+            raise DomainFileError(f"{path}: entry {entry!r} has dtype {src.dtype}, not a number")
+        return
+    if not np.all(np.isfinite(src)):
+        raise DomainFileError(f"{path}: entry {entry!r} holds NaN or infinite values; the file is "
+                              "damaged (or the run diverged before it was saved)")
+    if entry.endswith("running_var") and np.any(src < 0):
+        raise DomainFileError(f"{path}: entry {entry!r} holds negative variances "
+                              f"(min {float(src.min()):g}); the file is damaged")
 
 
 def _check_shape(got, want, entry, path) -> None:

@@ -31,8 +31,8 @@ import sys
 import time
 
 from .backend import get_backend
-from .training import cli
-from .training.checkpoint import load_checkpoint
+from .training import cli, validate
+from .training.checkpoint import checkpoint_epoch
 from .training.config import load_config, save_config
 from .training.domain_training import emax_from_run, train_domains
 from .training.errors import ConfigError, exit_on_error
@@ -53,25 +53,40 @@ def prepare(args, argv=None):
     """(config, run folder) for a new run or a resumed one."""
     ns = vars(args)
     if ns.get("resume"):
+        validate.check_args(ns)
         folder = RunFolder(resume_target(ns.get("out"), "train-"))
-        cfg = load_config(str(folder.config))
-        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
-        cli.check_resume_conflicts(given, cfg.to_dict(), cli.TRAIN_FLAGS)
-        get_backend(cfg.backend)
-        if ns.get("emax_from"):
-            cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
-            save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
-        _drop_metrics_after_checkpoints(folder)
+        validate.check_resume_folder(folder.path, "train", PROG)
+        folder.lock()  # one process per run folder; removes temp files of interrupted writes
+        try:
+            cfg = _resume_config(folder, ns, argv)
+        except BaseException:
+            folder.unlock()
+            raise
         return cfg, folder
     cfg = cli.train_config_from_args(ns)
     out = ns.get("out") or cli.default_out("train", cfg.variant)
+    validate.check_new_out(out, "train", PROG)
     folder = RunFolder(out)
     if folder.exists():
         raise ConfigError(f"run folder {out} already exists; pass --resume to continue it or "
                           "choose another --out")
-    folder.create()
-    save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
+    with validate.new_folder(folder):
+        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
     return cfg, folder
+
+
+def _resume_config(folder, ns, argv):
+    """The stored config of a run being resumed, checked as a new one would be."""
+    cfg = load_config(str(folder.config))
+    validate.check_train_run(cfg, where=str(folder.config))
+    given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
+    cli.check_resume_conflicts(given, cfg.to_dict(), cli.TRAIN_FLAGS)
+    get_backend(cfg.backend)
+    if ns.get("emax_from"):
+        cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
+        save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
+    _drop_metrics_after_checkpoints(folder)
+    return cfg
 
 
 def _drop_metrics_after_checkpoints(folder) -> None:
@@ -83,17 +98,21 @@ def _drop_metrics_after_checkpoints(folder) -> None:
         if d is None or d in done or d in keep_epochs:
             continue
         ck = folder.checkpoint(d)
-        keep_epochs[d] = int(load_checkpoint(str(ck))["epoch"]) if ck.is_file() else 0
+        keep_epochs[d] = checkpoint_epoch(ck) if ck.is_file() else 0
     if keep_epochs:
         folder.truncate_metrics(lambda r: r.get("domain") not in keep_epochs
                                 or r.get("epoch", 0) <= keep_epochs[r["domain"]])
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     with exit_on_error(PROG):
+        validate.check_environment()  # NPMASK_THREADS, NPMASK_DATA: one line, before any work
+    args = build_parser().parse_args(argv)
+    with exit_on_error(PROG) as ctx:
         start = time.time()
         cfg, folder = prepare(args, argv)
+        ctx.on_exit(folder.unlock)
+        ctx.resume = f"{PROG} --resume --out {folder.path}"
         print(f"run folder: {folder.path}", file=sys.stderr)
         try:
             res = train_domains(cfg, folder, data_root=cfg.data_root,

@@ -203,8 +203,9 @@ def test_a_kill_between_checkpoint_and_metrics_line_loses_no_line(tiny, referenc
         return real_log(self, record)
     monkeypatch.setattr(RunFolder, "log", dies_once)
     out = tmp_path / "torn"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line with the --resume command, exit 130
         run_cli(base_args(tiny, out))
+    assert e.value.code == 130
     assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
     assert comparable_metrics(out) == comparable_metrics(reference_run)
 
@@ -322,7 +323,7 @@ def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "w") + ["--data-root", str(empty)], "holds no domain")
 
 
-def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path):
+def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path, monkeypatch):
     from npmask.metrics import decathlon_emax
     expect_exit(["--benchmark", "decathlon"], "--benchmark decathlon needs --data-root")
     expect_exit(["--benchmark", "decathlon", "--data-root", str(tiny["data"])],
@@ -335,6 +336,14 @@ def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path):
         (root / d).symlink_to(tiny["data"] / "a")
     expect_exit(["--benchmark", "decathlon", "--data-root", str(root)],
                 "needs --backbone", "--model wrn28_4 --input-size 64")
+    # the tiny backbone is a 16px WRN-10-1: refused before any folder exists ...
+    expect_exit(["--benchmark", "decathlon", "--data-root", str(root), "--backbone",
+                 str(tiny["backbone"]), "--out", str(tmp_path / "never")],
+                "is a wrn10_1, but the run asks for --model wrn28_4")
+    assert not (tmp_path / "never").exists()
+    # ... so the defaults are read with the backbone and data checks switched off
+    from npmask.training import validate
+    monkeypatch.setattr(validate, "check_train_run", lambda cfg, where=None: cfg)
     cfg = cli.train_config_from_args({"benchmark": "decathlon", "data_root": str(root),
                                       "backbone": str(tiny["backbone"])})
     assert (cfg.model, cfg.input_size, cfg.epochs, cfg.lr_decay_epochs) == ("wrn28_4", 64, 60, [45])

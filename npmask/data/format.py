@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import zipfile
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import replace_folder
+from ..io import current_umask, replace_folder
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -217,6 +218,9 @@ def write_domain(folder, *, name: str, train, test, val=None, class_names, mirro
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        # mkdtemp makes the folder private (0700): a data cache shared by several users would be
+        # unreadable to all but its writer. Give it the rights any new folder gets (the umask).
+        os.chmod(tmp, 0o777 & ~current_umask())
         save = np.savez_compressed if compress else np.savez
         for split, (images, labels) in splits.items():
             # np.savez appends ".npz" to a name without it, so pass an open file instead.

@@ -15,8 +15,9 @@ gives dx and G = dL/dW~; the transform backward turns G into dL/dR and dL/dk.
 """
 from __future__ import annotations
 
+from ..nn.checks import check_array
 from ..backend import get_array_module, rng as make_rng
-from ..nn.conv import conv2d_backward, conv2d_forward
+from ..nn.conv import check_conv_gradient, conv2d_backward, conv2d_forward
 from ..nn.linear import linear_backward, linear_forward
 from ..nn.module import Module
 from .transform import SURROGATES, transform_backward, transform_forward
@@ -124,16 +125,24 @@ class MaskedConv2d(_MaskedLayer):
     """
 
     def __init__(self, source, variant="full", **kwargs):
+        w = getattr(source, "params", {}).get("weight")
+        if w is None or w.ndim != 4 or not hasattr(source, "stride"):
+            raise ValueError(f"MaskedConv2d wraps a convolution (weight (out, in, kh, kw), stride, "
+                             f"padding); got {type(source).__name__} with weight shape "
+                             f"{None if w is None else tuple(w.shape)}: use MaskedLinear for a "
+                             "Linear layer")
         super().__init__(source, variant, **kwargs)
         self.stride, self.padding = source.stride, source.padding
         self.need_input_grad = bool(getattr(source, "need_input_grad", True))
         self._ccache = None
 
     def forward(self, x):
+        check_array(self, x, "input", (None, self.weight.shape[1], None, None))
         y, self._ccache = conv2d_forward(x, self._forward_weight(), self.bias, self.stride, self.padding)
         return y
 
     def backward(self, dy):
+        check_conv_gradient(self, dy, self._ccache)
         if self._ccache is None:
             raise RuntimeError("MaskedConv2d.backward called before forward")
         need_g = self._needs_weight_grad()
@@ -150,14 +159,23 @@ class MaskedLinear(_MaskedLayer):
     """A pretrained Linear extended by a binary mask and affine coefficients: x (N, in) -> (N, out)."""
 
     def __init__(self, source, variant="full", **kwargs):
+        w = getattr(source, "params", {}).get("weight")
+        if w is None or w.ndim != 2:
+            raise ValueError(f"MaskedLinear wraps a Linear layer (weight (out, in)); got "
+                             f"{type(source).__name__} with weight shape "
+                             f"{None if w is None else tuple(w.shape)}: use MaskedConv2d for a "
+                             "convolution")
         super().__init__(source, variant, **kwargs)
         self._x = self._wt = None
 
     def forward(self, x):
+        check_array(self, x, "input", (None, self.weight.shape[1]))
         self._x, self._wt = x, self._forward_weight()
         return linear_forward(x, self._wt, self.bias)
 
     def backward(self, dy):
+        if self._x is not None:
+            check_array(self, dy, "gradient", (self._x.shape[0], self.weight.shape[0]))
         if self._x is None:
             raise RuntimeError("MaskedLinear.backward called before forward")
         need_g = self._needs_weight_grad()

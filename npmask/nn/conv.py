@@ -35,6 +35,7 @@ import numpy as np
 from ..backend import get_array_module, rng as make_rng
 from ..config import settings
 from . import conv_fast
+from .checks import check_array
 from .module import Module
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "im2col", "col2im", "Conv2d"]
@@ -43,6 +44,21 @@ __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "im2col", "c
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Output length along one spatial axis: (size + 2*padding - kernel) // stride + 1."""
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv_output_shape(x_shape, weight_shape, stride: int, padding: int) -> tuple:
+    """(N, O, Ho, Wo) of a convolution of input ``x_shape`` with ``weight_shape``."""
+    n, _, h, w = x_shape
+    o, _, kh, kw = weight_shape
+    return (n, o, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding))
+
+
+def check_conv_gradient(layer, dy, cache) -> None:
+    """dy of a convolution's backward must have the shape its forward output had."""
+    if cache is None:
+        return  # the layer's own "backward called before forward" error follows
+    x, weight, _, stride, padding = cache[:5]
+    check_array(layer, dy, "gradient", conv_output_shape(x.shape, weight.shape, stride, padding))
 
 
 def _pair(v, what: str) -> tuple[int, int]:
@@ -203,11 +219,13 @@ class Conv2d(Module):
         self._cache = None
 
     def forward(self, x):
+        check_array(self, x, "input", None)
         y, self._cache = conv2d_forward(x, self.params["weight"], self.params.get("bias"),
                                         self.stride, self.padding)
         return y
 
     def backward(self, dy):
+        check_conv_gradient(self, dy, self._cache)
         if self._cache is None:
             raise RuntimeError("Conv2d.backward called before forward")
         dx, dweight, dbias = conv2d_backward(dy, self._cache, need_dx=self.need_input_grad,

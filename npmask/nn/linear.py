@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from ..backend import rng as make_rng
+from .checks import check_array
 from .module import Module
 
 
@@ -79,10 +80,12 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x):
+        check_array(self, x, "input", None)
         self._x = x
         return linear_forward(x, self.params["weight"], self.params.get("bias"))
 
     def backward(self, dy):
+        check_array(self, dy, "gradient", None)
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
         has_bias = "bias" in self.params and self.requires_grad("bias")

@@ -47,12 +47,38 @@ def read_info(npz_path) -> dict:
     """The JSON description stored beside a backbone ``.npz``."""
     p = info_path(npz_path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        info = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BackboneError(f"backbone description {p} not found (it is written beside the .npz "
                             "by python -m npmask.pretrain)") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BackboneError(f"backbone description {p} is not valid JSON ({err})") from None
+    check_info(info, p)
+    return info
+
+
+def check_info(info, p) -> None:
+    """The fields load_backbone needs, with their types (BackboneError naming file and field)."""
+    if not isinstance(info, dict):
+        raise BackboneError(f"backbone description {p}: expected a JSON object, got "
+                            f"{type(info).__name__}")
+    fields = {"model": (lambda v: isinstance(v, str) and v != "", "a model name"),
+              "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                              "an integer >= 1"),
+              "input_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                             "an integer >= 1")}
+    for key, (ok, want) in fields.items():
+        if key not in info:
+            raise BackboneError(f"backbone description {p} lacks field {key!r} ({want}); it is "
+                                "written beside the .npz by python -m npmask.pretrain")
+        if not ok(info[key]):
+            raise BackboneError(f"backbone description {p}: field {key!r} must be {want}, got "
+                                f"{json.dumps(info[key])[:60]}")
+    if info.get("dtype", "float32") not in ("float32", "float64"):
+        raise BackboneError(f"backbone description {p}: field 'dtype' must be float32 or float64, "
+                            f"got {json.dumps(info.get('dtype'))[:60]}")
+    if not isinstance(info.get("domain", "base"), str):
+        raise BackboneError(f"backbone description {p}: field 'domain' must be a string")
 
 
 def save_backbone(path, model, info: dict) -> None:
@@ -73,8 +99,11 @@ def load_backbone(path=None, *, dtype=None, backend: str = "numpy"):
                             "from PyTorch weights with python -m npmask.convert")
     info = read_info(path)
     dt = np.dtype(dtype or info.get("dtype", "float32"))
-    model = models.create(info["model"], num_classes=int(info["num_classes"]),
-                          input_size=int(info["input_size"]), dtype=dt, seed=0)
+    try:
+        model = models.create(info["model"], num_classes=int(info["num_classes"]),
+                              input_size=int(info["input_size"]), dtype=dt, seed=0)
+    except ValueError as err:
+        raise BackboneError(f"backbone description {info_path(path)}: {err}") from None
     try:
         with np.load(path, allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}

@@ -84,9 +84,17 @@ def unflatten(skeleton, arrays) -> object:
             return [walk(v) for v in x]
         if isinstance(x, dict):
             if "__array__" in x:
+                if x["__array__"] not in arrays:
+                    raise CheckpointError(f"the skeleton refers to array {x['__array__']!r}, "
+                                          "which the file does not hold")
                 return arrays[x["__array__"]]
             if "__dict__" in x:
-                return {k: walk(v) for k, v in x["__dict__"]}
+                items = x["__dict__"]
+                if not (isinstance(items, list)
+                        and all(isinstance(i, list) and len(i) == 2 for i in items)):
+                    raise CheckpointError("a __dict__ node of the skeleton is not a list of "
+                                          "[key, value] pairs")
+                return {k: walk(v) for k, v in items}
             if "__tuple__" in x:
                 return tuple(walk(v) for v in x["__tuple__"])
             if "__float__" in x:
@@ -127,6 +135,27 @@ def load_checkpoint(path: str):
     except Exception as err:  # zipfile.BadZipFile, ValueError, JSON errors, ...
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
                               "it is truncated or corrupt") from None
-    if header.get("format") != "npmask-checkpoint":
+    if not isinstance(header, dict) or header.get("format") != "npmask-checkpoint" \
+            or "state" not in header:
         raise CheckpointError(f"checkpoint {path} is not an npmask checkpoint")
-    return unflatten(header["state"], arrays)
+    try:
+        return unflatten(header["state"], arrays)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}; delete it to train this part again "
+                              "from epoch 0") from None
+
+
+def checkpoint_epoch(path, epochs: int | None = None, state=None) -> int:
+    """The completed-epoch count of checkpoint ``path`` (or of its already loaded ``state``),
+    checked to be an int in [0, epochs]; CheckpointError naming the file otherwise."""
+    if state is None:
+        state = load_checkpoint(str(path))
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"checkpoint {path}: field 'epoch' must be an integer >= 0, got "
+                              f"{epoch!r}; delete it to train this part again from epoch 0")
+    if epochs is not None and epoch > epochs:
+        raise CheckpointError(f"checkpoint {path} holds epoch {epoch}, but the run has {epochs} "
+                              "epochs; it belongs to another run: delete it to train this part "
+                              "again from epoch 0")
+    return epoch

@@ -22,6 +22,7 @@ from ..backend import get_backend
 from ..masking.variants import VARIANTS
 from .config import (PretrainConfig, TrainConfig, check_model, check_variant, load_config,
                      save_config)
+from . import validate
 from .domain_training import emax_from_run
 from .errors import ConfigError
 from .pretraining import pretrain
@@ -160,7 +161,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def train_config_from_args(ns: dict) -> TrainConfig:
-    """Build the config of an ``npmask.train`` run: the flags given, then the benchmark's defaults."""
+    """Build the config of an ``npmask.train`` run: the flags given, then the benchmark's defaults.
+
+    Everything is checked (settings, data, backbone) before the caller creates a run folder."""
+    validate.check_args(ns)
+    validate.check_environment()
     bench = get_benchmark(ns.get("benchmark", "synthetic"))
     given = {k: v for k, v in ns.items() if k in TRAIN_FLAGS}
     cfg = TrainConfig(
@@ -174,6 +179,7 @@ def train_config_from_args(ns: dict) -> TrainConfig:
             and bench.name == "synthetic":
         cfg.notes = "protocol settings changed on the command line (see the fields above)"
     cfg.validate()
+    validate.check_train_config(cfg)  # every setting, before the data or a backbone is touched
     check_variant(cfg.variant)
     get_backend(cfg.backend)  # --backend cupy without a GPU: one clear line, before any work
     check_model(cfg.model, cfg.input_size)
@@ -186,7 +192,7 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     cfg.backbone = resolve_backbone(cfg, bench, root)
     if ns.get("emax_from"):
         cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
-    return cfg
+    return validate.check_train_run(cfg)  # data (channels, labels, archives) and the backbone
 
 
 def resolve_backbone(cfg: TrainConfig, bench, root) -> str:
@@ -220,5 +226,9 @@ def pretrain_on_the_spot(cfg: TrainConfig, root) -> Path:
         save_config(str(folder.config), pcfg, {"command": "(pretrained on the spot by npmask.train)"})
     print(f"no shipped backbone for {cfg.model}: pretraining one on the synthetic base domain "
           f"into {out} (resumable; this takes a while on a CPU)", file=sys.stderr)
-    pretrain(pcfg, folder)
+    folder.lock()  # a second train waiting for the same backbone is refused, not interleaved
+    try:
+        pretrain(pcfg, folder)
+    finally:
+        folder.unlock()
     return Path(pcfg.save)

@@ -115,8 +115,8 @@ class TrainConfig(_Settings):
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"--max-train must be >= 1, got {self.max_train}")
-        if len(self.mask_init) != 2 or not 0 <= self.mask_init[0] <= self.mask_init[1]:
-            raise ConfigError(f"--mask-init must be LO,HI with 0 <= LO <= HI, got {self.mask_init}")
+        if len(self.mask_init) != 2 or not 0 < self.mask_init[0] < self.mask_init[1]:
+            raise ConfigError(f"--mask-init must be LO,HI with 0 < LO < HI, got {self.mask_init}")
         if len(set(self.domains)) != len(self.domains):
             raise ConfigError(f"--domains lists a domain twice: {self.domains}")
         return self
@@ -152,8 +152,8 @@ def load_config(path: str, cls=TrainConfig):
         raise ConfigError(f"{path} not found: not a run folder") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err})") from None
-    if "config" not in doc:
-        raise ConfigError(f"{path} has no 'config' entry")
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise ConfigError(f"{path} has no 'config' object: not an npmask run folder's config")
     return cls.from_dict(doc["config"])
 
 

@@ -26,18 +26,17 @@ from ..io import atomic_write_text
 from ..masking.inspect import mask_statistics, plot_mask_statistics
 from ..masking.variants import get_variant
 from ..metrics import decathlon_score, emax_from_accuracies, params_ratio, score_per_parameter
-from ..model_folder import backbone_source
-from ..multidomain import MultiDomainModel
 from ..optim import SGD, Adam, MultiStepLR, Optimizers
-from ..pretrained import BackboneError, load_backbone
 from ..storage import load_domain as load_stored_domain
 from ..storage import save_domain
 from . import batches
+from .backbone import load_run_backbone
 from .errors import ConfigError
 from .fit import fit
 from .loop import evaluate
 from .plots import plot_learning_curves
 from .results import markdown_table
+from .validate import check_stored_domain
 
 
 def domain_seed(seed: int, domain: str) -> int:
@@ -59,24 +58,6 @@ def build_optimizers(model, cfg):
     return opt, sched
 
 
-def load_run_backbone(cfg):
-    """The pretrained backbone of a run as a MultiDomainModel (checked against cfg.model)."""
-    try:
-        backbone, info = load_backbone(cfg.backbone, dtype=cfg.dtype, backend=cfg.backend)
-    except BackboneError as err:
-        raise ConfigError(str(err)) from None
-    if info["model"] != cfg.model:
-        raise ConfigError(f"backbone {cfg.backbone} is a {info['model']}, but the run asks for "
-                          f"--model {cfg.model}; pretrain one with python -m npmask.pretrain "
-                          f"--model {cfg.model} and pass it with --backbone")
-    if int(info["input_size"]) != int(cfg.input_size):
-        raise ConfigError(f"backbone {cfg.backbone} was trained on {info['input_size']}px inputs, "
-                          f"the run uses {cfg.input_size}px")
-    model = MultiDomainModel(backbone, base_domain=info.get("domain", "base"))
-    model.backbone_source = backbone_source(cfg.backbone) if cfg.backbone else {"shipped": None}
-    return model, info
-
-
 def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print) -> dict:
     """Train every domain of ``cfg`` not yet finished in ``folder``; returns the results dict."""
     get_backend(cfg.backend)
@@ -89,6 +70,8 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
     for d in cfg.domains:
         done = folder.progress()["done"]
         if d in done and folder.domain_file(d).is_file():
+            check_stored_domain(folder.domain_file(d), domain=d, variant=cfg.variant,
+                                fingerprint=model.fingerprint())
             load_stored_domain(model, folder.domain_file(d), name=d)
             continue
         seed = domain_seed(cfg.seed, d)
@@ -136,6 +119,21 @@ def emax_from_run(run_dir) -> tuple[dict, str]:
         res = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--emax-from {run_dir}: no results.json (is it a finished run?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--emax-from {p}: not valid JSON ({err})") from None
+    if not isinstance(res, dict):
+        raise ConfigError(f"--emax-from {p}: expected a JSON object, got {type(res).__name__}")
+    acc = res.get("acc")
+    if not isinstance(acc, dict) or not acc or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 100
+            for a in acc.values()):
+        raise ConfigError(f"--emax-from {p}: field 'acc' must map domains to test accuracies in "
+                          f"[0, 100] %, got {json.dumps(acc)[:80]}")
+    perfect = sorted(d for d, a in acc.items() if a == 100)
+    if perfect:
+        raise ConfigError(f"--emax-from {p}: the finetune run is 100% accurate on "
+                          f"{', '.join(perfect)}, so Emax = 2 x its error is 0 and the S-score is "
+                          "undefined there")
     if res.get("variant") != "finetune":
         raise ConfigError(f"--emax-from {run_dir}: that run trained variant {res.get('variant')!r}; "
                           "Emax comes from a 'finetune' run")

@@ -8,6 +8,8 @@ place that turns the expected ones into ``SystemExit("<prog>: error: <message>")
 from __future__ import annotations
 
 import contextlib
+import errno
+import sys
 
 from ..backend import BackendError
 from ..data.format import DataFormatError
@@ -30,17 +32,82 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 _EXPECTED = (TrainingError, BackendError, CheckpointError, DataFormatError)
 
 
+def _expected() -> tuple:
+    """_EXPECTED plus the file errors of modules loaded lazily (imported here only if already
+    loaded, so importing this module never pulls in the networks)."""
+    types = list(_EXPECTED)
+    for module, name in (("npmask.storage", "DomainFileError"),
+                         ("npmask.pretrained", "BackboneError")):
+        m = sys.modules.get(module)
+        if m is not None and hasattr(m, name):
+            types.append(getattr(m, name))
+    return tuple(types)
+
+
+# Failures of the machine rather than of npmask: reported as one line naming the path.
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EIO, errno.ENAMETOOLONG,
+                errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ELOOP, errno.EMFILE}
+
+
+def os_error_message(err: OSError) -> str:
+    """``<what went wrong>: <path>`` for an OSError of the file system."""
+    where = err.filename if err.filename is not None else "a file of the run"
+    if err.filename2 is not None:
+        where = f"{where} -> {err.filename2}"
+    text = f"{err.strerror or type(err).__name__}: {where}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (free some space; what was saved before is kept)"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text += " (check the folder's permissions, or pick another --out / --data-root)"
+    return text
+
+
+class _Context:
+    """What ``exit_on_error`` yields: set ``resume`` to the command that continues the run, so an
+    interruption (Ctrl-C) or a full disk can say how to go on; ``on_exit(fn)`` runs ``fn`` when the
+    block ends, however it ends (e.g. giving back a run folder's lock)."""
+
+    def __init__(self):
+        self.resume: str | None = None
+        self._on_exit: list = []
+
+    def on_exit(self, fn) -> None:
+        self._on_exit.append(fn)
+
+    def close(self) -> None:
+        while self._on_exit:
+            self._on_exit.pop()()
+
+
 @contextlib.contextmanager
 def exit_on_error(prog: str):
     """Turn expected errors inside the block into ``SystemExit`` with a one-line message.
 
-    Unexpected exceptions (bugs) keep their traceback, on purpose.
+    Also one line: Ctrl-C (with the ``--resume`` command when the block set ``ctx.resume``) and
+    file-system failures (disk full, permission denied, read-only, missing drive: the message names
+    the path). Unexpected exceptions (bugs) keep their traceback, on purpose.
     """
+    ctx = _Context()
     try:
-        yield
-    except _EXPECTED as err:
+        yield ctx
+    except KeyboardInterrupt:
+        hint = (f"; continue with: {ctx.resume}" if ctx.resume
+                else " before the run started")
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT:
+            raise
+        hint = f"; then continue with: {ctx.resume}" if ctx.resume else ""
+        raise SystemExit(f"{prog}: error: {os_error_message(err)}{hint}") from None
+    except Exception as err:
+        if not isinstance(err, _expected()):
+            raise
         text = str(err).strip() or type(err).__name__
         if isinstance(err, KeyError) and text.startswith(("'", '"')):
             text = text[1:-1]  # KeyError quotes its message
         message = " ".join(line.strip() for line in text.splitlines() if line.strip())
         raise SystemExit(f"{prog}: error: {message}") from None
+    finally:
+        ctx.close()

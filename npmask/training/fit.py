@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_epoch, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 from .loop import epoch_line, train_epoch
 
@@ -60,7 +60,10 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
     start, history = 0, []
     if os.path.isfile(checkpoint_path):
         state = load_checkpoint(str(checkpoint_path))
+        checkpoint_epoch(checkpoint_path, epochs, state)  # an int in [0, epochs], else one line
         saved_extra = state.get("extra", {})
+        if not isinstance(saved_extra, dict):
+            saved_extra = {"extra": saved_extra}
         if saved_extra != extra:
             diff = sorted(k for k in set(extra) | set(saved_extra)
                           if extra.get(k) != saved_extra.get(k))
@@ -72,6 +75,8 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
             scheduler.load_state_dict(state["scheduler"])
             start = int(state["epoch"])
             history = list(state.get("history", []))
+            if not all(isinstance(r, dict) for r in history):
+                raise TypeError("field 'history' must be a list of per-epoch records")
         except (KeyError, ValueError, TypeError, AttributeError) as err:
             # A readable file whose content does not fit this run (edited by hand, or from an
             # incompatible npmask): one clear line, not a traceback from load_state_dict.

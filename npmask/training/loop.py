@@ -114,7 +114,8 @@ def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, de
                 bar.close()
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}) {where} at step {steps + 1}; the last good checkpoint is "
-                "kept on disk. Lower the learning rates (--lr-body/--lr-head) and --resume")
+                "kept on disk. Start a new run (another --out) with lower learning rates "
+                "(--lr-body/--lr-head; --lr when pretraining): --resume keeps the saved rates")
         n = int(y.shape[0])
         total_loss += loss * n
         correct += int((logits.argmax(axis=1) == y).sum())

@@ -7,6 +7,7 @@ with a ``.json`` beside it (:func:`npmask.pretrained.save_backbone`). ``npmask.t
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -17,13 +18,21 @@ from ..data.format import list_domains, read_meta
 from ..optim import SGD, MultiStepLR
 from ..pretrained import save_backbone
 from . import batches
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_epoch
 from .config import PretrainConfig, check_model, create_model, environment
 from .errors import ConfigError
 from .fit import fit
 from .loop import evaluate
 from .plots import plot_learning_curves
 from .suites import resolve_data_root
+
+
+def images_fingerprint(images, labels) -> str:
+    """sha256 of uint8 images and their labels: whether a later check sees the very same test
+    images, whatever code generated them."""
+    h = hashlib.sha256(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def check(cfg: PretrainConfig) -> str:
@@ -74,6 +83,7 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
         "dtype": cfg.dtype, "domain": cfg.domain, "data_root": str(root),
         "test_acc": round(full["acc"], 4), "test_images": full["n"],
         "eval_subset": int(sub["n"]), "subset_acc": round(sub["acc"], 4),
+        "eval_subset_sha256": images_fingerprint(*(a[:int(sub["n"])] for a in domain.test)),
         "train_seconds_this_session": round(time.time() - start, 1),
         "epochs": cfg.epochs, "history": history,
         "command": command, "config": cfg.to_dict(), "environment": environment(),
@@ -95,5 +105,5 @@ def _drop_metrics_after_checkpoint(folder) -> None:
     if not folder.metrics.is_file():
         return
     ck = folder.checkpoint("pretrain")
-    done = int(load_checkpoint(str(ck))["epoch"]) if ck.is_file() else 0
+    done = checkpoint_epoch(ck) if ck.is_file() else 0
     folder.truncate_metrics(lambda r: r.get("epoch", 0) <= done)

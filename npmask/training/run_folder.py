@@ -22,8 +22,9 @@ import os
 import time
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, remove_stale_temps
 from .errors import ConfigError
+from .lock import RunLock
 
 
 class RunFolder:
@@ -31,6 +32,7 @@ class RunFolder:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._lock = None
 
     # ------------------------------------------------------------------ paths
     @property
@@ -71,16 +73,50 @@ class RunFolder:
     def exists(self) -> bool:
         return self.config.is_file()
 
+    # ------------------------------------------------------------------ one process per folder
+    def lock(self) -> "RunFolder":
+        """Take the folder's lock (npmask.training.lock; RunLockError, one line, when another live
+        process holds it), then remove the temporary files of writes a killed process left."""
+        if self._lock is None:
+            self._lock = RunLock(self.path).acquire()
+            remove_stale_temps(self.path)
+        return self
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     # ------------------------------------------------------------------ metrics.jsonl
     def log(self, record: dict) -> None:
         """Append one JSON line (with a wall-clock ``time`` stamp) to metrics.jsonl."""
         record = dict(record)
         record.setdefault("time", round(time.time(), 3))
         line = json.dumps(record, sort_keys=False) + "\n"
+        self._cut_torn_line()
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+    def _cut_torn_line(self) -> None:
+        """A process killed mid-append leaves a last line without its newline; appending to it
+        would glue the next record onto it and lose both. Cut it (it never was a record)."""
+        try:
+            with open(self.metrics, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+        except FileNotFoundError:
+            return
 
     def read_metrics(self) -> list[dict]:
         """Every complete line of metrics.jsonl (a torn last line from a kill is skipped)."""
@@ -93,9 +129,11 @@ class RunFolder:
                 if not line:
                     continue
                 try:
-                    out.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # an incomplete line written while the process was killed
+                if isinstance(rec, dict):
+                    out.append(rec)
         return out
 
     def truncate_metrics(self, keep) -> None:
@@ -109,14 +147,36 @@ class RunFolder:
         if not self.progress_file.is_file():
             return {"done": {}}
         try:
-            return json.loads(self.progress_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+            prog = json.loads(self.progress_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{self.progress_file} is not valid JSON ({err})") from None
+        check_progress(prog, self.progress_file)
+        return prog
 
     def mark_done(self, domain: str, result: dict) -> None:
         prog = self.progress()
         prog["done"][domain] = result
         atomic_write_text(str(self.progress_file), json.dumps(prog, indent=2) + "\n")
+
+
+def check_progress(prog, path) -> None:
+    """progress.json must be ``{"done": {domain: {"test_acc": number, "epochs": int, ...}}}``."""
+    def bad(field, want, got):
+        raise ConfigError(f"{path}: field {field!r} must be {want}, got {json.dumps(got)[:80]}; "
+                          "the file is damaged (move it away to train every domain again)")
+    if not isinstance(prog, dict):
+        bad("(top level)", "an object", prog)
+    if not isinstance(prog.get("done"), dict):
+        bad("done", "an object mapping domain -> results", prog.get("done"))
+    for d, r in prog["done"].items():
+        if not isinstance(r, dict):
+            bad(f"done.{d}", "an object", r)
+        acc = r.get("test_acc")
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 100:
+            bad(f"done.{d}.test_acc", "a number in [0, 100]", acc)
+        ep = r.get("epochs")
+        if not isinstance(ep, int) or isinstance(ep, bool) or ep < 0:
+            bad(f"done.{d}.epochs", "an integer >= 0", ep)
 
 
 def newest_run(root, prefix: str = "") -> str | None:
