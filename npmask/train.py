@@ -97,7 +97,7 @@ def build_parser():
     g.add_argument("--mask-init", type=cli.float_pair, metavar="LO,HI",
                    help="real masks start as R ~ U(tau+LO, tau+HI), so M is all ones (default: "
                         "1e-4,2e-4 as the paper; Piggyback's code starts 5e-3 above its threshold)")
-    g.add_argument("--tau", type=float, help="mask threshold: M = 1[R > tau] (default: 0)")
+    g.add_argument("--tau", type=float, help="mask threshold: M = 1[R >= tau] (default: 0)")
     g.add_argument("--seed", type=int, help="seed of mask init, heads, batch order, augmentation "
                                             "(default: 0)")
     g = p.add_argument_group("where and how")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from npmask.metrics import domain_file_bits, params_ratio, running_stats_share
-from npmask.models import create
+from npmask.models import create, get_submodule
 from npmask.multidomain import MultiDomainModel
 from npmask.nn.loss import softmax_cross_entropy
 from npmask.optim import SGD, Adam, Optimizers
@@ -178,3 +178,22 @@ def test_wrn28_4_overhead_matches_the_paper(tmp_path):
     # table 4: ours 1.29 (printed to 2 decimals); counting the BN running statistics gives 1.306
     assert params_ratio([bits["full"]] * 9) == pytest.approx(1.29, abs=0.005)
     assert running_stats_share([bits["full"]] * 9) == pytest.approx(0.0125, abs=0.001)
+
+
+def test_mask_bits_keep_an_entry_exactly_at_the_threshold(tmp_path):
+    """Storage packs M = 1[R >= tau] (h(r) = 1[r >= 0]); the stored bits give the layer's logits."""
+    md = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
+    md.add_domain("d", 3, "piggyback", seed=1)
+    layer = get_submodule(md.network("d"), "conv1")
+    R = layer.params["mask_real"]
+    R[...] = -1.0
+    R.reshape(-1)[::2] = layer.tau                     # half the entries exactly at the threshold
+    assert layer.mask().reshape(-1)[::2].all() and not layer.mask().reshape(-1)[1::2].any()
+    path = save_domain(md, "d", tmp_path / "d.npz")
+    _, arrays = read_domain_file(path)
+    bits = np.unpackbits(arrays["mask/conv1"])[:R.size]
+    assert np.array_equal(bits, np.tile([1, 0], R.size // 2 + 1)[:R.size])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    fresh = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
+    load_domain(fresh, path)
+    assert np.array_equal(fresh.predict(x, domain="d"), md.predict(x, domain="d"))

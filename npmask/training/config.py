@@ -60,7 +60,7 @@ class TrainConfig(_Settings):
     weight_decay:  L2 weight decay of both optimisers (0 in the paper).
     max_train:     use at most this many training images per domain (None: all), a fixed subset.
     mask_init:     [lo, hi]: real masks start as R ~ U(tau + lo, tau + hi) (paper: 1e-4, 2e-4).
-    tau:           the mask threshold, M = 1[R > tau] (paper: 0).
+    tau:           the mask threshold, M = 1[R >= tau] (paper: 0).
     seed:          everything random (mask init, heads, batch order, augmentation) derives from it.
     backend:       "numpy" or "cupy". dtype: "float32" (default) or "float64".
     augmentation:  the loader's protocol: "auto", "pad_crop", "decathlon" or "none".
