@@ -47,6 +47,7 @@ FLAGS = {  # config field -> flag (for messages and --resume checks)
     "weight_decay": "--weight-decay", "max_train": "--max-train", "seed": "--seed",
     "mask_init": "--mask-init", "tau": "--tau",
     "backend": "--backend", "dtype": "--dtype", "augmentation": "--augmentation",
+    "train_split": "--train-split",
 }
 
 
@@ -58,9 +59,11 @@ def build_parser():
                    .split("Examples::")[0].strip(), epilog="examples:" + __doc__.split("Examples::")[1])
     g = p.add_argument_group("what to train")
     g.add_argument("--benchmark", choices=list(BENCHMARKS),
-                   help="synthetic (default: built in, CPU sized), decathlon (Visual Decathlon "
-                        "converted by data_scripts: WRN-28-4, 64x64, 72->64 crops, published Emax), "
-                        "or folder (any converted domains under --data-root)")
+                   help="the protocol preset: synthetic (default: built in, CPU sized), decathlon "
+                        "(table 4: Visual Decathlon converted by data_scripts, WRN-28-4, 64x64, "
+                        "published Emax), imagenet_to_sketch (tables 1-3: ResNet-50 at 224, "
+                        "random-size crops, 30 epochs, decay after 15), or folder (any converted "
+                        "domains under --data-root); every default it sets is in config.json")
     g.add_argument("--data-root", metavar="DIR",
                    help="folder holding one sub-folder per domain in npmask's data format "
                         "(default for synthetic: generated once into ~/.cache/npmask)")
@@ -103,8 +106,16 @@ def build_parser():
     g = p.add_argument_group("where and how")
     g.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: numpy)")
     g.add_argument("--dtype", choices=["float32", "float64"], help="float type (default: float32)")
-    g.add_argument("--augmentation", choices=["auto", "pad_crop", "decathlon", "none"],
-                   help="loader protocol (default: pad_crop synthetic, decathlon for decathlon)")
+    g.add_argument("--augmentation",
+                   choices=["auto", "pad_crop", "decathlon", "decathlon_crop64", "imagenet", "none"],
+                   help="loader protocol (default: pad_crop synthetic; decathlon for decathlon: "
+                        "gtsrb/omniglot/svhn whole at 72 as the residual-adapters loader, the others "
+                        "cropped to 64; decathlon_crop64: every domain cropped to 64 as the paper's "
+                        "text; imagenet for imagenet_to_sketch: random-size crop + mirroring, test "
+                        "resize 256 centre 224)")
+    g.add_argument("--train-split", choices=["train", "train+val"],
+                   help="what to train on (default: train; train+val for decathlon, the paper's "
+                        "final runs; the val split is for choosing the schedule)")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/train-<variant>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest runs/train-*) from its "
@@ -125,7 +136,8 @@ def config_from_args(ns: dict) -> TrainConfig:
     cfg = TrainConfig(
         benchmark=bench.name, model=bench.model, input_size=bench.input_size, epochs=bench.epochs,
         lr_body=bench.lr_body, lr_head=bench.lr_head, lr_decay_epochs=list(bench.lr_decay_epochs),
-        augmentation=bench.augmentation, emax=bench.emax, emax_source=bench.emax_source,
+        batch_size=bench.batch_size, augmentation=bench.augmentation,
+        train_split=bench.train_split, emax=bench.emax, emax_source=bench.emax_source,
         notes=bench.notes)
     for k, v in given.items():
         setattr(cfg, k, v)

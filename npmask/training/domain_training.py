@@ -89,7 +89,8 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
         domain = batches.load(data_root, d)
         train_it, test_it = batches.make_iterators(
             domain, batch_size=cfg.batch_size, seed=seed, backend=cfg.backend, dtype=dtype,
-            protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size)
+            protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size,
+            train_split=cfg.train_split)
         if d in model.domains:
             raise ConfigError(f"domain {d!r} has the name of the pretraining domain")
         model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
