@@ -4,7 +4,7 @@ The method (Mancini et al., "Boosting Binary Masks for Multi-Domain Learning thr
 Transformations"): a pretrained network is extended to new visual domains without changing its
 weights. Per domain, every convolution and hidden fully connected weight W is replaced by
 
-    W~ = k0*W + k1 + k2*M + k3*W∘M          M = 1[R > tau], a learned binary mask (1 bit per weight)
+    W~ = k0*W + k1 + k2*M + k3*W∘M          M = 1[R >= tau], a learned binary mask (1 bit per weight)
 
 with a few learned scalars k; the real-valued R learns through a straight-through gradient, and
 only M (packed), the k's, the domain's batch norm and its classifier are stored. Piggyback and the

@@ -4,8 +4,13 @@ Trains every variant in ``--variants`` (default: the rows of tables 1 and 5 of t
 matter most) with identical settings -- same backbone, domains, epochs, learning rates and seed --
 each in its own run folder ``<out>/<variant>/`` (an ordinary ``npmask.train`` run, so each is
 resumable), then writes ``<out>/results.md``: one row per variant, one column per domain (test
-accuracy in %), the S-score with Emax = 2 x the error of the ``finetune`` row, ``# Params`` from
-the stored domain files and S_p = S / # Params. ``--table PATH`` also writes the table there
+accuracy in %, the pretraining domain first), the S-score over every domain with Emax = 2 x the
+error of the ``finetune`` row (so ``finetune`` scores 250 per domain), ``# Params`` from the stored
+domain files (footnote 3) and S_p = S / # Params.
+
+``--seeds 0,1,2`` repeats every (variant, domain) once per seed, in ``<out>/seed<k>/<variant>/``,
+scores each seed with its own ``finetune`` row, and prints mean ± std (sample std) per cell, as the
+paper reports averages over runs; results.json keeps every run. ``--table PATH`` also writes the table there
 together with the command that produced it (how ``benchmarks/results/compare_synthetic.md`` was
 made).
 
@@ -16,6 +21,7 @@ Examples::
     python -m npmask.compare                                   # synthetic benchmark, 8 rows
     python -m npmask.compare --variants classifier_only,finetune,full --domains digits,textures
     python -m npmask.compare --out runs/cmp --resume           # continue after a kill
+    python -m npmask.compare --seeds 0,1,2 --max-train 1000     # mean +- std over 3 runs
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from .training.domain_training import emax_from_run, score, train_domains
 from .training.errors import ConfigError, exit_on_error
 from .training.fit import StopRequested
 from .training.lock import RunLock
-from .training.results import markdown_table
+from .training.results import markdown_table, mean_std_row
 from .training.run_folder import RunFolder, resume_target
 
 PROG = "python -m npmask.compare"
@@ -46,6 +52,9 @@ def build_parser():
     p.add_argument("--variants", type=cli.name_list, metavar="V1,V2",
                    help="variants and baselines to train, in table order (default: "
                         + ",".join(DEFAULT_VARIANTS) + ")")
+    p.add_argument("--seeds", type=cli.int_list, metavar="S1,S2",
+                   help="run every variant once per seed and report mean ± std per cell (default: "
+                        "one run with --seed)")
     p.add_argument("--table", metavar="PATH",
                    help="also write the markdown table and the command that produced it to PATH")
     # Every setting of npmask.train applies to all variants alike.
@@ -91,10 +100,13 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
         doc = _read_json(Path(out) / "compare.json")
         variants, base = _read_compare(doc, Path(out) / "compare.json")
         validate.check_train_run(base, where=str(Path(out) / "compare.json"))
+        seeds = doc.get("seeds")
         given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
         cli.check_resume_conflicts(given, base.to_dict(), cli.TRAIN_FLAGS)
         if ns.get("variants") and ns["variants"] != variants:
             raise ConfigError(f"--variants differs from the comparison's {variants}")
+        if ns.get("seeds") and ns["seeds"] != seeds:
+            raise ConfigError(f"--seeds differs from the comparison's {seeds}")
         command = doc["command"]
     else:
         variants = ns.get("variants") or list(DEFAULT_VARIANTS)
@@ -102,6 +114,12 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
             raise ConfigError(f"--variants lists a variant twice: {variants}")
         for v in variants:
             cli.check_variant(v)
+        seeds = ns.get("seeds")
+        if seeds is not None:
+            if "seed" in ns:
+                raise ConfigError("give either --seed or --seeds, not both")
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ConfigError(f"--seeds must list distinct seeds, got {seeds}")
         given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
         base = cli.train_config_from_args({**given, "variant": "full"})
         out = ns.get("out") or cli.default_out("compare", base.benchmark)
@@ -116,50 +134,64 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
     else:
         with validate.new_folder(top):
             atomic_write_text(str(Path(out) / "compare.json"), json.dumps(
-                {"variants": variants, "config": base.to_dict(), "command": command},
-                indent=2) + "\n")
+                {"variants": variants, "seeds": seeds, "config": base.to_dict(),
+                 "command": command}, indent=2) + "\n")
     if ctx is not None:
         ctx.on_exit(top.unlock)
         ctx.resume = f"{PROG} --resume --out {out}"
     # finetune first: its errors are Emax for every row's S-score
     order = sorted(variants, key=lambda v: v != "finetune")
-    budget = ns.get("stop_after_epochs")
-    results = {}
-    emax, emax_source = base.emax, base.emax_source
-    for v in order:
-        folder = RunFolder(Path(out) / v)
-        if ctx is not None:
-            ctx.on_exit(folder.unlock)  # a no-op unless the lock below was taken
-        if folder.exists():
-            folder.lock()
-            cfg = load_config(str(folder.config))
-            validate.check_train_config(cfg, where=str(folder.config))
-        else:
-            cfg = TrainConfig.from_dict({**base.to_dict(), "variant": v})
-            with validate.new_folder(folder):
-                save_config(str(folder.config), cfg, {"command": command, "part_of": str(out)})
-        if emax is not None and cfg.emax != emax:
-            cfg.emax, cfg.emax_source = emax, emax_source
-        print(f"== {v} ==", file=sys.stderr)
-        done_before = _epochs_done(folder, cfg)
-        try:
-            res = train_domains(cfg, folder, data_root=cfg.data_root,
-                                progress=not ns.get("quiet", False), stop_after=budget,
-                                log=lambda s: print(s, file=sys.stderr))
-        except StopRequested as stop:
-            print(f"{stop}; continue with: {PROG} --resume --out {out}", file=sys.stderr)
-            return None
-        if budget:
-            budget -= _epochs_done(folder, cfg) - done_before
-            if budget <= 0:
-                print(f"stopped as requested; continue with: {PROG} --resume --out {out}",
-                      file=sys.stderr)
+    budget = [ns.get("stop_after_epochs")]
+    per_seed = {}  # seed -> (results by variant, emax, emax_source)
+    for seed in (seeds if seeds is not None else [base.seed]):
+        where = Path(out) / f"seed{seed}" if seeds is not None else Path(out)
+        results = {}
+        emax, emax_source = base.emax, base.emax_source
+        for v in order:
+            folder = RunFolder(where / v)
+            if ctx is not None:
+                ctx.on_exit(folder.unlock)  # a no-op unless the lock below was taken
+            if folder.exists():
+                folder.lock()
+                cfg = load_config(str(folder.config))
+                validate.check_train_config(cfg, where=str(folder.config))
+            else:
+                cfg = TrainConfig.from_dict({**base.to_dict(), "variant": v, "seed": seed})
+                with validate.new_folder(folder):
+                    save_config(str(folder.config), cfg,
+                                {"command": command, "part_of": str(out)})
+            if emax is not None and cfg.emax != emax:
+                cfg.emax, cfg.emax_source = emax, emax_source
+            print(f"== {v} (seed {seed}) ==", file=sys.stderr)
+            res = _train_one(cfg, folder, ns, budget, out)
+            if res is None:
                 return None
-        results[v] = res
-        if v == "finetune" and emax is None:
-            emax, emax_source = emax_from_run(folder.path)
-            emax_source = "2 x the test error of the finetune row"
-    return write_table(out, variants, results, base, emax, emax_source, command, ns.get("table"))
+            results[v] = res
+            if v == "finetune" and emax is None:
+                emax, _ = emax_from_run(folder.path)
+                emax_source = "2 x the test error of the finetune row" + (
+                    " of the same seed" if seeds is not None else "")
+        per_seed[seed] = (results, emax, emax_source)
+    return write_table(out, variants, per_seed, base, command, ns.get("table"), seeds)
+
+
+def _train_one(cfg, folder, ns, budget, out):
+    """Train (or finish) one run folder; None when stopped (kill or --stop-after-epochs)."""
+    done_before = _epochs_done(folder, cfg)
+    try:
+        res = train_domains(cfg, folder, data_root=cfg.data_root,
+                            progress=not ns.get("quiet", False), stop_after=budget[0],
+                            log=lambda s: print(s, file=sys.stderr))
+    except StopRequested as stop:
+        print(f"{stop}; continue with: {PROG} --resume --out {out}", file=sys.stderr)
+        return None
+    if budget[0]:
+        budget[0] -= _epochs_done(folder, cfg) - done_before
+        if budget[0] <= 0:
+            print(f"stopped as requested; continue with: {PROG} --resume --out {out}",
+                  file=sys.stderr)
+            return None
+    return res
 
 
 def _epochs_done(folder, cfg) -> int:
@@ -167,17 +199,33 @@ def _epochs_done(folder, cfg) -> int:
     return sum(int(done[d]["epochs"]) for d in cfg.domains if d in done)
 
 
-def write_table(out, variants, results, base, emax, emax_source, command, table_path=None) -> str:
-    """Score every row with the common Emax and write results.md (and ``table_path``)."""
-    rows = []
-    for v in variants:
-        res = results[v]
-        files = [Path(out) / v / "domains" / f"{d}.npz" for d in base.domains]
-        sc = score(res["acc"], emax, files)
-        rows.append({"method": v, "acc": res["acc"], **sc})
-    table = markdown_table(rows, base.domains)
+def write_table(out, variants, per_seed, base, command, table_path=None, seeds=None) -> str:
+    """Score every run with its seed's Emax, average over seeds, write results.md/json (and ``table_path``).
+
+    ``per_seed``: {seed: ({variant: results of its run}, emax, emax_source)}.
+    """
+    runs = []
+    for seed, (results, emax, _) in per_seed.items():
+        where = Path(out) / f"seed{seed}" if seeds is not None else Path(out)
+        for v in variants:
+            res = results[v]
+            files = [where / v / "domains" / f"{d}.npz" for d in base.domains]
+            sc = score(res["acc"], emax, files)
+            runs.append({"method": v, "seed": seed, "acc": res["acc"], **sc})
+    if seeds is None:
+        rows = runs
+    else:
+        rows = [mean_std_row(v, [r for r in runs if r["method"] == v]) for v in variants]
+    emax_source = next(iter(per_seed.values()))[2]
+    emax = {s: e for s, (_, e, _) in per_seed.items()} if seeds is not None else \
+        next(iter(per_seed.values()))[1]
+    columns = list(rows[0]["acc"]) if rows else list(base.domains)
+    table = markdown_table(rows, columns)
     ordered = "; ".join(f"{r['method']} {r['score']:.0f}" for r in
                         sorted(rows, key=lambda r: -(r["score"] or 0)) if r["score"] is not None)
+    base_cols = [d for d in columns if d not in base.domains]
+    seeds_text = (f"seeds {', '.join(map(str, seeds))} (each cell: mean ± sample std over "
+                  f"{len(seeds)} runs)" if seeds is not None else f"seed {base.seed}")
     text = (f"# Variants compared on the {base.benchmark} benchmark\n\n" + table + "\n"
             f"Backbone `{Path(base.backbone).name}` ({base.model}, {base.input_size}x{base.input_size}), "
             f"{base.epochs} epochs per domain, batch {base.batch_size}, Adam lr {base.lr_body:g} "
@@ -185,15 +233,19 @@ def write_table(out, variants, results, base, emax, emax_source, command, table_
             f"{base.momentum:g} (head), x{base.lr_decay:g} after epoch(s) "
             f"{', '.join(map(str, base.lr_decay_epochs)) or 'none'}, "
             f"{'all' if base.max_train is None else base.max_train} training images per domain, "
-            f"seed {base.seed}.\n\n"
-            f"Emax: {emax_source or 'missing (no finetune row)'}. # Params from the stored domain "
-            "files (paper, footnote 3; classifiers excluded, T counts the pretraining domain).\n\n"
+            f"{seeds_text}.\n\n"
+            + (f"`{base_cols[0]}` is the pretraining domain: the backbone's own accuracy, the same "
+               "in every row, scored like the other domains (tables 1-4 of the paper).\n\n"
+               if base_cols else "")
+            + f"Emax: {emax_source or 'missing (no finetune row)'}. # Params from the stored domain "
+            "files (paper, footnote 3; classifiers excluded, T counts the pretraining domain; masks, "
+            "k's and BN weights and biases, not the BN running statistics).\n\n"
             + (f"S-score ranking: {ordered}.\n\n" if ordered else "")
             + f"Produced by:\n\n    {command}\n")
     atomic_write_text(str(Path(out) / "results.md"), text)
     atomic_write_text(str(Path(out) / "results.json"), json.dumps(
-        {"variants": variants, "rows": rows, "emax": emax, "emax_source": emax_source,
-         "command": command}, indent=2) + "\n")
+        {"variants": variants, "seeds": seeds, "rows": rows, "runs": runs, "emax": emax,
+         "emax_source": emax_source, "command": command}, indent=2) + "\n")
     if table_path:
         atomic_write_text(str(table_path), text)
     return text

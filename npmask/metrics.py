@@ -13,7 +13,14 @@ Parameter overhead (footnote 3 of the paper), classifiers excluded::
     S_p      = S / # Params
 
 with A_d the bits domain d adds (counted from its .npz: 1 bit per mask entry as stored, 32 bits per
-stored float32 value) and N_p the backbone's parameters.
+stored float32 value) and N_p the backbone's parameters. What the paper counts: masks, k's and the
+domain's batch-norm weights and biases (WRN-28-4 ``full``, T = 10: 1.29 as table 4). The BN running
+statistics (running_mean, running_var) are stored too, because inference needs them, but the paper
+does not count them; :func:`domain_file_bits` reports them apart as ``running_stat_bits`` and
+:func:`running_stats_share` gives what they would add to ``# Params``.
+
+The S-score sums over every domain of the model, the pretraining one included (tables 1-4): a
+``finetune`` run over the pretraining domain and N targets scores exactly 250 (N + 1).
 """
 from __future__ import annotations
 
@@ -72,18 +79,31 @@ def decathlon_score(errors: dict, emax: dict) -> tuple[float, dict]:
 def domain_file_bits(path) -> dict:
     """What one domain file adds, in bits, from its stored arrays (classifier and real masks excluded).
 
-    Returns ``{"mask_bits", "param_bits", "bits", "backbone_parameters", "bits_per_parameter",
-    "variant", "domain"}``; bits_per_parameter = A_d / N_p (just over 1 for mask variants, just over 32
-    for ``finetune``).
+    Returns ``{"mask_bits", "param_bits", "running_stat_bits", "bits", "backbone_parameters",
+    "bits_per_parameter", "variant", "domain"}``; ``bits = mask_bits + param_bits`` is A_d as the
+    paper counts it (masks, k's, BN weights and biases, every weight for ``finetune``);
+    ``running_stat_bits`` (BN running mean/var, stored for inference) are not in ``bits``.
+    bits_per_parameter = A_d / N_p (just over 1 for mask variants, exactly 32 for ``finetune``).
     """
     meta, arrays = read_domain_file(path)
     mask_bits = sum(8 * a.nbytes for k, a in arrays.items() if k.startswith("mask/"))
-    param_bits = sum(8 * a.nbytes for k, a in arrays.items() if k.startswith("param/"))
+    param_bits = sum(8 * a.nbytes for k, a in arrays.items()
+                     if k.startswith("param/") and not is_running_statistic(k))
+    stat_bits = sum(8 * a.nbytes for k, a in arrays.items()
+                    if k.startswith("param/") and is_running_statistic(k))
     n_p = int(meta["backbone_parameters"])
     bits = mask_bits + param_bits
     return {"domain": meta["domain"], "variant": meta["variant"], "mask_bits": int(mask_bits),
-            "param_bits": int(param_bits), "bits": int(bits), "backbone_parameters": n_p,
-            "bits_per_parameter": bits / n_p}
+            "param_bits": int(param_bits), "running_stat_bits": int(stat_bits), "bits": int(bits),
+            "backbone_parameters": n_p, "bits_per_parameter": bits / n_p}
+
+
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_running_statistic(key: str) -> bool:
+    """True for a stored BN running statistic (not a learned parameter; the paper does not count it)."""
+    return key.rsplit(".", 1)[-1] in RUNNING_STATISTICS
 
 
 def params_ratio(paths) -> float:
@@ -98,6 +118,15 @@ def params_ratio(paths) -> float:
     if len(n_ps) > 1:
         raise ValueError(f"domain files from backbones of different sizes {sorted(n_ps)}: {paths}")
     return 1.0 + sum(i["bits_per_parameter"] for i in infos) / 32.0
+
+
+def running_stats_share(paths) -> float:
+    """What the stored BN running statistics of ``paths`` would add to ``# Params`` (not counted there).
+
+    Σ_d R_d / (32 N_p) with R_d the running-statistic bits of domain d.
+    """
+    infos = [domain_file_bits(os.fspath(p)) for p in paths]
+    return sum(i["running_stat_bits"] / i["backbone_parameters"] for i in infos) / 32.0
 
 
 def score_per_parameter(score: float, ratio: float) -> float:

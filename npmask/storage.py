@@ -7,7 +7,7 @@ File layout (every entry a plain array; loaded with ``allow_pickle=False``)::
                        files written before it existed lack it) ``data``: what inference needs --
                        class names, mean/std, image and input size, channels, the mirroring flag
                        (npmask.inference; MultiDomainModel.set_data_info)
-    mask/<layer>       uint8, the binary mask M = 1[R > tau] bit-packed (np.packbits): 1 bit per weight
+    mask/<layer>       uint8, the binary mask M = 1[R >= tau] bit-packed (np.packbits): 1 bit per weight
     param/<name>       learned k's, domain batch norm (weight, bias, running_mean, running_var), and
                        for ``finetune`` every weight of the domain's copy
     head/<name>        the classifier (not counted in the parameter overhead, as in the paper)
@@ -67,7 +67,7 @@ def save_domain(model, name: str, path, include_real_masks: bool = False) -> str
         if cat == "mask":
             layer = key[: -len(".mask_real")]
             tau = net_layer_tau(net, layer)
-            arrays[f"mask/{layer}"] = np.packbits((a > tau).reshape(-1))
+            arrays[f"mask/{layer}"] = np.packbits((a >= tau).reshape(-1))
             mask_shapes[layer] = list(a.shape)
             if include_real_masks:
                 arrays[f"real/{key}"] = a

@@ -130,7 +130,7 @@ def print_results(cfg, res, folder, seconds) -> None:
     row = {"method": cfg.variant, "acc": res["acc"], "score": res["score"],
            "params": res["params"], "sp": res["sp"]}
     print()
-    print(text_table([row], cfg.domains), end="")
+    print(text_table([row], list(res["acc"])), end="")
     if res["score"] is None:
         print("S-score, S_p: missing (no fine-tuning run gives Emax; see results.md)")
     else:

@@ -30,8 +30,12 @@ def test_compare_writes_the_table_with_scores_from_the_finetune_row(tiny, tmp_pa
     res = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == ["classifier_only", "finetune", "piggyback", "full"]  # the order asked for
-    # by definition of Emax = 2 x the finetune error, the finetune row scores 250 per domain
-    assert rows["finetune"]["score"] == pytest.approx(250.0 * 2)
+    # by definition of Emax = 2 x the finetune error, the finetune row scores 250 per domain, the
+    # pretraining domain included (eq. 3 sums over every domain, as tables 1-4): 250 (N + 1)
+    assert rows["finetune"]["score"] == pytest.approx(250.0 * 3)
+    assert rows["finetune"]["score_per_domain"]["base"] == pytest.approx(250.0)
+    base_acc = {r["acc"]["base"] for r in rows.values()}
+    assert len(base_acc) == 1   # the backbone's own accuracy, the same in every row
     # finetune stores every weight (32 bits each) per domain, mask variants ~1 bit, classifier_only 0
     assert rows["classifier_only"]["params"] == pytest.approx(1.0)
     assert 2.9 < rows["finetune"]["params"] < 3.2
@@ -40,10 +44,10 @@ def test_compare_writes_the_table_with_scores_from_the_finetune_row(tiny, tmp_pa
     assert rows["piggyback"]["params"] < rows["full"]["params"]  # full also stores domain BN and k's
     for r in rows.values():
         assert r["sp"] == pytest.approx(r["score"] / r["params"])
-        assert set(r["acc"]) == {"a", "b"}
+        assert list(r["acc"]) == ["base", "a", "b"]
     text = table.read_text()
     assert text == (out / "results.md").read_text()
-    assert "| Method | a | b | S-score | # Params | S_p |" in text
+    assert "| Method | base | a | b | S-score | # Params | S_p |" in text
     assert "python -m npmask.compare --benchmark folder" in text  # the command that produced it
     for v in rows:
         assert (out / v / "results.json").is_file() and (out / v / "domains" / "a.npz").is_file()
@@ -72,3 +76,36 @@ def test_compare_rejects_unknown_variants(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
         compare.main(a)
     assert "unknown variant 'magic'" in str(e.value.code)
+
+
+def test_compare_over_seeds_reports_mean_and_std_and_keeps_every_run(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    a = args(tiny, out, "--seeds", "0,1")
+    a[a.index("--variants") + 1] = "finetune,full"
+    assert compare.main(a) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and len(res["runs"]) == 4       # every (variant, seed) kept
+    runs = {(r["method"], r["seed"]): r for r in res["runs"]}
+    for seed in (0, 1):
+        # each seed is scored with its own finetune row: exactly 250 (N + 1)
+        assert runs[("finetune", seed)]["score"] == pytest.approx(750.0)
+        assert (out / f"seed{seed}" / "full" / "domains" / "a.npz").is_file()
+        cfg = json.loads((out / f"seed{seed}" / "full" / "config.json").read_text())["config"]
+        assert cfg["seed"] == seed
+    assert runs[("full", 0)]["acc"] != runs[("full", 1)]["acc"]      # the seed changes the run
+    rows = {r["method"]: r for r in res["rows"]}
+    full = [runs[("full", s)] for s in (0, 1)]
+    assert rows["full"]["acc"]["a"] == pytest.approx((full[0]["acc"]["a"] + full[1]["acc"]["a"]) / 2)
+    sd = abs(full[0]["acc"]["a"] - full[1]["acc"]["a"]) / 2 ** 0.5      # sample std of two runs
+    assert rows["full"]["acc_std"]["a"] == pytest.approx(sd)
+    assert rows["full"]["score"] == pytest.approx((full[0]["score"] + full[1]["score"]) / 2)
+    text = (out / "results.md").read_text()
+    assert f"| full | {rows['full']['acc']['base']:.1f} ± 0.0 |" in text
+    assert f"{rows['full']['acc']['a']:.1f} ± {sd:.1f}" in text
+    assert "mean ± sample std over 2 runs" in text
+
+
+def test_compare_rejects_seed_and_seeds_together(tiny, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        compare.main(args(tiny, tmp_path / "x", "--seeds", "0,1", "--seed", "3"))
+    assert "either --seed or --seeds" in str(e.value.code)

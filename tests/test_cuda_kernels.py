@@ -91,6 +91,33 @@ def test_kernels_equal_generic_path(variant, followed_by_bn):
 
 
 @needs_gpu
+@pytest.mark.parametrize("variant", ["piggyback", "full", "full_sigmoid"])
+def test_kernels_keep_a_mask_entry_exactly_at_the_threshold(variant):
+    """h(r) = 1[r >= 0]: an R equal to tau keeps its weight in the kernels as in the generic path."""
+    W, R, ks, G, surrogate = _problem(variant, followed_by_bn=False)
+    tau = 0.25
+    R[:, :, 0, 0] = tau                          # a whole slice exactly at the threshold
+    Wt_ref, cache_ref = transform.transform_forward(W, R, ks, tau)
+    assert cache_ref.M[:, :, 0, 0].all()
+    dks_ref, _, dW_ref = transform.transform_backward(G, cache_ref, need_W=True, surrogate=surrogate)
+    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
+    Wt, cache = cuda.transform_forward(gpu(W), gpu(R), tuple(gpu(k) for k in ks), tau)
+    dks, _, dW = cuda.transform_backward(gpu(G), cache, need_W=True, surrogate=surrogate)
+    np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(dW), dW_ref, rtol=1e-6, atol=1e-7)
+    for j in range(4):
+        if dks[j] is not None:
+            np.testing.assert_allclose(to_numpy(dks[j]), dks_ref[j], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_sources_threshold_with_greater_or_equal():
+    """Without a GPU: every mask comparison in the kernels' CUDA code is R >= tau (never R > tau)."""
+    src = Path(cuda.__file__).read_text()
+    assert "R >= tau" in src
+    assert not re.search(r"R\s*>\s*tau", src)
+
+
+@needs_gpu
 def test_transform_dispatches_cupy_arrays_to_the_kernels(monkeypatch):
     calls = []
     fwd, bwd = cuda.transform_forward, cuda.transform_backward

@@ -146,11 +146,12 @@ def test_protocols():
     assert augmentation_for(dec, True) == Augmentation(crop=64, random_crop=True, mirror=True)
     assert augmentation_for(dec, False) == Augmentation(crop=64)
     for name in ("svhn", "gtsrb", "omniglot"):
-        assert augmentation_for(_domain(name, 72, mirror=False), True) == Augmentation()
-    assert augmentation_for(_domain("x", 72, extra={"full_view": True}), True) == Augmentation()
+        assert augmentation_for(_domain(name, 72, mirror=False), True) == Augmentation(full_view=True)
+    assert augmentation_for(_domain("x", 72, extra={"full_view": True}), True) == \
+        Augmentation(full_view=True)
     assert augmentation_for(_domain(extra={"protocol": "none"}), True) == Augmentation()
     with pytest.raises(ValueError, match="unknown augmentation protocol"):
-        augmentation_for(_domain(), True, protocol="imagenet")
+        augmentation_for(_domain(), True, protocol="imagenet1k")
     it = BatchIterator.from_domain(dec, "train", batch_size=2)
     assert it.shuffle and it.drop_last and it.output_shape == (3, 64, 64)
     assert not BatchIterator.from_domain(dec, "test").shuffle
@@ -196,3 +197,66 @@ def test_cupy_matches_numpy():
         assert isinstance(x2, cupy.ndarray) and x2.dtype == np.float32
         np.testing.assert_allclose(x1, x2.get(), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(y1, y2.get())
+
+
+def test_decathlon_never_mirrors_digits_signs_characters_and_textures():
+    """Paper, section 4: no mirroring for SVHN, Omniglot, GTSRB and DTD, whatever the meta flag."""
+    for protocol in ("decathlon", "decathlon_crop64"):
+        for name in ("svhn", "omniglot", "gtsrb", "dtd"):
+            assert augmentation_for(_domain(name, 72, mirror=True), True, protocol).mirror is False
+        for name in ("aircraft", "cifar100", "vgg-flowers", "ucf101", "daimlerpedcls"):
+            assert augmentation_for(_domain(name, 72, mirror=True), True, protocol).mirror is True
+    # dtd is cropped like the other mirrored domains, not fed whole
+    assert augmentation_for(_domain("dtd", 72), True, "decathlon") == Augmentation(crop=64, random_crop=True)
+
+
+def test_decathlon_crop64_crops_every_domain_and_decathlon_feeds_three_whole():
+    for name in ("svhn", "gtsrb", "omniglot"):
+        d = _domain(name, 72, mirror=False)
+        assert augmentation_for(d, True, "decathlon_crop64") == Augmentation(crop=64, random_crop=True)
+        assert augmentation_for(d, False, "decathlon_crop64") == Augmentation(crop=64)
+        assert augmentation_for(d, False, "decathlon") == Augmentation(full_view=True)
+        assert BatchIterator.from_domain(d, "test", protocol="decathlon_crop64").output_shape == (3, 64, 64)
+        assert BatchIterator.from_domain(d, "test", protocol="decathlon").output_shape == (3, 72, 72)
+
+
+def test_imagenet_protocol_random_size_crop_and_test_resize_256_centre_224():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (6, 256, 256, 3)).astype(np.uint8)
+    d = Domain(name="cubs", meta={"extra": {}}, train=(img, np.zeros(6, np.int64)),
+               test=(img, np.zeros(6, np.int64)), val=None, num_classes=1,
+               mean=np.zeros(3, np.float32), std=np.ones(3, np.float32), mirror=True,
+               image_size=(256, 256))
+    assert augmentation_for(d, True, "imagenet") == Augmentation(random_crop=True, mirror=True, resize=224)
+    assert augmentation_for(d, False, "imagenet") == Augmentation(resize=224)
+    test = BatchIterator.from_domain(d, "test", protocol="imagenet", batch_size=6)
+    x, _ = next(test.epoch(0))
+    # 256 stored = resize 256 done; the centre 224 window is taken exactly (no interpolation)
+    np.testing.assert_array_equal(np.rint(x.transpose(0, 2, 3, 1) * 255), img[:, 16:240, 16:240])
+    train = BatchIterator.from_domain(d, "train", protocol="imagenet", batch_size=2, seed=3)
+    assert train.output_shape == (3, 224, 224)
+    order, oy, ox, hh, ww, flip = train.plan_resized(0)
+    area = hh * ww / 256 ** 2
+    assert np.all((area > 0.07) & (area <= 1.0)) and np.all(oy + hh <= 256) and np.all(ox + ww <= 256)
+    big = BatchIterator(img[:1].repeat(400, 0), np.zeros(400, np.int64), 400, shuffle=True,
+                        augmentation=Augmentation(random_crop=True, mirror=True, resize=32), seed=1)
+    _, oy, ox, hh, ww, flip = big.plan_resized(0)
+    ratio, area = ww / hh, hh * ww / 256 ** 2
+    assert 0.74 < ratio.min() and ratio.max() < 1.35 and len(np.unique(hh)) > 50  # random sizes
+    assert area.min() < 0.2 and area.max() > 0.9 and 0.3 < flip.mean() < 0.7
+    again = BatchIterator(img[:1].repeat(400, 0), np.zeros(400, np.int64), 400, shuffle=True,
+                          augmentation=Augmentation(random_crop=True, mirror=True, resize=32), seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(big.plan_resized(0), again.plan_resized(0)))
+
+
+def test_resized_crop_is_bilinear_and_mirrors():
+    from npmask.data.loader import resized_crop_batch
+    # a horizontal ramp: bilinear resizing of a linear function stays linear at the sample points
+    ramp = np.tile(np.arange(0, 200, 10, dtype=np.uint8)[None, :, None], (20, 1, 3))[None]  # 20x20
+    out = resized_crop_batch(ramp, [0], [0], [20], [20], [False], 10)
+    # output column j samples x = (j + 0.5) * 2 - 0.5 = 2j + 0.5 -> value 10 * (2j + 0.5)
+    np.testing.assert_array_equal(out[0, 0, :, 0], np.rint(10 * (2 * np.arange(10) + 0.5)).astype(np.uint8))
+    flipped = resized_crop_batch(ramp, [0], [0], [20], [20], [True], 10)
+    np.testing.assert_array_equal(flipped[0], out[0, :, ::-1])
+    same = resized_crop_batch(ramp, [2], [3], [10], [10], [False], 10)
+    np.testing.assert_array_equal(same[0], ramp[0, 2:12, 3:13])

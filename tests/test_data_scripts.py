@@ -631,10 +631,10 @@ def test_decathlon_coco_annotations_and_test_labels(tmp_path):
         # the loader's "auto" augmentation reads the protocol the converter recorded
         from npmask.data.loader import augmentation_for
         train_aug = augmentation_for(d, train=True)
-        if ds == "dtd":  # 72 -> random crop 64, mirrored
-            assert train_aug.crop == 64 and train_aug.random_crop and train_aug.mirror
+        if ds == "dtd":  # 72 -> random crop 64; not mirrored (the paper: no mirroring for textures)
+            assert train_aug.crop == 64 and train_aug.random_crop and not train_aug.mirror
         else:            # svhn: the whole 72x72 image, no mirroring
-            assert train_aug.crop is None and not train_aug.mirror
+            assert train_aug.crop is None and train_aug.full_view and not train_aug.mirror
     # the 3rd test image is 72 x 90: shorter side kept, centre crop 72 x 72
     member = next(n for n in truth["dtd"]["members"] if "/test/" in n)
     img = Image.open(io.BytesIO(truth["dtd"]["members"][member])).convert("RGB")

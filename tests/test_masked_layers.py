@@ -56,7 +56,7 @@ def test_masked_conv_input_and_k_gradients(case):
     g = np.random.default_rng(seed + 2).standard_normal(y.shape)
     layer.backward(g)
     W, R = src.params["weight"], layer.params["mask_real"]
-    M = (R > 0).astype(np.float64)
+    M = (R >= 0).astype(np.float64)
     f = lambda: conv2d_forward(x, apply_affine(W, M, layer.ks), src.params.get("bias"), stride, pad)[0]  # noqa: E731
     dM = numeric_gradient(f, M, g)
     expected = surrogate_derivative(R, surrogate) * dM

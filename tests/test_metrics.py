@@ -43,3 +43,33 @@ def test_accuracy_and_errors():
     labels = np.array([0, 1, 1])
     assert accuracy(logits, labels) == pytest.approx(2 / 3)
     assert top1_errors({"a": logits}, {"a": labels})["a"] == pytest.approx(1 / 3)
+
+
+# Table 4 of the paper: accuracies (%) as printed (one decimal) and the published S.
+TABLE4_DOMAINS = ["imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb",
+                  "vgg-flowers", "omniglot", "svhn", "ucf101"]
+TABLE4 = {
+    "Finetune": ([59.9, 60.3, 82.1, 92.8, 55.5, 97.5, 81.4, 87.7, 96.6, 51.2], 2500),
+    "PB ours": ([60.8, 52.3, 80.0, 95.1, 59.6, 98.7, 82.9, 85.1, 96.7, 46.9], 2805),
+    "Ours (S)": ([60.8, 51.3, 81.9, 94.7, 59.0, 99.1, 88.0, 89.3, 96.5, 48.7], 3263),
+    "Ours (F)": ([60.8, 52.8, 82.0, 96.2, 58.7, 99.2, 88.2, 89.2, 96.8, 48.6], 3497),
+}
+
+
+@pytest.mark.parametrize("row", list(TABLE4))
+def test_table_4_rows_give_the_published_score_within_rounding(row):
+    """Every accuracy of table 4 is rounded to 0.1 points, so the exact S lies between the scores
+    of all accuracies 0.05 lower and all 0.05 higher (S rises with accuracy); the published S
+    (an integer) must fall there. The sum runs over all ten domains, ImageNet included."""
+    acc, published = TABLE4[row]
+    emax = decathlon_emax()
+
+    def s(shift):
+        return decathlon_score({d: 1 - (a + shift) / 100 for d, a in zip(TABLE4_DOMAINS, acc)}, emax)[0]
+
+    lo, mid, hi = s(-0.05), s(0.0), s(0.05)
+    assert lo - 0.5 <= published <= hi + 0.5, (row, lo, mid, hi)
+    assert abs(mid - published) < 0.01 * published          # and close to the printed figures
+    # without ImageNet the sum misses one domain's worth of points and leaves the band
+    acc9 = {d: 1 - a / 100 for d, a in zip(TABLE4_DOMAINS[1:], acc[1:])}
+    assert decathlon_score(acc9, emax)[0] < lo - 200

@@ -118,11 +118,14 @@ def test_end_to_end_writes_every_output_file(reference_run, capsys):
         meta, arrays = read_domain_file(run / "domains" / f"{d}.npz")
         assert meta["variant"] == "full" and any(k.startswith("mask/") for k in arrays)
     res = json.loads((run / "results.json").read_text())
-    assert set(res["acc"]) == {"a", "b"} and res["score"] is None  # no finetune run: no Emax
+    # the pretraining domain's column first (its JSON has no test_acc: measured once on its test split)
+    assert list(res["acc"]) == ["base", "a", "b"] and res["score"] is None  # no finetune: no Emax
+    assert res["base_domain"] == "base" and "measured on the 32 test images" in res["base_acc_source"]
+    assert json.loads((run / "base_accuracy.json").read_text())["acc"] == res["acc"]["base"]
     assert res["acc"]["a"] == pytest.approx(records[1]["test_acc"])
     assert 1.0 < res["params"] < 1.2  # two domains of just over 1 bit per weight
     md = (run / "results.md").read_text()
-    assert "| full |" in md and "missing" in md
+    assert "| full |" in md and "missing" in md and "| Method | base | a | b |" in md
     for png in ("learning_curves.png", "masks_and_ks.png"):
         data = (run / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -140,8 +143,11 @@ def test_emax_from_a_finetune_run_gives_the_score(tiny, reference_run, tmp_path)
     for d, a in res["acc"].items():
         emax = 2 * (1 - ft_acc[d] / 100)
         expected += 1000 / emax ** 2 * max(0.0, emax - (1 - a / 100)) ** 2
+    assert list(res["acc"]) == ["base", "a", "b"]          # the sum runs over every domain
     assert res["score"] == pytest.approx(expected)
     assert res["sp"] == pytest.approx(res["score"] / res["params"])
+    ft_res = json.loads((ft / "results.json").read_text())
+    assert ft_res["score"] is None  # its own Emax was not known while it ran
 
 
 # ---------------------------------------------------------------------------------- resume

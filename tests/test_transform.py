@@ -108,12 +108,58 @@ def test_R_gradient_is_surrogate_times_dL_dM(c):
     W, R, ks, G = make_case(shape, choices, channelwise, seed)
     _, cache = transform_forward(W, R, ks, tau)
     _, dR, _ = transform_backward(G, cache, surrogate=surrogate)
-    M = (R > tau).astype(W.dtype)
+    M = (R >= tau).astype(W.dtype)
     # W~ is linear in M, so central differences are exact for any step; a large step keeps the
     # rounding error (about eps * |L| / h) far below the tolerance.
     dM = numeric_gradient(lambda: apply_affine(W, M, ks), M, G, h=1e-2)
-    expected = surrogate_derivative(R - tau, surrogate) * dM
-    np.testing.assert_allclose(dR, expected, rtol=1e-7, atol=1e-9)
+    # h~' written out independently of the code under test: 1, or e^-x / (1 + e^-x)^2
+    x = R - tau
+    h_prime = np.ones_like(x) if surrogate == "identity" else np.exp(-x) / (1 + np.exp(-x)) ** 2
+    np.testing.assert_allclose(dR, h_prime * dM, rtol=1e-7, atol=1e-9)
+    dR_ref = transform_backward_reference(G, W, R, ks, tau, surrogate)[1]
+    np.testing.assert_allclose(dR_ref, h_prime * dM, rtol=1e-7, atol=1e-9)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_sigmoid_surrogate_derivative_is_that_of_the_smooth_sigmoid():
+    """h~'(x) = σ'(x): known values, the closed form e^-x/(1+e^-x)^2, and finite differences of σ."""
+    x = np.array([-6.0, -2.0, -0.5, 0.0, 1e-3, np.log(3.0), 4.0])
+    got = surrogate_derivative(x, "sigmoid")
+    assert got[3] == pytest.approx(0.25)                      # σ(0) = 1/2: 1/2 * 1/2
+    assert got[5] == pytest.approx(0.1875)                    # σ(ln 3) = 3/4: 3/4 * 1/4
+    np.testing.assert_allclose(got, np.exp(-x) / (1 + np.exp(-x)) ** 2, rtol=1e-12)
+    h = 1e-5
+    np.testing.assert_allclose(got, (_sigmoid(x + h) - _sigmoid(x - h)) / (2 * h), rtol=1e-8)
+    assert np.array_equal(surrogate_derivative(x, "identity"), np.ones_like(x))
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_sigmoid_R_gradient_matches_finite_differences_of_the_smooth_surrogate(tau):
+    """With M replaced by σ(R - tau), L = Σ G∘W~ is smooth in R: its finite differences must equal
+    dL/dR of the sigmoid surrogate (the backward pass uses the hard M's A = k2 + k3 W, which does
+    not depend on M, so the two agree exactly up to rounding)."""
+    W, R, ks, G = make_case((4, 3, 3, 3), ALL_LEARNED, False, 5)
+    _, cache = transform_forward(W, R, ks, tau)
+    _, dR, _ = transform_backward(G, cache, surrogate="sigmoid")
+    R_var = R.copy()
+    dR_num = numeric_gradient(lambda: apply_affine(W, _sigmoid(R_var - tau), ks), R_var, G, h=1e-6)
+    assert rel_error(dR, dR_num) < 1e-7
+
+
+def test_mask_keeps_an_entry_exactly_at_the_threshold():
+    """h(r) = 1[r >= 0] as the paper writes: R == tau keeps the weight (every path agrees)."""
+    W = np.arange(1.0, 7.0, dtype=np.float32).reshape(2, 3)
+    tau = 0.25
+    R = np.array([[0.25, 0.2499, 0.3], [-1.0, 0.25, 0.25000001]], dtype=np.float32)
+    expected = np.array([[1, 0, 1], [0, 1, 1]], dtype=np.float32)
+    pb = (0.0, 0.0, 0.0, 1.0)   # W~ = W∘M
+    Wt, cache = transform_forward(W, R, pb, tau)
+    assert np.array_equal(cache.M, expected.astype(bool))
+    assert np.array_equal(Wt, W * expected)
+    assert np.array_equal(transform_forward_reference(W, R, pb, tau), W * expected)
 
 
 def test_R_gradient_is_zero_when_k2_k3_are_zero():
@@ -129,7 +175,7 @@ def test_mask_is_a_hard_threshold_and_piggyback_is_W_times_M():
     W, R, _, _ = make_case((4, 3, 3, 3), ALL_LEARNED, False, 2)
     Wt, cache = transform_forward(W, R, (0.0, 0.0, 0.0, 1.0), 0.0)
     assert cache.M.dtype == bool
-    assert np.array_equal(Wt, W * (R > 0))
+    assert np.array_equal(Wt, W * (R >= 0))
 
 
 def test_float32_stays_float32():

@@ -21,7 +21,7 @@ class TransformCache(NamedTuple):
 
     W: object          # the pretrained weight
     R: object          # the real-valued mask
-    M: object          # bool array, 1[R > tau]
+    M: object          # bool array, 1[R >= tau]
     A: object          # k2 + k3*W (array, or a broadcastable k2 / float when k3 is fixed 0), or None
     ks: tuple          # the four coefficients as given (numbers or arrays)
     tau: float

@@ -6,15 +6,15 @@ elementwise, so on the GPU each direction can be ONE pass that reads W, R (and G
 
 forward (one ElementwiseKernel)::
 
-    W~ = [R > tau] * (k3*W + k2) + k0*W + k1
+    W~ = [R >= tau] * (k3*W + k2) + k0*W + k1
 
 backward (one ElementwiseKernel for dL/dR, one ReductionKernel per learned k)::
 
     dL/dR  = G * (k3*W + k2) * h~'(R - tau)          h~' = 1 (identity) or s(1-s), s = sigmoid
-    dL/dk0 = sum G*W   dL/dk1 = sum G   dL/dk2 = sum G*[R > tau]   dL/dk3 = sum G*W*[R > tau]
-    dL/dW  = G * (k0 + k3*[R > tau])                 (only the fine-tuning baseline would need it)
+    dL/dk0 = sum G*W   dL/dk1 = sum G   dL/dk2 = sum G*[R >= tau]   dL/dk3 = sum G*W*[R >= tau]
+    dL/dW  = G * (k0 + k3*[R >= tau])                 (only the fine-tuning baseline would need it)
 
-The mask M = [R > tau] is recomputed inside each kernel from R (one comparison) instead of being
+The mask M = [R >= tau] is recomputed inside each kernel from R (one comparison) instead of being
 stored: on the GPU that is cheaper than writing and re-reading a mask array. Sums run over all
 elements for a (1,) k (per output channel first, then over the channels), and over every axis but
 the first for a channel-wise (O,) k.
@@ -37,8 +37,8 @@ from .common import TransformCache, is_fixed
 _DK_TERMS = (
     "G * W",                          # dk0: the term k0*W
     "G",                              # dk1: the term k1*1
-    "(R > tau ? G : (T)0)",           # dk2: the term k2*M
-    "(R > tau ? G * W : (T)0)",       # dk3: the term k3*(W∘M)
+    "(R >= tau ? G : (T)0)",           # dk2: the term k2*M
+    "(R >= tau ? G * W : (T)0)",       # dk3: the term k3*(W∘M)
 )
 
 
@@ -55,7 +55,7 @@ def kernels() -> dict:
         raise RuntimeError("the CUDA transform kernels need CuPy, which is not installed")
     forward = cp.ElementwiseKernel(
         "T W, T R, T k0, T k1, T k2, T k3, T tau", "T Wt",
-        "Wt = (R > tau ? k3 * W + k2 : (T)0) + k0 * W + k1;",
+        "Wt = (R >= tau ? k3 * W + k2 : (T)0) + k0 * W + k1;",
         "npmask_mask_transform_forward")
     grad_r = cp.ElementwiseKernel(
         "T G, T W, T R, T k2, T k3, T tau, int32 sigmoid", "T dR",
@@ -70,7 +70,7 @@ def kernels() -> dict:
         "npmask_mask_transform_grad_r")
     grad_w = cp.ElementwiseKernel(
         "T G, T R, T k0, T k3, T tau", "T dW",
-        "dW = G * (k0 + (R > tau ? k3 : (T)0));",
+        "dW = G * (k0 + (R >= tau ? k3 : (T)0));",
         "npmask_mask_transform_grad_w")
     sums = tuple(cp.ReductionKernel("T G, T W, T R, T tau", "T out", term, "a + b", "out = a", "0",
                                     f"npmask_mask_transform_dk{j}")

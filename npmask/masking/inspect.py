@@ -17,7 +17,7 @@ from .layers import _MaskedLayer
 def mask_statistics(net) -> list[dict]:
     """Per masked layer, in network (module) order: ``{"layer", "shape", "density", "learned", "k0".."k3"}``.
 
-    density = fraction of ones in M = 1[R > tau]. Each k is a float (fixed or one learned scalar) or,
+    density = fraction of ones in M = 1[R >= tau]. Each k is a float (fixed or one learned scalar) or,
     for channel-wise k's, the list of per-channel values (plotted as their mean).
     """
     rows = []

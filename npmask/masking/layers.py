@@ -4,7 +4,7 @@ A masked layer holds a *reference* to the pretrained layer it extends (``self.so
 its weight is not a parameter of the masked layer and is not in its ``state_dict``) and its own
 domain-specific parameters:
 
-- ``mask_real``: R, shaped like W, initialised U(lo, hi) with 0 < lo so that M = 1[R > tau] starts
+- ``mask_real``: R, shaped like W, initialised U(lo, hi) with 0 < lo so that M = 1[R >= tau] starts
   all ones (tau = 0);
 - ``k0`` .. ``k3``: only the *learned* coefficients are parameters, shape (1,) or (O,) (channel-wise);
   fixed ones are plain numbers in ``self.fixed_k``. Initial values give W~ = W at step 0.
@@ -82,8 +82,8 @@ class _MaskedLayer(Module):
         return tuple(self.params[f"k{j}"] if j not in self.fixed_k else self.fixed_k[j] for j in range(4))
 
     def mask(self):
-        """The binary mask M = 1[R > tau] (bool array shaped like W)."""
-        return self.params["mask_real"] > self.tau
+        """The binary mask M = 1[R >= tau] (bool array shaped like W)."""
+        return self.params["mask_real"] >= self.tau
 
     def transformed_weight(self):
         """W~ for the current R and k's (no cache kept)."""

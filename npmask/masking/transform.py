@@ -6,7 +6,7 @@ scalar per layer) or (O,) (one per output channel, the channel-wise variant).
 
 Forward (the binary mask is always the hard threshold)::
 
-    M  = h(R - tau) = 1[R > tau]
+    M  = h(R - tau) = 1[R >= tau]
     W~ = k0*W + k1*1 + k2*M + k3*(W∘M)
 
 Backward, with sums over every element (per output channel for a (O,) k)::
@@ -125,9 +125,9 @@ def apply_affine(W, M, ks):
 
 
 def transform_forward_reference(W, R, ks, tau: float = 0.0):
-    """The obviously-correct forward: M = 1[R > tau] as W's dtype, then eq. 1 term by term."""
+    """The obviously-correct forward: M = 1[R >= tau] as W's dtype, then eq. 1 term by term."""
     _check(W, R, ks, tau)
-    M = (R > tau).astype(W.dtype)
+    M = (R >= tau).astype(W.dtype)
     return apply_affine(W, M, ks)
 
 
@@ -138,7 +138,7 @@ def transform_backward_reference(G, W, R, ks, tau: float = 0.0, surrogate: str =
     scalar k would get); dR and dW are shaped like W.
     """
     _check(W, R, ks, tau)
-    M = (R > tau).astype(W.dtype)
+    M = (R >= tau).astype(W.dtype)
     k0, k1, k2, k3 = (_bcast(k, W.ndim) for k in ks)
     per_term = (G * W, G, G * M, G * W * M)
     dks = []
@@ -152,7 +152,7 @@ def transform_backward_reference(G, W, R, ks, tau: float = 0.0, surrogate: str =
 
 # ---------------------------------------------------------------------------------- fast path
 def transform_forward(W, R, ks, tau: float = 0.0):
-    """W~ = k0*W + k1 + k2*M + k3*(W∘M), M = 1[R > tau]; returns ``(W~, cache)``.
+    """W~ = k0*W + k1 + k2*M + k3*(W∘M), M = 1[R >= tau]; returns ``(W~, cache)``.
 
     W, R (O, ...); ``ks = (k0, k1, k2, k3)``, each a fixed number or a learned (1,)/(O,) array.
     W~ has W's shape and dtype. The cache holds references to W and R: do not modify them in place
@@ -167,7 +167,7 @@ def transform_forward(W, R, ks, tau: float = 0.0):
     nd = W.ndim
     k0, k1, k2, k3 = (_bcast(k, nd) for k in ks)
     tau = float(tau)
-    M = xp.empty(W.shape, dtype=bool)                  # M = 1[R > tau], 1 byte per weight
+    M = xp.empty(W.shape, dtype=bool)                  # M = 1[R >= tau], 1 byte per weight
     # A = k2 + k3*W: the amount a weight gains when its mask bit is on (and dL/dM = G∘A).
     if _is(k3, 0.0):
         A = None if _is(k2, 0.0) else k2               # a number or a broadcastable k array
@@ -177,7 +177,7 @@ def transform_forward(W, R, ks, tau: float = 0.0):
 
     def rows(lo, hi):   # elementwise: the output channels are split over threads (nn/parallel.py)
         w, m, t = W[lo:hi], M[lo:hi], Wt[lo:hi]
-        xp.greater(R[lo:hi], tau, out=m)
+        xp.greater_equal(R[lo:hi], tau, out=m)
         if A is None:
             t[...] = 0
         else:

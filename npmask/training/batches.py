@@ -25,18 +25,39 @@ def subset(images, labels, n: int | None, seed: int):
     return images[idx], labels[idx]
 
 
+TRAIN_SPLITS = ("train", "train+val")
+
+
+def training_split(domain, train_split: str = "train"):
+    """``(images, labels)`` to train on: the train split, or train and val together ("train+val").
+
+    The paper's final Decathlon runs train on train + val (the val split serves to choose the
+    schedule beforehand); a domain without a val split is a clear error.
+    """
+    if train_split == "train":
+        return domain.train
+    if train_split != "train+val":
+        raise ConfigError(f"--train-split must be one of {', '.join(TRAIN_SPLITS)}, got {train_split!r}")
+    if domain.val is None:
+        raise ConfigError(f"--train-split train+val: domain {domain.name!r} has no val split")
+    (xt, yt), (xv, yv) = domain.train, domain.val
+    return np.concatenate([xt, xv]), np.concatenate([yt, yv])
+
+
 def make_iterators(domain, *, batch_size: int, seed: int, backend: str, dtype, protocol: str,
                    max_train: int | None = None, max_test: int | None = None,
-                   input_size: int | None = None):
+                   input_size: int | None = None, train_split: str = "train"):
     """(train iterator, test iterator) for a loaded domain.
 
     Training: shuffled, augmented as in the paper (crop, mirroring where the domain allows it),
-    drop_last. Test: in order, centre view; ``max_test`` keeps the first images (deterministic).
-    The network input must be ``input_size`` pixels square; a mismatch is a clear error.
+    drop_last, on ``train_split`` ("train" or "train+val"). Test: in order, centre view;
+    ``max_test`` keeps the first images (deterministic). The network input must be ``input_size``
+    pixels square (a mismatch is a clear error), except for a domain the protocol feeds whole
+    (gtsrb/omniglot/svhn at 72 under "decathlon"; the network pools globally).
     """
-    train_images, train_labels = subset(*domain.train, max_train, seed)
-    aug_train = _aug(domain, True, protocol)
-    aug_test = _aug(domain, False, protocol)
+    train_images, train_labels = subset(*training_split(domain, train_split), max_train, seed)
+    aug_train = _aug(domain, True, protocol, input_size)
+    aug_test = _aug(domain, False, protocol, input_size)
     train = BatchIterator(train_images, train_labels, batch_size, mean=domain.mean, std=domain.std,
                           shuffle=True, augmentation=aug_train, seed=seed, drop_last=True,
                           backend=backend, dtype=dtype)
@@ -46,7 +67,7 @@ def make_iterators(domain, *, batch_size: int, seed: int, backend: str, dtype, p
     test = BatchIterator(test_images, test_labels, EVAL_BATCH, mean=domain.mean, std=domain.std,
                          shuffle=False, augmentation=aug_test, seed=seed, drop_last=False,
                          backend=backend, dtype=dtype)
-    if input_size is not None:
+    if input_size is not None and not aug_train.full_view:
         for it, split in ((train, "train"), (test, "test")):
             c, h, w = it.output_shape
             if (h, w) != (input_size, input_size):
@@ -60,5 +81,5 @@ def make_iterators(domain, *, batch_size: int, seed: int, backend: str, dtype, p
     return train, test
 
 
-def _aug(domain, train: bool, protocol: str):
-    return augmentation_for(domain, train, protocol)
+def _aug(domain, train: bool, protocol: str, input_size: int | None = None):
+    return augmentation_for(domain, train, protocol, input_size=input_size)

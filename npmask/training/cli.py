@@ -92,6 +92,7 @@ TRAIN_FLAGS = {  # config field -> flag of npmask.train (for messages and --resu
     "weight_decay": "--weight-decay", "max_train": "--max-train", "seed": "--seed",
     "mask_init": "--mask-init", "tau": "--tau",
     "backend": "--backend", "dtype": "--dtype", "augmentation": "--augmentation",
+    "train_split": "--train-split",
 }
 
 
@@ -100,9 +101,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     syn = BENCHMARKS["synthetic"]
     g = p.add_argument_group("what to train")
     g.add_argument("--benchmark", choices=list(BENCHMARKS),
-                   help="synthetic (default: built in, CPU sized), decathlon (Visual Decathlon "
-                        "converted by data_scripts: WRN-28-4, 64x64, 72->64 crops, published Emax), "
-                        "or folder (any converted domains under --data-root)")
+                   help="the protocol preset: synthetic (default: built in, CPU sized), decathlon "
+                        "(table 4: Visual Decathlon converted by data_scripts, WRN-28-4, 64x64, "
+                        "published Emax), imagenet_to_sketch (tables 1-3: ResNet-50 at 224, "
+                        "random-size crops, 30 epochs, decay after 15), or folder (any converted "
+                        "domains under --data-root); every default it sets is in config.json")
     g.add_argument("--data-root", metavar="DIR",
                    help="folder holding one sub-folder per domain in npmask's data format "
                         "(default for synthetic: generated once into ~/.cache/npmask)")
@@ -139,14 +142,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--mask-init", type=float_pair, metavar="LO,HI",
                    help="real masks start as R ~ U(tau+LO, tau+HI), so M is all ones (default: "
                         "1e-4,2e-4 as the paper; Piggyback's code starts 5e-3 above its threshold)")
-    g.add_argument("--tau", type=float, help="mask threshold: M = 1[R > tau] (default: 0)")
+    g.add_argument("--tau", type=float, help="mask threshold: M = 1[R >= tau] (default: 0)")
     g.add_argument("--seed", type=int, help="seed of mask init, heads, batch order, augmentation "
                                             "(default: 0)")
     g = p.add_argument_group("where and how")
     g.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: numpy)")
     g.add_argument("--dtype", choices=["float32", "float64"], help="float type (default: float32)")
-    g.add_argument("--augmentation", choices=["auto", "pad_crop", "decathlon", "none"],
-                   help="loader protocol (default: pad_crop synthetic, decathlon for decathlon)")
+    g.add_argument("--augmentation",
+                   choices=["auto", "pad_crop", "decathlon", "decathlon_crop64", "imagenet", "none"],
+                   help="loader protocol (default: pad_crop synthetic; decathlon for decathlon: "
+                        "gtsrb/omniglot/svhn whole at 72 as the residual-adapters loader, the others "
+                        "cropped to 64; decathlon_crop64: every domain cropped to 64 as the paper's "
+                        "text; imagenet for imagenet_to_sketch: random-size crop + mirroring, test "
+                        "resize 256 centre 224)")
+    g.add_argument("--train-split", choices=["train", "train+val"],
+                   help="what to train on (default: train; train+val for decathlon, the paper's "
+                        "final runs; the val split is for choosing the schedule)")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/train-<variant>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest runs/train-*) from its "
@@ -171,7 +182,8 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     cfg = TrainConfig(
         benchmark=bench.name, model=bench.model, input_size=bench.input_size, epochs=bench.epochs,
         lr_body=bench.lr_body, lr_head=bench.lr_head, lr_decay_epochs=list(bench.lr_decay_epochs),
-        augmentation=bench.augmentation, emax=bench.emax, emax_source=bench.emax_source,
+        batch_size=bench.batch_size, augmentation=bench.augmentation,
+        train_split=bench.train_split, emax=bench.emax, emax_source=bench.emax_source,
         notes=bench.notes)
     for k, v in given.items():
         setattr(cfg, k, v)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__, models
+from ..data.loader import PROTOCOLS
 from ..io import atomic_write_text
 from ..masking.variants import VARIANTS
 from .errors import ConfigError
@@ -62,10 +63,15 @@ class TrainConfig(_Settings):
     weight_decay:  L2 weight decay of both optimisers (0 in the paper).
     max_train:     use at most this many training images per domain (None: all), a fixed subset.
     mask_init:     [lo, hi]: real masks start as R ~ U(tau + lo, tau + hi) (paper: 1e-4, 2e-4).
-    tau:           the mask threshold, M = 1[R > tau] (paper: 0).
+    tau:           the mask threshold, M = 1[R >= tau] (paper: 0).
     seed:          everything random (mask init, heads, batch order, augmentation) derives from it.
     backend:       "numpy" or "cupy". dtype: "float32" (default) or "float64".
-    augmentation:  the loader's protocol: "auto", "pad_crop", "decathlon" or "none".
+    augmentation:  the loader's protocol: "auto", "pad_crop", "decathlon" (gtsrb/omniglot/svhn fed
+                   whole at 72, the residual-adapters loader), "decathlon_crop64" (every domain
+                   cropped to 64, the paper's text), "imagenet" (random-size crop + mirroring;
+                   test resize 256 centre 224) or "none". See npmask.data.loader.
+    train_split:   "train", or "train+val" (the paper's final Decathlon runs; the val split then
+                   only serves to choose the schedule beforehand).
     emax:          {domain: Emax as an error fraction} for the S-score (None: no finetune run known).
     emax_source:   where ``emax`` came from (a published table, a finetune run folder).
     notes:         free text recorded with the run (e.g. why the learning rates were scaled).
@@ -93,6 +99,7 @@ class TrainConfig(_Settings):
     backend: str = "numpy"
     dtype: str = "float32"
     augmentation: str = "auto"
+    train_split: str = "train"
     emax: dict | None = None
     emax_source: str | None = None
     notes: str = ""
@@ -119,6 +126,11 @@ class TrainConfig(_Settings):
             raise ConfigError(f"--mask-init must be LO,HI with 0 < LO < HI, got {self.mask_init}")
         if len(set(self.domains)) != len(self.domains):
             raise ConfigError(f"--domains lists a domain twice: {self.domains}")
+        if self.train_split not in ("train", "train+val"):
+            raise ConfigError(f"--train-split must be train or train+val, got {self.train_split!r}")
+        if self.augmentation not in ("auto", *PROTOCOLS):
+            raise ConfigError(f"--augmentation must be auto or one of {', '.join(PROTOCOLS)}, "
+                              f"got {self.augmentation!r}")
         return self
 
 

@@ -9,7 +9,9 @@ This is steps 2-4 of the main job (issue 5): for every target domain
 3. store it (1-bit masks) as ``domains/<d>.npz`` and record its test accuracy in progress.json;
 
 then score the run (accuracy per domain, S-score, # Params, S_p from the stored files) and draw the
-plots. Domains are independent: each gets its own seed derived from (run seed, domain name), so a
+plots. The S-score sums over every domain of the model, the pretraining one included, as tables 1-4
+of the paper: its accuracy is the backbone's own (recorded in the backbone's JSON, or measured once
+on its test split when the data is there and the JSON lacks it), the same for every variant. Domains are independent: each gets its own seed derived from (run seed, domain name), so a
 domain's result does not depend on which domains came before it, nor on being resumed.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ..backend import get_backend
 from ..io import atomic_write_text
 from ..masking.inspect import mask_statistics, plot_mask_statistics
 from ..masking.variants import get_variant
-from ..metrics import decathlon_score, emax_from_accuracies, params_ratio, score_per_parameter
+from ..metrics import (decathlon_score, emax_from_accuracies, params_ratio, running_stats_share,
+                       score_per_parameter)
 from ..optim import SGD, Adam, MultiStepLR, Optimizers
 from ..storage import load_domain as load_stored_domain
 from ..storage import save_domain
@@ -78,7 +81,8 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
         domain = batches.load(data_root, d)
         train_it, test_it = batches.make_iterators(
             domain, batch_size=cfg.batch_size, seed=seed, backend=cfg.backend, dtype=dtype,
-            protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size)
+            protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size,
+            train_split=cfg.train_split)
         if d in model.domains:
             raise ConfigError(f"domain {d!r} has the name of the pretraining domain")
         model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
@@ -109,7 +113,46 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
         if log:
             log(f"{d}: test accuracy {final['test_acc']:.2f}% after {len(history)} epochs "
                 f"({result['seconds_this_session']:.0f} s)")
-    return finish(cfg, folder, model, seconds=time.time() - started)
+    base = base_accuracy(cfg, folder, model, info, data_root)
+    return finish(cfg, folder, model, seconds=time.time() - started, base=base)
+
+
+def base_accuracy(cfg, folder, model, info, data_root) -> dict:
+    """``{"domain", "acc", "source"}`` of the pretraining domain: the backbone's test accuracy (%).
+
+    From the backbone's JSON (``test_acc``, written by npmask.pretrain); when it lacks one and the
+    pretraining domain's folder is under ``data_root``, measured once on its test split and kept in
+    the run folder (``base_accuracy.json``). ``acc`` is None when neither is possible.
+    """
+    name = model.base_domain
+    if info.get("test_acc") is not None:
+        return {"domain": name, "acc": float(info["test_acc"]),
+                "source": f"the backbone's JSON ({Path(str(cfg.backbone)).with_suffix('.json').name})"}
+    cache = Path(folder.path) / "base_accuracy.json"
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    if data_root is None or not (Path(data_root) / name / "meta.json").is_file():
+        return {"domain": name, "acc": None,
+                "source": f"missing: the backbone's JSON has no test_acc and {name!r} is not under "
+                          "the data folder"}
+    domain = batches.load(data_root, name)
+    _, test_it = batches.make_iterators(
+        domain, batch_size=cfg.batch_size, seed=0, backend=cfg.backend, dtype=np.dtype(cfg.dtype),
+        protocol=cfg.augmentation, input_size=cfg.input_size)
+    net = model.network(name)  # the pretrained network itself, frozen: always in eval mode
+    net.eval()
+    acc = float(evaluate(net, test_it)["acc"])
+    out = {"domain": name, "acc": acc,
+           "source": f"measured on the {test_it.num_samples} test images of {name!r}"}
+    atomic_write_text(str(cache), json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def with_base(acc: dict, base: dict | None) -> dict:
+    """``acc`` with the pretraining domain's accuracy first (when it is known)."""
+    if not base or base.get("acc") is None:
+        return dict(acc)
+    return {base["domain"]: float(base["acc"]), **acc}
 
 
 def emax_from_run(run_dir) -> tuple[dict, str]:
@@ -144,25 +187,36 @@ def emax_from_run(run_dir) -> tuple[dict, str]:
 def score(acc: dict, emax: dict | None, domain_files) -> dict:
     """S-score (eq. 3), # Params and S_p for test accuracies ``acc`` (in %) and stored files.
 
-    The S-score sums over the domains in ``acc``; it is None when Emax is missing for any of them.
+    ``acc`` holds every domain of the model, the pretraining one included (see :func:`with_base`);
+    the S-score sums over all of them and is None when Emax is missing for any. ``# Params`` counts
+    what the paper counts (footnote 3); ``running_stats`` is what the stored BN running statistics
+    would add to it.
     """
     params = params_ratio(domain_files) if domain_files else None
+    stats = running_stats_share(domain_files) if domain_files else None
     s = sp = None
     per = None
     if emax is not None and all(d in emax for d in acc):
         s, per = decathlon_score({d: 1.0 - a / 100.0 for d, a in acc.items()}, emax)
         sp = score_per_parameter(s, params) if params else None
-    return {"score": s, "score_per_domain": per, "params": params, "sp": sp}
+    return {"score": s, "score_per_domain": per, "params": params, "sp": sp,
+            "running_stats": stats}
 
 
-def finish(cfg, folder, model, seconds: float = 0.0) -> dict:
-    """Score the finished run, write results.md/results.json and the plots; returns the results."""
+def finish(cfg, folder, model, seconds: float = 0.0, base: dict | None = None) -> dict:
+    """Score the finished run, write results.md/results.json and the plots; returns the results.
+
+    ``base``: the pretraining domain's accuracy (:func:`base_accuracy`); its column comes first and
+    it is part of the S-score.
+    """
     done = folder.progress()["done"]
-    acc = {d: done[d]["test_acc"] for d in cfg.domains if d in done}
+    acc = with_base({d: done[d]["test_acc"] for d in cfg.domains if d in done}, base)
     files = [folder.domain_file(d) for d in cfg.domains if d in done]
     sc = score(acc, cfg.emax, files)
+    columns = list(acc)
     res = {"variant": cfg.variant, "model": cfg.model, "benchmark": cfg.benchmark,
-           "domains": cfg.domains, "acc": acc, **sc, "emax": cfg.emax,
+           "domains": cfg.domains, "base_domain": (base or {}).get("domain"),
+           "base_acc_source": (base or {}).get("source"), "acc": acc, **sc, "emax": cfg.emax,
            "emax_source": cfg.emax_source, "seed": cfg.seed, "epochs": cfg.epochs,
            "seconds_this_session": round(seconds, 1)}
     atomic_write_text(str(folder.results_json), json.dumps(res, indent=2) + "\n")
@@ -173,6 +227,9 @@ def finish(cfg, folder, model, seconds: float = 0.0) -> dict:
              f"Adam lr {cfg.lr_body:g} (masks, k's, BN), SGD lr {cfg.lr_head:g} momentum "
              f"{cfg.momentum:g} (head), x{cfg.lr_decay:g} after epoch(s) "
              f"{', '.join(map(str, cfg.lr_decay_epochs)) or 'none'}; seed {cfg.seed}."]
+    if base:
+        notes.append(f"Pretraining domain `{base['domain']}` (first column, scored like the others): "
+                     f"the backbone's accuracy, from {base['source']}.")
     if sc["score"] is None:
         notes.append("S-score and S_p: **missing** -- Emax comes from the fine-tuning baseline, "
                      "which has not been run for these domains. Run `python -m npmask.train "
@@ -181,11 +238,14 @@ def finish(cfg, folder, model, seconds: float = 0.0) -> dict:
     else:
         notes.append(f"Emax: {cfg.emax_source}.")
     notes.append("# Params = 1 + sum of the bits the stored domain files add / (32 N_p), "
-                 "classifiers excluded (paper, footnote 3), with the pretraining domain as one of T.")
+                 "classifiers excluded (paper, footnote 3), with the pretraining domain as one of T: "
+                 "masks, k's and BN weights and biases, as the paper counts them"
+                 + (f"; the stored BN running statistics would add {sc['running_stats']:.4f}."
+                    if sc.get("running_stats") else "."))
     if cfg.notes:
         notes.append(f"Notes: {cfg.notes}")
     text = (f"# Results: {cfg.benchmark} benchmark, `{cfg.variant}`\n\n"
-            + markdown_table([row], cfg.domains) + "\n" + "\n\n".join(notes) + "\n")
+            + markdown_table([row], columns) + "\n" + "\n\n".join(notes) + "\n")
     atomic_write_text(str(folder.results_md), text)
     plot_learning_curves(folder.read_metrics(), folder.plots / "learning_curves.png",
                          title=f"{cfg.variant} on {cfg.benchmark}")

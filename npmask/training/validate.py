@@ -24,7 +24,7 @@ import numpy as np
 from ..backend import get_backend
 from ..config import default_threads
 from ..data.format import DataFormatError, check_domain_files, load_domain
-from ..data.loader import augmentation_for
+from ..data.loader import PROTOCOLS, augmentation_for
 from ..io import fsync_dir
 from ..storage import read_domain_file
 from .backbone import load_run_backbone
@@ -122,8 +122,8 @@ def _common(cfg, where: str) -> None:
         raise ConfigError(f"--lr-decay-epochs must be integers >= 1, got {cfg.lr_decay_epochs}")
     if cfg.max_train is not None and cfg.max_train < 1:
         raise ConfigError(f"--max-train must be >= 1, got {cfg.max_train}")
-    if cfg.augmentation not in ("auto", "pad_crop", "decathlon", "none"):
-        raise ConfigError(f"--augmentation must be auto, pad_crop, decathlon or none, got "
+    if cfg.augmentation not in ("auto", *PROTOCOLS):
+        raise ConfigError(f"--augmentation must be one of auto, {', '.join(PROTOCOLS)}, got "
                           f"{cfg.augmentation!r}")
     if cfg.backend not in ("numpy", "cupy"):
         raise ConfigError(f"--backend must be numpy or cupy, got {cfg.backend!r}")
@@ -232,11 +232,13 @@ def check_data(root, domains, *, input_size: int, augmentation: str, batch_size:
         dom = load_domain(folder, splits=())
         for train in (True, False):
             try:
-                aug = augmentation_for(dom, train, augmentation)
+                aug = augmentation_for(dom, train, augmentation, input_size=input_size)
                 size = aug.output_size(tuple(meta["image_size"]))
             except ValueError as err:
                 raise ConfigError(f"domain {d!r}: {err}") from None
-            if size != (input_size, input_size):
+            # a domain the protocol feeds whole (Decathlon's 72x72 gtsrb/omniglot/svhn) is meant
+            # to differ from the input side: the network's global pooling takes any size
+            if size != (input_size, input_size) and not aug.full_view:
                 raise ConfigError(
                     f"domain {d!r} gives {size[0]}x{size[1]} {'train' if train else 'test'} "
                     f"images but the network takes {input_size}x{input_size}; convert the data to "

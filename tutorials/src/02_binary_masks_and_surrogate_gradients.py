@@ -228,7 +228,7 @@ convolution, with the same half-on mask and illustrative $k$'s:
 """
 
 # %%
-R_demo = np.where(rng.random(W.shape) < 0.5, 1.0, -1.0).astype(W.dtype)   # M = 1[R > 0]
+R_demo = np.where(rng.random(W.shape) < 0.5, 1.0, -1.0).astype(W.dtype)   # M = 1[R >= 0]
 M = R_demo > 0
 k = {"piggyback": (0.0, 0.0, 0.0, 1.0),
      "simple": (1.0, -0.02, 0.05, 0.0),
@@ -319,7 +319,7 @@ assert np.allclose(y1, y2, atol=1e-4) and conv.followed_by_bn
 r"""
 **What to remember**
 
-* The forward pass always uses the hard mask $M = \mathbb 1[R > \tau]$; only the backward pass
+* The forward pass always uses the hard mask $M = \mathbb 1[R \geq \tau]$; only the backward pass
   pretends the step was smooth ($\tilde h' = 1$ or $\sigma(1-\sigma)$).
 * Any strictly increasing surrogate points each bit the right way (sign agreement).
 * Eq. 1 contains Piggyback ($k = (0,0,0,1)$) and the simple model ($k_3 = 0$); its extra terms

@@ -223,7 +223,7 @@ print(f"# Params with 9 such domains (T = 10, the Decathlon): masks {params_rati
       f"fine-tuning {params_ratio([path_ft] * 9):.2f}")
 n_masked = sum(m.weight.size for m in masked)        # one bit each, padded to whole bytes per layer
 assert n_masked <= bits["mask_bits"] < n_masked + 8 * len(masked)
-assert bits_ft["bits_per_parameter"] > 32
+assert bits_ft["bits_per_parameter"] >= 32  # every weight; BN running statistics not counted
 
 # %% [markdown]
 r"""

@@ -99,7 +99,7 @@ r"""
 ## 4.2 Mask density and $k$'s per layer
 
 `mask_statistics(network)` returns one row per masked layer, in network order: its shape, the
-fraction of ones in $M = \mathbb 1[R > \tau]$, and every $k$ (fixed or learned).
+fraction of ones in $M = \mathbb 1[R \geq \tau]$, and every $k$ (fixed or learned).
 `plot_mask_statistics` draws them the way figures 3 and 4 do: density against depth, and the
 learned $k_1$, $k_2$, $k_3$ against depth (Piggyback learns no $k$, so it appears only in the
 first panel).
