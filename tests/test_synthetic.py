@@ -81,3 +81,28 @@ def test_save_grid(tiny_root, tmp_path):
     from PIL import Image
     path = save_grid(tiny_root / "signs", tmp_path / "g.png", classes=4, per_class=3, zoom=2)
     assert Image.open(path).size == (3 * 32 * 2, 4 * 32 * 2)
+
+
+def test_progress_says_what_is_generated_and_where_then_nothing(tmp_path, capsys):
+    root = tmp_path / "bench"
+    ensure_synthetic(root, seed=0, domains=("digits",), progress=True, **TINY)
+    err = capsys.readouterr().err
+    n = TINY["n_train"] + TINY["n_test"]
+    assert f"generating the synthetic benchmark (once; digits: {n} images) into {root}" in err
+    assert f"digits: {n} images in" in err and "\r" not in err    # not a terminal: plain lines
+    assert sorted(p.name for p in root.iterdir()) == ["digits"]   # only what was asked for
+    ensure_synthetic(root, seed=0, domains=("digits",), progress=True, **TINY)
+    assert capsys.readouterr().err == ""                          # cached: silent
+
+
+def test_a_run_generates_only_the_domains_it_needs(monkeypatch, tmp_path):
+    from npmask.training import suites
+    asked = []
+    monkeypatch.setattr(suites, "ensure_synthetic",
+                        lambda domains, progress: asked.append((list(domains), progress)) or tmp_path)
+    suites.resolve_data_root("synthetic", None, ["digits", "signs"])
+    suites.resolve_data_root("synthetic", None)               # the default: the targets, not base
+    assert asked == [(["digits", "signs"], True), (list(synthetic.TARGETS), True)]
+    with pytest.raises(suites.ConfigError, match="unknown domain.*nope.*of the synthetic"):
+        suites.resolve_data_root("synthetic", None, ["digits", "nope"])
+    assert len(asked) == 2                                       # refused before generating

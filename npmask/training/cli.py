@@ -195,12 +195,12 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     check_variant(cfg.variant)
     get_backend(cfg.backend)  # --backend cupy without a GPU: one clear line, before any work
     check_model(cfg.model, cfg.input_size)
-    root = resolve_data_root(bench.name, cfg.data_root)
-    cfg.data_root = str(root)
-    cfg.domains = choose_domains(bench, root, cfg.domains or None)
-    if bench.base_domain in cfg.domains:
+    if bench.base_domain in (cfg.domains or []):  # before any data is generated or read
         raise ConfigError(f"{bench.base_domain!r} is the pretraining domain of the {bench.name} "
                           "benchmark; it is the backbone itself and is not trained again")
+    root = resolve_data_root(bench.name, cfg.data_root, cfg.domains or None)
+    cfg.data_root = str(root)
+    cfg.domains = choose_domains(bench, root, cfg.domains or None)
     cfg.backbone = resolve_backbone(cfg, bench, root)
     if ns.get("emax_from"):
         cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])

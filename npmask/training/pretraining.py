@@ -39,7 +39,8 @@ def check(cfg: PretrainConfig) -> str:
     """Validate backend, model and data before anything is written; returns the data root."""
     get_backend(cfg.backend)  # BackendError (one line) before any work
     check_model(cfg.model, cfg.input_size)
-    root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root)
+    root = resolve_data_root("synthetic" if cfg.data_root is None else "folder", cfg.data_root,
+                             [cfg.domain])
     if cfg.domain not in list_domains(root):
         raise ConfigError(f"unknown domain {cfg.domain!r} in {root}; available: "
                           f"{', '.join(list_domains(root)) or 'none'}")

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.format import check_domain_files, list_domains
+from ..data.synthetic import DOMAINS as SYNTHETIC_DOMAINS
+from ..data.synthetic import TARGETS as SYNTHETIC_TARGETS
 from ..data.synthetic import ensure_synthetic
 from ..metrics import decathlon_emax
 from .errors import ConfigError
@@ -72,6 +74,7 @@ BENCHMARKS = {
         name="synthetic", model="wrn16_1", input_size=32, epochs=5,
         lr_body=PAPER_LR_BODY * SYNTHETIC_LR_SCALE, lr_head=PAPER_LR_HEAD * SYNTHETIC_LR_SCALE,
         lr_decay_epochs=[4], base_domain="base", augmentation="pad_crop",
+        default_domains=list(SYNTHETIC_TARGETS),
         notes=(f"learning rates = paper's x{SYNTHETIC_LR_SCALE:g} (Adam {PAPER_LR_BODY:g}, SGD "
                f"{PAPER_LR_HEAD:g}) because a CPU run has ~50x fewer steps than the paper's 60 "
                "epochs; decay x0.1 after 4 of 5 epochs (the paper: after 45 of 60)")),
@@ -108,10 +111,11 @@ def get_benchmark(name: str) -> Benchmark:
         raise ConfigError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}") from None
 
 
-def resolve_data_root(benchmark: str, data_root) -> str:
+def resolve_data_root(benchmark: str, data_root, domains=None) -> str:
     """The data folder: ``data_root`` when given (it must exist), else the synthetic cache.
 
-    The synthetic benchmark is generated on first use (about a minute) and reused afterwards.
+    The synthetic benchmark is generated on first use and reused afterwards: only ``domains``
+    (default: its target domains), so a two-domain run waits for two domains.
     """
     if data_root is not None:
         root = Path(data_root)
@@ -121,7 +125,12 @@ def resolve_data_root(benchmark: str, data_root) -> str:
     if benchmark != "synthetic":
         raise ConfigError(f"--benchmark {benchmark} needs --data-root DIR (a folder of converted "
                           "domains, e.g. made by data_scripts)")
-    return str(ensure_synthetic())
+    wanted = list(domains) if domains else list(SYNTHETIC_TARGETS)
+    unknown = [d for d in wanted if d not in SYNTHETIC_DOMAINS]
+    if unknown:
+        raise ConfigError(f"unknown domain(s) {', '.join(unknown)} of the synthetic benchmark; its "
+                          f"domains are {', '.join(SYNTHETIC_DOMAINS)}")
+    return str(ensure_synthetic(domains=wanted, progress=True))
 
 
 def available_domains(root) -> list[str]:

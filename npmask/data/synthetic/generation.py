@@ -9,11 +9,13 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..format import DataFormatError, Domain, load_domain, read_meta, write_domain
 from .base import BASE_CLASSES, _draw_base
@@ -111,7 +113,8 @@ def _is_complete(folder: Path, config: dict) -> bool:
 
 def ensure_synthetic(root=None, seed: int = 0, n_train: int = 5000, n_test: int = 1000,
                      base_train: int = 15000, base_test: int = 3000, image_size: int = 32,
-                     domains=DOMAINS, workers: int | None = None, verbose: bool = False) -> Path:
+                     domains=DOMAINS, workers: int | None = None, verbose: bool = False,
+                     progress: bool = False) -> Path:
     """Generate the synthetic benchmark once and return the folder holding its domain folders.
 
     Args:
@@ -123,6 +126,8 @@ def ensure_synthetic(root=None, seed: int = 0, n_train: int = 5000, n_test: int 
         domains: which domains to make (default all of DOMAINS).
         workers: processes to draw with (default: the number of CPUs, at most 4; 1 = in-process).
             The result does not depend on it.
+        progress: say on stderr what is being generated, where, and how far it is (a bar in a
+            terminal, a line per domain otherwise); silent when everything is already there.
 
     A domain folder whose meta.json records the same configuration is reused as it is; each
     domain is written atomically (see :func:`npmask.data.format.write_domain`).
@@ -138,6 +143,8 @@ def ensure_synthetic(root=None, seed: int = 0, n_train: int = 5000, n_test: int 
         return root
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
+    sizes = {d: (base_train, base_test) if d == "base" else (n_train, n_test) for d in todo}
+    bar = _announce(root, sizes) if progress else None
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
     try:
         for d in todo:
@@ -160,11 +167,31 @@ def ensure_synthetic(root=None, seed: int = 0, n_train: int = 5000, n_test: int 
                     raise
             if verbose:
                 print(f"{d:9s} {ntr + nte:6d} images in {time.perf_counter() - t0:5.1f} s")
+            if bar is not None:
+                bar.update(ntr + nte)
+            elif progress:
+                print(f"  {d}: {ntr + nte} images in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     finally:
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.close()
             pool.join()
     return root
+
+
+def _announce(root: Path, sizes: dict):
+    """One line saying what is generated and where; a tqdm bar over the images in a terminal."""
+    total = sum(a + b for a, b in sizes.values())
+    print(f"generating the synthetic benchmark (once; {', '.join(sizes)}: {total} images) into "
+          f"{root}", file=sys.stderr)
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):    # no isatty, or a closed stream
+        terminal = False
+    if not terminal:
+        return None
+    return tqdm(total=total, unit="img", desc="synthetic", leave=False, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------
