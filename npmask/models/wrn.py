@@ -1,4 +1,4 @@
-"""Wide Residual Network (WRN-d-k), the Visual Decathlon backbone of DESIGN.md section 2.
+"""Wide Residual Network (WRN-d-k), the Visual Decathlon backbone (docs/design.md, section 5).
 
     stem     conv3x3 3->16, stride 1   BN  ReLU                  (N, 16, S, S)
     layer1   n basic blocks, width 16k, first block stride 2     (N, 16k, S/2, S/2)
