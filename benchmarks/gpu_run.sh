@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, on a machine with CuPy and an NVIDIA GPU:
-#   bash benchmarks/gpu_run.sh OUTDIR [part ...]      parts: info tests bench train suite (default: all)
+#   bash benchmarks/gpu_run.sh OUTDIR [part ...]      parts: info tests bench torch train suite (default: all)
+# "torch" needs PyTorch with CUDA beside CuPy (pip install -e '.[bench]').
 # From a checkout, no install needed (PYTHONPATH); logs go to OUTDIR, one file per part.
 set -u
-OUT=${1:?usage: gpu_run.sh OUTDIR [info|tests|bench|train|suite ...]}; shift
-PARTS=${*:-info tests bench train suite}
+OUT=${1:?usage: gpu_run.sh OUTDIR [info|tests|bench|torch|train|suite ...]}; shift
+PARTS=${*:-info tests bench torch train suite}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -20,6 +21,8 @@ for part in $PARTS; do
     bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20
               $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple
               $PY benchmarks/conv.py --backend cupy --repeats 20; } 2>&1 | tee "$OUT/bench_cupy.txt" ;;
+    torch)  { $PY benchmarks/vs_torch.py --device cuda --rounds 20 --variants full,piggyback,finetune \
+                --nets wrn28_4:64:32,wrn28_4:64:128,wrn16_1:32:32; } 2>&1 | tee "$OUT/vs_torch_cuda.txt" ;;
     train)  { start=$(date +%s)
               run=$(mktemp -d)/run                   # a fresh run folder every time
               $PY -m npmask.train --backend cupy --out "$run" --quiet

@@ -6,7 +6,8 @@ Run (torch is a benchmark-only extra: ``pip install -e '.[bench]'``):
     .venv/bin/python benchmarks/vs_torch.py --nets wrn16_1:32:32 --variants full --rounds 3
 
 For each network (``name:image size:batch``; default WRN-28-4 64x64 batch 32, WRN-16-1 and WRN-28-1
-32x32 batch 32) and variant (``full``, ``piggyback``) it prints:
+32x32 batch 32) and variant (``full``, ``piggyback``, ``finetune``: every weight trained, no mask)
+it prints:
 
 - the training step's median time in npmask and in PyTorch, and npmask / PyTorch: the median over
   the rounds of the two times' ratio within a round (the two take turns, in alternating order, so a
@@ -132,12 +133,13 @@ def torch_masked_net(backbone, masked_net, depth, width, variant, device):
         return torch.from_numpy(np.ascontiguousarray(to_numpy(v)))
     state = {k: tensor(v) for k, v in backbone.state_dict().items()}
     state.update({k: tensor(v) for k, v in masked_net.state_dict().items() if k in state})  # domain BN
+    # (finetune: the domain's copy of every weight, equal to the backbone's at the start)
     head = dict(masked_net.named_modules())["fc"]
     state.update({f"fc.{k}": tensor(v) for k, v in head.params.items()})
     net.load_state_dict(state, strict=True)
     masked = dict(masked_net.named_modules())
     for name, m in list(net.named_modules()):
-        if isinstance(m, torch.nn.Conv2d):
+        if isinstance(m, torch.nn.Conv2d) and variant != "finetune":  # finetune: plain convs
             R = tensor(masked[name].params["mask_real"])
             parent, _, child = name.rpartition(".")
             holder = net.get_submodule(parent) if parent else net
