@@ -121,6 +121,8 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
             if not seeds or len(set(seeds)) != len(seeds):
                 raise ConfigError(f"--seeds must list distinct seeds, got {seeds}")
         given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
+        if ns.get("out"):  # before any data is generated or read
+            validate.check_new_out(ns["out"], "compare", PROG)
         base = cli.train_config_from_args({**given, "variant": "full"})
         out = ns.get("out") or cli.default_out("compare", base.benchmark)
         if (Path(out) / "compare.json").is_file():

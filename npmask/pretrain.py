@@ -123,6 +123,8 @@ def run(args, argv=None, ctx=None) -> dict:
             folder.unlock()
             raise
     else:
+        if ns.get("out"):  # before any data is generated or read
+            validate.check_new_out(ns["out"], "pretrain", PROG)
         cfg = config_from_args(args)
         _check_data(cfg, check(cfg))
         out = ns.get("out") or cli.default_out("pretrain", cfg.model, cfg.domain)

@@ -63,6 +63,8 @@ def prepare(args, argv=None):
             folder.unlock()
             raise
         return cfg, folder
+    if ns.get("out"):  # before any data is generated or read
+        validate.check_new_out(ns["out"], "train", PROG)
     cfg = cli.train_config_from_args(ns)
     out = ns.get("out") or cli.default_out("train", cfg.variant)
     validate.check_new_out(out, "train", PROG)

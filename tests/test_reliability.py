@@ -60,6 +60,21 @@ def refused(main, argv, *parts, capsys=None):
     return msg
 
 
+def test_1_a_foreign_out_is_refused_before_any_data_is_generated(tmp_path, monkeypatch):
+    from npmask.training import suites
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the synthetic benchmark was generated before --out was checked")
+    monkeypatch.setattr(suites, "ensure_synthetic", no_generation)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    for main, extra in ((train.main, []), (compare.main, ["--variants", "full"]),
+                        (pretrain.main, [])):
+        refused(main, ["--out", str(mine), "--quiet", *extra], "is not an npmask run folder")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny):
     """An uninterrupted 2-epoch run of domains a and b."""
