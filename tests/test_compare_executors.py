@@ -82,6 +82,27 @@ def test_a_failed_job_is_marked_and_does_not_stop_the_others(tiny, tmp_path, cap
     assert "failed" not in rows["full"] and rows["full"]["score"] is not None
 
 
+def test_a_killed_driver_is_continued_by_the_same_command(tiny, tmp_path):
+    """SIGKILL mid-job, then the same command: finished jobs skipped, the partial one resumed."""
+    out, a = tmp_path / "cmp", grid_args(tiny, tmp_path / "cmp", 3)
+    proc = subprocess.Popen([sys.executable, "-m", "npmask.compare", *a], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "finetune" / "b" / "checkpoints" / "b.npz").is_file():
+            proc.kill()  # finetune/a is done, finetune/b is between epochs
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the command ended before the kill"
+    assert compare.main(a) == 0
+    assert compare.main(grid_args(tiny, tmp_path / "ref", 3)) == 0   # uninterrupted
+    assert results(out) == results(tmp_path / "ref")
+    logged = [json.loads(line)["epoch"] for line in
+              (out / "finetune" / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3], logged   # resumed after its last epoch, not trained again
+
+
 def test_executor_flags_are_checked(tiny, tmp_path):
     for extra, part in [(["--address", "auto"], "--address only apply with --executor ray"),
                         (["--executor", "ray", "--cpus-per-job", "0"], "--cpus-per-job must be"),
