@@ -103,6 +103,19 @@ def test_a_killed_driver_is_continued_by_the_same_command(tiny, tmp_path):
     assert logged == [1, 2, 3], logged   # resumed after its last epoch, not trained again
 
 
+def test_the_backbones_accuracy_is_measured_once_per_comparison(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    a = grid_args(tiny, out, 1)
+    assert compare.main(a + ["--stop-after-epochs", "2"]) == 0   # finetune/a, 1 epoch of b
+    shared = out / "base_accuracy.json"   # measured by that job (the backbone's JSON lacks it)
+    doc = json.loads(shared.read_text())
+    assert doc["domain"] == "base" and "measured on the 32 test images" in doc["source"]
+    shared.write_text(json.dumps({**doc, "acc": 12.5}))   # a mark: later jobs must reuse it
+    assert compare.main(a) == 0
+    for job in ("full/a", "full/b"):   # (finetune/b started before the mark)
+        assert json.loads((out / job / "results.json").read_text())["acc"]["base"] == 12.5
+
+
 def test_executor_flags_are_checked(tiny, tmp_path):
     for extra, part in [(["--address", "auto"], "--address only apply with --executor ray"),
                         (["--executor", "ray", "--cpus-per-job", "0"], "--cpus-per-job must be"),

@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..io import atomic_write_text
 from . import validate
 from .config import TrainConfig, load_config, save_config
 from .domain_training import train_domains
@@ -31,6 +32,7 @@ from .fit import StopRequested
 from .run_folder import RunFolder
 
 LAYOUT = "one run folder per (variant, domain, seed)"
+BASE_CACHE = "base_accuracy.json"  # the name domain_training.base_accuracy caches it under
 
 
 def seed_dir(out, seed, seeds) -> Path:
@@ -85,8 +87,10 @@ def run_job(spec: dict, *, progress: bool = False, stop_after=None, log=None) ->
         skipped = d in done and folder.results_json.is_file()
         if not skipped:
             folder.drop_metrics_after_checkpoints()  # as npmask.train does on resume
+            _share_base_accuracy(Path(spec["part_of"]) / BASE_CACHE, folder.path / BASE_CACHE)
             train_domains(cfg, folder, data_root=cfg.data_root, progress=progress,
                           stop_after=stop_after, log=log)
+            _share_base_accuracy(folder.path / BASE_CACHE, Path(spec["part_of"]) / BASE_CACHE)
             done = folder.progress()["done"]
         return {"status": "done", "acc": float(done[d]["test_acc"]),
                 "epochs": int(done[d]["epochs"]), "skipped": skipped,
@@ -101,6 +105,15 @@ def run_job(spec: dict, *, progress: bool = False, stop_after=None, log=None) ->
         return {"status": "failed", "error": message, "seconds": round(time.time() - t0, 1)}
     finally:
         folder.unlock()
+
+
+def _share_base_accuracy(src: Path, dst: Path) -> None:
+    """Copy the pretraining domain's measured accuracy (domain_training.base_accuracy's cache,
+    written only when the backbone's JSON lacks it) between the comparison folder and a job folder:
+    every job of a comparison has the same backbone, data and evaluation settings, so the backbone's
+    test split is evaluated once per comparison, not once per job."""
+    if src.is_file() and not dst.is_file():
+        atomic_write_text(str(dst), src.read_text(encoding="utf-8"))
 
 
 def report_line(spec: dict, res: dict, *, done: int, total: int, running: int, queued: int) -> str:
