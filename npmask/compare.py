@@ -36,6 +36,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -123,44 +124,9 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
     write the comparison table."""
     validate.check_args(ns)
     executor = _check_executor(ns)
-    resume = bool(ns.get("resume"))
-    if not resume and ns.get("out") and (Path(ns["out"]) / "compare.json").is_file():
-        resume = True  # the same command again continues the comparison (flags are checked below)
-        print(f"continuing the comparison in {ns['out']}", file=sys.stderr)
-    if resume:
-        out = resume_target(ns.get("out"), "compare-", what="comparison folder")
-        doc = _read_json(Path(out) / "compare.json")
-        variants, base = _read_compare(doc, Path(out) / "compare.json")
-        if doc.get("layout") != grid.LAYOUT:
-            raise ConfigError(f"{out} was made by an older npmask (one run folder per variant, not "
-                              f"{grid.LAYOUT}); finish it with that version or start a new "
-                              "comparison in another --out")
-        validate.check_train_run(base, where=str(Path(out) / "compare.json"))
-        seeds = doc.get("seeds")
-        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
-        cli.check_resume_conflicts(given, base.to_dict(), cli.TRAIN_FLAGS)
-        if ns.get("variants") and ns["variants"] != variants:
-            raise ConfigError(f"--variants differs from the comparison's {variants}")
-        if ns.get("seeds") and ns["seeds"] != seeds:
-            raise ConfigError(f"--seeds differs from the comparison's {seeds}")
-        command = doc["command"]
-    else:
-        variants = ns.get("variants") or list(DEFAULT_VARIANTS)
-        if len(set(variants)) != len(variants):
-            raise ConfigError(f"--variants lists a variant twice: {variants}")
-        for v in variants:
-            cli.check_variant(v)
-        seeds = ns.get("seeds")
-        if seeds is not None:
-            if "seed" in ns:
-                raise ConfigError("give either --seed or --seeds, not both")
-            if not seeds or len(set(seeds)) != len(seeds):
-                raise ConfigError(f"--seeds must list distinct seeds, got {seeds}")
-        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
-        base = cli.train_config_from_args({**given, "variant": "full"})
-        out = ns.get("out") or cli.default_out("compare", base.benchmark)
-        validate.check_new_out(out, "compare", PROG)
-        command = cli.command_line("npmask.compare", argv)
+    # on Ray the jobs check their device where they run: the driver may have no GPU
+    with (validate.device_checked_by_workers() if executor == "ray" else contextlib.nullcontext()):
+        out, variants, seeds, base, command, resume = _settings(ns, argv)
     top = _CompareFolder(out)
     if resume:
         top.lock()
@@ -203,6 +169,50 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
                           + "; ".join(failed) + f"; fix the cause, then continue with: {PROG} "
                           f"--resume --out {out}")
     return text
+
+
+def _settings(ns: dict, argv):
+    """(out, variants, seeds, base config, command, resume?) of a new or continued comparison,
+    every setting checked before anything is written."""
+    resume = bool(ns.get("resume"))
+    if not resume and ns.get("out") and (Path(ns["out"]) / "compare.json").is_file():
+        resume = True  # the same command again continues the comparison (flags are checked below)
+        print(f"continuing the comparison in {ns['out']}", file=sys.stderr)
+    if resume:
+        out = resume_target(ns.get("out"), "compare-", what="comparison folder")
+        doc = _read_json(Path(out) / "compare.json")
+        variants, base = _read_compare(doc, Path(out) / "compare.json")
+        if doc.get("layout") != grid.LAYOUT:
+            raise ConfigError(f"{out} was made by an older npmask (one run folder per variant, not "
+                              f"{grid.LAYOUT}); finish it with that version or start a new "
+                              "comparison in another --out")
+        validate.check_train_run(base, where=str(Path(out) / "compare.json"))
+        seeds = doc.get("seeds")
+        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
+        cli.check_resume_conflicts(given, base.to_dict(), cli.TRAIN_FLAGS)
+        if ns.get("variants") and ns["variants"] != variants:
+            raise ConfigError(f"--variants differs from the comparison's {variants}")
+        if ns.get("seeds") and ns["seeds"] != seeds:
+            raise ConfigError(f"--seeds differs from the comparison's {seeds}")
+        command = doc["command"]
+    else:
+        variants = ns.get("variants") or list(DEFAULT_VARIANTS)
+        if len(set(variants)) != len(variants):
+            raise ConfigError(f"--variants lists a variant twice: {variants}")
+        for v in variants:
+            cli.check_variant(v)
+        seeds = ns.get("seeds")
+        if seeds is not None:
+            if "seed" in ns:
+                raise ConfigError("give either --seed or --seeds, not both")
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ConfigError(f"--seeds must list distinct seeds, got {seeds}")
+        given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
+        base = cli.train_config_from_args({**given, "variant": "full"})
+        out = ns.get("out") or cli.default_out("compare", base.benchmark)
+        validate.check_new_out(out, "compare", PROG)
+        command = cli.command_line("npmask.compare", argv)
+    return out, variants, seeds, base, command, resume
 
 
 def _ray(specs, ns, quiet):

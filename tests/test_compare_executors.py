@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from npmask import compare, train
+from npmask.backend import BackendError
+from npmask.training import validate
+from npmask.training.config import TrainConfig
 from test_train import write_random_backbone, write_tiny_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +139,20 @@ def test_without_ray_the_ray_executor_says_how_to_install_it(tiny, tmp_path, mon
     assert str(e.value.code) == ("python -m npmask.compare: error: --executor ray needs Ray, which "
                                  "is not installed: pip install 'npmask[ray]' (or pip install "
                                  "'ray>=2.9')")
+
+
+def test_on_ray_the_driver_leaves_the_device_check_to_the_jobs(tiny, tmp_path, monkeypatch):
+    """A head node without a GPU can drive GPU jobs: --backend cupy is checked by name only there."""
+    with validate.device_checked_by_workers():
+        validate.check_train_config(TrainConfig(backend="cupy"))
+        with pytest.raises(BackendError, match="unknown backend 'magic'"):
+            validate.check_backend("magic")
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "npmask.training.ray_executor", raising=False)
+    with pytest.raises(SystemExit) as e:
+        compare.main(grid_args(tiny, tmp_path / "x", 1, "full", "--backend", "cupy",
+                               "--executor", "ray"))
+    assert "--executor ray needs Ray" in str(e.value.code)   # past every check, device included
 
 
 def test_nothing_but_the_ray_executor_imports_ray():
