@@ -2,19 +2,28 @@
 
 Trains every variant in ``--variants`` (default: the rows of tables 1 and 5 of the paper that
 matter most) with identical settings -- same backbone, domains, epochs, learning rates and seed --
-each in its own run folder ``<out>/<variant>/`` (an ordinary ``npmask.train`` run, so each is
-resumable), then writes ``<out>/results.md``: one row per variant, one column per domain (test
-accuracy in %, the pretraining domain first), the S-score over every domain with Emax = 2 x the
-error of the ``finetune`` row (so ``finetune`` scores 250 per domain), ``# Params`` from the stored
-domain files (footnote 3) and S_p = S / # Params.
+as independent jobs, one per (variant, domain, seed), each an ordinary ``npmask.train`` run folder
+``<out>/<variant>/<domain>/`` (resumable), then writes ``<out>/results.md``: one row per variant,
+one column per domain (test accuracy in %, the pretraining domain first), the S-score over every
+domain with Emax = 2 x the error of the ``finetune`` row (so ``finetune`` scores 250 per domain),
+``# Params`` from the stored domain files (footnote 3) and S_p = S / # Params.
 
-``--seeds 0,1,2`` repeats every (variant, domain) once per seed, in ``<out>/seed<k>/<variant>/``,
+``--executor local`` (default) runs the jobs one after the other in this process; ``--executor
+ray`` submits one Ray task per job to a cluster (``--address``, or a local one), each asking for
+``--cpus-per-job``/``--gpus-per-job``, so several train at once (``pip install 'npmask[ray]'``;
+on several machines ``--out``, the data and the backbone must be on shared storage). One line per
+finished job gives its accuracy and how many are running, queued and done. Running the same
+command again (or ``--resume``) skips finished jobs and resumes partial ones from their last
+epoch. A job that fails is reported with its error, the others go on, and the table marks it.
+
+``--seeds 0,1,2`` repeats every (variant, domain) once per seed, in ``<out>/seed<k>/<variant>/<domain>/``,
 scores each seed with its own ``finetune`` row, and prints mean ± std (sample std) per cell, as the
 paper reports averages over runs; results.json keeps every run. ``--table PATH`` also writes the table there
 together with the command that produced it (how ``benchmarks/results/compare_synthetic.md`` was
 made).
 
-``finetune`` is trained first because it defines Emax; without it the S-score columns say n/a.
+Emax needs the seed's ``finetune`` jobs only when the table is assembled, after every job has
+ended; without a finetune row the S-score columns say n/a.
 
 Examples::
 
@@ -22,24 +31,28 @@ Examples::
     python -m npmask.compare --variants classifier_only,finetune,full --domains digits,textures
     python -m npmask.compare --out runs/cmp --resume           # continue after a kill
     python -m npmask.compare --seeds 0,1,2 --max-train 1000     # mean +- std over 3 runs
+    python -m npmask.compare --executor ray --address auto --gpus-per-job 1 --backend cupy
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from .io import atomic_write_text, remove_stale_temps
-from .training import cli, validate
-from .training.config import TrainConfig, load_config, save_config
-from .training.domain_training import emax_from_run, score, train_domains
+from .metrics import emax_from_accuracies
+from .training import cli, grid, validate
+from .training.config import TrainConfig
+from .training.domain_training import score
 from .training.errors import ConfigError, exit_on_error
 from .training.fit import StopRequested
 from .training.lock import RunLock
 from .training.results import markdown_table, mean_std_row
-from .training.run_folder import RunFolder, resume_target
+from .training.run_folder import resume_target
 
 PROG = "python -m npmask.compare"
 DEFAULT_VARIANTS = ["classifier_only", "finetune", "piggyback", "piggyback_bn", "simple", "full",
@@ -70,7 +83,21 @@ def build_parser():
                 if getattr(action, attr) is not None:
                     kwargs[attr] = getattr(action, attr)
         p.add_argument(*action.option_strings, **kwargs)
-    p.add_argument("--out", metavar="DIR", help="comparison folder (default: runs/compare-<time>)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the (variant, domain, seed) jobs run: local (default), one after "
+                        "the other in this process; ray, one Ray task per job on a running cluster "
+                        "(--address) or a local one (needs pip install 'npmask[ray]')")
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --executor ray: the cluster to submit to (auto: the one this "
+                        "machine belongs to; default: start a local one)")
+    p.add_argument("--gpus-per-job", type=float, metavar="G",
+                   help="with --executor ray: GPUs each job asks for (default 0; 1 with "
+                        "--backend cupy on GPU nodes)")
+    p.add_argument("--cpus-per-job", type=float, metavar="C",
+                   help="with --executor ray: CPUs each job asks for (default 1; also its "
+                        "NPMASK_THREADS unless that is set)")
+    p.add_argument("--out", metavar="DIR", help="comparison folder (default: runs/compare-<time>); "
+                   "running the same command again continues it")
     p.add_argument("--resume", action="store_true",
                    help="continue the comparison in --out (default: the newest runs/compare-*)")
     p.add_argument("--stop-after-epochs", type=int, metavar="N",
@@ -93,12 +120,72 @@ def main(argv=None) -> int:
 
 
 def run(ns: dict, argv=None, ctx=None) -> str | None:
-    """Train every variant (resuming finished or partial ones) and write the comparison table."""
+    """Run every (variant, domain, seed) job (skipping finished ones, resuming partial ones) and
+    write the comparison table."""
     validate.check_args(ns)
-    if ns.get("resume"):
+    executor = _check_executor(ns)
+    # on Ray the jobs check their device where they run: the driver may have no GPU
+    with (validate.device_checked_by_workers() if executor == "ray" else contextlib.nullcontext()):
+        out, variants, seeds, base, command, resume = _settings(ns, argv)
+    top = _CompareFolder(out)
+    if resume:
+        top.lock()
+    else:
+        with validate.new_folder(top):
+            atomic_write_text(str(Path(out) / "compare.json"), json.dumps(
+                {"variants": variants, "seeds": seeds, "config": base.to_dict(),
+                 "command": command, "layout": grid.LAYOUT}, indent=2) + "\n")
+    if ctx is not None:
+        ctx.on_exit(top.unlock)
+        ctx.resume = f"{PROG} --resume --out {out}"
+    specs = grid.job_specs(base, variants, seeds, out, command)
+    quiet = ns.get("quiet", False)
+    print(f"{len(specs)} jobs ({len(variants)} variants x {len(base.domains)} domains x "
+          f"{len(seeds or [base.seed])} seed(s)) on the {executor} executor, in {out}",
+          file=sys.stderr)
+    if executor == "ray":
+        outcomes = _ray(specs, ns, quiet)
+    else:
+        try:
+            outcomes = grid.run_local(specs, progress=not quiet, stop_after=ns.get("stop_after_epochs"),
+                                      echo=lambda s: print(s, file=sys.stderr, flush=True))
+        except StopRequested as stop:
+            print(f"{stop}; continue with: {PROG} --resume --out {out}", file=sys.stderr)
+            return None
+    rows = grid.collect(specs, outcomes, variants, base.domains)
+    per_seed = {}  # seed -> (rows by variant, emax, emax_source)
+    for seed, by_variant in rows.items():
+        emax, emax_source = base.emax, base.emax_source
+        fine = by_variant.get("finetune")
+        if emax is None and fine is not None and not fine["failed"]:
+            emax, emax_source = _emax(fine["acc"], seeds is not None)
+        per_seed[seed] = (by_variant, emax, emax_source)
+    text = write_table(out, variants, per_seed, base, command, ns.get("table"), seeds)
+    failed = [f"{grid.name(s)} ({r['error']})" for s, r in zip(specs, outcomes)
+              if r["status"] != "done"]
+    if failed:
+        print(text)
+        raise ConfigError(f"{len(failed)} of {len(specs)} jobs failed (marked in the table): "
+                          + "; ".join(failed) + f"; fix the cause, then continue with: {PROG} "
+                          f"--resume --out {out}")
+    return text
+
+
+def _settings(ns: dict, argv):
+    """(out, variants, seeds, base config, command, resume?) of a new or continued comparison,
+    every setting checked before anything is written."""
+    resume = bool(ns.get("resume"))
+    if not resume and ns.get("out") and (Path(ns["out"]) / "compare.json").is_file():
+        resume = True  # the same command again continues the comparison (flags are checked below)
+        print(f"continuing the comparison in {ns['out']}", file=sys.stderr)
+    if resume:
         out = resume_target(ns.get("out"), "compare-", what="comparison folder")
         doc = _read_json(Path(out) / "compare.json")
         variants, base = _read_compare(doc, Path(out) / "compare.json")
+        if doc.get("layout") != grid.LAYOUT:
+            raise ConfigError(f"{out} was made by an older npmask (one run folder per variant, not "
+                              f"{grid.LAYOUT}); finish it with that version or start a new "
+                              "comparison in another --out")
         validate.check_train_run(base, where=str(Path(out) / "compare.json"))
         seeds = doc.get("seeds")
         given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
@@ -125,95 +212,73 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
             validate.check_new_out(ns["out"], "compare", PROG)
         base = cli.train_config_from_args({**given, "variant": "full"})
         out = ns.get("out") or cli.default_out("compare", base.benchmark)
-        if (Path(out) / "compare.json").is_file():
-            raise ConfigError(f"comparison folder {out} already exists; pass --resume to continue "
-                              "it or choose another --out")
         validate.check_new_out(out, "compare", PROG)
         command = cli.command_line("npmask.compare", argv)
-    top = _CompareFolder(out)
-    if ns.get("resume"):
-        top.lock()
-    else:
-        with validate.new_folder(top):
-            atomic_write_text(str(Path(out) / "compare.json"), json.dumps(
-                {"variants": variants, "seeds": seeds, "config": base.to_dict(),
-                 "command": command}, indent=2) + "\n")
-    if ctx is not None:
-        ctx.on_exit(top.unlock)
-        ctx.resume = f"{PROG} --resume --out {out}"
-    # finetune first: its errors are Emax for every row's S-score
-    order = sorted(variants, key=lambda v: v != "finetune")
-    budget = [ns.get("stop_after_epochs")]
-    per_seed = {}  # seed -> (results by variant, emax, emax_source)
-    for seed in (seeds if seeds is not None else [base.seed]):
-        where = Path(out) / f"seed{seed}" if seeds is not None else Path(out)
-        results = {}
-        emax, emax_source = base.emax, base.emax_source
-        for v in order:
-            folder = RunFolder(where / v)
-            if ctx is not None:
-                ctx.on_exit(folder.unlock)  # a no-op unless the lock below was taken
-            if folder.exists():
-                folder.lock()
-                cfg = load_config(str(folder.config))
-                validate.check_train_config(cfg, where=str(folder.config))
-            else:
-                cfg = TrainConfig.from_dict({**base.to_dict(), "variant": v, "seed": seed})
-                with validate.new_folder(folder):
-                    save_config(str(folder.config), cfg,
-                                {"command": command, "part_of": str(out)})
-            if emax is not None and cfg.emax != emax:
-                cfg.emax, cfg.emax_source = emax, emax_source
-            print(f"== {v} (seed {seed}) ==", file=sys.stderr)
-            res = _train_one(cfg, folder, ns, budget, out)
-            if res is None:
-                return None
-            results[v] = res
-            if v == "finetune" and emax is None:
-                emax, _ = emax_from_run(folder.path)
-                emax_source = "2 x the test error of the finetune row" + (
-                    " of the same seed" if seeds is not None else "")
-        per_seed[seed] = (results, emax, emax_source)
-    return write_table(out, variants, per_seed, base, command, ns.get("table"), seeds)
+    return out, variants, seeds, base, command, resume
 
 
-def _train_one(cfg, folder, ns, budget, out):
-    """Train (or finish) one run folder; None when stopped (kill or --stop-after-epochs)."""
-    done_before = _epochs_done(folder, cfg)
+def _ray(specs, ns, quiet):
+    """The jobs on Ray (npmask.training.ray_executor), or one line saying how to install it."""
     try:
-        res = train_domains(cfg, folder, data_root=cfg.data_root,
-                            progress=not ns.get("quiet", False), stop_after=budget[0],
-                            log=lambda s: print(s, file=sys.stderr))
-    except StopRequested as stop:
-        print(f"{stop}; continue with: {PROG} --resume --out {out}", file=sys.stderr)
-        return None
-    if budget[0]:
-        budget[0] -= _epochs_done(folder, cfg) - done_before
-        if budget[0] <= 0:
-            print(f"stopped as requested; continue with: {PROG} --resume --out {out}",
-                  file=sys.stderr)
-            return None
-    return res
+        # optional dependency: only --executor ray imports Ray (pip install 'npmask[ray]')
+        from .training import ray_executor
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "ray":
+            raise
+        raise ConfigError("--executor ray needs Ray, which is not installed: pip install "
+                          "'npmask[ray]' (or pip install 'ray>=2.9')") from None
+    return ray_executor.run(specs, address=ns.get("address"), cpus=ns.get("cpus_per_job", 1.0),
+                            gpus=ns.get("gpus_per_job", 0.0), progress=not quiet,
+                            echo=lambda s: print(s, file=sys.stderr, flush=True))
 
 
-def _epochs_done(folder, cfg) -> int:
-    done = folder.progress()["done"]
-    return sum(int(done[d]["epochs"]) for d in cfg.domains if d in done)
+def _emax(acc: dict, per_seed: bool):
+    """(Emax in fractions = 2 x the finetune row's test error per domain, its source); Emax None
+    with the reason as source when that row is 100% accurate somewhere (Emax would be 0)."""
+    perfect = sorted(d for d, a in acc.items() if a == 100)
+    if perfect:
+        return None, (f"undefined: the finetune row is 100% accurate on {', '.join(perfect)}, so "
+                      "Emax = 2 x its error would be 0")
+    return emax_from_accuracies(acc, percent=True), (
+        "2 x the test error of the finetune row" + (" of the same seed" if per_seed else ""))
+
+
+def _check_executor(ns: dict) -> str:
+    """--executor and the flags that go with it: one line for a bad combination or value."""
+    executor = ns.get("executor", "local")
+    if executor != "ray":
+        given = [f for f, k in (("--address", "address"), ("--gpus-per-job", "gpus_per_job"),
+                                ("--cpus-per-job", "cpus_per_job")) if ns.get(k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --executor ray")
+        return executor
+    if ns.get("stop_after_epochs") is not None:
+        raise ConfigError("--stop-after-epochs only applies with --executor local")
+    cpus, gpus = ns.get("cpus_per_job"), ns.get("gpus_per_job")
+    if cpus is not None and not (math.isfinite(cpus) and cpus > 0):
+        raise ConfigError(f"--cpus-per-job must be a number > 0, got {cpus:g}")
+    if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
+        raise ConfigError(f"--gpus-per-job must be a number >= 0, got {gpus:g}")
+    for key, default in (("cpus_per_job", 1.0), ("gpus_per_job", 0.0)):
+        ns[key] = default if ns.get(key) is None else ns[key]
+    return executor
 
 
 def write_table(out, variants, per_seed, base, command, table_path=None, seeds=None) -> str:
     """Score every run with its seed's Emax, average over seeds, write results.md/json (and ``table_path``).
 
-    ``per_seed``: {seed: ({variant: results of its run}, emax, emax_source)}.
+    ``per_seed``: {seed: ({variant: {"acc", "files", "failed"}} from :func:`grid.collect`,
+    emax, emax_source)}. A row with a failed job has no S-score nor # Params; its cell says so.
     """
     runs = []
-    for seed, (results, emax, _) in per_seed.items():
-        where = Path(out) / f"seed{seed}" if seeds is not None else Path(out)
+    for seed, (by_variant, emax, _) in per_seed.items():
         for v in variants:
-            res = results[v]
-            files = [where / v / "domains" / f"{d}.npz" for d in base.domains]
-            sc = score(res["acc"], emax, files)
-            runs.append({"method": v, "seed": seed, "acc": res["acc"], **sc})
+            row = by_variant[v]
+            sc = (score(row["acc"], emax, row["files"]) if not row["failed"] else
+                  {"score": None, "score_per_domain": None, "params": None, "sp": None,
+                   "running_stats": None})
+            runs.append({"method": v, "seed": seed, "acc": row["acc"], **sc,
+                         **({"failed": row["failed"]} if row["failed"] else {})})
     if seeds is None:
         rows = runs
     else:
@@ -243,6 +308,7 @@ def write_table(out, variants, per_seed, base, command, table_path=None, seeds=N
             "files (paper, footnote 3; classifiers excluded, T counts the pretraining domain; masks, "
             "k's and BN weights and biases, not the BN running statistics).\n\n"
             + (f"S-score ranking: {ordered}.\n\n" if ordered else "")
+            + _failures(runs, seeds)
             + f"Produced by:\n\n    {command}\n")
     atomic_write_text(str(Path(out) / "results.md"), text)
     atomic_write_text(str(Path(out) / "results.json"), json.dumps(
@@ -251,6 +317,13 @@ def write_table(out, variants, per_seed, base, command, table_path=None, seeds=N
     if table_path:
         atomic_write_text(str(table_path), text)
     return text
+
+
+def _failures(runs, seeds) -> str:
+    """A note per failed job under the table, with its error."""
+    return "".join(f"**Failed**: `{r['method']}` on `{d}`"
+                   + ("" if seeds is None else f" (seed {r['seed']})") + f": {e}\n\n"
+                   for r in runs for d, e in (r.get("failed") or {}).items())
 
 
 def _read_json(path: Path) -> dict:

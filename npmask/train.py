@@ -32,7 +32,6 @@ import time
 
 from .backend import get_backend
 from .training import cli, validate
-from .training.checkpoint import checkpoint_epoch
 from .training.config import load_config, save_config
 from .training.domain_training import emax_from_run, train_domains
 from .training.errors import ConfigError, exit_on_error
@@ -87,23 +86,8 @@ def _resume_config(folder, ns, argv):
     if ns.get("emax_from"):
         cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
         save_config(str(folder.config), cfg, {"command": cli.command_line("npmask.train", argv)})
-    _drop_metrics_after_checkpoints(folder)
+    folder.drop_metrics_after_checkpoints()
     return cfg
-
-
-def _drop_metrics_after_checkpoints(folder) -> None:
-    """Keep metrics.jsonl consistent with what the run resumes from (see run_folder)."""
-    done = folder.progress()["done"]
-    keep_epochs = {}
-    for r in folder.read_metrics():
-        d = r.get("domain")
-        if d is None or d in done or d in keep_epochs:
-            continue
-        ck = folder.checkpoint(d)
-        keep_epochs[d] = checkpoint_epoch(ck) if ck.is_file() else 0
-    if keep_epochs:
-        folder.truncate_metrics(lambda r: r.get("domain") not in keep_epochs
-                                or r.get("epoch", 0) <= keep_epochs[r["domain"]])
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,9 @@ def test_compare_writes_the_table_with_scores_from_the_finetune_row(tiny, tmp_pa
     assert "| Method | base | a | b | S-score | # Params | S_p |" in text
     assert "python -m npmask.compare --benchmark folder" in text  # the command that produced it
     for v in rows:
-        assert (out / v / "results.json").is_file() and (out / v / "domains" / "a.npz").is_file()
+        for d in ("a", "b"):  # one run folder per (variant, domain) job
+            assert (out / v / d / "results.json").is_file()
+            assert (out / v / d / "domains" / f"{d}.npz").is_file()
     assert "finetune" in capsys.readouterr().out
 
 
@@ -89,8 +91,9 @@ def test_compare_over_seeds_reports_mean_and_std_and_keeps_every_run(tiny, tmp_p
     for seed in (0, 1):
         # each seed is scored with its own finetune row: exactly 250 (N + 1)
         assert runs[("finetune", seed)]["score"] == pytest.approx(750.0)
-        assert (out / f"seed{seed}" / "full" / "domains" / "a.npz").is_file()
-        cfg = json.loads((out / f"seed{seed}" / "full" / "config.json").read_text())["config"]
+        assert (out / f"seed{seed}" / "full" / "a" / "domains" / "a.npz").is_file()
+        cfg = json.loads((out / f"seed{seed}" / "full" / "b" / "config.json").read_text())["config"]
+        assert cfg["domains"] == ["b"]
         assert cfg["seed"] == seed
     assert runs[("full", 0)]["acc"] != runs[("full", 1)]["acc"]      # the seed changes the run
     rows = {r["method"]: r for r in res["rows"]}

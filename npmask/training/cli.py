@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from .. import pretrained
-from ..backend import get_backend
 from ..masking.variants import VARIANTS
 from .config import (PretrainConfig, TrainConfig, check_model, check_variant, load_config,
                      save_config)
@@ -193,7 +192,7 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     cfg.validate()
     validate.check_train_config(cfg)  # every setting, before the data or a backbone is touched
     check_variant(cfg.variant)
-    get_backend(cfg.backend)  # --backend cupy without a GPU: one clear line, before any work
+    validate.check_backend(cfg.backend)  # --backend cupy without a GPU: one line, before any work
     check_model(cfg.model, cfg.input_size)
     if bench.base_domain in (cfg.domains or []):  # before any data is generated or read
         raise ConfigError(f"{bench.base_domain!r} is the pretraining domain of the {bench.name} "

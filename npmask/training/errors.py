@@ -80,6 +80,19 @@ class _Context:
             self._on_exit.pop()()
 
 
+def one_line(err: BaseException) -> str | None:
+    """The one-line message :func:`exit_on_error` would print for ``err`` (without the program's
+    name), or None when ``err`` is not an expected error (a bug, which keeps its traceback)."""
+    if isinstance(err, OSError) and err.errno in _ENVIRONMENT:
+        return os_error_message(err)
+    if not isinstance(err, _expected()):
+        return None
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError) and text.startswith(("'", '"')):
+        text = text[1:-1]  # KeyError quotes its message
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 @contextlib.contextmanager
 def exit_on_error(prog: str):
     """Turn expected errors inside the block into ``SystemExit`` with a one-line message.
@@ -102,12 +115,9 @@ def exit_on_error(prog: str):
         hint = f"; then continue with: {ctx.resume}" if ctx.resume else ""
         raise SystemExit(f"{prog}: error: {os_error_message(err)}{hint}") from None
     except Exception as err:
-        if not isinstance(err, _expected()):
+        message = one_line(err)
+        if message is None:
             raise
-        text = str(err).strip() or type(err).__name__
-        if isinstance(err, KeyError) and text.startswith(("'", '"')):
-            text = text[1:-1]  # KeyError quotes its message
-        message = " ".join(line.strip() for line in text.splitlines() if line.strip())
         raise SystemExit(f"{prog}: error: {message}") from None
     finally:
         ctx.close()

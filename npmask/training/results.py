@@ -4,7 +4,8 @@ One row per method (variant or baseline), one column per domain (test accuracy i
 pretraining domain first, scored like the others as in tables 1-4), then the S-score (eq. 3, with Emax from the fine-tuning baseline), ``# Params`` (footnote 3: the
 total size of all domains relative to the backbone, classifiers excluded, from the stored files)
 and S_p = S / # Params. A number that cannot be computed is shown as "n/a" and a note below the
-table says why (e.g. no fine-tuning run to take Emax from). A row averaged over several seeds carries
+table says why (e.g. no fine-tuning run to take Emax from); a row's ``failed`` ({domain: error})
+marks the cells of jobs that failed as "failed". A row averaged over several seeds carries
 ``acc_std``, ``score_std``, ``params_std`` and ``sp_std`` and its cells read "mean ± std".
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _cell(row: dict, key: str, digits: int, domain: str | None = None) -> str:
 
 
 def _cells(r: dict, domains) -> list:
-    return [r["method"], *[_cell(r, "acc", 1, d) for d in domains],
+    failed = r.get("failed") or {}
+    return [r["method"], *[("failed" if d in failed else _cell(r, "acc", 1, d)) for d in domains],
             _cell(r, "score", 0), _cell(r, "params", 3), _cell(r, "sp", 0)]
 
 
@@ -63,6 +65,9 @@ def mean_std_row(method: str, runs: list[dict]) -> dict:
         row["acc"][d], row["acc_std"][d] = agg([r.get("acc", {}).get(d) for r in runs])
     for key in ("score", "params", "sp"):
         row[key], row[key + "_std"] = agg([r.get(key) for r in runs])
+    failed = {d: e for r in runs for d, e in (r.get("failed") or {}).items()}
+    if failed:
+        row["failed"] = failed  # a job of some seed failed: that cell is marked, not averaged
     return row
 
 

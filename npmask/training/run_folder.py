@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..io import atomic_write_text, remove_stale_temps
+from .checkpoint import checkpoint_epoch
 from .errors import ConfigError
 from .lock import RunLock
 
@@ -135,6 +136,21 @@ class RunFolder:
                 if isinstance(rec, dict):
                     out.append(rec)
         return out
+
+    def drop_metrics_after_checkpoints(self) -> None:
+        """On resume: drop the lines of epochs after each unfinished domain's checkpoint (written
+        by a process killed between the two writes), so the log matches what the run resumes from."""
+        done = self.progress()["done"]
+        keep_epochs = {}
+        for r in self.read_metrics():
+            d = r.get("domain")
+            if d is None or d in done or d in keep_epochs:
+                continue
+            ck = self.checkpoint(d)
+            keep_epochs[d] = checkpoint_epoch(ck) if ck.is_file() else 0
+        if keep_epochs:
+            self.truncate_metrics(lambda r: r.get("domain") not in keep_epochs
+                                  or r.get("epoch", 0) <= keep_epochs[r["domain"]])
 
     def truncate_metrics(self, keep) -> None:
         """Rewrite metrics.jsonl keeping only the records for which ``keep(record)`` is true."""

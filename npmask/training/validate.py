@@ -11,6 +11,7 @@ names the flag, the file or the field, shown as one line by ``exit_on_error``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import BACKENDS, get_backend
 from ..config import default_threads
 from ..data.format import DataFormatError, check_domain_files, load_domain
 from ..data.loader import PROTOCOLS, augmentation_for
@@ -175,7 +176,7 @@ def _check_train_config(cfg, where: str):
         raise ConfigError(f"{where}: emax must map domains to positive error fractions, got "
                           f"{cfg.emax!r}")
     check_variant(cfg.variant)
-    _backend(cfg.backend)
+    check_backend(cfg.backend)
     check_model(cfg.model, cfg.input_size)
     return cfg
 
@@ -190,13 +191,30 @@ def check_pretrain_config(cfg, where: str = "the command line"):
         raise ConfigError(f"{where} (the run's stored settings): {err}") from None
     if cfg.eval_subset < 1:
         raise ConfigError(f"--eval-subset must be >= 1, got {cfg.eval_subset}")
-    _backend(cfg.backend)
+    check_backend(cfg.backend)
     check_model(cfg.model, cfg.input_size)
     return cfg
 
 
-def _backend(name: str) -> None:
-    get_backend(name)  # BackendError: --backend cupy without a GPU, one line
+_DEVICE_HERE = contextvars.ContextVar("npmask_device_here", default=True)
+
+
+@contextlib.contextmanager
+def device_checked_by_workers():
+    """Inside the block --backend is checked by name only: for a process that trains nothing
+    itself (``npmask.compare --executor ray`` on a head node without a GPU); each job checks the
+    device where it runs, and a worker without one fails that job with the same one line."""
+    token = _DEVICE_HERE.set(False)
+    try:
+        yield
+    finally:
+        _DEVICE_HERE.reset(token)
+
+
+def check_backend(name: str) -> None:
+    """--backend by name, and its device unless inside :func:`device_checked_by_workers`."""
+    if _DEVICE_HERE.get() or name not in BACKENDS:
+        get_backend(name)  # BackendError, one line: an unknown name, or cupy without a GPU
 
 
 # ------------------------------------------------------------------------------- data
@@ -252,6 +270,8 @@ def check_data(root, domains, *, input_size: int, augmentation: str, batch_size:
 
 def check_train_backbone(cfg) -> None:
     """Load the run's backbone as the run will (description, weights, model and input size)."""
+    if not _DEVICE_HERE.get():  # the device is the jobs' business: read the weights on the CPU
+        cfg = dataclasses.replace(cfg, backend="numpy")
     load_run_backbone(cfg)
 
 
