@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from npmask import compare, train
+from npmask.training.domain_training import emax_from_run
 from npmask.backend import BackendError
 from npmask.training import validate
 from npmask.training.config import TrainConfig
@@ -221,3 +222,19 @@ def test_ray_worker_killed_mid_job_is_retried_from_its_checkpoint(tiny, tmp_path
     epochs_logged = [json.loads(line)["epoch"] for line in
                      (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs_logged == list(range(1, epochs + 1)), epochs_logged
+
+
+def test_a_comparisons_finetune_folder_gives_emax_to_a_train_run(tiny, tmp_path):
+    """--emax-from accepts the finetune folder of a comparison, whose jobs are one folder per domain."""
+    out = tmp_path / "cmp"
+    assert compare.main(grid_args(tiny, out, 1, "finetune", "--max-train", "16")) == 0
+    rows, _ = results(out)
+    acc = rows[0]["acc"]
+    emax, source = emax_from_run(out / "finetune")
+    assert set(emax) >= {"a", "b"} and "finetune runs in" in source
+    for d in ("a", "b"):
+        assert emax[d] == pytest.approx(2 * (1 - acc[d] / 100))
+    run = tmp_path / "run"
+    assert train.main(common(tiny) + ["--variant", "full", "--max-train", "16", "--out", str(run),
+                                      "--emax-from", str(out / "finetune")]) == 0
+    assert json.loads((run / "results.json").read_text())["score"] is not None

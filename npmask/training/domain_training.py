@@ -156,7 +156,24 @@ def with_base(acc: dict, base: dict | None) -> dict:
 
 
 def emax_from_run(run_dir) -> tuple[dict, str]:
-    """Emax (fractions) from a finished ``finetune`` run folder: 2 x its test error per domain."""
+    """Emax (fractions) from a finished ``finetune`` run folder: 2 x its test error per domain.
+
+    ``run_dir`` is a train run folder, or the ``finetune`` folder of a comparison, whose jobs are
+    one run folder per domain (``<finetune>/<domain>/``): their accuracies are taken together.
+    """
+    jobs = sorted(Path(run_dir).glob("*/results.json"))
+    if not (Path(run_dir) / "results.json").is_file() and jobs:
+        acc = {}
+        for job in jobs:
+            acc.update(_finetune_accuracies(job.parent))
+        return (emax_from_accuracies(acc, percent=True),
+                f"2 x the test error of the finetune runs in {run_dir}")
+    return (emax_from_accuracies(_finetune_accuracies(run_dir), percent=True),
+            f"2 x the test error of the finetune run in {run_dir}")
+
+
+def _finetune_accuracies(run_dir) -> dict:
+    """The checked test accuracies (in %) of a finished ``finetune`` run folder."""
     p = Path(run_dir) / "results.json"
     try:
         res = json.loads(p.read_text(encoding="utf-8"))
@@ -180,8 +197,7 @@ def emax_from_run(run_dir) -> tuple[dict, str]:
     if res.get("variant") != "finetune":
         raise ConfigError(f"--emax-from {run_dir}: that run trained variant {res.get('variant')!r}; "
                           "Emax comes from a 'finetune' run")
-    return (emax_from_accuracies(res["acc"], percent=True),
-            f"2 x the test error of the finetune run in {run_dir}")
+    return res["acc"]
 
 
 def score(acc: dict, emax: dict | None, domain_files) -> dict:
