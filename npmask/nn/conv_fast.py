@@ -62,16 +62,20 @@ def col2im_chunk(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
     return out
 
 
-def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
+def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int, kept=None):
     """y (N, O, Ho, Wo) = conv2d(x, weight) without bias, by im2col + GEMMs, chunk of images by chunk.
 
     ph, pw: zero padding of the rows and columns (they differ in the input-gradient pass below).
+    ``kept``: None, or an empty list that receives the column matrices of the chunks (in chunk
+    order, each in its own array) when the batch's columns are small enough to keep
+    (:func:`keeps_columns`), for :func:`weight_grad` to use instead of building them again.
     """
     xp = get_array_module(x, weight)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     k = c * kh * kw
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
+    keep = kept is not None and keeps_columns(x.shape, weight.shape, stride, ho, wo)
     if _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo):    # one image at a time
         w_fold = _FoldedRows.weights(weight)
 
@@ -82,13 +86,39 @@ def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
         return y
     w_mat = weight.reshape(o, k)
     nb, chunks = _chunks(xp, n, k * ho * wo)
+    store = [None] * len(chunks)
 
     def one_chunk(im2col, i):
         n0, n1 = chunks[i]
-        im2col.product(w_mat, x[n0:n1], y[n0:n1])
+        if keep:                                       # this chunk's columns go to their own array
+            im2col.buf = xp.empty((k, (n1 - n0) * ho * im2col.r), dtype=x.dtype)
+        store[i] = im2col.product(w_mat, x[n0:n1], y[n0:n1])
     each_chunk(xp, len(chunks), lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo),
                one_chunk, flops=2.0 * n * o * k * ho * wo)
+    if keep:
+        kept.extend(store)
     return y
+
+
+def keeps_columns(x_shape, w_shape, stride: int, ho: int, wo: int) -> bool:
+    """Whether :func:`conv_gemm` keeps this convolution's columns when asked: a strided convolution
+    with a kernel larger than 1x1 (the general im2col layout of
+    :class:`~npmask.nn.conv_columns._Columns`: one strided copy of short rows per kernel offset)
+    whose whole batch's column matrix has at most ``settings.conv_keep_columns_floats`` floats.
+
+    Keeping them spares the weight gradient a second im2col of x: the same chunks, the same column
+    matrices, so the same products, bit for bit. Measured on the 2-core machine, forward + weight
+    gradient of one layer, batch 32, keeping against building again, paired (figures in
+    benchmarks/results/vs_torch_cpu.txt): stride-2 3x3 at 32x32 (16 channels) and 16x16 (32) 0.77-0.93x;
+    the stride-1 layouts (shifted, wide, folded rows: long contiguous copies, and the rebuilt
+    columns are still in cache when the GEMM reads them) 0.89-1.07x, no gain, so they build them
+    again; strided 1x1 0.85-0.88x, but of 1 ms, and left out so that WRN-28-4's shortcuts (1-2M
+    floats of columns) do not raise its peak memory; its strided 3x3 layers (9-19M) are above the
+    threshold, so it keeps nothing."""
+    n, c, _, _ = x_shape
+    _, _, kh, kw = w_shape
+    floats = n * c * kh * kw * ho * wo                 # stride > 1: no junk columns
+    return stride > 1 and kh * kw > 1 and 0 < floats <= settings.conv_keep_columns_floats
 
 
 class _InOrderSum:
@@ -114,8 +144,12 @@ class _InOrderSum:
                 self._next += 1
 
 
-def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
+def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int, columns=None):
     """dW (O, C, kh, kw) = sum over chunks of dy_mat @ cols.T, computed as (cols @ dy_mat.T).T.
+
+    ``columns``: the chunks' column matrices that :func:`conv_gemm` kept from the forward pass of
+    this x (a strided convolution: the same chunks, so the same products, bit for bit), or None to
+    build them here.
 
     The transposed product (K, O) = cols (K, M) @ dy_mat.T (M, O) runs faster in BLAS than
     dy_mat @ cols.T for these shapes; folded rows do the same per kernel row. The chunks' products
@@ -140,7 +174,10 @@ def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
 
         def one_chunk(im2col, i):
             n0, n1 = chunks[i]
-            dw_t.add(i, im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T)
+            cols = im2col.cols(x[n0:n1]) if columns is None else columns[i]
+            dw_t.add(i, cols @ im2col.rows(dy[n0:n1]).T)
+    if columns is not None and (folded or len(columns) != len(chunks)):
+        raise ValueError(f"weight_grad got {len(columns)} kept column matrices for {len(chunks)} chunks")
     each_chunk(xp, len(chunks), buffers, one_chunk, flops=2.0 * n * o * k * ho * wo)
     if folded:
         return _FoldedRows.weight_gradient(dw_t.total, o, c, kh, kw)
