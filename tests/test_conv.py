@@ -518,3 +518,40 @@ def test_the_default_threshold_keeps_the_small_networks_strided_layers_not_wrn28
     keep = lambda c, h: conv_fast.keeps_columns((32, c, h, h), (2 * c, c, 3, 3), 2, h // 2, h // 2)  # noqa: E731
     assert keep(16, 32) and keep(32, 16)                         # WRN-16-1, WRN-28-1
     assert not keep(64, 64) and not keep(128, 32)                # WRN-28-4 at 64x64
+
+
+# ------------------------------------------------------------------ col2im by phases
+@pytest.mark.parametrize("geometry", [
+    # n, c, h, w, o, kh, kw, stride, padding
+    (2, 3, 9, 9, 4, 3, 3, 2, 1),       # WRN's stride-2 3x3
+    (3, 2, 10, 10, 3, 3, 3, 2, 0),     # the last row and column of x get no gradient
+    (2, 3, 11, 7, 4, 3, 2, 3, 2),      # stride 3, non-square kernel and image, padding < stride
+    (2, 2, 8, 8, 3, 5, 5, 2, 3),       # padding > stride: phases start inside the padding
+    (2, 2, 6, 6, 3, 4, 4, 3, 0),       # kernel > stride
+    (2, 2, 5, 7, 3, 2, 2, 2, 0),       # even kernel: x's last row and column lie past every shift
+    (2, 3, 7, 7, 2, 1, 1, 2, 0),       # 1x1 stride 2: gaps in x, zero there
+    (2, 3, 5, 5, 2, 2, 2, 1, 2),       # stride 1, padding > k - 1
+    (2, 3, 6, 5, 4, 3, 3, 1, 1),       # stride 1 (one phase)
+    (0, 3, 6, 6, 4, 3, 3, 2, 1),       # an empty batch
+])
+@pytest.mark.parametrize("threads, chunk_floats", [(1, 1 << 20), (3, 1), (3, 150)])
+def test_col2im_by_phases_is_the_readable_col2im(geometry, threads, chunk_floats, use):
+    """The fast input gradient by col2im (its phase layout, conv_fast.input_grad_col2im) against the
+    readable W_mat.T @ dy_mat + col2im of conv.py, over strides, paddings and kernels where the
+    phases differ in size, where parts of x get no gradient, on one or three threads."""
+    use(threads=threads)
+    use(parallel_min_flops=0)
+    use(conv_chunk_floats=chunk_floats)
+    n, c, h, w, o, kh, kw, stride, padding = geometry
+    x, weight, _, rng = _arrays((n, c, h, w), (o, c, kh, kw), False, 11)
+    ho = conv_module.conv_output_size(h, kh, stride, padding)
+    wo = conv_module.conv_output_size(w, kw, stride, padding)
+    dy = rng.standard_normal((n, o, ho, wo))
+    got = conv_fast.input_grad_col2im(dy, weight, x.shape, stride, padding)
+    dcols = weight.reshape(o, -1).T @ dy.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)
+    want = conv_module.col2im(dcols, x.shape, kh, kw, stride, padding)
+    assert got.shape == want.shape and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if n:
+        naive = conv2d_backward_naive(dy, x, weight, stride, padding)[0]
+        np.testing.assert_allclose(got, naive, rtol=1e-10, atol=1e-10)
