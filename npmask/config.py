@@ -63,6 +63,11 @@ _DOCS = {
                           "shifts and run one GEMM per kernel row (a third of the copying)"),
     "folded_min_pixels": (int, "folded rows only on images of at least this many pixels: on 8x8 "
                                "images their GEMMs are too small to pay"),
+    "conv_keep_columns_floats": (int, "a training strided convolution (3x3 stride 2) whose "
+                                      "column matrix (the whole batch's) has at most this many "
+                                      "floats keeps it from the forward pass for its weight "
+                                      "gradient instead of building it again: the small networks' "
+                                      "layers, not WRN-28-4's (its memory does not grow); 0: never"),
     "conv_impl": (str, "'fast' (conv_fast.py, the default) or 'readable' (the im2col + GEMM + "
                        "col2im of conv.py, for teaching and for testing the fast path against)"),
 }
@@ -86,6 +91,7 @@ class Settings:
         self.shifted_rows = True
         self.folded_rows = True
         self.folded_min_pixels = 256           # 16x16 images and larger
+        self.conv_keep_columns_floats = 1 << 21  # 8 MB: WRN-16-1/28-1 at 32x32, not WRN-28-4's layers
         self.conv_impl = "fast"
 
     @property

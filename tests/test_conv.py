@@ -455,3 +455,103 @@ def test_folded_rows_on_any_same_size_geometry_match_reference(n, c, o, h, w, pa
             assert got is None
         else:
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ columns kept for the weight gradient
+@pytest.mark.parametrize("geometry", GEOMETRIES + [(9, 3, 20, 20, 4, 3, 3, 1, 1), (9, 3, 20, 20, 4, 3, 3, 2, 1),
+                                                   (5, 2, 11, 9, 3, 2, 3, 3, 0)])
+@pytest.mark.parametrize("threads, chunk_floats", [(1, 1 << 20), (3, 200), (3, 1)])
+def test_kept_columns_give_the_weight_gradient_bit_for_bit(geometry, threads, chunk_floats, use):
+    """A training layer's forward pass keeps the column matrices of a small convolution, and the
+    weight gradient made from them is the one made by building them again, bit for bit, on one or
+    several threads, with one image or several per chunk; it also matches the naive reference."""
+    use(threads=threads)
+    use(parallel_min_flops=0)
+    use(conv_chunk_floats=chunk_floats)
+    n, c, h, w, o, kh, kw, stride, padding = geometry
+    x, weight, b, rng = _arrays((n, c, h, w), (o, c, kh, kw), True, 7, np.float32)
+    y, cache = conv2d_forward(x, weight, b, stride, padding)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    rebuilt = conv2d_backward(dy, cache)
+    assert cache[5] is None                                      # not asked for: nothing kept
+    y_kept, cache_kept = conv2d_forward(x, weight, b, stride, padding, keep_columns=True)
+    strided = stride > 1 and kh * kw > 1                         # the layouts that keep them
+    assert bool(cache_kept[5]) == strided
+    kept = conv2d_backward(dy, cache_kept)
+    assert not cache_kept[5]                                     # used once, then let go
+    np.testing.assert_array_equal(y_kept, y)
+    for a, r in zip(kept, rebuilt):
+        np.testing.assert_array_equal(a, r)
+    want = conv2d_backward_naive(dy.astype(np.float64), x.astype(np.float64), weight.astype(np.float64),
+                                 stride, padding)[1]
+    np.testing.assert_allclose(kept[1], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(conv2d_backward(dy, cache_kept)[1], rebuilt[1])  # again: rebuilt
+
+
+def test_columns_are_kept_only_under_the_threshold_and_only_by_a_training_layer(use):
+    x, weight, _, rng = _arrays((4, 3, 16, 16), (5, 3, 3, 3), False, 1, np.float32)
+    floats = 4 * 3 * 3 * 3 * 8 * 8                               # n * C*kh*kw * Ho*Wo, stride 2
+    use(conv_keep_columns_floats=floats)
+    assert conv2d_forward(x, weight, None, 2, 1, keep_columns=True)[1][5]
+    use(conv_keep_columns_floats=floats - 1)
+    assert conv2d_forward(x, weight, None, 2, 1, keep_columns=True)[1][5] is None
+    use(conv_keep_columns_floats=1 << 21)
+    assert conv2d_forward(x, weight, None, 1, 1, keep_columns=True)[1][5] is None    # stride 1
+    assert conv2d_forward(x, weight[:, :, :1, :1], None, 2, 0, keep_columns=True)[1][5] is None  # 1x1
+    with config.using(conv_impl="readable"):                     # the readable path keeps nothing
+        assert conv2d_forward(x, weight, None, 2, 1, keep_columns=True)[1][5] is None
+    layer = Conv2d(3, 5, 3, stride=2, padding=1, rng=0)
+    layer.forward(x)
+    assert layer._cache[5]                                       # training, weight trained
+    layer.eval()
+    layer.forward(x)
+    assert layer._cache[5] is None                               # eval: no backward pass follows
+    layer.train()
+    layer.freeze("weight")
+    layer.forward(x)
+    assert layer._cache[5] is None                               # no weight gradient wanted
+
+
+def test_the_default_threshold_keeps_the_small_networks_strided_layers_not_wrn28_4s():
+    """WRN-16-1 / 28-1 at 32x32 batch 32 keep their stride-2 3x3 layers' columns; WRN-28-4 at 64x64
+    (the Decathlon network) keeps none, so its peak memory stays where it was."""
+    keep = lambda c, h: conv_fast.keeps_columns((32, c, h, h), (2 * c, c, 3, 3), 2, h // 2, h // 2)  # noqa: E731
+    assert keep(16, 32) and keep(32, 16)                         # WRN-16-1, WRN-28-1
+    assert not keep(64, 64) and not keep(128, 32)                # WRN-28-4 at 64x64
+
+
+# ------------------------------------------------------------------ col2im by phases
+@pytest.mark.parametrize("geometry", [
+    # n, c, h, w, o, kh, kw, stride, padding
+    (2, 3, 9, 9, 4, 3, 3, 2, 1),       # WRN's stride-2 3x3
+    (3, 2, 10, 10, 3, 3, 3, 2, 0),     # the last row and column of x get no gradient
+    (2, 3, 11, 7, 4, 3, 2, 3, 2),      # stride 3, non-square kernel and image, padding < stride
+    (2, 2, 8, 8, 3, 5, 5, 2, 3),       # padding > stride: phases start inside the padding
+    (2, 2, 6, 6, 3, 4, 4, 3, 0),       # kernel > stride
+    (2, 2, 5, 7, 3, 2, 2, 2, 0),       # even kernel: x's last row and column lie past every shift
+    (2, 3, 7, 7, 2, 1, 1, 2, 0),       # 1x1 stride 2: gaps in x, zero there
+    (2, 3, 5, 5, 2, 2, 2, 1, 2),       # stride 1, padding > k - 1
+    (2, 3, 6, 5, 4, 3, 3, 1, 1),       # stride 1 (one phase)
+    (0, 3, 6, 6, 4, 3, 3, 2, 1),       # an empty batch
+])
+@pytest.mark.parametrize("threads, chunk_floats", [(1, 1 << 20), (3, 1), (3, 150)])
+def test_col2im_by_phases_is_the_readable_col2im(geometry, threads, chunk_floats, use):
+    """The fast input gradient by col2im (its phase layout, conv_fast.input_grad_col2im) against the
+    readable W_mat.T @ dy_mat + col2im of conv.py, over strides, paddings and kernels where the
+    phases differ in size, where parts of x get no gradient, on one or three threads."""
+    use(threads=threads)
+    use(parallel_min_flops=0)
+    use(conv_chunk_floats=chunk_floats)
+    n, c, h, w, o, kh, kw, stride, padding = geometry
+    x, weight, _, rng = _arrays((n, c, h, w), (o, c, kh, kw), False, 11)
+    ho = conv_module.conv_output_size(h, kh, stride, padding)
+    wo = conv_module.conv_output_size(w, kw, stride, padding)
+    dy = rng.standard_normal((n, o, ho, wo))
+    got = conv_fast.input_grad_col2im(dy, weight, x.shape, stride, padding)
+    dcols = weight.reshape(o, -1).T @ dy.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)
+    want = conv_module.col2im(dcols, x.shape, kh, kw, stride, padding)
+    assert got.shape == want.shape and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if n:
+        naive = conv2d_backward_naive(dy, x, weight, stride, padding)[0]
+        np.testing.assert_allclose(got, naive, rtol=1e-10, atol=1e-10)

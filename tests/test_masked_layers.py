@@ -155,3 +155,34 @@ def test_shared_frozen_batchnorm_stays_in_eval_mode():
     assert np.array_equal(bn.buffers["running_mean"], before)
     np.testing.assert_allclose(y, (x - before.reshape(1, 3, 1, 1)) / np.sqrt(1 + 1e-5), rtol=1e-6)
     assert shared.state_dict() == {}
+
+
+@pytest.mark.parametrize("variant", ["full", "piggyback"])
+def test_masked_conv_keeps_its_columns_in_training_and_gets_the_same_gradients(variant):
+    """A training MaskedConv2d keeps the forward pass's columns for its weight gradient (small
+    convolutions, npmask.config's conv_keep_columns_floats): the gradients of R and of the k's are
+    those of a layer that builds the columns again, bit for bit; in eval mode nothing is kept."""
+    from npmask import config
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+
+    def run(keep_floats):
+        src = Conv2d(3, 5, 3, stride=2, padding=1, rng=0)
+        layer = MaskedConv2d(src, variant, rng=1)
+        randomise(layer, 2)
+        with config.using(conv_keep_columns_floats=keep_floats):
+            y = layer.forward(x)
+            kept = bool(layer._ccache[5])
+            dx = layer.backward(np.ones_like(y))
+        return kept, y, dx, {k: v.copy() for k, v in layer.grads.items()}, layer
+    kept, y, dx, grads, layer = run(1 << 21)
+    rebuilt, y0, dx0, grads0, _ = run(0)
+    assert kept and not rebuilt
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(dx, dx0)
+    assert grads.keys() == grads0.keys() and "mask_real" in grads
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], grads0[k])
+    layer.eval()
+    layer.forward(x)
+    assert layer._ccache[5] is None

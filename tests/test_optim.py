@@ -172,6 +172,7 @@ def test_parameters_updated_on_threads_give_the_same_bits_as_serially(make, monk
     from npmask import config
     from npmask.optim import optimizers as optim
     from npmask.nn import parallel
+    monkeypatch.setattr(Adam, "together_max", 0)   # every parameter by itself (see the next test)
     shapes = [(7, 3), (5,), (64, 9), (1,), (300,), (2, 2, 2)] * 3
     calls = []
 
@@ -337,3 +338,57 @@ def test_scheduler_state_dict_round_trip():
     sched.step()
     sched2.step()
     assert opt2.lr == opt.lr
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_adam_updates_small_parameters_together_with_the_bits_of_one_by_one(weight_decay, threads, monkeypatch):
+    """Adam's small NumPy parameters are updated as one concatenation per step count and dtype;
+    parameters, moments and step counts are those of one update per parameter, bit for bit,
+    with a frozen parameter, one that was frozen for a step (its count lags), a large one and a
+    float64 one beside them."""
+    from npmask import config
+    shapes = [(1,)] * 5 + [(16,), (64,), (3, 3), (5000,), (7,)]
+    together_calls = []
+    real = Adam._update_together
+    monkeypatch.setattr(Adam, "_update_together",
+                        lambda self, refs: (together_calls.append(len(refs)), real(self, refs)))
+
+    def train(together_max):
+        m = Params(np.float32, **{f"p{i}": np.linspace(-1, 1, int(np.prod(s))).reshape(s)
+                                  for i, s in enumerate(shapes)})
+        m.d = Params(np.float64, a=[0.5, -0.5], b=[1.0])
+        m.freeze("p9")                                           # frozen throughout
+        opt = Adam(m.parameter_refs(), lr=0.1, weight_decay=weight_decay)
+        opt.together_max = together_max
+        with config.using(threads=threads, parallel_min_floats=0):
+            for step in range(4):
+                if step == 1:
+                    m.freeze("p2")                               # skips a step: its count lags
+                if step == 2:
+                    m.unfreeze("p2")
+                for i, (_, g) in enumerate(_grads(m)):
+                    g[...] = np.random.default_rng([step, i]).standard_normal(g.shape)
+                opt.step()
+        return m, opt
+    one_by_one, opt_1 = train(0)
+    assert not together_calls
+    together, opt_t = train(4096)
+    assert together_calls and max(together_calls) >= 8                # it did take the new path
+    for (name, a), (_, b) in zip(_params(one_by_one), _params(together)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert opt_1.state.keys() == opt_t.state.keys() and "p9" not in opt_t.state
+    for name, st in opt_1.state.items():
+        assert st["step"] == opt_t.state[name]["step"]
+        for buf in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(st[buf], opt_t.state[name][buf], err_msg=f"{name} {buf}")
+    assert opt_t.state["p2"]["step"] == 3 and opt_t.state["p0"]["step"] == 4
+
+
+def _params(m):
+    return sorted((ref.name, ref.data) for ref in m.parameter_refs())
+
+
+def _grads(m):
+    return sorted((ref.name, ref.grad) for ref in m.parameter_refs() if ref.grad is not None)

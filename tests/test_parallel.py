@@ -226,3 +226,30 @@ def test_parallel_contiguous_is_a_plain_copy(threads, use):
         c = parallel.contiguous(np, v)
         assert c.flags.c_contiguous and c.dtype == v.dtype and c.shape == v.shape
         np.testing.assert_array_equal(c, v)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_each_chunk_restores_a_blas_thread_count_above_one(threads, use):
+    """BLAS at 2 threads before (the test session may start it at 1): one thread inside every chunk,
+    2 again after, also after a chunk's error."""
+    use(threads=threads)
+    use(parallel_min_flops=0)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    if not blas_threads():
+        pytest.skip("threadpoolctl sees no BLAS library in this process")
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert set(before) == {2}
+        inside = []
+        parallel.each_chunk(np, 4, lambda: None, lambda state, i: inside.append(blas_threads()), flops=1 << 40)
+        assert inside == [[1] * len(before)] * 4
+        assert blas_threads() == before
+
+        def fail(state, i):
+            raise RuntimeError("chunk failed")
+        with pytest.raises(RuntimeError, match="chunk failed"):
+            parallel.each_chunk(np, 4, lambda: None, fail, flops=1 << 40)
+        assert blas_threads() == before

@@ -178,6 +178,28 @@ def test_mask_is_a_hard_threshold_and_piggyback_is_W_times_M():
     assert np.array_equal(Wt, W * (R >= 0))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_piggyback_keeps_W_itself_as_A_and_never_writes_it(threads):
+    """k3 = 1, k2 = 0 (W∘M): A = k2 + k3*W is W, kept by reference (no weight-sized copy for the
+    backward pass); W is left untouched, and W~, dR and the k gradients are the reference's, on one
+    thread or with the output channels shared over three."""
+    from npmask import config
+    W, R, _, G = make_case((64, 16, 3, 3), ALL_LEARNED, False, 4, np.float32)
+    W0 = W.copy()
+    for k0, k1 in ((0.0, 0.0), (1.0, 0.0), (0.0, np.full(1, 0.3, np.float32))):
+        ks = (k0, k1, 0.0, 1.0)
+        with config.using(threads=threads, parallel_min_floats=0):
+            Wt, cache = transform_forward(W, R, ks, 0.0)
+            dks, dR, _ = transform_backward(G, cache)
+        assert cache.A is W
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(Wt, transform_forward_reference(W, R, ks, 0.0))
+        ref_dks, ref_dR, _ = transform_backward_reference(G, W, R, ks, 0.0)
+        np.testing.assert_array_equal(dR, ref_dR)
+        if not isinstance(k1, float):
+            np.testing.assert_allclose(dks[1], ref_dks[1], rtol=1e-5)
+
+
 def test_float32_stays_float32():
     W, R, ks, G = make_case((8, 4, 3, 3), ("fixed", "learned", "learned", "learned"), True, 3,
                             dtype=np.float32)

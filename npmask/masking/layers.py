@@ -138,7 +138,8 @@ class MaskedConv2d(_MaskedLayer):
 
     def forward(self, x):
         check_array(self, x, "input", (None, self.weight.shape[1], None, None))
-        y, self._ccache = conv2d_forward(x, self._forward_weight(), self.bias, self.stride, self.padding)
+        y, self._ccache = conv2d_forward(x, self._forward_weight(), self.bias, self.stride, self.padding,
+                                         keep_columns=self.training and self._needs_weight_grad())
         return y
 
     def backward(self, dy):

@@ -171,7 +171,9 @@ def transform_forward(W, R, ks, tau: float = 0.0):
     # A = k2 + k3*W: the amount a weight gains when its mask bit is on (and dL/dM = G∘A).
     if _is(k3, 0.0):
         A = None if _is(k2, 0.0) else k2               # a number or a broadcastable k array
-    else:
+    elif _is(k3, 1.0) and _is(k2, 0.0):
+        A = W                                          # A = W itself (piggyback's W∘M): no copy,
+    else:                                              # no weight-sized array kept for backward
         A = xp.empty_like(W)
     Wt = xp.empty_like(W)
 
@@ -182,7 +184,7 @@ def transform_forward(W, R, ks, tau: float = 0.0):
             t[...] = 0
         else:
             a = _rows(A, lo, hi)
-            if not _is(k3, 0.0):
+            if not _is(k3, 0.0) and A is not W:       # (A is W: read only, never written)
                 if _is(k3, 1.0):
                     a[...] = w
                 else:
@@ -198,7 +200,8 @@ def transform_forward(W, R, ks, tau: float = 0.0):
             t += _rows(k1, lo, hi)
 
     in_parallel(xp, W.shape[0], W.size, rows)
-    # A is kept only as an array of W's shape (a k2-only A is recomputed from the k itself).
+    # A is kept only as an array of W's shape (a k2-only A is recomputed from the k itself), or
+    # as W itself when k3 = 1 and k2 = 0.
     return Wt, TransformCache(W, R, M, A, tuple(ks), tau)
 
 

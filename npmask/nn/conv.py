@@ -134,25 +134,32 @@ def _dy_matrix(dy):
     return dy.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)
 
 
-def conv2d_forward(x, weight, bias=None, stride: int = 1, padding: int = 0):
+def conv2d_forward(x, weight, bias=None, stride: int = 1, padding: int = 0, keep_columns: bool = False):
     """y = conv2d(x, weight) + bias; returns ``(y, cache)`` for :func:`conv2d_backward`.
 
     x (N, C, H, W), weight (O, C, kh, kw), bias (O,) or None; y (N, O, Ho, Wo), same dtype as x.
     ``cache`` is opaque: pass it unchanged to :func:`conv2d_backward`. It holds references to ``x``
     and ``weight`` (no copies), so neither may be modified in place before the backward pass.
+
+    ``keep_columns``: a training layer whose weight gradient will be needed says so; the fast path
+    then keeps the column matrix of a small convolution in the cache (``settings.
+    conv_keep_columns_floats``) and the backward pass's weight gradient uses it instead of copying
+    x into columns again (the same numbers, bit for bit). The backward pass lets it go.
     """
     xp = get_array_module(x, weight)
     stride, padding = int(stride), int(padding)
     ho, wo = _check_shapes(x, weight, bias, stride, padding)
     n, o, kh, kw = x.shape[0], weight.shape[0], weight.shape[2], weight.shape[3]
+    columns = None
     if settings.conv_impl == "readable":
         y_mat = weight.reshape(o, -1) @ im2col(x, kh, kw, stride, padding)        # (O, N*Ho*Wo)
         y = xp.ascontiguousarray(y_mat.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))
     else:
-        y = conv_fast.conv_gemm(x, weight, stride, padding, padding, ho, wo)
+        columns = [] if keep_columns else None
+        y = conv_fast.conv_gemm(x, weight, stride, padding, padding, ho, wo, kept=columns)
     if bias is not None:
         y += bias.reshape(1, -1, 1, 1)
-    cache = (x, weight, bias is not None, stride, padding)
+    cache = (x, weight, bias is not None, stride, padding, columns or None)
     return y, cache
 
 
@@ -163,7 +170,8 @@ def conv2d_backward(dy, cache, need_dx: bool = True, need_dweight: bool = True):
     None when it was not asked for (``need_dx``/``need_dweight`` False) or, for dbias, when the
     forward pass had no bias. Skipping dx (first layer) or dweight (frozen weight) saves one GEMM.
     """
-    x, weight, has_bias, stride, padding = cache
+    x, weight, has_bias, stride, padding = cache[:5]
+    columns = (cache[5] if len(cache) > 5 else None) or None   # kept by the forward pass (used once)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     if tuple(dy.shape[:2]) != (n, o) or dy.dtype != x.dtype:
@@ -175,7 +183,9 @@ def conv2d_backward(dy, cache, need_dx: bool = True, need_dweight: bool = True):
     if need_dweight and readable:
         dweight = (_dy_matrix(dy) @ im2col(x, kh, kw, stride, padding).T).reshape(weight.shape)
     elif need_dweight:
-        dweight = conv_fast.weight_grad(dy, x, kh, kw, stride, padding)
+        dweight = conv_fast.weight_grad(dy, x, kh, kw, stride, padding, columns=columns)
+    if columns is not None:
+        columns.clear()          # used once: their memory goes now, not at the next forward pass
     if need_dx and readable:
         dcols = weight.reshape(o, -1).T @ _dy_matrix(dy)                          # (C*kh*kw, N*Ho*Wo)
         dx = col2im(dcols, x.shape, kh, kw, stride, padding)
@@ -221,7 +231,8 @@ class Conv2d(Module):
     def forward(self, x):
         check_array(self, x, "input", None)
         y, self._cache = conv2d_forward(x, self.params["weight"], self.params.get("bias"),
-                                        self.stride, self.padding)
+                                        self.stride, self.padding,
+                                        keep_columns=self.training and self.requires_grad("weight"))
         return y
 
     def backward(self, dy):

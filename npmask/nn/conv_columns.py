@@ -122,10 +122,16 @@ class _Columns:
         return self.buf[:, :length].reshape(k, length)
 
     def product(self, w_mat, x_chunk, y_chunk):
-        """y_chunk (m, O, Ho, Wo) = the valid outputs of w_mat (O, C*kh*kw) @ cols(x_chunk)."""
+        """y_chunk (m, O, Ho, Wo) = the valid outputs of w_mat (O, C*kh*kw) @ cols(x_chunk).
+
+        Returns the column matrix it used (in ``self.buf``, or a view of x_chunk): a caller that
+        keeps it for the weight gradient gives this instance a new ``buf`` before the next chunk.
+        """
         o, m = w_mat.shape[0], x_chunk.shape[0]
-        mat = w_mat @ self.cols(x_chunk)
+        cols = self.cols(x_chunk)
+        mat = w_mat @ cols
         y_chunk[...] = mat.reshape(o, m, self.ho, self.r)[:, :, :, :self.wo].transpose(1, 0, 2, 3)
+        return cols
 
     def rows(self, dy_chunk):
         m, o = dy_chunk.shape[:2]

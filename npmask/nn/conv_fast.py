@@ -49,29 +49,20 @@ def _chunks(xp, n: int, col_floats: int) -> tuple[int, list[tuple[int, int]]]:
     return max(n1 - n0 for n0, n1 in chunks), chunks
 
 
-def col2im_chunk(dcols, kh: int, kw: int, stride: int, ho: int, wo: int, out):
-    """Add dcols (C, kh, kw, nb, Ho, Wo) back into out (nb, C, Hp, Wp): the adjoint of im2col.
-
-    One strided-slice ``+=`` per kernel offset, in a fixed order (deterministic, no atomics): the
-    readable :func:`npmask.nn.conv.col2im`, on one chunk's buffer with the columns' axis order.
-    """
-    for u in range(kh):
-        for v in range(kw):
-            window = out[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
-            window += dcols[:, u, v].transpose(1, 0, 2, 3)
-    return out
-
-
-def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
+def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int, kept=None):
     """y (N, O, Ho, Wo) = conv2d(x, weight) without bias, by im2col + GEMMs, chunk of images by chunk.
 
     ph, pw: zero padding of the rows and columns (they differ in the input-gradient pass below).
+    ``kept``: None, or an empty list that receives the column matrices of the chunks (in chunk
+    order, each in its own array) when the batch's columns are small enough to keep
+    (:func:`keeps_columns`), for :func:`weight_grad` to use instead of building them again.
     """
     xp = get_array_module(x, weight)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     k = c * kh * kw
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
+    keep = kept is not None and keeps_columns(x.shape, weight.shape, stride, ho, wo)
     if _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo):    # one image at a time
         w_fold = _FoldedRows.weights(weight)
 
@@ -82,13 +73,39 @@ def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int):
         return y
     w_mat = weight.reshape(o, k)
     nb, chunks = _chunks(xp, n, k * ho * wo)
+    store = [None] * len(chunks)
 
     def one_chunk(im2col, i):
         n0, n1 = chunks[i]
-        im2col.product(w_mat, x[n0:n1], y[n0:n1])
+        if keep:                                       # this chunk's columns go to their own array
+            im2col.buf = xp.empty((k, (n1 - n0) * ho * im2col.r), dtype=x.dtype)
+        store[i] = im2col.product(w_mat, x[n0:n1], y[n0:n1])
     each_chunk(xp, len(chunks), lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo),
                one_chunk, flops=2.0 * n * o * k * ho * wo)
+    if keep:
+        kept.extend(store)
     return y
+
+
+def keeps_columns(x_shape, w_shape, stride: int, ho: int, wo: int) -> bool:
+    """Whether :func:`conv_gemm` keeps this convolution's columns when asked: a strided convolution
+    with a kernel larger than 1x1 (the general im2col layout of
+    :class:`~npmask.nn.conv_columns._Columns`: one strided copy of short rows per kernel offset)
+    whose whole batch's column matrix has at most ``settings.conv_keep_columns_floats`` floats.
+
+    Keeping them spares the weight gradient a second im2col of x: the same chunks, the same column
+    matrices, so the same products, bit for bit. Measured on the 2-core machine, forward + weight
+    gradient of one layer, batch 32, keeping against building again, paired (figures in
+    benchmarks/results/vs_torch_cpu.txt): stride-2 3x3 at 32x32 (16 channels) and 16x16 (32) 0.77-0.93x;
+    the stride-1 layouts (shifted, wide, folded rows: long contiguous copies, and the rebuilt
+    columns are still in cache when the GEMM reads them) 0.89-1.07x, no gain, so they build them
+    again; strided 1x1 0.85-0.88x, but of 1 ms, and left out so that WRN-28-4's shortcuts (1-2M
+    floats of columns) do not raise its peak memory; its strided 3x3 layers (9-19M) are above the
+    threshold, so it keeps nothing."""
+    n, c, _, _ = x_shape
+    _, _, kh, kw = w_shape
+    floats = n * c * kh * kw * ho * wo                 # stride > 1: no junk columns
+    return stride > 1 and kh * kw > 1 and 0 < floats <= settings.conv_keep_columns_floats
 
 
 class _InOrderSum:
@@ -114,8 +131,12 @@ class _InOrderSum:
                 self._next += 1
 
 
-def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
+def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int, columns=None):
     """dW (O, C, kh, kw) = sum over chunks of dy_mat @ cols.T, computed as (cols @ dy_mat.T).T.
+
+    ``columns``: the chunks' column matrices that :func:`conv_gemm` kept from the forward pass of
+    this x (a strided convolution: the same chunks, so the same products, bit for bit), or None to
+    build them here.
 
     The transposed product (K, O) = cols (K, M) @ dy_mat.T (M, O) runs faster in BLAS than
     dy_mat @ cols.T for these shapes; folded rows do the same per kernel row. The chunks' products
@@ -140,7 +161,10 @@ def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int):
 
         def one_chunk(im2col, i):
             n0, n1 = chunks[i]
-            dw_t.add(i, im2col.cols(x[n0:n1]) @ im2col.rows(dy[n0:n1]).T)
+            cols = im2col.cols(x[n0:n1]) if columns is None else columns[i]
+            dw_t.add(i, cols @ im2col.rows(dy[n0:n1]).T)
+    if columns is not None and (folded or len(columns) != len(chunks)):
+        raise ValueError(f"weight_grad got {len(columns)} kept column matrices for {len(chunks)} chunks")
     each_chunk(xp, len(chunks), buffers, one_chunk, flops=2.0 * n * o * k * ho * wo)
     if folded:
         return _FoldedRows.weight_gradient(dw_t.total, o, c, kh, kw)
@@ -166,7 +190,70 @@ def _transposed(xp, a):
 
 
 def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
-    """dx by dcols = W_mat.T @ dy_mat and col2im (any stride and padding)."""
+    """dx by dcols = W_mat.T @ dy_mat and col2im (any stride and padding), col2im in long spans.
+
+    col2im adds each kernel offset's block of dcols into the strided window of the padded input
+    gradient that it came from; done as such (the readable :func:`npmask.nn.conv.col2im`) every
+    addition runs along one output row, Wo floats (8 or 16 in a small network), into a strided
+    destination. Here the padded gradient is kept as its s*s *phases* (s = stride): phase (a, b)
+    holds the pixels (s*t + a, s*q + b), a plane of Hq x Wq, stored flat. Offset (u, v) adds only
+    into phase (u % s, v % s), at rows and columns shifted by (u // s, v // s), so when dcols has
+    rows of Wq (dy is laid out with Wq - Wo zero columns after each row, so those columns of dcols
+    are zero) the block is ONE contiguous span of the flat plane, Ho*Wq floats long, starting at
+    (u // s)*Wq + v // s: the valid entries land where they belong (no row wraps: Wq >= Wo +
+    (kw - 1) // s) and the zero columns add nothing. The phases are then copied into dx, s*s strided
+    copies. Every pixel receives the same additions in the same (u, v) order as in col2im.
+    """
+    xp = get_array_module(dy, weight)
+    n, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    _, _, ho, wo = dy.shape
+    if kh * kw == 1:                # one offset: one strided write, no additions to arrange
+        return _input_grad_windows(dy, weight, x_shape, stride, padding)
+    s, p = stride, padding
+    k = c * kh * kw
+    # a phase's rows and columns: those of the padded image (ceil(Hp / s)), which is at least
+    # Ho + (kh - 1) // s, room for every shift (Hp = s*(Ho - 1) + kh + r, 0 <= r < s)
+    hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
+    plane = hq * wq
+    w_mat_t = weight.reshape(o, k).T
+    dx = xp.empty(x_shape, dtype=dy.dtype)
+    nb, chunks = _chunks(xp, n, k * ho * wq)
+    # the phases' rows (t0, t1) and columns that lie inside x, and where they start in dx
+    rows = [(a, -(-(p - a) // s), -(-(p + h - a) // s)) for a in range(s)]
+    cols = [(b, -(-(p - b) // s), -(-(p + w - b) // s)) for b in range(s)]
+
+    def buffers():    # dy with zero columns after each row (they stay zero), and the s*s phases
+        return (xp.zeros((o, nb * ho * wq), dtype=dy.dtype),
+                xp.empty((s, s, nb, c, plane + wq), dtype=dy.dtype))
+
+    def one_chunk(bufs, i):
+        dy_buf, phases = bufs
+        n0, n1 = chunks[i]
+        m = n1 - n0
+        dy_mat = dy_buf[:, :m * ho * wq]
+        dy_mat.reshape(o, m, ho, wq)[:, :, :, :wo] = dy[n0:n1].transpose(1, 0, 2, 3)
+        dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho * wq)
+        ph = phases[:, :, :m]
+        ph[...] = 0
+        for u in range(kh):
+            for v in range(kw):
+                at = (u // s) * wq + v // s
+                ph[u % s, v % s, :, :, at:at + ho * wq] += dcols[:, u, v].transpose(1, 0, 2)
+        for a, t0, t1 in rows:
+            for b, q0, q1 in cols:
+                if t1 > t0 and q1 > q0:
+                    grid = ph[a, b, :, :, :plane].reshape(m, c, hq, wq)
+                    dx[n0:n1, :, a + s * t0 - p::s, b + s * q0 - p::s] = grid[:, :, t0:t1, q0:q1]
+    each_chunk(xp, len(chunks), buffers, one_chunk, flops=2.0 * n * o * k * ho * wo)
+    return dx
+
+
+def _input_grad_windows(dy, weight, x_shape, stride: int, padding: int):
+    """dx by dcols = W_mat.T @ dy_mat and col2im's strided window additions, one per kernel offset
+    (:func:`npmask.nn.conv.col2im` chunk by chunk). For a 1x1 kernel (a strided shortcut), whose
+    single offset is one strided write: faster than the phases of :func:`input_grad_col2im` there
+    (0.73-0.77x their time for WRN-16-1's shortcuts, benchmarks/results/vs_torch_cpu.txt)."""
     xp = get_array_module(dy, weight)
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
@@ -181,9 +268,13 @@ def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
         m = n1 - n0
         dy_mat = dy[n0:n1].transpose(1, 0, 2, 3).reshape(o, m * ho * wo)
         dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho, wo)
-        dxpad[:m] = 0
-        col2im_chunk(dcols, kh, kw, stride, ho, wo, dxpad[:m])
-        dx[n0:n1] = dxpad[:m, :, padding:padding + h, padding:padding + w]
+        out = dxpad[:m]
+        out[...] = 0
+        for u in range(kh):
+            for v in range(kw):
+                window = out[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
+                window += dcols[:, u, v].transpose(1, 0, 2, 3)
+        dx[n0:n1] = out[:, :, padding:padding + h, padding:padding + w]
     each_chunk(xp, len(chunks), lambda: xp.empty((nb, c, h + 2 * padding, w + 2 * padding), dtype=dy.dtype),
                one_chunk, flops=2.0 * n * o * k * ho * wo)
     return dx

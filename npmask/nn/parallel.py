@@ -43,7 +43,7 @@ except ImportError:                                    # a declared dependency; 
 
 _pool = None                                    # (threads, process id, executor), made lazily
 _local = threading.local()                      # .inside: this thread is running a part
-_blas = None                                    # the threadpoolctl controller, made lazily
+_blas = None                                    # threadpoolctl's BLAS controllers, found lazily
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -89,18 +89,37 @@ def _run(parts) -> None:
         future.result()                 # re-raises a helper thread's exception here
 
 
+@contextlib.contextmanager
+def _one_blas_thread(libs):
+    """Each BLAS library of ``libs`` (threadpoolctl's controllers) at one thread until exit, then
+    back at the count it had."""
+    saved = [lib.num_threads for lib in libs]
+    for lib, n in zip(libs, saved):
+        if n != 1:
+            lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, saved):
+            if n != 1:
+                lib.set_num_threads(n)
+
+
 def blas_threads_limited_to_one():
     """Context manager: BLAS runs each matrix product on the calling thread only, until exit.
 
-    The controller is made once, and knows the BLAS libraries loaded at that moment (NumPy's); one
-    loaded later (say, by another package) keeps its threads: slower, same results.
+    The BLAS libraries are looked up once (threadpoolctl), those loaded at that moment (NumPy's);
+    one loaded later (say, by another package) keeps its threads: slower, same results. Each use
+    then reads and sets their thread counts directly (about 4 us), not through threadpoolctl's
+    ``limit`` (16-32 us, which re-selects the libraries every time): every convolution pass makes
+    one such call, about 50 per WRN-16-1 step.
     """
     global _blas
     if ThreadpoolController is None:
         return contextlib.nullcontext()
     if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _one_blas_thread(_blas)
 
 
 def in_parallel(xp, items: int, floats: int, fn) -> None:
