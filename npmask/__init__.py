@@ -19,13 +19,17 @@ The map of the package:
   ``conv_columns.py``; batch norm, linear, pooling, the Wide-ResNet block; ``parallel.py``, the
   CPU threads);
 - ``masking/``: the mask transform (eq. 1), the masked layers and the variants;
-- ``models/``, ``pretrained/``: the backbones (WRN, VGG) and the shipped pretrained one;
-- ``multidomain.py``: one frozen backbone, a set of per-domain parameters for each domain;
-- ``optim.py``, ``metrics.py``, ``storage.py``, ``gradcheck.py``: optimisers, the Decathlon
-  score and parameter cost, domain files, gradient checks;
+- ``models/``, ``pretrained/``: the backbones (WRN, VGG, torchvision's ResNet and DenseNet, the
+  residual-adapters ResNet-26) and the shipped pretrained one;
+- ``multidomain.py``, ``model_folder.py``, ``inference.py``: one frozen backbone with a set of
+  per-domain parameters for each domain, saved as a folder, predicting on image files;
+- ``optim/``, ``metrics.py``, ``storage.py``, ``gradcheck.py``: optimisers and schedulers, the
+  Decathlon score and parameter cost, domain files, gradient checks;
 - ``data/``, ``training/``: the domain format, the batch iterator, the synthetic benchmark, and
-  the training loop behind ``python -m npmask.train`` / ``pretrain`` / ``compare``;
-- ``backend.py``: NumPy or CuPy; ``config.py``: the run-time settings (threads, convolution chunking
-  and layouts), changed with ``npmask.config.using(...)``, the thread count also by ``NPMASK_THREADS``.
+  the machinery behind the commands ``train``, ``pretrain``, ``compare`` (local or on Ray),
+  ``convert`` and ``export`` (PyTorch weights in and out) and ``predict``;
+- ``backend.py``: NumPy or CuPy; ``io.py``: atomic file writes; ``config.py``: the run-time
+  settings (threads, convolution chunking and layouts), changed with ``npmask.config.using(...)``,
+  the thread count also by ``NPMASK_THREADS``.
 """
 __version__ = "0.1.0"
