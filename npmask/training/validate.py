@@ -334,13 +334,7 @@ def check_new_out(out, kind: str, prog: str) -> None:
             raise ConfigError(f"--out {out} exists and is not an npmask run folder (it holds "
                               f"{shown}); npmask writes only into a new or empty folder: choose "
                               "another --out")
-    parent = p.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: folder {parent} is not writable")
+    _check_creatable("--out", out, p)
 
 
 def check_save_path(save) -> None:
@@ -359,13 +353,18 @@ def check_save_path(save) -> None:
     if info.exists() and not p.exists():
         raise ConfigError(f"--save {save}: {info} exists without its .npz; npmask does not "
                           "overwrite it: choose another path")
+    _check_creatable("--save", save, p)
+
+
+def _check_creatable(flag: str, given, p: Path) -> None:
+    """The nearest existing folder above ``p`` is a writable folder, so ``p`` can be created."""
     parent = p.resolve().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"--save {save}: {parent} is a file, not a folder")
+        raise ConfigError(f"{flag} {given}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save {save}: folder {parent} is not writable")
+        raise ConfigError(f"{flag} {given}: folder {parent} is not writable")
 
 
 def check_resume_folder(out, kind: str, prog: str) -> None:
