@@ -90,7 +90,8 @@ TRAIN_FLAGS = {  # config field -> flag of npmask.train (for messages and --resu
     "lr_decay_epochs": "--lr-decay-epochs", "lr_decay": "--lr-decay",
     "weight_decay": "--weight-decay", "max_train": "--max-train", "seed": "--seed",
     "mask_init": "--mask-init", "tau": "--tau",
-    "backend": "--backend", "dtype": "--dtype", "augmentation": "--augmentation",
+    "backend": "--backend", "dtype": "--dtype", "cuda_graphs": "--cuda-graphs",
+    "augmentation": "--augmentation",
     "train_split": "--train-split",
 }
 
@@ -147,6 +148,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("where and how")
     g.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: numpy)")
     g.add_argument("--dtype", choices=["float32", "float64"], help="float type (default: float32)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="with --backend cupy: capture each training step in CUDA graphs once per "
+                        "batch shape and replay them (fewer kernel launches from Python; the same "
+                        "numbers). Off by default: not yet run on a GPU")
     g.add_argument("--augmentation",
                    choices=["auto", "pad_crop", "decathlon", "decathlon_crop64", "imagenet", "none"],
                    help="loader protocol (default: pad_crop synthetic; decathlon for decathlon: "
