@@ -19,7 +19,7 @@ from npmask import models, nn
 from npmask.multidomain import MultiDomainModel
 from npmask.optim import SGD, Adam, MultiStepLR, Optimizers
 from npmask.optim import device
-from npmask.training import graph_step
+from npmask.training import cuda_gemm, graph_step
 from npmask.training.graph_step import GraphStep, GraphStepError
 from npmask.training.loop import train_epoch, train_step
 
@@ -254,3 +254,62 @@ def test_shapes_beyond_max_shapes_run_uncaptured():
     for x, y in _epochs(1, sizes=(8, 8, 5, 5, 8))[0]:
         step(x, y)
     assert step.steps == {"eager": 3, "captured": 1, "replayed": 1} and len(step.shapes) == 1
+
+
+# ---------------------------------------------------------------------------------- cuBLAS calls
+def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
+    """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
+    def operand(buf, trans, rows, cols, ld):      # op(X) of shape (rows, cols)
+        stored = (rows, cols) if trans == cuda_gemm.OP_N else (cols, rows)
+        x = np.array([[buf[i + j * ld] for j in range(stored[1])] for i in range(stored[0])])
+        return x if trans == cuda_gemm.OP_N else x.T
+    c = operand(A, transa, m, k, lda) @ operand(B, transb, k, n, ldb)
+    out = np.zeros(ldc * n)
+    for j in range(n):
+        out[j * ldc:j * ldc + m] = c[:, j]
+    return out
+
+
+def _flat(view):
+    """The view's buffer from its first element, and the view's element strides."""
+    base = view
+    while base.base is not None:
+        base = base.base
+    start = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // view.itemsize
+    return base.reshape(-1)[start:]
+
+
+@pytest.mark.parametrize("a_kind", ["c", "t", "rows", "t_rows", "one_row", "one_col", "step"])
+@pytest.mark.parametrize("b_kind", ["c", "t", "rows", "t_rows", "one_col"])
+def test_gemm_arguments_give_the_row_major_product(a_kind, b_kind):
+    """The column-major call built from a view's strides (contiguous, transposed, a slice of wider
+    rows, a single row or column; a stepped view must be copied) computes A @ B."""
+    rng = np.random.default_rng(0)
+
+    def view(kind, r, c):
+        big = rng.standard_normal((r + 3, c + 4))
+        return {"c": np.ascontiguousarray(big[:r, :c]), "t": np.ascontiguousarray(big[:c, :r]).T,
+                "rows": big[1:r + 1, 2:c + 2], "t_rows": big[1:c + 1, :r].T,
+                "one_row": big[:1, :c] if r == 1 else big[:r, :c], "one_col": big[:r, :1] if c == 1
+                else big[:r, :c], "step": big[:r, :2 * c:2]}[kind]
+    m, k, n = 3, 4, 5
+    a = view(a_kind, 1 if a_kind == "one_row" else m, k)
+    b = view(b_kind, k, 1 if b_kind == "one_col" else n)
+    args = cuda_gemm.gemm_arguments(a.shape, a.strides, b.shape, b.strides, a.itemsize)
+    if a_kind == "step":
+        assert args is None                     # copied to a contiguous array first
+        return
+    transa, transb, m_, n_, k_, first, lda, second, ldb, ldc = args
+    ops = {"a": _flat(a), "b": _flat(b)}
+    c = _column_major_gemm(transa, transb, m_, n_, k_, ops[first], lda, ops[second], ldb, ldc)
+    np.testing.assert_allclose(c[:a.shape[0] * b.shape[1]].reshape(a.shape[0], b.shape[1]), a @ b,
+                               rtol=1e-12)
+
+
+def test_gemms_capturable_patches_and_restores_cupy_matmul():
+    cp = pytest.importorskip("cupy")
+    before = cp.ndarray.__matmul__
+    assert "__matmul__" not in cp.ndarray.__dict__
+    with cuda_gemm.gemms_capturable(cp):
+        assert cp.ndarray.__dict__["__matmul__"] is not before
+    assert "__matmul__" not in cp.ndarray.__dict__ and cp.ndarray.__matmul__ is before

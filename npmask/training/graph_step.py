@@ -26,6 +26,8 @@ was fixed at capture, the addresses of every array included. So the step must
   replaced during a capture is an error naming it);
 - not read anything back to the host inside the halves (CuPy refuses synchronous transfers during
   a capture; the NumPy tests run the halves on arrays that refuse conversion to Python numbers);
+- run its GEMMs through cuBLAS called directly (:mod:`npmask.training.cuda_gemm`: CuPy's own
+  cuBLAS calls refuse a capture), in the uncaptured halves too, so that both compute alike;
 - draw nothing at random (dropout draws its mask on the host: a model with dropout is refused).
 
 Each shape's graphs allocate from their own memory pool, kept alive with them: the intermediate
@@ -48,6 +50,7 @@ from ..nn import Dropout
 from ..nn.loss import _check, log_likelihood_sum
 from ..optim import device
 from ..optim.optimizers import _leaves
+from .cuda_gemm import gemms_capturable
 from .loop import input_gradient_skipped
 
 
@@ -157,6 +160,10 @@ class GraphStep:
         self.capture, self.max_shapes = bool(capture), int(max_shapes)
         self.shapes: dict[tuple, _Shape] = {}
         self.steps = {"eager": 0, "captured": 0, "replayed": 0}
+        # CuPy: the GEMMs of captured and uncaptured halves alike by cuBLAS called directly (CuPy's
+        # own refuse a capture): the same GEMMs in both, see npmask.training.cuda_gemm
+        self._gemms = (lambda: contextlib.nullcontext()) if self.xp is np else (
+            lambda: gemms_capturable(self.xp))
         device.attach(optimizer, refs[0].data)
 
     def close(self) -> None:
@@ -220,10 +227,12 @@ class GraphStep:
         return loss, correct
 
     def _eager(self, x, y, check: bool):
-        stats, dlogits = self.forward_half(x, y, check)
+        with self._gemms():
+            stats, dlogits = self.forward_half(x, y, check)
         loss, correct = self._read(stats, int(y.shape[0]))
         if math.isfinite(loss):
-            self.backward_half(dlogits)
+            with self._gemms():
+                self.backward_half(dlogits)
             self.steps["eager"] += 1
         return loss, correct
 
@@ -247,7 +256,8 @@ class GraphStep:
             if shape.pool is None:
                 shape.pool, shape.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
             cp.cuda.get_current_stream().synchronize()
-            graph = _Cuda(cp, fn, args, shape.pool, shape.stream)
+            with self._gemms():
+                graph = _Cuda(cp, fn, args, shape.pool, shape.stream)
             graph.launch()
         after = state_arrays(self.model, self.optimizer)
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
