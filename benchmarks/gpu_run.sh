@@ -14,19 +14,27 @@ for part in $PARTS; do
     info)   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
               $PY -c "import sys, numpy, cupy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())"
               nproc; } 2>&1 | tee "$OUT/info.txt" ;;
-    tests)  $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_cuda_kernels.py \
+    tests)  rm -f "$OUT/graph_step.txt"             # the graph step's tests report into it
+            NPMASK_GPU_REPORT="$OUT/graph_step.txt" \
+            $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_cuda_kernels.py \
               tests/test_backend.py tests/test_data_loader.py tests/test_cupy_api.py \
+              tests/test_gpu_graph_step.py tests/test_graph_step.py \
               "tests/test_train.py::test_cupy_training_is_reproducible_and_agrees_with_numpy" \
+              "tests/test_train.py::test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without" \
               2>&1 | tee "$OUT/tests_gpu.txt" ;;
-    bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20
-              $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple
+    bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20 --cuda-graphs
+              $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple --cuda-graphs
               $PY benchmarks/conv.py --backend cupy --repeats 20; } 2>&1 | tee "$OUT/bench_cupy.txt" ;;
     torch)  { $PY benchmarks/vs_torch.py --device cuda --rounds 20 --variants full,piggyback,finetune \
-                --nets wrn28_4:64:32,wrn28_4:64:128,wrn16_1:32:32; } 2>&1 | tee "$OUT/vs_torch_cuda.txt" ;;
+                --nets wrn28_4:64:32,wrn28_4:64:128,wrn16_1:32:32 --cuda-graphs; } 2>&1 | tee "$OUT/vs_torch_cuda.txt" ;;
     train)  { start=$(date +%s)
               run=$(mktemp -d)/run                   # a fresh run folder every time
               $PY -m npmask.train --backend cupy --out "$run" --quiet
               echo "main job on cupy: $(( $(date +%s) - start )) s wall (synthetic data generation included)"
+              cat "$run/results.md"
+              start=$(date +%s); run=$(mktemp -d)/run
+              $PY -m npmask.train --backend cupy --cuda-graphs --out "$run" --quiet
+              echo "main job on cupy with --cuda-graphs: $(( $(date +%s) - start )) s wall"
               cat "$run/results.md"; } 2>&1 | tee "$OUT/train_cupy.txt" ;;
     suite)  $PY -m pytest -q -n 16 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
     *)      echo "unknown part $part"; exit 2 ;;

@@ -121,8 +121,10 @@ class _Cuda:
             except BaseException as err:
                 with contextlib.suppress(Exception):
                     stream.end_capture()
-                if isinstance(err, NotImplementedError) and "stream capture" in str(err):
-                    raise GraphStepError(f"CuPy refused an operation during the capture: {err}") from err
+                if "captur" in str(err):     # CuPy's refusals name the capture
+                    raise GraphStepError(
+                        f"an operation of the step cannot be captured in a CUDA graph "
+                        f"({type(err).__name__}: {err}); train without --cuda-graphs") from err
                 raise
             self.graph = stream.end_capture()
         self.graph.upload(cp.cuda.get_current_stream())
