@@ -246,6 +246,15 @@ def test_cuda_graphs_on_numpy_is_one_line(tiny, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_cuda_graphs_with_dropout_is_one_line_before_any_work(tiny, tmp_path, monkeypatch):
+    from npmask.training import validate
+    monkeypatch.setattr(validate, "check_backend", lambda backend: None)   # as if on a GPU
+    out = tmp_path / "x"
+    expect_exit(base_args(tiny, out, "--backend", "cupy", "--cuda-graphs", "--model", "vgg11",
+                          "--input-size", "32"), "--cuda-graphs cannot capture dropout")
+    assert not out.exists()
+
+
 def test_resume_refuses_changed_settings(tiny, reference_run):
     with pytest.raises(SystemExit) as e:
         run_cli(["--resume", "--out", str(reference_run), "--epochs", "5", "--quiet"])

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from .. import pretrained
 from ..masking.variants import VARIANTS
-from .config import (PretrainConfig, TrainConfig, check_model, check_variant, load_config,
-                     save_config)
+from .config import (PretrainConfig, TrainConfig, check_model, check_variant, create_model,
+                     load_config, save_config)
 from . import validate
 from .domain_training import emax_from_run
 from .errors import ConfigError
+from .graph_step import refuse_random_layers
 from .pretraining import pretrain
 from .run_folder import RunFolder
 from .suites import BENCHMARKS, choose_domains, get_benchmark, resolve_data_root
@@ -199,6 +200,8 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     check_variant(cfg.variant)
     validate.check_backend(cfg.backend)  # --backend cupy without a GPU: one line, before any work
     check_model(cfg.model, cfg.input_size)
+    if cfg.cuda_graphs:   # dropout cannot be replayed from a graph: refused before any work
+        refuse_random_layers(create_model(cfg.model, num_classes=2, input_size=cfg.input_size))
     if bench.base_domain in (cfg.domains or []):  # before any data is generated or read
         raise ConfigError(f"{bench.base_domain!r} is the pretraining domain of the {bench.name} "
                           "benchmark; it is the backbone itself and is not trained again")
