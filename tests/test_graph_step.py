@@ -174,16 +174,26 @@ def test_the_guard_refuses_host_reads():
 
 @pytest.mark.parametrize("variant", ["full", "piggyback"])
 def test_the_captured_halves_read_nothing_back_to_the_host(variant, monkeypatch):
-    """Every array of the model, the optimisers' scalars and the batch refuse conversion to Python
-    numbers while a half is captured or replayed; the steps still run and give plain's numbers."""
+    """Every array of the model, the optimisers' scalars, the batch, and every array NumPy makes
+    inside the halves (np.empty & co. made to return guarded arrays there) refuse conversion to
+    Python numbers while a half is captured or replayed; the steps still give plain's numbers."""
     run = graph_step._Emulated._run
+    makers = {name: getattr(np, name) for name in ("empty", "zeros", "ones", "full", "empty_like",
+                                                    "zeros_like", "ones_like", "concatenate",
+                                                    "ascontiguousarray", "array", "stack")}
+
+    def guarding(make):
+        return lambda *a, **k: np.asanyarray(make(*a, **k)).view(Guarded)
 
     def armed(self):
         Guarded.armed = True
-        try:
-            return run(self)
-        finally:
-            Guarded.armed = False
+        with monkeypatch.context() as m:
+            for name, make in makers.items():
+                m.setattr(np, name, guarding(make))
+            try:
+                return run(self)
+            finally:
+                Guarded.armed = False
     monkeypatch.setattr(graph_step._Emulated, "_run", armed)
     model, opt, sched = _model(variant)
     model.network()._map_arrays(lambda a: a.view(Guarded))
