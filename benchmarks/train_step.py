@@ -31,7 +31,11 @@ Prints, in one run on the chosen backend:
    step, and its ratio to the full model's transform in the same round;
 5. peak memory: on NumPy the peak of traced allocations during one step (tracemalloc, which NumPy
    reports its array buffers to) and the process's maximum resident set size; on CuPy the memory
-   pool's peak.
+   pool's peak (with ``--cuda-graphs`` also the graphs' private pools).
+
+``--cuda-graphs`` (CuPy): every variant is also timed as ``<variant>+graphs``, its step replayed from
+CUDA graphs (:class:`npmask.training.graph_step.GraphStep`, two warm-up steps: one uncaptured, one
+captured), in the same rounds as the plain steps, so the table shows the lever's effect directly.
 
 ``--profile full,...`` adds a breakdown of those variants' steps by layer type (where the time goes),
 convolutions by geometry with the GEMM rate each one reaches (its GEMM FLOPs / its time; a masked
@@ -60,6 +64,7 @@ from npmask import config  # noqa: E402
 from npmask.nn.conv import Conv2d  # noqa: E402
 from npmask.nn.linear import Linear  # noqa: E402
 from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
+from npmask.training.graph_step import GraphStep  # noqa: E402
 from npmask.training.loop import train_step  # noqa: E402
 
 from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
@@ -101,11 +106,19 @@ def step_flops(net, x) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------- one step
-def make_step(model: MultiDomainModel, x, y):
-    """The training step of npmask.training.loop (train_step), for one fixed batch."""
+def make_step(model: MultiDomainModel, x, y, cuda_graphs: bool = False):
+    """The training step of npmask.training.loop (train_step), for one fixed batch; with
+    ``cuda_graphs`` the same step through a GraphStep (``step.graph`` is the GraphStep)."""
     groups = model.parameter_groups()
     opt = Optimizers(body=Adam(groups["body"], lr=1e-4), head=SGD(groups["head"], lr=1e-3, momentum=0.9))
-    return lambda: train_step(model, opt, x, y)[0]
+    if not cuda_graphs:
+        return lambda: train_step(model, opt, x, y)[0]
+    graph = GraphStep(model, opt)
+
+    def step():
+        return graph(x, y)[0]
+    step.graph = graph
+    return step
 
 
 def build_step(model_name: str, size: int, batch: int, variant: str):
@@ -309,9 +322,13 @@ def main(argv=None):
                          "use with NPMASK_THREADS=1 OPENBLAS_NUM_THREADS=1)")
     ap.add_argument("--profile", default="", metavar="VARIANTS",
                     help="comma-separated variants whose step is broken down by layer type")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="cupy: also time every variant's step replayed from CUDA graphs")
     args = ap.parse_args(argv)
 
     xp = get_backend(args.backend)
+    if args.cuda_graphs and xp is np:
+        ap.error("--cuda-graphs is for the cupy backend")
     if args.clock == "cpu" and xp is not np:
         ap.error("--clock cpu is for the numpy backend (CuPy steps are timed with CUDA events)")
     clock = Clock(xp, cpu=args.clock == "cpu", stat=args.stat)
@@ -337,14 +354,18 @@ def main(argv=None):
     # over the variants and the yardstick, so the ratios stay comparable. The order is reversed
     # every other round, so that no variant always runs right after the same one (or right after
     # the yardstick's two-thread GEMMs).
-    names = args.variants.split(",")
+    variants = args.variants.split(",")
+    names = variants + ([f"{v}+graphs" for v in variants] if args.cuda_graphs else [])
     steps = {}
     for name in names:
+        variant = name.split("+")[0]
         model = MultiDomainModel(backbone)
-        model.add_domain(name, num_classes=args.classes, variant=name, seed=0)
-        model.set_domain(name).train()
-        steps[name] = (model, make_step(model, x, y))
+        model.add_domain(variant, num_classes=args.classes, variant=variant, seed=0)
+        model.set_domain(variant).train()
+        steps[name] = (model, make_step(model, x, y, cuda_graphs=name.endswith("+graphs")))
         steps[name][1]()                      # warm-up step: optimiser state, buffers
+        if name.endswith("+graphs"):
+            steps[name][1]()                  # the second step captures the graphs
     rates, times = [], {name: [] for name in names}
     for r in range(args.repeats):
         rates.append(gemm_rate(xp, clock, repeats=3))
@@ -379,11 +400,15 @@ def main(argv=None):
     for name in names:
         if name in args.profile.split(","):
             profile(steps[name][0], steps[name][1], clock, args.repeats, name)
-    masked = [name for name in names if VARIANT_SPECS[name].has_mask]
+    masked = [name for name in variants if VARIANT_SPECS[name].has_mask]
     if masked:
         transform_shares(steps, masked, clock, args.repeats)
     if "full" in names:
         print("peak memory of a full step: " + peak_memory(xp, steps["full"][1]))
+    if "full+graphs" in names:
+        held = steps["full+graphs"][1].graph.memory()
+        print(f"full+graphs: the graphs' private memory pools hold {held['graph_pools'] / 2**20:.0f} MiB; "
+              f"CuPy's default pool {held['default_pool'] / 2**20:.0f} MiB (every step built so far)")
     del steps
     rate_end = gemm_rate(xp, clock)
     print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "

@@ -14,7 +14,10 @@ it prints:
   change of machine load affects both alike);
 - each step against the GEMM floor: the step's GEMM FLOPs (``train_step.step_flops``) at the
   float32 GEMM rate measured in the same run;
-- inference (eval-mode forward of the masked network) at batch 1 and 64, the same way.
+- inference (eval-mode forward of the masked network) at batch 1 and 64, the same way;
+- with ``--cuda-graphs`` (CUDA only), a row ``train+graphs`` per variant: npmask's step replayed from
+  CUDA graphs (``npmask.training.graph_step.GraphStep``), timed in the same rounds as the plain
+  npmask step and PyTorch's, so the table shows the ratio before and after that lever.
 
 The PyTorch side is written here from the method's definitions (docs/design.md, section 1), in a
 few lines of autograd: W~ = k0 W + k1 + k2 M + k3 W∘M with M = 1[R >= 0] in the forward pass and the
@@ -46,6 +49,7 @@ from npmask import models  # noqa: E402
 from npmask.backend import get_backend, to_numpy  # noqa: E402
 from npmask.multidomain import MultiDomainModel  # noqa: E402
 from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
+from npmask.training.graph_step import GraphStep  # noqa: E402
 from npmask.training.loop import train_step  # noqa: E402
 
 from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
@@ -231,10 +235,24 @@ def compare_net(name, size, batch, variants, args, xp, backend, device, clock_np
             first_t = tnet(xt).cpu().numpy()
         diff = float(np.max(np.abs(first_np - first_t)))
 
-        t_np, t_t = take_turns([lambda: train_step(model, opt, x, y), lambda: torch_step(tnet, adam, sgd, xt, yt)],
-                               [clock_np, clock_t], args.rounds)
+        fns = [lambda: train_step(model, opt, x, y), lambda: torch_step(tnet, adam, sgd, xt, yt)]
+        if args.cuda_graphs:
+            graphed = MultiDomainModel(backbone)      # its own copy of the variant, same seed
+            graphed.add_domain(variant, num_classes=NUM_CLASSES, variant=variant, seed=0)
+            graphed.set_domain(variant).train()
+            graphed.to(backend)
+            g = graphed.parameter_groups()
+            step = GraphStep(graphed, Optimizers(body=Adam(g["body"], lr=1e-4),
+                                                 head=SGD(g["head"], lr=1e-3, momentum=0.9)))
+            step(x, y)                                # uncaptured; take_turns' warm-up captures
+            fns.append(lambda: step(x, y))
+        times = take_turns(fns, [clock_np, clock_t, clock_np][:len(fns)], args.rounds)
+        t_np, t_t = times[0], times[1]
         ratio = float(np.median(t_np / t_t))
         rows.append(("train", variant, batch, np.median(t_np), np.median(t_t), ratio, flops, diff))
+        if args.cuda_graphs:
+            rows.append(("train+graphs", variant, batch, np.median(times[2]), np.median(t_t),
+                         float(np.median(times[2] / t_t)), flops, None))
 
         if variant == "full" and not args.no_inference:
             model.eval()
@@ -262,7 +280,11 @@ def main(argv=None):
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads (default: PyTorch's own choice, one per core)")
     ap.add_argument("--no-inference", action="store_true", help="skip the eval-forward timings")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="cuda: also time npmask's step replayed from CUDA graphs (rows train+graphs)")
     args = ap.parse_args(argv)
+    if args.cuda_graphs and args.device != "cuda":
+        ap.error("--cuda-graphs needs --device cuda")
 
     backend = "cupy" if args.device == "cuda" else "numpy"
     xp = get_backend(backend)

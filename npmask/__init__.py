@@ -27,7 +27,8 @@ The map of the package:
   Decathlon score and parameter cost, domain files, gradient checks;
 - ``data/``, ``training/``: the domain format, the batch iterator, the synthetic benchmark, and
   the machinery behind the commands ``train``, ``pretrain``, ``compare`` (local or on Ray),
-  ``convert`` and ``export`` (PyTorch weights in and out) and ``predict``;
+  ``convert`` and ``export`` (PyTorch weights in and out) and ``predict``, and the training step
+  replayed from CUDA graphs (``training/graph_step.py``, ``--cuda-graphs``);
 - ``backend.py``: NumPy or CuPy; ``io.py``: atomic file writes; ``config.py``: the run-time
   settings (threads, convolution chunking and layouts), changed with ``npmask.config.using(...)``,
   the thread count also by ``NPMASK_THREADS``.

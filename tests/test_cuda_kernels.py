@@ -162,7 +162,7 @@ def _nvrtc():
 def _record_kernels(monkeypatch):
     """Build every CuPy kernel object npmask defines, recording the arguments they were built with."""
     cp = pytest.importorskip("cupy")
-    from npmask.optim import optimizers as optim
+    from npmask.optim import cuda as optim_cuda
     from npmask.nn import batchnorm
     built, sites = [], set()
 
@@ -174,7 +174,7 @@ def _record_kernels(monkeypatch):
         return build
     monkeypatch.setattr(cp, "ElementwiseKernel", recorder("elementwise"))
     monkeypatch.setattr(cp, "ReductionKernel", recorder("reduction"))
-    for factory in (cuda.kernels, optim._adam_kernel, batchnorm._cupy_dot_kernel):
+    for factory in (cuda.kernels, optim_cuda.adam_kernel, batchnorm._cupy_dot_kernel):
         factory.__wrapped__()
     return built, sites
 

@@ -17,7 +17,7 @@ import pytest
 import npmask
 
 PACKAGE_DIR = pathlib.Path(npmask.__file__).parent
-ALWAYS_ALIASES = {"xp"}
+ALWAYS_ALIASES = {"xp", "cp"}   # cp: the CuPy module passed around by the graph step
 DISPATCH_CALLS = {"get_array_module", "get_backend", "_import_cupy"}
 
 

@@ -216,6 +216,45 @@ def test_a_kill_between_checkpoint_and_metrics_line_loses_no_line(tiny, referenc
     assert comparable_metrics(out) == comparable_metrics(reference_run)
 
 
+def test_the_graph_step_trains_the_reference_run_exactly_across_a_resume(tiny, reference_run,
+                                                                        tmp_path, monkeypatch):
+    """fit's cuda_graphs on NumPy (the CLI refuses it there: forced on here) runs GraphStep's
+    emulation of the CUDA graphs: the same metrics and domain files as the plain run, also when
+    stopped after an epoch and resumed (host step counts, device lr after the decay)."""
+    from npmask.training import domain_training, graph_step
+    real_fit, real_close, steps = domain_training.fit, graph_step.GraphStep.close, []
+    monkeypatch.setattr(domain_training, "fit", lambda **kw: real_fit(**{**kw, "cuda_graphs": True}))
+
+    def close(self):
+        steps.append(dict(self.steps))
+        real_close(self)
+    monkeypatch.setattr(graph_step.GraphStep, "close", close)
+    out = tmp_path / "graphs"
+    assert run_cli(base_args(tiny, out, "--stop-after-epochs", "1")) == 0
+    assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
+    assert len(steps) == 3 and all(s["replayed"] > 0 for s in steps), steps   # a, a resumed, b
+    assert comparable_metrics(out) == comparable_metrics(reference_run)
+    for d in ("a", "b"):
+        got, want = (domain_arrays(r / "domains" / f"{d}.npz") for r in (out, reference_run))
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_cuda_graphs_on_numpy_is_one_line(tiny, tmp_path):
+    expect_exit(base_args(tiny, tmp_path / "x", "--cuda-graphs"), "--cuda-graphs needs --backend cupy")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cuda_graphs_with_dropout_is_one_line_before_any_work(tiny, tmp_path, monkeypatch):
+    from npmask.training import validate
+    monkeypatch.setattr(validate, "check_backend", lambda backend: None)   # as if on a GPU
+    out = tmp_path / "x"
+    expect_exit(base_args(tiny, out, "--backend", "cupy", "--cuda-graphs", "--model", "vgg11",
+                          "--input-size", "32"), "--cuda-graphs cannot capture dropout")
+    assert not out.exists()
+
+
 def test_resume_refuses_changed_settings(tiny, reference_run):
     with pytest.raises(SystemExit) as e:
         run_cli(["--resume", "--out", str(reference_run), "--epochs", "5", "--quiet"])
@@ -385,8 +424,24 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--backend", "--model", "--variant", "--domains", "--epochs", "--batch-size",
                  "--lr-body", "--lr-head", "--lr-decay-epochs", "--seed", "--data-root", "--out",
-                 "--resume", "--benchmark", "--backbone", "--emax-from"):
+                 "--resume", "--benchmark", "--backbone", "--emax-from", "--cuda-graphs"):
         assert flag in text, flag
+
+
+@pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a usable CUDA device")
+def test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without(tiny, tmp_path):
+    """On a GPU: --cuda-graphs gives the same numbers twice, and those of the run without it to
+    float32 rounding (its GEMMs are one cuBLAS call of its own, npmask.training.cuda_gemm)."""
+    runs = [tmp_path / "graphs1", tmp_path / "graphs2", tmp_path / "plain"]
+    for out in runs[:2]:
+        assert run_cli(base_args(tiny, out, "--backend", "cupy", "--cuda-graphs")) == 0
+    assert run_cli(base_args(tiny, runs[2], "--backend", "cupy")) == 0
+    first, second, plain = (comparable_metrics(r) for r in runs)
+    assert first == second
+    assert [(r["domain"], r["epoch"]) for r in first] == [(r["domain"], r["epoch"]) for r in plain]
+    for g, p in zip(first, plain):
+        assert g["train_loss"] == pytest.approx(p["train_loss"], rel=1e-3)
+        assert g["test_loss"] == pytest.approx(p["test_loss"], rel=1e-3)
 
 
 @pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a usable CUDA device")

@@ -40,18 +40,30 @@ def softmax_cross_entropy(logits, labels):
 
     ``dlogits`` has the dtype of ``logits`` and already includes the ``1/N`` of the mean.
     """
-    xp, labels = _check(logits, labels)
+    _, labels = _check(logits, labels)
+    total, dlogits = log_likelihood_sum(logits, labels)
+    return -float(total) / logits.shape[0], dlogits
+
+
+def log_likelihood_sum(logits, labels):
+    """The device part of :func:`softmax_cross_entropy`: ``(total, dlogits)``, where ``total`` is
+    the 0-d array ``sum_n log p[n, t_n]`` (the loss is ``-float(total) / N``).
+
+    Nothing is read back to the host and nothing is checked: ``labels`` must be an integer array of
+    the logits' backend with values in [0, K) (the data loader checks them when it reads a data
+    set). A step captured in a CUDA graph uses it; every other caller wants softmax_cross_entropy.
+    """
+    xp = get_array_module(logits)
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = xp.exp(shifted)
     sum_exp = exp.sum(axis=1, keepdims=True)
     rows = xp.arange(n)
     log_p_true = shifted[rows, labels] - xp.log(sum_exp[:, 0])
-    loss = -float(log_p_true.sum()) / n
     dlogits = exp / sum_exp  # softmax probabilities
     dlogits[rows, labels] -= 1  # rows are distinct, so this fancy-index update is exact
     dlogits *= logits.dtype.type(1.0 / n)
-    return loss, dlogits
+    return log_p_true.sum(), dlogits
 
 
 def accuracy(logits, labels) -> float:

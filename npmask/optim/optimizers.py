@@ -46,14 +46,14 @@ Two optimisers for two parts of a model, as in the paper's protocol, are one lin
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
-from ..backend import _import_cupy, backend_name, get_array_module, to_device, to_numpy
+from ..backend import backend_name, get_array_module, to_device, to_numpy
 from ..nn.module import Module, NamedParameter, ParamRef
 from ..nn.parallel import each_chunk
+from . import cuda
 
 
 class Optimizer:
@@ -65,6 +65,9 @@ class Optimizer:
 
     hyper: tuple = ("lr",)
     buffers: tuple = ()  # names of the per-parameter state arrays, for state_dict validation
+    # None: a step reads lr (and Adam's bias corrections) as Python floats. A step captured in a
+    # CUDA graph reads them from device memory instead (npmask.optim.device.attach).
+    device = None
 
     def __init__(self, refs, lr: float):
         self.refs = _as_refs(refs, type(self).__name__)
@@ -236,7 +239,7 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += (1 - self.dampening) * g
             g = g + self.momentum * buf if self.nesterov else buf
-        p -= self.lr * g
+        p -= (self.lr if self.device is None else self.device.lr) * g
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", nesterov=True" if self.nesterov else "")
@@ -273,19 +276,29 @@ class Adam(Optimizer):
         state["step"] += 1
         return state["exp_avg"], state["exp_avg_sq"], state["step"]
 
+    def _scalars(self, name, t: int):
+        """(step size, bias2) of step ``t``: ``lr / (1 - beta1**t)`` and ``sqrt(1 - beta2**t)``, as
+        floats, or as the 0-d device arrays a captured step reads (npmask.optim.device)."""
+        if self.device is not None:
+            return self.device.adam[name]
+        b1, b2 = self.betas
+        return self.lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
+
     def _update(self, name, p, g, state):
         m, v, t = self._counted(state, p)
+        step_size, bias2 = self._scalars(name, t)
         if get_array_module(p) is not np:
             # CuPy: the 13 array operations of _arithmetic (15 with weight decay) are as many
             # kernel launches per parameter, and a masked WRN-28-4 trains 168 small arrays with
             # Adam: one fused kernel does the same update.
             (b1, b2), T = self.betas, p.dtype.type
-            _adam_kernel()(g, T(self.lr / (1 - b1 ** t)), T(b1), T(b2), T(math.sqrt(1 - b2 ** t)),
-                           T(self.eps), T(self.weight_decay), p, m, v)
+            typed = (lambda s: T(s)) if self.device is None else (lambda s: s)
+            cuda.adam_kernel()(g, typed(step_size), T(b1), T(b2), typed(bias2), T(self.eps),
+                               T(self.weight_decay), p, m, v)
             return
-        self._arithmetic(np, p, g, m, v, t)
+        self._arithmetic(np, p, g, m, v, step_size, bias2)
 
-    def _arithmetic(self, xp, p, g, m, v, t: int) -> None:
+    def _arithmetic(self, xp, p, g, m, v, step_size, bias2) -> None:
         """p, m and v updated in place, elementwise (an entry's bits depend on that entry only)."""
         b1, b2 = self.betas
         if self.weight_decay != 0:
@@ -294,9 +307,8 @@ class Adam(Optimizer):
         m += (1 - b1) * g
         v *= b2
         v += (1 - b2) * (g * g)
-        step_size = self.lr / (1 - b1 ** t)
         denom = xp.sqrt(v)
-        denom /= math.sqrt(1 - b2 ** t)
+        denom /= bias2
         denom += self.eps
         # p -= step_size * m / denom, reusing denom's memory for the update
         xp.divide(m, denom, out=denom)
@@ -327,25 +339,10 @@ class Adam(Optimizer):
         counted = [self._counted(self.state.setdefault(r.name, {}), r.data) for r in refs]
         arrays = [(r.data, r.grad, m, v) for r, (m, v, _) in zip(refs, counted)]
         p, g, m, v = (np.concatenate([a[j].reshape(-1) for a in arrays]) for j in range(4))
-        self._arithmetic(np, p, g, m, v, counted[0][2])
+        self._arithmetic(np, p, g, m, v, *self._scalars(refs[0].name, counted[0][2]))
         for (data, _, m_ref, v_ref), end in zip(arrays, np.cumsum([a[0].size for a in arrays])):
             for dest, src in ((data, p), (m_ref, m), (v_ref, v)):
                 dest[...] = src[end - data.size:end].reshape(data.shape)
-
-
-@functools.lru_cache(maxsize=None)
-def _adam_kernel():
-    """Adam's update as one CuPy ElementwiseKernel: the same formula as the NumPy code above
-    (equal up to float rounding: the kernel adds the weight decay term even when it is 0)."""
-    return _import_cupy().ElementwiseKernel(
-        "T g, T step_size, T b1, T b2, T bias2, T eps, T wd", "T p, T m, T v",
-        """
-        T gw = g + wd * p;                              // L2 weight decay
-        m = b1 * m + ((T)1 - b1) * gw;                  // first moment
-        v = b2 * v + ((T)1 - b2) * (gw * gw);           // second moment
-        p = p - step_size * (m / (sqrt(v) / bias2 + eps));
-        """,
-        "npmask_adam_update")
 
 
 class Optimizers:

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from .. import pretrained
 from ..masking.variants import VARIANTS
-from .config import (PretrainConfig, TrainConfig, check_model, check_variant, load_config,
-                     save_config)
+from .config import (PretrainConfig, TrainConfig, check_model, check_variant, create_model,
+                     load_config, save_config)
 from . import validate
 from .domain_training import emax_from_run
 from .errors import ConfigError
+from .graph_step import refuse_random_layers
 from .pretraining import pretrain
 from .run_folder import RunFolder
 from .suites import BENCHMARKS, choose_domains, get_benchmark, resolve_data_root
@@ -90,7 +91,8 @@ TRAIN_FLAGS = {  # config field -> flag of npmask.train (for messages and --resu
     "lr_decay_epochs": "--lr-decay-epochs", "lr_decay": "--lr-decay",
     "weight_decay": "--weight-decay", "max_train": "--max-train", "seed": "--seed",
     "mask_init": "--mask-init", "tau": "--tau",
-    "backend": "--backend", "dtype": "--dtype", "augmentation": "--augmentation",
+    "backend": "--backend", "dtype": "--dtype", "cuda_graphs": "--cuda-graphs",
+    "augmentation": "--augmentation",
     "train_split": "--train-split",
 }
 
@@ -147,6 +149,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("where and how")
     g.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: numpy)")
     g.add_argument("--dtype", choices=["float32", "float64"], help="float type (default: float32)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="with --backend cupy: capture each training step in CUDA graphs once per "
+                        "batch shape and replay them (fewer kernel launches from Python; the same "
+                        "numbers). Off by default: not yet run on a GPU")
     g.add_argument("--augmentation",
                    choices=["auto", "pad_crop", "decathlon", "decathlon_crop64", "imagenet", "none"],
                    help="loader protocol (default: pad_crop synthetic; decathlon for decathlon: "
@@ -194,6 +200,8 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     check_variant(cfg.variant)
     validate.check_backend(cfg.backend)  # --backend cupy without a GPU: one line, before any work
     check_model(cfg.model, cfg.input_size)
+    if cfg.cuda_graphs:   # dropout cannot be replayed from a graph: refused before any work
+        refuse_random_layers(create_model(cfg.model, num_classes=2, input_size=cfg.input_size))
     if bench.base_domain in (cfg.domains or []):  # before any data is generated or read
         raise ConfigError(f"{bench.base_domain!r} is the pretraining domain of the {bench.name} "
                           "benchmark; it is the backbone itself and is not trained again")

@@ -66,6 +66,8 @@ class TrainConfig(_Settings):
     tau:           the mask threshold, M = 1[R >= tau] (paper: 0).
     seed:          everything random (mask init, heads, batch order, augmentation) derives from it.
     backend:       "numpy" or "cupy". dtype: "float32" (default) or "float64".
+    cuda_graphs:   replay each training step from CUDA graphs (cupy only; off by default until it
+                   has run on a GPU; npmask.training.graph_step).
     augmentation:  the loader's protocol: "auto", "pad_crop", "decathlon" (gtsrb/omniglot/svhn fed
                    whole at 72, the residual-adapters loader), "decathlon_crop64" (every domain
                    cropped to 64, the paper's text), "imagenet" (random-size crop + mirroring;
@@ -98,6 +100,7 @@ class TrainConfig(_Settings):
     seed: int = 0
     backend: str = "numpy"
     dtype: str = "float32"
+    cuda_graphs: bool = False
     augmentation: str = "auto"
     train_split: str = "train"
     emax: dict | None = None
@@ -120,6 +123,9 @@ class TrainConfig(_Settings):
             raise ConfigError(f"--lr-decay-epochs must be >= 1, got {self.lr_decay_epochs}")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.cuda_graphs and self.backend != "cupy":
+            raise ConfigError(f"--cuda-graphs needs --backend cupy (CUDA graphs replay GPU kernels; "
+                              f"the backend is {self.backend})")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"--max-train must be >= 1, got {self.max_train}")
         if len(self.mask_init) != 2 or not 0 < self.mask_init[0] < self.mask_init[1]:

@@ -98,7 +98,7 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
             state_fn=net.state_dict, load_state_fn=net.load_state_dict,
             evaluate_fn=lambda: evaluate(model, test_it),
             log_fn=lambda r, d=d: folder.log({"domain": d, "variant": cfg.variant, **r}),
-            desc=f"{d} ({cfg.variant})", progress=progress,
+            desc=f"{d} ({cfg.variant})", progress=progress, cuda_graphs=cfg.cuda_graphs,
             extra={"variant": cfg.variant, "domain": d, "seed": cfg.seed, "model": cfg.model,
                    "epochs": cfg.epochs, "batch_size": cfg.batch_size},
             epoch_budget=budget)

@@ -26,6 +26,7 @@ import sys
 
 from .checkpoint import CheckpointError, checkpoint_epoch, load_checkpoint, save_checkpoint
 from .errors import ConfigError
+from .graph_step import GraphStep
 from .loop import epoch_line, train_epoch
 
 
@@ -36,7 +37,7 @@ class StopRequested(Exception):
 def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epochs: int,
         checkpoint_path, state_fn, load_state_fn, evaluate_fn=None, log_fn=None,
         desc: str = "", progress: bool = True, extra: dict | None = None,
-        epoch_budget=None, echo=None) -> list[dict]:
+        epoch_budget=None, echo=None, cuda_graphs: bool = False) -> list[dict]:
     """Train for ``epochs`` epochs, resuming from ``checkpoint_path`` when it exists.
 
     batches_for_epoch(e): the iterable of ``(x, y)`` batches of epoch ``e`` (0-based).
@@ -50,6 +51,8 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
     echo: where the one-line summary of every epoch goes (:func:`~npmask.training.loop.epoch_line`);
         default: standard error when ``progress`` is on (in a terminal and in a log file alike),
         nowhere when it is off (``--quiet``).
+    cuda_graphs: train through a :class:`~npmask.training.graph_step.GraphStep` (made after the
+        checkpoint is loaded, dropped at the end): the same numbers, each step replayed.
 
     Returns the list of per-epoch records (the resumed ones included).
     """
@@ -83,31 +86,37 @@ def fit(*, model, optimizer, scheduler, batches_for_epoch, num_batches: int, epo
             raise CheckpointError(
                 f"checkpoint {checkpoint_path} does not fit this run ({type(err).__name__}: "
                 f"{err}); delete it to train this part again from epoch 0") from None
-    for epoch in range(start, epochs):
-        lrs = {k: float(v) for k, v in _lrs(optimizer).items()}
-        stats = train_epoch(model, batches_for_epoch(epoch), optimizer, num_batches=num_batches,
-                            desc=f"{desc} epoch {epoch + 1}/{epochs}".strip(), progress=progress,
-                            where=f"in {desc} epoch {epoch + 1}".replace("  ", " "))
-        scheduler.step()
-        record = {"kind": "epoch", "epoch": epoch + 1, **stats, "lr": lrs}
-        if evaluate_fn is not None:
-            ev = evaluate_fn()
-            record.update({"test_loss": ev["loss"], "test_acc": ev["acc"],
-                           "test_seconds": ev.get("seconds")})
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                  for k, v in record.items()}
-        history.append(record)
-        if echo:
-            echo(epoch_line(desc, record, epochs))
-        if log_fn is not None:  # first the log line, then the checkpoint: see the module docstring
-            log_fn(record)
-        save_checkpoint(str(checkpoint_path), {
-            "epoch": epoch + 1, "model": state_fn(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "history": history, "extra": extra})
-        if epoch_budget is not None:
-            epoch_budget[0] -= 1
-            if epoch_budget[0] <= 0:
-                raise StopRequested(f"stopped after epoch {epoch + 1} as requested")
+    stepper = GraphStep(model, optimizer) if cuda_graphs else None
+    try:
+        for epoch in range(start, epochs):
+            lrs = {k: float(v) for k, v in _lrs(optimizer).items()}
+            stats = train_epoch(model, batches_for_epoch(epoch), optimizer, num_batches=num_batches,
+                                desc=f"{desc} epoch {epoch + 1}/{epochs}".strip(), progress=progress,
+                                where=f"in {desc} epoch {epoch + 1}".replace("  ", " "),
+                                stepper=stepper)
+            scheduler.step()
+            record = {"kind": "epoch", "epoch": epoch + 1, **stats, "lr": lrs}
+            if evaluate_fn is not None:
+                ev = evaluate_fn()
+                record.update({"test_loss": ev["loss"], "test_acc": ev["acc"],
+                               "test_seconds": ev.get("seconds")})
+            record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                      for k, v in record.items()}
+            history.append(record)
+            if echo:
+                echo(epoch_line(desc, record, epochs))
+            if log_fn is not None:  # first the log line, then the checkpoint: see the docstring
+                log_fn(record)
+            save_checkpoint(str(checkpoint_path), {
+                "epoch": epoch + 1, "model": state_fn(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": history, "extra": extra})
+            if epoch_budget is not None:
+                epoch_budget[0] -= 1
+                if epoch_budget[0] <= 0:
+                    raise StopRequested(f"stopped after epoch {epoch + 1} as requested")
+    finally:
+        if stepper is not None:
+            stepper.close()               # the graphs and their memory go; plain steps again
     return history
 
 

@@ -91,11 +91,13 @@ def train_step(model, optimizer, x, y):
 
 
 def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, desc: str = "train",
-                progress: bool = True, where: str = "") -> dict:
+                progress: bool = True, where: str = "", stepper=None) -> dict:
     """Train ``model`` on every ``(x, y)`` of ``batches`` once; returns the epoch's statistics.
 
     model:     a Module with forward(x) -> logits (B, K) and backward(dlogits).
     optimizer: anything with zero_grad() and step() (an Optimizer or Optimizers).
+    stepper:   None (train_step), or a :class:`~npmask.training.graph_step.GraphStep` of this
+               model and optimiser (``--cuda-graphs``): the same numbers, the steps replayed.
     Returns ``{"train_loss": mean loss, "train_acc": accuracy in %, "train_seconds": s,
     "steps": number of steps, "train_images": images seen}``; the means are over images (weighted by batch size).
     Raises NonFiniteLossError when a loss is NaN or infinite (``where`` names the run position).
@@ -108,7 +110,10 @@ def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, de
     steps = 0
     bar = _progress(batches, num_batches, desc, progress)
     for x, y in (bar if bar is not None else batches):
-        loss, logits = train_step(model, optimizer, x, y)
+        if stepper is None:
+            loss, logits = train_step(model, optimizer, x, y)
+        else:
+            loss, right = stepper(x, y)      # the number correct, counted on the device
         if not math.isfinite(loss):
             if bar is not None:
                 bar.close()
@@ -118,7 +123,7 @@ def train_epoch(model, batches, optimizer, *, num_batches: int | None = None, de
                 "(--lr-body/--lr-head; --lr when pretraining): --resume keeps the saved rates")
         n = int(y.shape[0])
         total_loss += loss * n
-        correct += int((logits.argmax(axis=1) == y).sum())
+        correct += int((logits.argmax(axis=1) == y).sum()) if stepper is None else right
         seen += n
         steps += 1
         if bar is not None:

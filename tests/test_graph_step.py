@@ -1,0 +1,325 @@
+"""The captured training step (npmask.training.graph_step) and the optimisers' device scalars, on NumPy.
+
+There is no CUDA graph on NumPy: GraphStep's emulation records each half at "capture" and runs it
+again at every "replay", copying its outputs into the recorded ones and undoing the host step
+counts a replay would not advance. So these tests check the graph step's own logic (static
+buffers, device-side lr and bias corrections, the loss read between the halves, lazy capture per
+batch shape, host step counts) bit for bit against the plain train_step loop, and that nothing in
+the captured halves reads a value back to the host. The CuPy captures are tested in
+tests/test_gpu_graph_step.py, on a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from npmask import models, nn
+from npmask.multidomain import MultiDomainModel
+from npmask.optim import SGD, Adam, MultiStepLR, Optimizers
+from npmask.optim import device
+from npmask.training import cuda_gemm, graph_step
+from npmask.training.graph_step import GraphStep, GraphStepError
+from npmask.training.loop import train_epoch, train_step
+
+
+def _model(variant="full", net="wrn16_1"):
+    backbone = models.create(net, num_classes=5, input_size=16, seed=0)
+    model = MultiDomainModel(backbone)
+    model.add_domain("d", num_classes=4, variant=variant, seed=1, mask_init=(-1e-4, 2e-4))
+    model.set_domain("d").train()
+    groups = model.parameter_groups()
+    opt = Optimizers(body=Adam(groups["body"], lr=1e-3, weight_decay=1e-4),
+                     head=SGD(groups["head"], lr=1e-2, momentum=0.9, weight_decay=5e-4))
+    return model, opt, MultiStepLR(opt, milestones=[1], gamma=0.1)
+
+
+def _epochs(n_epochs=2, sizes=(8, 8, 5), seed=0):
+    """Batches of two shapes: full ones and the epoch's last, partial one."""
+    rng = np.random.default_rng(seed)
+    return [[(rng.standard_normal((n, 3, 16, 16)).astype(np.float32), rng.integers(0, 4, n))
+             for n in sizes] for _ in range(n_epochs)]
+
+
+def _state(model, opt) -> dict:
+    """Parameters, BN running statistics, and the optimisers' state (moments, buffers, step counts)."""
+    return {**{k: np.array(v) for k, v in model.network().state_dict().items()},
+            **{"opt/" + k: v for k, v in opt.state_dict().items()}}
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def _train(kind, variant="full", epochs=None):
+    """(per-step (loss, correct), final state, GraphStep.steps) for kind plain/graph/uncaptured."""
+    model, opt, sched = _model(variant)
+    step = None if kind == "plain" else GraphStep(model, opt, capture=(kind == "graph"))
+    out = []
+    for batches in epochs or _epochs():
+        for x, y in batches:
+            if step is None:
+                loss, logits = train_step(model, opt, x, y)
+                out.append((loss, int((logits.argmax(axis=1) == y).sum())))
+            else:
+                out.append(step(x, y))
+        sched.step()                         # lr x0.1 after the first epoch: read from device memory
+    return out, _state(model, opt), (step.steps if step else None)
+
+
+@pytest.mark.parametrize("variant", ["full", "piggyback"])
+def test_graph_step_trains_bit_for_bit_as_train_step(variant):
+    plain, plain_state, _ = _train("plain", variant)
+    for kind in ("graph", "uncaptured"):
+        steps, state, counts = _train(kind, variant)
+        assert steps == plain, kind                      # losses (floats) and correct counts
+        _assert_same_state(state, plain_state)           # incl. Adam's host step counts
+    assert counts == {"eager": 6, "captured": 0, "replayed": 0}
+    assert _train("graph", variant)[2] == {"eager": 2, "captured": 2, "replayed": 2}
+
+
+def test_train_epoch_returns_the_same_numbers_through_the_graph_step():
+    epoch = _epochs(1, sizes=(8, 8, 8, 5))[0]
+    results = []
+    for use_graphs in (False, True):
+        model, opt, _ = _model()
+        stepper = GraphStep(model, opt) if use_graphs else None
+        stats = train_epoch(model, epoch, opt, progress=False, stepper=stepper)
+        stats.pop("train_seconds")
+        results.append((stats, _state(model, opt)))
+    assert results[0][0] == results[1][0]
+    _assert_same_state(results[0][1], results[1][1])
+
+
+def _random_steps(opt, refs, steps, rng, change_lr_at=None):
+    for i in range(steps):
+        if i == change_lr_at:
+            for o in opt.groups.values():
+                o.lr *= 0.3
+        for r in refs:
+            r.grad[...] = rng.standard_normal(r.grad.shape).astype(r.grad.dtype)
+        if opt["a"].device is not None:
+            device.sync(opt)
+        opt.step()
+
+
+@pytest.mark.parametrize("size", [3, 5000])             # Adam's grouped update and the one by one
+def test_device_scalars_give_the_plain_optimisers_bits(size):
+    """lr and Adam's bias corrections read from 0-d arrays: the same bits as the Python floats,
+    also with an lr changed mid-run and parameters at different step counts (two groups)."""
+    results = []
+    for on_device in (False, True):
+        layers = [nn.Linear(size, 2, rng=i) for i in range(3)]
+        named = [r._replace(name=f"{i}.{r.name}") for i, m in enumerate(layers)
+                 for r in m.parameter_refs()]
+        opt = Optimizers(a=Adam(named[:4], lr=1e-3, weight_decay=1e-2),
+                         b=SGD(named[4:], lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3))
+        opt["a"].state[named[0].name] = {"step": 5, "exp_avg": np.full_like(named[0].data, 0.1),
+                                         "exp_avg_sq": np.full_like(named[0].data, 0.2)}
+        if on_device:
+            device.attach(opt, named[0].data)
+        _random_steps(opt, named, 6, np.random.default_rng(0), change_lr_at=3)
+        results.append(({r.name: r.data.copy() for r in named}, opt.state_dict()))
+    (p0, s0), (p1, s1) = results
+    for k in p0:
+        assert np.array_equal(p0[k], p1[k]), k
+    _assert_same_state(s0, s1)
+    assert s1["a/state.0.weight.step"] == 11 and s1["a/state.0.bias.step"] == 6
+
+
+class HostRead(AssertionError):
+    pass
+
+
+class Guarded(np.ndarray):
+    """An array that refuses to become a Python number (or list) while ``armed``: a host read."""
+    armed = False
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        return super().__array_wrap__(arr, context, False)        # 0-d results stay guarded
+
+    def __getitem__(self, index):
+        out = super().__getitem__(index)
+        return out if isinstance(out, np.ndarray) else np.asarray(out).view(Guarded)
+
+
+def _refusing(name):
+    base = getattr(np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        if Guarded.armed:
+            raise HostRead(f"{name} of a device array inside a captured half")
+        return base(self, *args, **kwargs)
+    return method
+
+
+for _name in ("__float__", "__int__", "__bool__", "__index__", "__complex__", "item", "tolist"):
+    setattr(Guarded, _name, _refusing(_name))
+
+
+def test_the_guard_refuses_host_reads():
+    a = np.arange(4.0, dtype=np.float32).view(Guarded)
+    Guarded.armed = True
+    try:
+        for read in (lambda: float(a.sum()), lambda: int(a[1]), lambda: bool(a[0] < 1),
+                     lambda: a.max().item(), lambda: math.isfinite(a.sum()), lambda: a.tolist()):
+            with pytest.raises(HostRead):
+                read()
+    finally:
+        Guarded.armed = False
+
+
+@pytest.mark.parametrize("variant", ["full", "piggyback"])
+def test_the_captured_halves_read_nothing_back_to_the_host(variant, monkeypatch):
+    """Every array of the model, the optimisers' scalars, the batch, and every array NumPy makes
+    inside the halves (np.empty & co. made to return guarded arrays there) refuse conversion to
+    Python numbers while a half is captured or replayed; the steps still give plain's numbers."""
+    run = graph_step._Emulated._run
+    makers = {name: getattr(np, name) for name in ("empty", "zeros", "ones", "full", "empty_like",
+                                                    "zeros_like", "ones_like", "concatenate",
+                                                    "ascontiguousarray", "array", "stack")}
+
+    def guarding(make):
+        return lambda *a, **k: np.asanyarray(make(*a, **k)).view(Guarded)
+
+    def armed(self):
+        Guarded.armed = True
+        with monkeypatch.context() as m:
+            for name, make in makers.items():
+                m.setattr(np, name, guarding(make))
+            try:
+                return run(self)
+            finally:
+                Guarded.armed = False
+    monkeypatch.setattr(graph_step._Emulated, "_run", armed)
+    model, opt, sched = _model(variant)
+    model.network()._map_arrays(lambda a: a.view(Guarded))
+    step = GraphStep(model, opt)                    # its device scalars: Guarded, as the parameters
+    out = []
+    for batches in _epochs():
+        for x, y in batches:
+            out.append(step(x.view(Guarded), y.view(Guarded)))
+        sched.step()
+    assert step.steps == {"eager": 2, "captured": 2, "replayed": 2}
+    assert out == _train("plain", variant)[0]
+
+
+def test_a_state_array_replaced_during_a_capture_is_refused(monkeypatch):
+    def rebinding(self, name, p, g, state):                 # SGD that replaces its buffer
+        state["momentum_buffer"] = self.momentum * state.get("momentum_buffer", 0) + g
+        p -= self.device.lr * state["momentum_buffer"]
+    monkeypatch.setattr(SGD, "_update", rebinding)
+    model, opt, _ = _model()
+    step = GraphStep(model, opt)
+    (x, y), = _epochs(1, sizes=(8,))[0]
+    step(x, y)                                               # uncaptured: fine
+    with pytest.raises(GraphStepError, match=r"backward half replaced .*momentum_buffer"):
+        step(x, y)
+
+
+def test_dropout_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3, rng=0), nn.Dropout(0.5, rng=0))
+    with pytest.raises(GraphStepError, match="dropout"):
+        GraphStep(model, SGD(model.parameters(), lr=0.1))
+
+
+def test_a_non_finite_loss_stops_before_the_backward_half():
+    model, opt, _ = _model()
+    step = GraphStep(model, opt)
+    (x, y), = _epochs(1, sizes=(8,))[0]
+    step(x, y)
+    step(x, y)                                               # captured
+
+    def trained():        # (the forward pass moves BN's running statistics, as in train_step)
+        return {k: v for k, v in _state(model, opt).items() if "running_" not in k}
+    before = trained()
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    loss, _ = step(bad, y)                                   # a replay of the forward half only
+    assert math.isnan(loss)
+    _assert_same_state(trained(), before)
+    assert step.steps == {"eager": 1, "captured": 1, "replayed": 0}
+
+
+def test_another_hyper_parameter_captures_again_the_lr_does_not():
+    model, opt, _ = _model()
+    step = GraphStep(model, opt)
+    (x, y), = _epochs(1, sizes=(8,))[0]
+    for _ in range(3):
+        step(x, y)
+    opt["head"].lr = 0.5
+    step(x, y)
+    assert step.steps == {"eager": 1, "captured": 1, "replayed": 2}
+    opt["head"].momentum = 0.5
+    step(x, y)
+    assert step.steps == {"eager": 1, "captured": 2, "replayed": 2}
+
+
+def test_shapes_beyond_max_shapes_run_uncaptured():
+    model, opt, _ = _model()
+    step = GraphStep(model, opt, max_shapes=1)
+    for x, y in _epochs(1, sizes=(8, 8, 5, 5, 8))[0]:
+        step(x, y)
+    assert step.steps == {"eager": 3, "captured": 1, "replayed": 1} and len(step.shapes) == 1
+
+
+# ---------------------------------------------------------------------------------- cuBLAS calls
+def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
+    """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
+    def operand(buf, trans, rows, cols, ld):      # op(X) of shape (rows, cols)
+        stored = (rows, cols) if trans == cuda_gemm.OP_N else (cols, rows)
+        x = np.array([[buf[i + j * ld] for j in range(stored[1])] for i in range(stored[0])])
+        return x if trans == cuda_gemm.OP_N else x.T
+    c = operand(A, transa, m, k, lda) @ operand(B, transb, k, n, ldb)
+    out = np.zeros(ldc * n)
+    for j in range(n):
+        out[j * ldc:j * ldc + m] = c[:, j]
+    return out
+
+
+def _flat(view):
+    """The view's buffer from its first element, and the view's element strides."""
+    base = view
+    while base.base is not None:
+        base = base.base
+    start = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // view.itemsize
+    return base.reshape(-1)[start:]
+
+
+@pytest.mark.parametrize("a_kind", ["c", "t", "rows", "t_rows", "one_row", "one_col", "step"])
+@pytest.mark.parametrize("b_kind", ["c", "t", "rows", "t_rows", "one_col"])
+def test_gemm_arguments_give_the_row_major_product(a_kind, b_kind):
+    """The column-major call built from a view's strides (contiguous, transposed, a slice of wider
+    rows, a single row or column; a stepped view must be copied) computes A @ B."""
+    rng = np.random.default_rng(0)
+
+    def view(kind, r, c):
+        big = rng.standard_normal((r + 3, c + 4))
+        return {"c": np.ascontiguousarray(big[:r, :c]), "t": np.ascontiguousarray(big[:c, :r]).T,
+                "rows": big[1:r + 1, 2:c + 2], "t_rows": big[1:c + 1, :r].T,
+                "one_row": big[:1, :c] if r == 1 else big[:r, :c], "one_col": big[:r, :1] if c == 1
+                else big[:r, :c], "step": big[:r, :2 * c:2]}[kind]
+    m, k, n = 3, 4, 5
+    a = view(a_kind, 1 if a_kind == "one_row" else m, k)
+    b = view(b_kind, k, 1 if b_kind == "one_col" else n)
+    args = cuda_gemm.gemm_arguments(a.shape, a.strides, b.shape, b.strides, a.itemsize)
+    if a_kind == "step":
+        assert args is None                     # copied to a contiguous array first
+        return
+    transa, transb, m_, n_, k_, first, lda, second, ldb, ldc = args
+    ops = {"a": _flat(a), "b": _flat(b)}
+    c = _column_major_gemm(transa, transb, m_, n_, k_, ops[first], lda, ops[second], ldb, ldc)
+    np.testing.assert_allclose(c[:a.shape[0] * b.shape[1]].reshape(a.shape[0], b.shape[1]), a @ b,
+                               rtol=1e-12)
+
+
+def test_gemms_capturable_patches_and_restores_cupy_matmul():
+    cp = pytest.importorskip("cupy")
+    before = cp.ndarray.__matmul__
+    assert "__matmul__" not in cp.ndarray.__dict__
+    with cuda_gemm.gemms_capturable(cp):
+        assert cp.ndarray.__dict__["__matmul__"] is not before
+    assert "__matmul__" not in cp.ndarray.__dict__ and cp.ndarray.__matmul__ is before
