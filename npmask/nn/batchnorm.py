@@ -171,7 +171,8 @@ class BatchNorm(Module):
             raise ValueError(f"{type(self).__name__}: the residual has shape {tuple(residual.shape)}, "
                              f"the output {tuple(x.shape)}")
         weight, bias = self.params["weight"], self.params["bias"]
-        if (relu or residual is not None) and batchnorm_cuda.applies(x, weight, residual):
+        if (relu or residual is not None) and batchnorm_cuda.applies(
+                x, weight, self.buffers["running_mean"], residual):
             return self._forward_cuda(x3, x.shape, bool(relu), residual)
         r3 = None if residual is None else residual.reshape(n, c, length)
         y = xp.empty_like(x)
@@ -220,7 +221,7 @@ class BatchNorm(Module):
         # x is kept only in eval mode (where there is no centred copy): holding both would keep an
         # extra activation-sized array alive until the backward pass.
         self._cache = (x if centred is None else None, mean, centred, inv_std, self.training,
-                       y if relu else None, residual is not None)
+                       y if relu else None, residual is not None, False)
         return y
 
     def _forward_cuda(self, x3, shape, relu, residual):
@@ -231,7 +232,7 @@ class BatchNorm(Module):
             None if residual is None else residual.reshape(x3.shape))
         y = y3.reshape(shape)
         self._cache = (x3.reshape(shape), mean, None, inv_std, self.training,
-                       y if relu else None, residual is not None)
+                       y if relu else None, residual is not None, True)
         return y
 
     def backward(self, dy):
@@ -239,7 +240,7 @@ class BatchNorm(Module):
         the residual's branch), ``dy * [y > 0]`` with the ReLU fused, else dy itself."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        x, mean, centred, inv_std, training, y, residual = self._cache
+        x, mean, centred, inv_std, training, y, residual, kernels = self._cache
         kept = centred if centred is not None else x
         if tuple(dy.shape) != tuple(kept.shape):
             raise ValueError(f"{type(self).__name__}.backward got dy of shape {tuple(dy.shape)}; "
@@ -250,7 +251,7 @@ class BatchNorm(Module):
         dy3 = dy.reshape(n, c, -1)
         length = dy3.shape[2]
         m = n * length
-        if (y is not None or residual) and batchnorm_cuda.applies(dy, x):
+        if kernels:                             # the forward ran the CuPy kernels: so does backward
             dx3, d3, dweight, dbias = batchnorm_cuda.backward(
                 dy3, kept.reshape(dy3.shape), None if y is None else y.reshape(dy3.shape), mean,
                 inv_std, self.params["weight"], training, need_w or need_b, residual and y is not None)
