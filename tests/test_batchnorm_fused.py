@@ -183,3 +183,44 @@ def test_the_setting_selects_the_path_and_keeps_the_module_tree():
     with pytest.raises(TypeError):
         with config.using(fuse_bn_relu=1):
             pass
+
+
+def _tiny(name, dtype):
+    from npmask.models import VGG, DenseNet, ResNet, ResNet26RA   # the small variants of each family
+    return {
+        "resnet_bottleneck": lambda: ResNet("bottleneck", (1, 2, 1, 1), num_classes=3, input_size=32,
+                                            width=2, dtype=dtype, rng=1),
+        "resnet_basic": lambda: ResNet("basic", (2, 1, 1, 1), num_classes=3, input_size=32, width=2,
+                                       dtype=dtype, rng=2),
+        "densenet": lambda: DenseNet(3, (2, 2, 2), num_init_features=4, bn_size=2, num_classes=3,
+                                     input_size=32, dtype=dtype, rng=3),
+        "resnet26_ra": lambda: ResNet26RA(num_classes=3, input_size=16, nblocks=(2, 1, 1),
+                                          factor=0.125, dtype=dtype, rng=4),
+        "vgg_bn": lambda: VGG([4, "M", 8, "M"], batch_norm=True, num_classes=3, input_size=16,
+                              hidden=8, adaptive_pool=3, dtype=dtype, rng=5),
+    }[name]()
+
+
+@pytest.mark.parametrize("name, fused_bns", [("resnet_bottleneck", 16), ("resnet_basic", 11),
+                                             ("densenet", 15), ("resnet26_ra", 1), ("vgg_bn", 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_other_families_fuse_with_the_same_bits(name, fused_bns, training, monkeypatch):
+    """ResNet blocks and stem, DenseNet layers and transitions, BN + ReLU in a Sequential."""
+    size = {"resnet26_ra": 16, "vgg_bn": 16}.get(name, 32)
+    calls = []
+    forward = nn.BatchNorm.forward
+    monkeypatch.setattr(nn.BatchNorm, "forward",
+                        lambda self, x, relu=False, residual=None:
+                        calls.append(relu) or forward(self, x, relu=relu, residual=residual))
+    results = []
+    for fused in (True, False):
+        calls.clear()
+        with config.using(fuse_bn_relu=fused, parallel_min_floats=0, threads=2):
+            net = _tiny(name, np.float64).train(training)
+            rng = np.random.default_rng(0)
+            y = net.forward(rng.standard_normal((2, 3, size, size)))
+            dx = net.backward(rng.standard_normal(y.shape))
+        assert sum(calls) == (fused_bns if fused else 0)
+        results.append([y, dx] + [g for _, m in net.named_modules() for _, g in sorted(m.grads.items())]
+                       + [b for _, b in net.named_buffers()])
+    _assert_same_bits(*results)
