@@ -2,7 +2,7 @@
 
 A developer's A/B tool (benchmarks/dev/). Run:
       NPMASK_THREADS=1 .venv/bin/python benchmarks/dev/bn_relu_ab.py [--net wrn16_1|wrn28_4]
-          [--batch 32] [--rounds 200]
+          [--batch 32] [--rounds 200] [--clock wall|cpu]
 
 For each activation shape of the network (WRN-16-1 at 32x32 or WRN-28-4 at 64x64), one training
 forward and backward of BN -> ReLU (the stem's and each block's first) and of BN -> + skip -> ReLU
@@ -55,18 +55,21 @@ def main(argv=None):
     ap.add_argument("--net", default="wrn16_1", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: this process's CPU time, steadier on a shared machine")
     args = ap.parse_args(argv)
+    now = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"{args.net}, batch {args.batch}, float32, {config.settings.threads} thread(s), "
-          f"{args.rounds} rounds; forward + backward of one layer")
+          f"{args.rounds} rounds, {args.clock} clock; forward + backward of one layer")
     for c, h, w in SHAPES[args.net]:
         for residual in (False, True):
             fused, separate = _passes((args.batch, c, h, w), residual)
             times = {fused: [], separate: []}
             for r in range(args.rounds):
                 for fn in ((fused, separate) if r % 2 == 0 else (separate, fused)):
-                    t0 = time.perf_counter()
+                    t0 = now()
                     fn()
-                    times[fn].append(time.perf_counter() - t0)
+                    times[fn].append(now() - t0)
             tf, ts = np.array(times[fused]), np.array(times[separate])
             q1, med, q3 = np.percentile(tf / ts, [25, 50, 75])
             what = "BN + sum + ReLU" if residual else "BN + ReLU      "

@@ -150,7 +150,7 @@ class BatchNorm(Module):
                              f"{self._layout} with C={self.num_features}, got shape {tuple(x.shape)}")
 
     def forward(self, x, relu: bool = False, residual=None):
-        """``y = bn(x)``; fused (:func:`fuses_relu`): ``y = max(bn(x) + residual, 0)``.
+        """``y = bn(x)``; fused (:func:`fuse_relu_into`): ``y = max(bn(x) + residual, 0)``.
 
         ``relu=True`` applies the ReLU, a ``residual`` (an array of x's shape) is added before it,
         each in the same per-channel pass that writes y, with the operations of the separate
