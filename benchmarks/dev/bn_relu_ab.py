@@ -9,24 +9,46 @@ forward and backward of BN -> ReLU (the stem's and each block's first) and of BN
 (each block's end) in float32: fused (``bn.forward(x, relu=True, residual=skip)``, setting
 ``fuse_bn_relu``) and separate (BatchNorm2d, ``add_into``, ReLU(inplace=True), as BasicBlock runs
 them). The two take turns, round by round (the order reversed every other round); printed: each
-one's median time and the median over the rounds of the paired ratio fused / separate.
+one's median time and the median over the rounds of the paired ratio fused / separate. Then the
+memory of the whole network's forward and backward under each value of the setting (tracemalloc:
+what the forward pass leaves held for the backward, and the peak of both).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
-from npmask import config, nn  # noqa: E402
+from npmask import config, models, nn  # noqa: E402
 from npmask.nn.parallel import add_into  # noqa: E402
 
 SHAPES = {"wrn16_1": [(16, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4)],
           "wrn28_4": [(16, 64, 64), (64, 32, 32), (128, 16, 16), (256, 8, 8)]}
+SIZE = {"wrn16_1": 32, "wrn28_4": 64}
+
+
+def _memory(name: str, batch: int) -> None:
+    """MiB held after a training forward pass and peak over forward + backward, per setting value."""
+    for fused in (False, True):
+        with config.using(fuse_bn_relu=fused):
+            net = models.create(name, num_classes=10, input_size=SIZE[name], seed=0)
+            x = np.random.default_rng(0).standard_normal((batch, 3, SIZE[name], SIZE[name]),
+                                                         dtype=np.float32)
+            net.backward(np.ones_like(net.forward(x)))          # warm-up: every buffer made once
+            tracemalloc.start()
+            y = net.forward(x)
+            held = tracemalloc.get_traced_memory()[0]
+            net.backward(np.ones_like(y))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        print(f"  fuse_bn_relu={fused!s:<5}  {name} forward + backward: held after the forward "
+              f"{held / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB")
 
 
 def _passes(shape, residual: bool):
@@ -75,6 +97,7 @@ def main(argv=None):
             what = "BN + sum + ReLU" if residual else "BN + ReLU      "
             print(f"  {what} {c:4d}x{h}x{w:<3d} separate {np.median(ts) * 1e3:7.3f} ms  fused "
                   f"{np.median(tf) * 1e3:7.3f} ms  paired ratio {med:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+    _memory(args.net, args.batch)
 
 
 if __name__ == "__main__":
