@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 
-from npmask import config, models, nn
+from npmask import models, nn
 from npmask.backend import cupy_available, to_device, to_numpy
 from npmask.nn import batchnorm_cuda
 
