@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from npmask import config, models, nn
 from npmask.gradcheck import check_layer
 from npmask.masking.layers import SharedFrozen
+from npmask.models import VGG, DenseNet, ResNet, ResNet26RA
 from npmask.multidomain import MultiDomainModel
 from npmask.nn.batchnorm import fuse_relu_into
 from npmask.nn.module import Module
@@ -186,7 +187,7 @@ def test_the_setting_selects_the_path_and_keeps_the_module_tree():
 
 
 def _tiny(name, dtype):
-    from npmask.models import VGG, DenseNet, ResNet, ResNet26RA   # the small variants of each family
+    """A small member of each family (as tests/test_resnet_densenet.py's)."""
     return {
         "resnet_bottleneck": lambda: ResNet("bottleneck", (1, 2, 1, 1), num_classes=3, input_size=32,
                                             width=2, dtype=dtype, rng=1),
