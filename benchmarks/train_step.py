@@ -210,10 +210,12 @@ def layer_profile(net, clock: Clock, table: dict, flops: dict):
             continue
         fwd, bwd = m.forward, m.backward
 
-        def tf(x, m=m, fwd=fwd):
+        def tf(x, m=m, fwd=fwd, **fused):      # fused: batch norm's relu=, residual= (fuse_bn_relu)
             out, conv = {}, _conv_key(m, x)
             name = type(m).__name__ if conv is None else conv[0]
-            table[name + " fwd"] += clock.time(lambda: out.setdefault("y", fwd(x)))
+            if fused.get("relu") or fused.get("residual") is not None:
+                name += " (+ReLU)" if fused.get("residual") is None else " (+sum, ReLU)"
+            table[name + " fwd"] += clock.time(lambda: out.setdefault("y", fwd(x, **fused)))
             if conv is not None:
                 flops[name + " fwd"] += conv[1]
                 flops[name + " bwd"] += conv[1] * conv[2]

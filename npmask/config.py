@@ -5,11 +5,12 @@
     with config.using(threads=1, conv_impl="readable"):
         ...                                 # the plain serial code and the readable convolution
 
-None of these settings changes what a layer computes: the thread count and the thresholds do not
-change a single bit of the results (tested); the convolution's chunk sizes, layouts and
-``conv_impl`` change only the order of the roundings (the results agree to float32 rounding). They
-trade speed only; the measurements behind each default are in ``benchmarks/results/``
-(``conv_cpu.txt``, ``train_step_cpu.txt``, ``code_comment_figures.md``).
+None of these settings changes what a layer computes: the thread count, the thresholds and, on
+NumPy, ``fuse_bn_relu`` do not change a single bit of the results (tested); the convolution's chunk
+sizes, layouts and ``conv_impl`` (and ``fuse_bn_relu`` on CuPy) change only the order of the
+roundings (the results agree to float32 rounding). They trade speed only; the measurements behind
+each default are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
+``code_comment_figures.md``).
 
 The settings are process-wide, like ``chainer.config``'s global defaults, not per thread: npmask's
 helper threads must see the values of the thread that hands them the work. Change them from the
@@ -68,6 +69,11 @@ _DOCS = {
                                       "floats keeps it from the forward pass for its weight "
                                       "gradient instead of building it again: the small networks' "
                                       "layers, not WRN-28-4's (its memory does not grow); 0: never"),
+    "fuse_bn_relu": (bool, "a batch norm directly followed by ReLU (and a residual block's sum "
+                           "before its ReLU) runs as one layer: the ReLU and the addition inside "
+                           "batch norm's passes, the ReLU's mask taken from the output (the same "
+                           "bits on NumPy; fused CUDA kernels on CuPy); False: the separate "
+                           "BatchNorm2d, addition and ReLU modules, as the code reads"),
     "conv_impl": (str, "'fast' (conv_fast.py, the default) or 'readable' (the im2col + GEMM + "
                        "col2im of conv.py, for teaching and for testing the fast path against)"),
 }
@@ -92,6 +98,7 @@ class Settings:
         self.folded_rows = True
         self.folded_min_pixels = 256           # 16x16 images and larger
         self.conv_keep_columns_floats = 1 << 21  # 8 MB: WRN-16-1/28-1 at 32x32, not WRN-28-4's layers
+        self.fuse_bn_relu = True
         self.conv_impl = "fast"
 
     @property

@@ -163,27 +163,29 @@ def _record_kernels(monkeypatch):
     """Build every CuPy kernel object npmask defines, recording the arguments they were built with."""
     cp = pytest.importorskip("cupy")
     from npmask.optim import cuda as optim_cuda
-    from npmask.nn import batchnorm
+    from npmask.nn import batchnorm, batchnorm_cuda
     built, sites = [], set()
 
     def recorder(kind):
         def build(*args, **kwargs):
             caller = sys._getframe(1)          # where in npmask the kernel is built
             sites.add((Path(caller.f_code.co_filename).resolve(), caller.f_lineno))
-            built.append((kind,) + args)
+            built.append(((kind,) + args, kwargs.get("preamble", "")))
         return build
     monkeypatch.setattr(cp, "ElementwiseKernel", recorder("elementwise"))
     monkeypatch.setattr(cp, "ReductionKernel", recorder("reduction"))
-    for factory in (cuda.kernels, optim_cuda.adam_kernel, batchnorm._cupy_dot_kernel):
+    for factory in (cuda.kernels, optim_cuda.adam_kernel, batchnorm._cupy_dot_kernel,
+                    batchnorm_cuda.kernels):
         factory.__wrapped__()
     return built, sites
 
 
-def _kernel_source(kind, in_params, out_params, body, *rest, T="float"):
+def _kernel_source(kind, in_params, out_params, body, *rest, T="float", preamble=""):
     """A CUDA source that declares the kernel's parameters the way CuPy does and contains its body.
 
     Inputs become values, outputs references, each read from its own pointer at index i; for a
     ReductionKernel the body is the map expression, combined by the reduce expression into ``out``.
+    The kernel's ``preamble`` (helper functions) comes after the type definition, as in CuPy.
     """
     def params(text):
         return [({"int32": "int"}.get(t, t), name) for t, name in (p.split() for p in text.split(","))]
@@ -195,7 +197,7 @@ def _kernel_source(kind, in_params, out_params, body, *rest, T="float"):
         reduce_expr, post = rest[0], rest[1]
         body = (f"T _mapped = ({body});\n"          # own scopes, as CuPy's: a, b may be parameter names
                 f"  {{ T a = _mapped, b = _mapped; T _reduced = ({reduce_expr}); {{ T a = _reduced; {post}; }} }}")
-    return (f"typedef {T} T;\nextern \"C\" __global__ void k({args}, int n) {{\n"
+    return (f"typedef {T} T;\n{preamble}\nextern \"C\" __global__ void k({args}, int n) {{\n"
             f"  int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= n) return;\n"
             f"  {decls}\n  {body}\n}}\n")
 
@@ -228,10 +230,10 @@ def test_every_kernel_body_compiles_with_nvrtc(monkeypatch):
                if re.search(r"\.(?:Elementwise|Reduction)Kernel\(", line)}
     assert defined and defined == sites, ("every place in npmask/ that builds a CUDA kernel must be "
                                           f"built by this test: not covered {defined - sites}")
-    for spec in built:
+    for spec, preamble in built:
         kind, in_params, out_params, body = spec[:4]
         for T in ("float", "double"):
-            src = _kernel_source(kind, in_params, out_params, body, *spec[4:], T=T)
+            src = _kernel_source(kind, in_params, out_params, body, *spec[4:], T=T, preamble=preamble)
             prog = nvrtc.createProgram(src, f"{spec[-1]}.cu", [], [])
             try:
                 nvrtc.compileProgram(prog, [NVRTC_ARCH])

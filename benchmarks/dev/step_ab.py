@@ -2,7 +2,7 @@
 
 A developer's A/B tool (benchmarks/dev/). Run:
       .venv/bin/python benchmarks/dev/step_ab.py NAME=V1,V2,... [--model wrn28_4] [--size 64]
-          [--variant full] [--rounds 10]
+          [--variant full] [--rounds 10] [--clock wall|cpu]
 e.g.  .venv/bin/python benchmarks/dev/step_ab.py conv_chunk_floats=1048576,2097152,4194304
       .venv/bin/python benchmarks/dev/step_ab.py threads=2,3,4
 
@@ -37,13 +37,16 @@ def main(argv=None):
     ap.add_argument("setting", help="NAME=V1,V2,... (NAME a setting of npmask.config; the first "
                                     "value is the baseline)")
     add_step_arguments(ap)
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: this process's CPU time (steadier on a shared machine; with "
+                         "NPMASK_THREADS=1 OPENBLAS_NUM_THREADS=1 the time on one idle core)")
     args = ap.parse_args(argv)
     name, values = parse_setting(args.setting)
 
     step, flops = build_step(args.model, args.size, args.batch, args.variant)
     switches = [lambda v=v: switch(name, v) for v in values]
     with restored(name):
-        times, rates = take_turns(step, switches, args.rounds, Clock(np))
+        times, rates = take_turns(step, switches, args.rounds, Clock(np, cpu=args.clock == "cpu"))
     floor = print_floor(args, flops, rates)
     base = np.array(times[0])
     for value, t in zip(values, times):

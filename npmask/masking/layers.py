@@ -202,9 +202,14 @@ class SharedFrozen(Module):
         super().__init__()
         object.__setattr__(self, "source", source)
 
-    def forward(self, x):
+    @property
+    def takes_fused_relu(self) -> bool:
+        """A shared batch norm takes the fused ReLU as the source does (npmask.nn.batchnorm)."""
+        return bool(getattr(self.source, "takes_fused_relu", False))
+
+    def forward(self, x, **fused):
         object.__setattr__(self.source, "training", False)
-        return self.source.forward(x)
+        return self.source.forward(x, **fused)
 
     def backward(self, dy):
         return self.source.backward(dy)  # the source is frozen: it accumulates nothing

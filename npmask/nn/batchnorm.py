@@ -35,6 +35,12 @@ temporary array and, for these reductions over the first and last axes, runs fas
 per-channel vector is spread to a (C, L) array before it meets an activation (:func:`_spread`).
 Channels are independent, so on NumPy both passes split the channels over a few threads
 (:mod:`npmask.nn.parallel`), with bit-identical results.
+
+Fused with the ReLU after it (setting ``fuse_bn_relu``, :func:`fuse_relu_into`), the blocks call
+``forward(x, relu=True, residual=skip)``: y = max(bn(x) + skip, 0) is made in the same per-channel
+pass, on the slice still in cache, with the operations of the separate addition and ReLU (the same
+bits), and backward first takes the ReLU's gradient ``dy * [y > 0]`` from the kept output y, in the
+same channel loop. On CuPy those calls run as a few fused kernels (:mod:`npmask.nn.batchnorm_cuda`).
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ import numpy as np
 from ..backend import _import_cupy, get_array_module
 from ..config import settings
 from .module import Module
-from . import parallel
+from . import batchnorm_cuda, parallel
 
 
 def _channel_sum(a3):
@@ -104,12 +110,20 @@ def _over_channels(xp, x3, fn) -> None:
         fn(0, x3.shape[1])
 
 
+def fuse_relu_into(module) -> bool:
+    """True when a block runs ``module`` with the ReLU after it (and the sum before that ReLU) fused
+    in, ``module.forward(x, relu=True, residual=...)``: the setting ``fuse_bn_relu`` is on and the
+    module takes those arguments (a batch norm, or a wrapper that hands them on to one)."""
+    return settings.fuse_bn_relu and bool(getattr(module, "takes_fused_relu", False))
+
+
 class BatchNorm(Module):
     """The batch-norm base class: subclasses say which input rank they take; channels are axis 1.
 
     ``isinstance(m, BatchNorm)`` finds every batch-norm layer (e.g. to give each domain its own).
     """
 
+    takes_fused_relu = True   # forward(x, relu=..., residual=...): see fuse_relu_into
     _ndim = None  # input rank: 4 for BatchNorm2d, 2 for BatchNorm1d
     _layout = ""  # for error messages
 
@@ -135,7 +149,15 @@ class BatchNorm(Module):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects input of shape "
                              f"{self._layout} with C={self.num_features}, got shape {tuple(x.shape)}")
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False, residual=None):
+        """``y = bn(x)``; fused (:func:`fuse_relu_into`): ``y = max(bn(x) + residual, 0)``.
+
+        ``relu=True`` applies the ReLU, a ``residual`` (an array of x's shape) is added before it,
+        each in the same per-channel pass that writes y, with the operations of the separate
+        addition and ReLU modules (the same bits on NumPy). The ReLU's backward needs only the sign
+        of its output, so y itself is kept for the backward pass (no mask array); the caller must not
+        change y in place.
+        """
         self._check_input(x)
         xp = get_array_module(x)
         n, c = x.shape[:2]
@@ -145,7 +167,14 @@ class BatchNorm(Module):
         if self.training and m < 2:
             raise ValueError(f"{type(self).__name__} in training mode needs more than one value per "
                              f"channel (got input of shape {tuple(x.shape)}); use eval() or a larger batch")
+        if residual is not None and tuple(residual.shape) != tuple(x.shape):
+            raise ValueError(f"{type(self).__name__}: the residual has shape {tuple(residual.shape)}, "
+                             f"the output {tuple(x.shape)}")
         weight, bias = self.params["weight"], self.params["bias"]
+        if (relu or residual is not None) and batchnorm_cuda.applies(
+                x, weight, self.buffers["running_mean"], residual):
+            return self._forward_cuda(x3, x.shape, bool(relu), residual)
+        r3 = None if residual is None else residual.reshape(n, c, length)
         y = xp.empty_like(x)
         y3 = y.reshape(n, c, length)
         if self.training:
@@ -177,6 +206,10 @@ class BatchNorm(Module):
                 xp.multiply(cs, _spread(xp, scale, length), out=ys)
                 shift = bias[lo:hi]
             xp.add(ys, _spread(xp, shift, length), out=ys)
+            if r3 is not None:      # the residual sum, one addition per value as add_into's
+                xp.add(ys, r3[:, lo:hi], out=ys)
+            if relu:                # as ReLU's forward, in place on the cache-hot slice
+                xp.maximum(ys, 0, out=ys)
 
         _over_channels(xp, x3, channels)
         if self.training:
@@ -187,36 +220,66 @@ class BatchNorm(Module):
             rv[...] = (1 - mom) * rv + mom * (var * (m / (m - 1))).astype(rv.dtype)
         # x is kept only in eval mode (where there is no centred copy): holding both would keep an
         # extra activation-sized array alive until the backward pass.
-        self._cache = (x if centred is None else None, mean, centred, inv_std, self.training)
+        self._cache = (x if centred is None else None, mean, centred, inv_std, self.training,
+                       y if relu else None, residual is not None, False)
+        return y
+
+    def _forward_cuda(self, x3, shape, relu, residual):
+        """The fused forward on CuPy (:mod:`npmask.nn.batchnorm_cuda`); x is kept, not centred."""
+        y3, mean, inv_std = batchnorm_cuda.forward(
+            x3, self.params["weight"], self.params["bias"], self.buffers["running_mean"],
+            self.buffers["running_var"], self.eps, self.momentum, self.training, relu,
+            None if residual is None else residual.reshape(x3.shape))
+        y = y3.reshape(shape)
+        self._cache = (x3.reshape(shape), mean, None, inv_std, self.training,
+                       y if relu else None, residual is not None, True)
         return y
 
     def backward(self, dy):
+        """dx; after a forward with a ``residual``, ``(dx, d)``: d is the gradient of the sum (for
+        the residual's branch), ``dy * [y > 0]`` with the ReLU fused, else dy itself."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        x, mean, centred, inv_std, training = self._cache
+        x, mean, centred, inv_std, training, y, residual, kernels = self._cache
         kept = centred if centred is not None else x
         if tuple(dy.shape) != tuple(kept.shape):
             raise ValueError(f"{type(self).__name__}.backward got dy of shape {tuple(dy.shape)}; "
                              f"the forward pass produced {tuple(kept.shape)}")
         xp = get_array_module(dy)
         need_w, need_b = self.requires_grad("weight"), self.requires_grad("bias")
-        scale = self.params["weight"] * inv_std  # weight * s, per channel
         n, c = dy.shape[:2]
         dy3 = dy.reshape(n, c, -1)
         length = dy3.shape[2]
         m = n * length
+        if kernels:                             # the forward ran the CuPy kernels: so does backward
+            dx3, d3, dweight, dbias = batchnorm_cuda.backward(
+                dy3, kept.reshape(dy3.shape), None if y is None else y.reshape(dy3.shape), mean,
+                inv_std, self.params["weight"], training, need_w or need_b, residual and y is not None)
+            return self._gradients(dy.shape, dx3, dy3 if d3 is None else d3, dweight, dbias,
+                                   need_w, need_b, residual)
+        scale = self.params["weight"] * inv_std  # weight * s, per channel
         dx = xp.empty_like(dy)
         dx3 = dx.reshape(n, c, length)
+        # the fused ReLU's gradient d = dy * [y > 0] (y > 0 exactly where ReLU's input was), made per
+        # slice as ReLU's backward would, into a new array: the residual's branch takes it
+        y3 = None if y is None else y.reshape(n, c, length)
+        d3 = dy3 if y3 is None else xp.empty_like(dy3)
         if not training and not (need_w or need_b):
-            _over_channels(xp, dy3, lambda lo, hi: xp.multiply(   # a frozen BN in eval mode is a
-                dy3[:, lo:hi], _spread(xp, scale[lo:hi], length), out=dx3[:, lo:hi]))
-            return dx                                             # fixed scaling
+            def fixed(lo, hi):                                    # a frozen BN in eval mode is a
+                if y3 is not None:                                # fixed scaling
+                    xp.multiply(dy3[:, lo:hi], xp.greater(y3[:, lo:hi], 0), out=d3[:, lo:hi])
+                xp.multiply(d3[:, lo:hi], _spread(xp, scale[lo:hi], length), out=dx3[:, lo:hi])
+            _over_channels(xp, dy3, fixed)
+            return (dx, d3.reshape(dy.shape)) if residual else dx
         dbias, dweight = xp.empty(c, dtype=dy.dtype), xp.empty(c, dtype=dy.dtype)
 
         kept3 = kept.reshape(n, c, length)              # centred (training) or x (eval)
 
         def channels(lo, hi):
             dys, dxs = dy3[:, lo:hi], dx3[:, lo:hi]
+            if y3 is not None:
+                dys = d3[:, lo:hi]
+                xp.multiply(dy3[:, lo:hi], xp.greater(y3[:, lo:hi], 0), out=dys)
             cs = kept3[:, lo:hi]
             if centred is None:
                 cs = cs - _spread(xp, mean[lo:hi], length)
@@ -234,11 +297,16 @@ class BatchNorm(Module):
                 xp.multiply(dys, _spread(xp, scale[lo:hi], length), out=dxs)
 
         _over_channels(xp, dy3, channels)
+        return self._gradients(dy.shape, dx3, d3, dweight, dbias, need_w, need_b, residual)
+
+    def _gradients(self, shape, dx3, d3, dweight, dbias, need_w, need_b, residual):
+        """Accumulates the parameters' gradients; returns dx, or (dx, d) after a residual."""
         if need_w:
             self.accumulate_grad("weight", dweight)
         if need_b:
             self.accumulate_grad("bias", dbias)
-        return dx
+        dx = dx3.reshape(shape)
+        return (dx, d3.reshape(shape)) if residual else dx
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -1,6 +1,8 @@
 """Sequential: a chain of modules, run forward in order and backward in reverse order."""
 from __future__ import annotations
 
+from .activation import ReLU
+from .batchnorm import fuse_relu_into
 from .module import Module
 
 
@@ -10,6 +12,10 @@ class Sequential(Module):
     Backward applies the chain rule in reverse: ``dx = m0.backward(m1.backward(... m_k.backward(dy)))``.
     Parameter names follow PyTorch: ``Sequential(Conv2d(...), BatchNorm2d(...))`` has ``0.weight``,
     ``1.weight``, ``1.bias``, ...
+
+    With the setting ``fuse_bn_relu``, a batch norm directly followed by a ``ReLU`` runs it inside
+    its own pass (``forward(x, relu=True)``, npmask/nn/batchnorm.py) and the ReLU module is skipped,
+    forward and backward: the same numbers.
     """
 
     def __init__(self, *modules: Module):
@@ -39,11 +45,21 @@ class Sequential(Module):
             raise IndexError(f"Sequential index {index} out of range for length {len(mods)}") from None
 
     def forward(self, x):
-        for m in self.children.values():
-            x = m.forward(x)
+        mods = list(self.children.values())
+        self._inside_bn = set()        # positions of ReLUs run inside the batch norm before them
+        for i, m in enumerate(mods):
+            if i in self._inside_bn:
+                continue
+            if i + 1 < len(mods) and type(mods[i + 1]) is ReLU and fuse_relu_into(m):
+                x = m.forward(x, relu=True)
+                self._inside_bn.add(i + 1)
+            else:
+                x = m.forward(x)
         return x
 
     def backward(self, dy):
-        for m in reversed(list(self.children.values())):
-            dy = m.backward(dy)
+        inside_bn = getattr(self, "_inside_bn", set())
+        for i, m in reversed(list(enumerate(self.children.values()))):
+            if i not in inside_bn:
+                dy = m.backward(dy)
         return dy

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .activation import ReLU
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm2d, fuse_relu_into
 from .conv import Conv2d
 from .module import Module
 from .pooling import AvgPool2d
@@ -68,16 +68,22 @@ class DenseLayer(Module):
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DenseLayer expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        new = self.conv1(self.relu1(self.norm1(x)))
-        new = self.conv2(self.relu2(self.norm2(new)))
+        self._fused = fuse_relu_into(self.norm1) and fuse_relu_into(self.norm2)
+        if self._fused:     # relu1 and relu2 inside norm1 and norm2 (fuse_bn_relu): the same bits
+            new = self.conv1(self.norm1.forward(x, relu=True))
+            new = self.conv2(self.norm2.forward(new, relu=True))
+        else:
+            new = self.conv1(self.relu1(self.norm1(x)))
+            new = self.conv2(self.relu2(self.norm2(new)))
         return concat_channels(x, new)
 
     def backward(self, dy):
+        fused = getattr(self, "_fused", False)
         d_direct, d_new = split_channels(dy, self.in_channels)
         d = self.conv2.backward(d_new)
-        d = self.norm2.backward(self.relu2.backward(d))
+        d = self.norm2.backward(d if fused else self.relu2.backward(d))
         d = self.conv1.backward(d)
-        d = self.norm1.backward(self.relu1.backward(d))
+        d = self.norm1.backward(d if fused else self.relu1.backward(d))
         return d + d_direct
 
     def extra_repr(self) -> str:
@@ -122,7 +128,10 @@ class Transition(Module):
         self.pool = AvgPool2d(2, 2)
 
     def forward(self, x):
-        return self.pool(self.conv(self.relu(self.norm(x))))
+        self._fused = fuse_relu_into(self.norm)    # relu inside norm (fuse_bn_relu)
+        return self.pool(self.conv(self.norm.forward(x, relu=True) if self._fused
+                                   else self.relu(self.norm(x))))
 
     def backward(self, dy):
-        return self.norm.backward(self.relu.backward(self.conv.backward(self.pool.backward(dy))))
+        d = self.conv.backward(self.pool.backward(dy))
+        return self.norm.backward(d if getattr(self, "_fused", False) else self.relu.backward(d))

@@ -8,7 +8,8 @@
     y = relu(main(x) + shortcut(x))
 
 Backward: the final ReLU passes ``d = dy * [sum > 0]`` to both branches and their input gradients
-add up at x: ``dx = main.backward(d) + shortcut.backward(d)``.
+add up at x: ``dx = main.backward(d) + shortcut.backward(d)``. With the setting ``fuse_bn_relu`` the
+ReLUs and the sum run inside the batch norms, as in :class:`~npmask.nn.residual.BasicBlock`.
 
 These differ from npmask's WRN :class:`~npmask.nn.residual.BasicBlock` only in names
 (``downsample`` instead of ``shortcut``) and the bottleneck; they are separate classes so that a
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..backend import rng as make_rng
 from .activation import ReLU
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm2d, fuse_relu_into
 from .container import Sequential
 from .conv import Conv2d
 from .module import Module
@@ -41,8 +42,11 @@ class _ResidualBlock(Module):
         raise NotImplementedError
 
     def forward(self, x):
-        out = x
         names = self._main_names()
+        self._fused = all(fuse_relu_into(getattr(self, b)) for _, b in names)
+        if self._fused:     # every ReLU, and the sum, inside the batch norms (fuse_bn_relu)
+            return self._forward_fused(x, names)
+        out = x
         for i, (c, b) in enumerate(names):
             out = getattr(self, b)(getattr(self, c)(out))
             if i < len(names) - 1:
@@ -51,15 +55,31 @@ class _ResidualBlock(Module):
         out = out + skip
         return self.relu(out)
 
+    def _forward_fused(self, x, names):
+        out = x
+        for c, b in names[:-1]:
+            out = getattr(self, b).forward(getattr(self, c)(out), relu=True)
+        c, b = names[-1]
+        out = getattr(self, c)(out)
+        skip = x if self.downsample is None else self.downsample(x)
+        return getattr(self, b).forward(out, relu=True, residual=skip)
+
     def backward(self, dy):
-        d = self.relu.backward(dy)
         names = self._main_names()
-        dmain = d
-        for i in reversed(range(len(names))):
-            c, b = names[i]
-            if i < len(names) - 1:
-                dmain = getattr(self, f"relu{i + 1}").backward(dmain)
-            dmain = getattr(self, c).backward(getattr(self, b).backward(dmain))
+        if getattr(self, "_fused", False):
+            c, b = names[-1]
+            dmain, d = getattr(self, b).backward(dy)   # d = dy * [y > 0], the sum's gradient
+            dmain = getattr(self, c).backward(dmain)
+            for c, b in reversed(names[:-1]):
+                dmain = getattr(self, c).backward(getattr(self, b).backward(dmain))
+        else:
+            d = self.relu.backward(dy)
+            dmain = d
+            for i in reversed(range(len(names))):
+                c, b = names[i]
+                if i < len(names) - 1:
+                    dmain = getattr(self, f"relu{i + 1}").backward(dmain)
+                dmain = getattr(self, c).backward(getattr(self, b).backward(dmain))
         dskip = d if self.downsample is None else self.downsample.backward(d)
         return dmain + dskip
 
