@@ -22,6 +22,11 @@ import os
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:                  # not on Windows: there one process writes metrics.jsonl
+    fcntl = None
+
 from ..io import atomic_write_text, remove_stale_temps
 from .checkpoint import checkpoint_epoch
 from .errors import ConfigError
@@ -94,8 +99,10 @@ class RunFolder:
         record = dict(record)
         record.setdefault("time", round(time.time(), 3))
         line = json.dumps(record, sort_keys=False) + "\n"
-        self._cut_torn_line()
         with open(self.metrics, "a", encoding="utf-8") as f:
+            if fcntl is not None:      # domains trained side by side append to the same file
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            self._cut_torn_line()
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
