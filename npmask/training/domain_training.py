@@ -1,4 +1,5 @@
-"""Train a list of target domains on a shared backbone, one after the other, resumably.
+"""Train a list of target domains on a shared backbone, one after the other or side by side
+(one process each, :mod:`npmask.training.domain_workers`), resumably.
 
 This is steps 2-4 of the main job (issue 5): for every target domain
 
@@ -12,7 +13,8 @@ then score the run (accuracy per domain, S-score, # Params, S_p from the stored 
 plots. The S-score sums over every domain of the model, the pretraining one included, as tables 1-4
 of the paper: its accuracy is the backbone's own (recorded in the backbone's JSON, or measured once
 on its test split when the data is there and the JSON lacks it), the same for every variant. Domains are independent: each gets its own seed derived from (run seed, domain name), so a
-domain's result does not depend on which domains came before it, nor on being resumed.
+domain's result does not depend on which domains came before it, nor on being resumed, nor on
+which process trained it.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .errors import ConfigError
 from .fit import fit
 from .loop import evaluate
 from .plots import plot_learning_curves
+from .run_folder import CONCURRENT_LOGS
 from .results import markdown_table
 from .validate import check_stored_domain
 
@@ -69,7 +72,8 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
     ``workers`` > 1 trains that many domains at a time, each in its own process
     (:mod:`npmask.training.domain_workers`): the domains are independent, so every number is the
     one the domains trained one after the other give. Not with ``stop_after`` (a test's simulated
-    kill counts the epochs of one process).
+    kill counts the epochs of one process), nor without ``fcntl`` (Windows: metrics.jsonl takes
+    one writer there).
     """
     get_backend(cfg.backend)
     model, info = load_run_backbone(cfg)
@@ -88,7 +92,7 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
         if d in model.domains:
             raise ConfigError(f"domain {d!r} has the name of the pretraining domain")
         todo.append(d)
-    if workers > 1 and len(todo) > 1 and budget is None:
+    if workers > 1 and len(todo) > 1 and budget is None and CONCURRENT_LOGS:
         for d, result in train_in_workers(train_domain, cfg, folder, todo, data_root=data_root,
                                           progress=progress, workers=workers):
             _finished(folder, d, result, log)

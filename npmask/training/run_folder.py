@@ -24,8 +24,9 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:                  # not on Windows: there one process writes metrics.jsonl
+except ImportError:          # Windows: no flock, so npmask.train trains one domain at a time there
     fcntl = None
+CONCURRENT_LOGS = fcntl is not None   # several processes may append to one metrics.jsonl
 
 from ..io import atomic_write_text, remove_stale_temps
 from .checkpoint import checkpoint_epoch
