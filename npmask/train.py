@@ -27,10 +27,12 @@ Examples::
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from .backend import get_backend
+from .config import settings
 from .training import cli, validate
 from .training.config import load_config, save_config
 from .training.domain_training import emax_from_run, train_domains
@@ -104,12 +106,26 @@ def main(argv=None) -> int:
             res = train_domains(cfg, folder, data_root=cfg.data_root,
                                 progress=not vars(args).get("quiet", False),
                                 stop_after=vars(args).get("stop_after_epochs"),
+                                workers=domain_workers(cfg, vars(args).get("workers")),
                                 log=lambda s: print(s, file=sys.stderr))
         except StopRequested as stop:
             print(f"{stop}; continue with: {PROG} --resume --out {folder.path}", file=sys.stderr)
             return 0
         print_results(cfg, res, folder, time.time() - start)
     return 0
+
+
+def domain_workers(cfg, given) -> int:
+    """``--workers``, else ``NPMASK_TRAIN_WORKERS``, else npmask's thread count on NumPy (the
+    training step of a small network keeps one core busy, not several), else 1."""
+    env = os.environ.get("NPMASK_TRAIN_WORKERS")
+    if given:
+        return int(given)
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"NPMASK_TRAIN_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    return settings.threads if cfg.backend == "numpy" else 1
 
 
 def print_results(cfg, res, folder, seconds) -> None:

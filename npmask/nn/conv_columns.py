@@ -25,6 +25,12 @@ import numpy as np
 from ..config import settings
 from .parallel import in_parallel
 
+# images per folded-rows call: their matrices B together at most this many floats (512 KB), so that
+# the 16-64-channel layers of the small networks make one NumPy call for 2-4 images (their copies
+# and GEMMs are short and the calls' own cost was a large part of the pass), while WRN-28-4's
+# layers (over 300K floats per image) keep one image per call
+FOLDED_GROUP_FLOATS = 1 << 17
+
 
 def _wrapped(v: int, pw: int, w: int) -> slice:
     """The output columns j whose entry for kernel column v (v != pw) wraps around the border.
@@ -156,7 +162,7 @@ class _FoldedRows:
     """im2col with the kernel's columns only: ``kw`` copies of an image instead of ``kh * kw``.
 
     For a stride-1 convolution whose output is as large as its input (Ho = H, Wo = W, so
-    kh = 2*ph + 1 and kw = 2*pw + 1), one image at a time. Each channel of the image is one flat
+    kh = 2*ph + 1 and kw = 2*pw + 1), image by image. Each channel of the image is one flat
     row: pw zeros, ph zero rows of W, the H rows of W pixels, ph zero rows, pw zeros; row r (of the
     padded image), column j sits at flat[c, pw + r*W + j]. The column matrix holds only the ``kw``
     horizontal shifts of it,
@@ -179,15 +185,25 @@ class _FoldedRows:
     stacked would compute junk rows between them), hence ``settings.folded_min_pixels``.
 
     Rows of B are (c, v), so W_u is ``weight[:, :, u, :]``: :meth:`weights` lays the kernel out as
-    (kh, O, C*kw) once per call. Each thread has its own instance (buffers reused image to image).
+    (kh, O, C*kw) once per call. A call takes a group of images (:meth:`group`), each with its own
+    B, and stacks each GEMM over them: a small image's copies and GEMMs are short, so one NumPy call
+    per group instead of per image saves most of the calls' own cost. Each thread has its own
+    instance (buffers reused group to group).
     """
 
-    def __init__(self, dtype, c, h, w, kh, kw, ph, pw, o):
+    def __init__(self, dtype, c, h, w, kh, kw, ph, pw, o, nb: int = 1):
         self.c, self.h, self.w, self.kh, self.kw, self.ph, self.pw, self.o = c, h, w, kh, kw, ph, pw, o
-        self.b = np.empty((c * kw, (h + 2 * ph) * w), dtype=dtype)
-        self.flat = np.zeros((c, self.b.shape[1] + kw - 1), dtype=dtype)   # padding stays zero
-        self.tmp = np.empty((o, h * w), dtype=dtype) if kh > 1 else None
+        self.b = np.empty((nb, c * kw, (h + 2 * ph) * w), dtype=dtype)
+        self.flat = np.zeros((nb, c, self.b.shape[2] + kw - 1), dtype=dtype)  # padding stays zero
+        self.tmp = np.empty((nb, o, h * w), dtype=dtype) if kh > 1 else None
         self.dtype = dtype
+
+    @staticmethod
+    def group(n: int, c: int, h: int, w: int, kh: int, kw: int, ph: int) -> int:
+        """Images per call: as many as keep their matrices B within ``FOLDED_GROUP_FLOATS`` (at
+        least one). Each image's products are the same BLAS calls whatever the group (NumPy's
+        stacked matmul runs one GEMM per image), so the group changes the speed, not the bits."""
+        return max(1, min(n, FOLDED_GROUP_FLOATS // max(1, c * kw * (h + 2 * ph) * w)))
 
     @staticmethod
     def weights(weight):
@@ -201,36 +217,41 @@ class _FoldedRows:
         in_parallel(np, o, weight.size, channels)
         return out.reshape(kh, o, c * kw)
 
-    def columns(self, image):
-        """B (C*kw, (H + 2*ph) * W) for one image (C, H, W)."""
+    def columns(self, images):
+        """B (m, C*kw, (H + 2*ph) * W) for m images (m, C, H, W), one matrix per image."""
+        m = images.shape[0]
         c, h, w, kw, ph, pw = self.c, self.h, self.w, self.kw, self.ph, self.pw
-        self.flat[:, pw + ph * w:pw + (ph + h) * w] = image.reshape(c, h * w)
-        s = self.b.shape[1]
-        b3 = self.b.reshape(c, kw, s)
+        flat = self.flat[:m]
+        flat[:, :, pw + ph * w:pw + (ph + h) * w] = images.reshape(m, c, h * w)
+        s = self.b.shape[2]
+        b4 = self.b[:m].reshape(m, c, kw, s)
         for v in range(kw):
-            b3[:, v] = self.flat[:, v:v + s]
-        grid = b3.reshape(c, kw, s // w, w)           # the entries that wrapped around the border
+            b4[:, :, v] = flat[:, :, v:v + s]
+        grid = b4.reshape(m, c, kw, s // w, w)        # the entries that wrapped around the border
         for v in range(kw):
             if v != pw:
-                grid[:, v, :, _wrapped(v, pw, w)] = 0
-        return self.b
+                grid[:, :, v, :, _wrapped(v, pw, w)] = 0
+        return self.b[:m]
 
-    def product(self, w_fold, image, out):
-        """out (O, H, W) = the convolution of one image (C, H, W); ``w_fold`` from :meth:`weights`."""
-        q, w = self.h * self.w, self.w
-        b, out = self.columns(image), out.reshape(self.o, q)
-        np.matmul(w_fold[0], b[:, :q], out=out)
+    def product(self, w_fold, images, out):
+        """out (m, O, H, W) = the convolutions of m images (m, C, H, W); ``w_fold`` from
+        :meth:`weights`. Each GEMM is stacked over the images: one NumPy call for the group."""
+        m, q, w = images.shape[0], self.h * self.w, self.w
+        b, out = self.columns(images), out.reshape(m, self.o, q)
+        np.matmul(w_fold[0], b[:, :, :q], out=out)
         for u in range(1, self.kh):
-            np.matmul(w_fold[u], b[:, u * w:u * w + q], out=self.tmp)
-            out += self.tmp
+            tmp = self.tmp[:m]
+            np.matmul(w_fold[u], b[:, :, u * w:u * w + q], out=tmp)
+            out += tmp
 
-    def weight_product(self, image, dy_image):
-        """One image's dW, laid out (kh, C*kw, O): [u, (c, v), o] = sum over output positions."""
-        q, w = self.h * self.w, self.w
-        b, d = self.columns(image), dy_image.reshape(self.o, q)
-        grad = np.empty((self.kh, self.c * self.kw, self.o), dtype=self.dtype)
+    def weight_product(self, images, dys):
+        """Each image's dW, laid out (m, kh, C*kw, O): [i, u, (c, v), o] = sum over image i's
+        output positions (a new array: the caller adds its images in order)."""
+        m, q, w = images.shape[0], self.h * self.w, self.w
+        b, d = self.columns(images), dys.reshape(m, self.o, q).transpose(0, 2, 1)
+        grad = np.empty((m, self.kh, self.c * self.kw, self.o), dtype=self.dtype)
         for u in range(self.kh):
-            np.matmul(b[:, u * w:u * w + q], d.T, out=grad[u])
+            np.matmul(b[:, :, u * w:u * w + q], d, out=grad[:, u])
         return grad
 
     @staticmethod

@@ -63,13 +63,14 @@ def conv_gemm(x, weight, stride: int, ph: int, pw: int, ho: int, wo: int, kept=N
     k = c * kh * kw
     y = xp.empty((n, o, ho, wo), dtype=x.dtype)
     keep = kept is not None and keeps_columns(x.shape, weight.shape, stride, ho, wo)
-    if _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo):    # one image at a time
+    if _folds(xp, n, c, h, w, kh, kw, stride, ph, pw, ho, wo):    # a group of images at a time
         w_fold = _FoldedRows.weights(weight)
+        nb = _FoldedRows.group(n, c, h, w, kh, kw, ph)
 
-        def one_image(folded, i):
-            folded.product(w_fold, x[i], y[i])
-        each_chunk(xp, n, lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, ph, pw, o), one_image,
-                   flops=2.0 * n * o * k * ho * wo)
+        def one_group(folded, i):
+            folded.product(w_fold, x[i * nb:(i + 1) * nb], y[i * nb:(i + 1) * nb])
+        each_chunk(xp, -(-n // nb), lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, ph, pw, o, nb),
+                   one_group, flops=2.0 * n * o * k * ho * wo)
         return y
     w_mat = weight.reshape(o, k)
     nb, chunks = _chunks(xp, n, k * ho * wo)
@@ -149,12 +150,15 @@ def weight_grad(dy, x, kh: int, kw: int, stride: int, padding: int, columns=None
     k = c * kh * kw
     dw_t = _InOrderSum()
     folded = _folds(xp, n, c, h, w, kh, kw, stride, padding, padding, ho, wo)
-    if folded:                                         # one image at a time
-        chunks = [(i, i + 1) for i in range(n)]
-        buffers = lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, padding, padding, o)  # noqa: E731
+    if folded:                                         # a group of images at a time
+        nb = _FoldedRows.group(n, c, h, w, kh, kw, padding)
+        chunks = [(n0, min(n, n0 + nb)) for n0 in range(0, n, nb)]
+        buffers = lambda: _FoldedRows(x.dtype, c, h, w, kh, kw, padding, padding, o, nb)  # noqa: E731
 
-        def one_chunk(rows, i):
-            dw_t.add(i, rows.weight_product(x[i], dy[i]))
+        def one_chunk(rows, i):       # each image's product added on its own, in image order
+            n0, n1 = chunks[i]
+            for j, grad in enumerate(rows.weight_product(x[n0:n1], dy[n0:n1])):
+                dw_t.add(n0 + j, grad)
     else:
         nb, chunks = _chunks(xp, n, k * ho * wo)
         buffers = lambda: _Columns(xp, x.dtype, nb, c, h, w, kh, kw, stride, padding, padding, ho, wo)  # noqa: E731

@@ -8,6 +8,7 @@ One concept per module:
 - :mod:`.loop`        one training epoch, one evaluation pass (NaN-checked, tqdm bars)
 - :mod:`.fit`         the epoch loop with a checkpoint after every epoch and exact resume
 - :mod:`.domain_training`  the target domains of a run, one after the other, then the scores
+- :mod:`.domain_workers`   the same domains side by side, one process each
 - :mod:`.pretraining` a backbone trained from scratch on one domain
 - :mod:`.checkpoint`  atomic ``.npz`` checkpoints of nested state
 - :mod:`.run_folder`  the files a run leaves behind, metrics.jsonl

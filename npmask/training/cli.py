@@ -171,9 +171,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a finished finetune run folder; Emax = 2 x its test errors (for the S-score)")
     g.add_argument("--quiet", action="store_true",
                    help="no progress bars (a terminal) and no per-epoch lines (a log file)")
+    g.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="target domains trained at a time, one process each (default on NumPy: "
+                        "$NPMASK_TRAIN_WORKERS, else npmask's thread count, NPMASK_THREADS or the "
+                        "CPUs up to 4; 1: one after the other); the numbers are the same either way")
     g.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="stop (as if killed) after N epochs of this invocation; for testing --resume")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def train_config_from_args(ns: dict) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Train a list of target domains on a shared backbone, one after the other, resumably.
+"""Train a list of target domains on a shared backbone, one after the other or side by side
+(one process each, :mod:`npmask.training.domain_workers`), resumably.
 
 This is steps 2-4 of the main job (issue 5): for every target domain
 
@@ -12,7 +13,8 @@ then score the run (accuracy per domain, S-score, # Params, S_p from the stored 
 plots. The S-score sums over every domain of the model, the pretraining one included, as tables 1-4
 of the paper: its accuracy is the backbone's own (recorded in the backbone's JSON, or measured once
 on its test split when the data is there and the JSON lacks it), the same for every variant. Domains are independent: each gets its own seed derived from (run seed, domain name), so a
-domain's result does not depend on which domains came before it, nor on being resumed.
+domain's result does not depend on which domains came before it, nor on being resumed, nor on
+which process trained it.
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ from ..storage import load_domain as load_stored_domain
 from ..storage import save_domain
 from . import batches
 from .backbone import load_run_backbone
+from .domain_workers import train_in_workers
 from .errors import ConfigError
 from .fit import fit
 from .loop import evaluate
 from .plots import plot_learning_curves
+from .run_folder import CONCURRENT_LOGS
 from .results import markdown_table
 from .validate import check_stored_domain
 
@@ -61,15 +65,23 @@ def build_optimizers(model, cfg):
     return opt, sched
 
 
-def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print) -> dict:
-    """Train every domain of ``cfg`` not yet finished in ``folder``; returns the results dict."""
+def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log=print,
+                  workers: int = 1) -> dict:
+    """Train every domain of ``cfg`` not yet finished in ``folder``; returns the results dict.
+
+    ``workers`` > 1 trains that many domains at a time, each in its own process
+    (:mod:`npmask.training.domain_workers`): the domains are independent, so every number is the
+    one the domains trained one after the other give. Not with ``stop_after`` (a test's simulated
+    kill counts the epochs of one process), nor without ``fcntl`` (Windows: metrics.jsonl takes
+    one writer there).
+    """
     get_backend(cfg.backend)
     model, info = load_run_backbone(cfg)
     if cfg.backend != "numpy":
         model.to(cfg.backend)
-    dtype = np.dtype(cfg.dtype)
     budget = [stop_after] if stop_after else None
     started = time.time()
+    todo = []
     for d in cfg.domains:
         done = folder.progress()["done"]
         if d in done and folder.domain_file(d).is_file():
@@ -77,44 +89,64 @@ def train_domains(cfg, folder, *, data_root, progress=True, stop_after=None, log
                                 fingerprint=model.fingerprint())
             load_stored_domain(model, folder.domain_file(d), name=d)
             continue
-        seed = domain_seed(cfg.seed, d)
-        domain = batches.load(data_root, d)
-        train_it, test_it = batches.make_iterators(
-            domain, batch_size=cfg.batch_size, seed=seed, backend=cfg.backend, dtype=dtype,
-            protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size,
-            train_split=cfg.train_split)
         if d in model.domains:
             raise ConfigError(f"domain {d!r} has the name of the pretraining domain")
-        model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
-                         mask_init=tuple(cfg.mask_init))
-        model.set_domain(d)
-        model.set_data_info(d, domain, input_size=test_it.output_shape[1:])  # saved for predict
-        net = model.network(d)
-        opt, sched = build_optimizers(model, cfg)
-        t0 = time.time()
-        history = fit(
-            model=model, optimizer=opt, scheduler=sched, batches_for_epoch=train_it.epoch,
-            num_batches=len(train_it), epochs=cfg.epochs, checkpoint_path=folder.checkpoint(d),
-            state_fn=net.state_dict, load_state_fn=net.load_state_dict,
-            evaluate_fn=lambda: evaluate(model, test_it),
-            log_fn=lambda r, d=d: folder.log({"domain": d, "variant": cfg.variant, **r}),
-            desc=f"{d} ({cfg.variant})", progress=progress, cuda_graphs=cfg.cuda_graphs,
-            extra={"variant": cfg.variant, "domain": d, "seed": cfg.seed, "model": cfg.model,
-                   "epochs": cfg.epochs, "batch_size": cfg.batch_size},
-            epoch_budget=budget)
-        final = history[-1]
-        save_domain(model, d, folder.domain_file(d))
-        result = {"test_acc": final["test_acc"], "test_loss": final["test_loss"],
-                  "train_acc": final["train_acc"], "epochs": len(history),
-                  "seconds_this_session": round(time.time() - t0, 1),
-                  "train_images": train_it.num_samples, "test_images": test_it.num_samples}
-        folder.mark_done(d, result)
-        folder.checkpoint(d).unlink(missing_ok=True)  # the domain file now holds what matters
-        if log:
-            log(f"{d}: test accuracy {final['test_acc']:.2f}% after {len(history)} epochs "
-                f"({result['seconds_this_session']:.0f} s)")
+        todo.append(d)
+    if workers > 1 and len(todo) > 1 and budget is None and CONCURRENT_LOGS:
+        for d, result in train_in_workers(train_domain, cfg, folder, todo, data_root=data_root,
+                                          progress=progress, workers=workers):
+            _finished(folder, d, result, log)
+        for d in todo:                      # the model of the run, in the domains' order
+            load_stored_domain(model, folder.domain_file(d), name=d)
+    else:
+        for d in todo:
+            _finished(folder, d, train_domain(cfg, folder, model, d, data_root=data_root,
+                                              progress=progress, budget=budget), log)
     base = base_accuracy(cfg, folder, model, info, data_root)
     return finish(cfg, folder, model, seconds=time.time() - started, base=base)
+
+
+def train_domain(cfg, folder, model, d, *, data_root, progress=True, budget=None, echo=None) -> dict:
+    """Add domain ``d`` to ``model``, train it (resuming from its checkpoint) and store it as
+    ``domains/<d>.npz``; returns its result record for progress.json."""
+    seed = domain_seed(cfg.seed, d)
+    domain = batches.load(data_root, d)
+    train_it, test_it = batches.make_iterators(
+        domain, batch_size=cfg.batch_size, seed=seed, backend=cfg.backend, dtype=np.dtype(cfg.dtype),
+        protocol=cfg.augmentation, max_train=cfg.max_train, input_size=cfg.input_size,
+        train_split=cfg.train_split)
+    model.add_domain(d, domain.num_classes, cfg.variant, seed=seed, tau=cfg.tau,
+                     mask_init=tuple(cfg.mask_init))
+    model.set_domain(d)
+    model.set_data_info(d, domain, input_size=test_it.output_shape[1:])  # saved for predict
+    net = model.network(d)
+    opt, sched = build_optimizers(model, cfg)
+    t0 = time.time()
+    history = fit(
+        model=model, optimizer=opt, scheduler=sched, batches_for_epoch=train_it.epoch,
+        num_batches=len(train_it), epochs=cfg.epochs, checkpoint_path=folder.checkpoint(d),
+        state_fn=net.state_dict, load_state_fn=net.load_state_dict,
+        evaluate_fn=lambda: evaluate(model, test_it),
+        log_fn=lambda r, d=d: folder.log({"domain": d, "variant": cfg.variant, **r}),
+        desc=f"{d} ({cfg.variant})", progress=progress, cuda_graphs=cfg.cuda_graphs,
+        extra={"variant": cfg.variant, "domain": d, "seed": cfg.seed, "model": cfg.model,
+               "epochs": cfg.epochs, "batch_size": cfg.batch_size},
+        epoch_budget=budget, echo=echo)
+    final = history[-1]
+    save_domain(model, d, folder.domain_file(d))
+    return {"test_acc": final["test_acc"], "test_loss": final["test_loss"],
+            "train_acc": final["train_acc"], "epochs": len(history),
+            "seconds_this_session": round(time.time() - t0, 1),
+            "train_images": train_it.num_samples, "test_images": test_it.num_samples}
+
+
+def _finished(folder, d, result, log) -> None:
+    """Record a trained and stored domain: progress.json, then its checkpoint goes."""
+    folder.mark_done(d, result)
+    folder.checkpoint(d).unlink(missing_ok=True)  # the domain file now holds what matters
+    if log:
+        log(f"{d}: test accuracy {result['test_acc']:.2f}% after {result['epochs']} epochs "
+            f"({result['seconds_this_session']:.0f} s)")
 
 
 def base_accuracy(cfg, folder, model, info, data_root) -> dict:

@@ -22,6 +22,12 @@ import os
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:          # Windows: no flock, so npmask.train trains one domain at a time there
+    fcntl = None
+CONCURRENT_LOGS = fcntl is not None   # several processes may append to one metrics.jsonl
+
 from ..io import atomic_write_text, remove_stale_temps
 from .checkpoint import checkpoint_epoch
 from .errors import ConfigError
@@ -94,8 +100,10 @@ class RunFolder:
         record = dict(record)
         record.setdefault("time", round(time.time(), 3))
         line = json.dumps(record, sort_keys=False) + "\n"
-        self._cut_torn_line()
         with open(self.metrics, "a", encoding="utf-8") as f:
+            if fcntl is not None:      # domains trained side by side append to the same file
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            self._cut_torn_line()
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
