@@ -63,3 +63,22 @@ def test_workers_default_and_environment(monkeypatch):
     monkeypatch.setenv("NPMASK_TRAIN_WORKERS", "0")
     with pytest.raises(train.ConfigError, match="NPMASK_TRAIN_WORKERS"):
         train.domain_workers(Cfg, None)
+
+
+def test_a_worker_takes_the_parents_settings(monkeypatch, tmp_path):
+    from npmask.config import settings, using
+    from npmask.training import domain_workers
+
+    class Cfg:
+        backend = "numpy"
+    monkeypatch.setattr(domain_workers, "load_run_backbone", lambda cfg: (None, None))
+    seen = {}
+
+    def fake_train_domain(cfg, folder, model, d, **kw):
+        seen.update(settings.as_dict())
+        return {}
+    chosen = {**settings.as_dict(), "threads": 1, "fuse_bn_relu": not settings.fuse_bn_relu,
+              "conv_impl": "readable"}
+    with using(**{k: v for k, v in settings.as_dict().items()}):   # restored after the test
+        domain_workers._train_one(fake_train_domain, Cfg, str(tmp_path), "a", None, False, chosen)
+    assert seen == chosen

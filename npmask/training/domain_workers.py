@@ -9,8 +9,8 @@ NumPy calls are too short for threads to share them out), this is what uses the 
 Each worker loads the run's backbone, trains one domain into the run folder (checkpoints,
 metrics.jsonl lines, ``domains/<d>.npz``), and hands its result record back; the parent records
 it in progress.json (one writer) as each domain finishes. Workers are started with ``spawn``
-(a clean interpreter: no threads or BLAS state copied by a fork), each with its share of
-npmask's threads.
+(a clean interpreter: no threads or BLAS state copied by a fork), each with the parent's
+settings (``npmask.config``) and its share of npmask's threads.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def train_in_workers(train_domain, cfg, folder, domains, *, data_root, progress:
     ``train_domain``: :func:`npmask.training.domain_training.train_domain` (a module-level
     function, which the worker imports by name).
     """
-    threads = max(1, settings.threads // workers)
+    chosen = {**settings.as_dict(), "threads": max(1, settings.threads // workers)}
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=min(workers, len(domains)), mp_context=ctx,
                                initializer=_ignore_interrupts)
     pending = {pool.submit(_train_one, train_domain, cfg, str(folder.path), d, data_root,
-                           progress, threads): d for d in domains}
+                           progress, chosen): d for d in domains}
     try:
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -57,9 +57,11 @@ def _ignore_interrupts() -> None:
 
 
 def _train_one(train_domain, cfg, folder_path: str, d: str, data_root, progress: bool,
-               threads: int) -> dict:
-    """In a worker: train domain ``d`` of the run in ``folder_path``; returns its result record."""
-    settings.threads = threads
+               chosen: dict) -> dict:
+    """In a worker: train domain ``d`` of the run in ``folder_path`` with the settings ``chosen``
+    (the parent's, as ``using`` may have changed them); returns its result record."""
+    for name, value in chosen.items():
+        setattr(settings, name, value)
     model, _ = load_run_backbone(cfg)
     if cfg.backend != "numpy":
         model.to(cfg.backend)
