@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, on a machine with CuPy and an NVIDIA GPU:
 #   bash benchmarks/gpu_run.sh OUTDIR [part ...]      parts: info tests bench torch train suite (default: all)
-#   graphs: only the CUDA-graph step's checks, short (its tests; WRN-28-4 full at batch 32 and 128
-#   with and without --cuda-graphs, beside PyTorch when it is installed): for a short device lease
+#   graphs: only the new GPU code's checks, short (the CUDA-graph step's and the fused batch-norm
+#   kernels' tests; WRN-28-4 full at batch 32 and 128 with and without --cuda-graphs and with the
+#   batch-norm fusion off, beside PyTorch when it is installed): for a short device lease
 # "torch" needs PyTorch with CUDA beside CuPy (pip install -e '.[bench]').
 # From a checkout, no install needed (PYTHONPATH); logs go to OUTDIR, one file per part.
 set -u
@@ -20,11 +21,11 @@ for part in $PARTS; do
             NPMASK_GPU_REPORT="$OUT/graph_step.txt" \
             $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_cuda_kernels.py \
               tests/test_backend.py tests/test_data_loader.py tests/test_cupy_api.py \
-              tests/test_gpu_graph_step.py tests/test_graph_step.py \
+              tests/test_gpu_graph_step.py tests/test_graph_step.py tests/test_batchnorm_cuda.py \
               "tests/test_train.py::test_cupy_training_is_reproducible_and_agrees_with_numpy" \
               "tests/test_train.py::test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without" \
               2>&1 | tee "$OUT/tests_gpu.txt" ;;
-    bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20 --cuda-graphs
+    bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20 --cuda-graphs --unfused
               $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple --cuda-graphs
               $PY benchmarks/conv.py --backend cupy --repeats 20; } 2>&1 | tee "$OUT/bench_cupy.txt" ;;
     torch)  { $PY benchmarks/vs_torch.py --device cuda --rounds 20 --variants full,piggyback,finetune \
@@ -41,11 +42,11 @@ for part in $PARTS; do
     suite)  $PY -m pytest -q -n 16 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
     graphs) { rm -f "$OUT/graph_step.txt"
               NPMASK_GPU_REPORT="$OUT/graph_step.txt" $PY -m pytest -q -n 4 -p no:cacheprovider -rfE \
-                tests/test_gpu_graph_step.py tests/test_graph_step.py \
+                tests/test_gpu_graph_step.py tests/test_graph_step.py tests/test_batchnorm_cuda.py \
                 "tests/test_train.py::test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without"
               cat "$OUT/graph_step.txt"
               for b in 32 128; do
-                $PY benchmarks/train_step.py --backend cupy --repeats 10 --batch $b --variants full --cuda-graphs
+                $PY benchmarks/train_step.py --backend cupy --repeats 10 --batch $b --variants full --cuda-graphs --unfused
               done
               if $PY -c "import torch" 2>/dev/null; then
                 $PY benchmarks/vs_torch.py --device cuda --rounds 10 --variants full --no-inference \

@@ -121,6 +121,14 @@ def make_step(model: MultiDomainModel, x, y, cuda_graphs: bool = False):
     return step
 
 
+def unfused(step):
+    """``step`` run with the setting fuse_bn_relu off (the separate layers)."""
+    def run():
+        with config.using(fuse_bn_relu=False):
+            return step()
+    return run
+
+
 def build_step(model_name: str, size: int, batch: int, variant: str):
     """(step, FLOPs of one step): ``variant`` added to a fresh ``model_name`` backbone (10 classes,
     seed 0), trained on one fixed random NumPy batch of ``batch`` images of size x size."""
@@ -326,6 +334,9 @@ def main(argv=None):
                     help="comma-separated variants whose step is broken down by layer type")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="cupy: also time every variant's step replayed from CUDA graphs")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time every variant's step with fuse_bn_relu=False (batch norm, the "
+                         "residual sum and ReLU as separate layers), paired with the fused one")
     args = ap.parse_args(argv)
 
     xp = get_backend(args.backend)
@@ -357,14 +368,18 @@ def main(argv=None):
     # every other round, so that no variant always runs right after the same one (or right after
     # the yardstick's two-thread GEMMs).
     variants = args.variants.split(",")
-    names = variants + ([f"{v}+graphs" for v in variants] if args.cuda_graphs else [])
+    names = (variants + ([f"{v}+graphs" for v in variants] if args.cuda_graphs else [])
+             + ([f"{v}+unfused" for v in variants] if args.unfused else []))
     steps = {}
     for name in names:
         variant = name.split("+")[0]
         model = MultiDomainModel(backbone)
         model.add_domain(variant, num_classes=args.classes, variant=variant, seed=0)
         model.set_domain(variant).train()
-        steps[name] = (model, make_step(model, x, y, cuda_graphs=name.endswith("+graphs")))
+        step = make_step(model, x, y, cuda_graphs=name.endswith("+graphs"))
+        if name.endswith("+unfused"):
+            step = unfused(step)
+        steps[name] = (model, step)
         steps[name][1]()                      # warm-up step: optimiser state, buffers
         if name.endswith("+graphs"):
             steps[name][1]()                  # the second step captures the graphs
