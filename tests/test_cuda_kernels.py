@@ -256,20 +256,21 @@ def test_every_kernel_body_compiles_with_nvrtc(monkeypatch):
 _NDARRAY, _INDEXER, _SCALAR = 1, 2, 3           # cupy/_core/_kernel.pxd: enum _ArgKind
 
 
-def _cupy_generated_source(cp, kind, args, kwargs, dtype):
-    """CuPy's source for a call with T = dtype: T parameters as arrays, fixed-type ones (int32) as
-    scalars, as npmask passes them (a T parameter given a scalar differs only in its declaration)."""
+def _cupy_generated_source(cp, kind, args, kwargs, dtype, scalars=False):
+    """CuPy's source for a call with T = dtype: fixed-type parameters (int32) as scalars, as npmask
+    passes them; T inputs as arrays, or with ``scalars`` all but the first as scalars (the two
+    declare a parameter differently: a function parameter, or a reference into ``_raw_<name>``)."""
     from cupy._core import _carray, _kernel, _reduction, _scalar
     dtype = np.dtype(dtype)
 
-    def info(p, ndim, contiguous=False):
-        if p.dtype is not None:
-            return _kernel._ArgInfo(_SCALAR, _scalar.CScalar, p.dtype, 0, True, True)
-        return _kernel._ArgInfo(_NDARRAY, cp.ndarray, dtype, ndim, contiguous, True)
+    def info(p, ndim, first=False):
+        if p.dtype is not None or (scalars and not first):
+            return _kernel._ArgInfo(_SCALAR, _scalar.CScalar, p.dtype or dtype, 0, True, True)
+        return _kernel._ArgInfo(_NDARRAY, cp.ndarray, dtype, ndim, False, True)
 
     if kind == "elementwise":
         k = cp.ElementwiseKernel(*args, **kwargs)
-        infos = (tuple(info(p, 3) for p in k.in_params)
+        infos = (tuple(info(p, 3, i == 0) for i, p in enumerate(k.in_params))
                  + tuple(_kernel._ArgInfo(_NDARRAY, cp.ndarray, p.dtype or dtype, 3, True, True)
                          for p in k.out_params)
                  + (_kernel._ArgInfo(_INDEXER, _carray.Indexer, None, 3, True, True),))
@@ -277,7 +278,7 @@ def _cupy_generated_source(cp, kind, args, kwargs, dtype):
         return k.name, _kernel._get_elementwise_kernel_code(
             infos, type_map, k.params, k.operation, k.name, k.preamble, **k.kwargs)
     r = cp.ReductionKernel(*args, **kwargs)
-    infos = (tuple(info(p, 3) for p in r.in_params)
+    infos = (tuple(info(p, 3, i == 0) for i, p in enumerate(r.in_params))
              + tuple(_kernel._ArgInfo(_NDARRAY, cp.ndarray, p.dtype or dtype, 1, True, True)
                      for p in r.out_params)
              + (_kernel._ArgInfo(_INDEXER, _carray.Indexer, None, 3, True, True),
@@ -326,7 +327,8 @@ def test_cupys_own_kernel_sources_compile_with_nvrtc(monkeypatch):
     records = _record_kernels.records
     assert len(records) >= 10
     for kind, args, kwargs in records:
-        for dtype in (np.float32, np.float64):
-            name, code = _cupy_generated_source(cp, kind, args, kwargs, dtype)
+        for dtype, scalars in ((np.float32, False), (np.float64, False), (np.float32, True)):
+            name, code = _cupy_generated_source(cp, kind, args, kwargs, dtype, scalars)
             log = compile_(name, code)
-            assert log is None, f"{name} ({np.dtype(dtype)}) does not compile:\n{log}\n{code}"
+            assert log is None, (f"{name} ({np.dtype(dtype)}, scalars={scalars}) does not "
+                                 f"compile:\n{log}\n{code}")
