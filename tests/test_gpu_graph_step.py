@@ -11,9 +11,9 @@
   correct, 16 bytes), no ``ndarray.set``. The graphs' nodes are read from
   ``cudaGraphDebugDotPrint``'s DOT text, where a node's label spans several lines (its type,
   ``MEMCPY``, on the first, its parameters on the next ones): the nodes are split out whole, and
-  what marks a copy from or to the host is checked first on two control graphs, one with a
-  device-to-device and one with a host-to-device copy (CuPy itself refuses host transfers while
-  capturing: cupy/cuda/memory.pyx ``copy_from_host_async``; the controls call the runtime directly);
+  what marks a copy from or to the host is learnt first from control graphs, device-to-device
+  copies and a host-to-device one (CuPy itself refuses host transfers while capturing:
+  cupy/cuda/memory.pyx ``copy_from_host_async``; the controls call the runtime directly);
 - the graphs' private memory pools and CuPy's pool are reported (to ``$NPMASK_GPU_REPORT`` when
   set: benchmarks/gpu_run.sh writes it beside its logs).
 """
@@ -49,9 +49,30 @@ def _dot_nodes(dot: str) -> list[tuple[str, str]]:
     return nodes
 
 
-def _host_copies(dot: str) -> list[str]:
-    return [text for kind, text in _dot_nodes(dot) if "MEMCPY" in kind and _HOST_COPY.search(
-        re.sub(r'"graph_\d+_node_\d+"', "", text))]
+def _tokens(text: str) -> set:
+    """The words of a node's text, without its name, addresses and numbers."""
+    return set(re.findall(r"[A-Za-z_]+", re.sub(r'"[^"\n]*_node_\d+"|0x[0-9A-Fa-f]+', " ", text)))
+
+
+def _host_copies(dot: str, benign=frozenset(), markers=frozenset()) -> list[str]:
+    """The memcpy nodes that name the host: a word of ``markers`` (what only a control host copy
+    printed), or a word matching _HOST_COPY, words of a control device copy (``benign``: field
+    names such as a ``srcHost`` column) aside."""
+    found = []
+    for kind, text in _dot_nodes(dot):
+        own = _tokens(text) - benign
+        if "MEMCPY" in kind and (own & markers or any(_HOST_COPY.search(w) for w in own)):
+            found.append(text)
+    return found
+
+
+def _calibrated(device_dots, host_dot):
+    """(benign, markers) for _host_copies from control graphs: copies between device arrays
+    (cudaMemcpyDeviceToDevice, and cudaMemcpyDefault as CuPy's copy_from_device_async passes), a
+    copy from pinned host memory (cudaMemcpyHostToDevice)."""
+    benign = set().union(*(_tokens(t) for d in device_dots for k, t in _dot_nodes(d) if "MEMCPY" in k))
+    markers = set().union(*(_tokens(t) for k, t in _dot_nodes(host_dot) if "MEMCPY" in k)) - benign
+    return frozenset(benign), frozenset(markers)
 
 
 def test_dot_nodes_are_read_whole_across_lines():
@@ -70,6 +91,14 @@ def test_dot_nodes_are_read_whole_across_lines():
     # the old check, line by line, never sees MEMCPY and the direction on one line
     assert not [ln for ln in dot.splitlines() if "MEMCPY" in ln and "HtoD" in ln]
     assert not _host_copies(dot.replace("HtoD", "DtoD"))
+    # calibrated on controls: a srcHost column in every memcpy is benign, a HOST memory type is not
+    row = '"g_node_{}"[label="{{MEMCPY\n| {{{{srcHost | srcMemoryType | size}} | {{0x0 | {} | {}}}}}}}"];\n'
+    device, host = row.format(0, "DEVICE", 16), row.format(0, "HOST", 16)
+    benign, markers = _calibrated([device], host)
+    assert markers == {"HOST"} and "srcHost" in benign
+    assert not _host_copies(row.format(5, "DEVICE", 4096), benign, markers)
+    assert _host_copies(row.format(5, "HOST", 4096), benign, markers)
+    assert _host_copies(device)                          # uncalibrated, srcHost alone would flag it
 
 
 def _model(variant, net="wrn16_1", size=16):
@@ -148,32 +177,34 @@ def test_graph_step_agrees_with_train_step_within_float32_rounding(variant):
             assert np.array_equal(graph_state[k], plain_state[k]), k
 
 
-def _control_dots(cp) -> tuple[str, str]:
-    """DOT texts of two captured graphs: a device-to-device copy, a host-to-device copy (pinned)."""
+def _control_dots(cp) -> list[str]:
+    """DOT texts of three captured one-copy graphs: device to device (DeviceToDevice, Default),
+    host (pinned) to device."""
     rt = cp.cuda.runtime
     a, b = cp.arange(4, dtype=cp.float32), cp.empty(4, dtype=cp.float32)
     pinned = cp.cuda.alloc_pinned_memory(a.nbytes)
     stream, dots = cp.cuda.Stream(non_blocking=True), []
-    for kind, src in ((rt.memcpyDeviceToDevice, a.data.ptr), (rt.memcpyHostToDevice, pinned.ptr)):
+    for kind, src in ((rt.memcpyDeviceToDevice, a.data.ptr), (rt.memcpyDefault, a.data.ptr),
+                      (rt.memcpyHostToDevice, pinned.ptr)):
         with stream:
             stream.begin_capture()
             rt.memcpyAsync(b.data.ptr, src, a.nbytes, kind, stream.ptr)
             graph = stream.end_capture()
         dots.append(graph.debug_dot_str(rt.cudaGraphDebugDotFlagsVerbose))
-    return dots[0], dots[1]
+    return dots
 
 
 @needs_gpu
 def test_a_replayed_step_moves_nothing_between_host_and_device_but_its_loss(monkeypatch):
     import cupy as cp
-    device_copy, host_copy = _control_dots(cp)
-    kinds = [k for k, _ in _dot_nodes(device_copy)]
-    assert len(kinds) == 1 and "MEMCPY" in kinds[0], ("the DOT parser does not read CUDA's memcpy "
-                                                      f"node:\n{device_copy}")
-    assert not _host_copies(device_copy), ("the host-copy check flags a device-to-device copy: "
-                                           f"adjust _HOST_COPY to CUDA's text:\n{device_copy}")
-    assert _host_copies(host_copy), ("the host-copy check misses a host-to-device copy: adjust "
-                                     f"_HOST_COPY to CUDA's text:\n{host_copy}")
+    *device_copies, host_copy = _control_dots(cp)
+    for dot in device_copies + [host_copy]:
+        kinds = [k for k, _ in _dot_nodes(dot)]
+        assert len(kinds) == 1 and "MEMCPY" in kinds[0], f"the DOT parser misreads a memcpy:\n{dot}"
+    benign, markers = _calibrated(device_copies, host_copy)
+    assert _host_copies(host_copy, benign, markers), (
+        f"a host-to-device copy prints nothing a device copy does not:\n{host_copy}\n{device_copies[0]}")
+    _report(f"DOT words only a host copy printed: {sorted(markers)}")
     model, opt, _ = _model("full", net="wrn28_4", size=32)
     step = GraphStep(model, opt)
     (x, y), = _epochs(size=32, sizes=(16,), n_epochs=1)[0]
@@ -185,7 +216,7 @@ def test_a_replayed_step_moves_nothing_between_host_and_device_but_its_loss(monk
         dot = half.graph.debug_dot_str(flags)
         kinds = [k for k, _ in _dot_nodes(dot)]
         assert kinds.count("KERNEL") > 10, kinds[:20]        # the parser read this graph's nodes
-        host = _host_copies(dot)
+        host = _host_copies(dot, benign, markers)
         assert not host, host[:3]
         _report(f"graph of the {name} half: {kinds.count('KERNEL')} kernel nodes, "
                 f"{kinds.count('MEMCPY')} memcpy nodes, {kinds.count('MEMSET')} memset nodes, "
