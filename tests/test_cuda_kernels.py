@@ -334,3 +334,33 @@ def test_cupys_own_kernel_sources_compile_with_nvrtc(monkeypatch):
             log = compile_(name, code)
             assert log is None, (f"{name} ({np.dtype(dtype)}, scalars={scalars}) does not "
                                  f"compile:\n{log}\n{code}")
+
+
+def _eval_body(body, ns):
+    """A kernel body of statements ``[T ]name = expression;`` (// comments) evaluated with NumPy."""
+    for statement in filter(None, (s.split("//")[0].strip() for s in body.splitlines())):
+        statement = statement.rstrip(";").removeprefix("T ")
+        target, expr = (p.strip() for p in statement.split("=", 1))
+        ns[target] = eval(expr, {"__builtins__": {}, "sqrt": np.sqrt}, ns)
+    return ns
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_kernel_body_is_adams_arithmetic(weight_decay):
+    """Without a GPU: the Adam kernel's body, evaluated in float32 with the arguments
+    Adam._update passes, gives _arithmetic's bits (a GPU may still contract into FMAs)."""
+    from npmask.optim import Adam
+    from npmask.optim import cuda as optim_cuda
+    rng = np.random.default_rng(0)
+    p0, g = (rng.standard_normal(50).astype(np.float32) for _ in range(2))
+    m0, v0 = rng.standard_normal(50).astype(np.float32), rng.uniform(0, 1, 50).astype(np.float32)
+    opt = Adam([], lr=1e-3, betas=(0.9, 0.999), weight_decay=weight_decay)
+    step_size, bias2 = opt._scalars("w", 3)
+    p, m, v = p0.copy(), m0.copy(), v0.copy()
+    opt._arithmetic(np, p, g, m, v, step_size, bias2)
+    T, (b1, b2) = np.float32, opt.betas
+    ns = _eval_body(optim_cuda.ADAM_BODY, dict(
+        g=g, step_size=T(step_size), b1=T(b1), b2=T(b2), c1=T(1 - b1), c2=T(1 - b2),
+        bias2=T(bias2), eps=T(opt.eps), wd=T(weight_decay), p=p0.copy(), m=m0.copy(), v=v0.copy()))
+    for name, want in (("m", m), ("v", v), ("p", p)):
+        assert ns[name].dtype == np.float32 and np.array_equal(ns[name], want), name
