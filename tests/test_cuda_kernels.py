@@ -4,7 +4,9 @@ With a GPU: the kernels give the generic NumPy path's numbers (forward and every
 variant's coefficient pattern and both surrogates, and the transform dispatches CuPy arrays to them.
 Without one (CI, this machine): those tests are skipped with the reason, and what can be checked
 without a device is: the module imports without importing CuPy, the kernel objects can be built
-(CUDA compiles them only on their first call), and NumPy arrays never take the CUDA path.
+(CUDA compiles them only on their first call), NumPy arrays never take the CUDA path, every kernel
+of npmask compiles with NVRTC (in a hand-made wrapper, and as the very source CuPy generates for
+it), and the Adam kernel's body gives Adam._arithmetic's bits when evaluated with NumPy.
 """
 from __future__ import annotations
 
