@@ -233,7 +233,11 @@ def test_gpu_fused_batchnorm_matches_numpy(shape, training, frozen, relu, residu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("training", [True, False])
-def test_gpu_fused_wrn_matches_numpy(dtype, training):
+def test_gpu_fused_wrn_matches_numpy(dtype, training, monkeypatch):
+    calls = []
+    forward = batchnorm_cuda.forward
+    monkeypatch.setattr(batchnorm_cuda, "forward", lambda *a: calls.append(1) or forward(*a))
+
     def run(backend):
         net = models.create("wrn10_1", num_classes=5, input_size=8, dtype=dtype, seed=0).train(training)
         if backend == "cupy":
@@ -245,6 +249,9 @@ def test_gpu_fused_wrn_matches_numpy(dtype, training):
         return [to_numpy(a) for a in [y, dx] + [g for _, m in net.named_modules()
                                                 for _, g in sorted(m.grads.items())]]
     want = run("numpy")
+    assert not calls
+    got = run("cupy")
+    assert len(calls) == 7             # every fused batch norm of wrn10_1 took the kernels (as emulated)
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-3, atol=1e-4)
-    for i, (a, b) in enumerate(zip(run("cupy"), want)):
+    for i, (a, b) in enumerate(zip(got, want)):
         np.testing.assert_allclose(a, b, err_msg=f"output {i}", **tol)

@@ -4,7 +4,9 @@ With a GPU: the kernels give the generic NumPy path's numbers (forward and every
 variant's coefficient pattern and both surrogates, and the transform dispatches CuPy arrays to them.
 Without one (CI, this machine): those tests are skipped with the reason, and what can be checked
 without a device is: the module imports without importing CuPy, the kernel objects can be built
-(CUDA compiles them only on their first call), and NumPy arrays never take the CUDA path.
+(CUDA compiles them only on their first call), NumPy arrays never take the CUDA path, every kernel
+of npmask compiles with NVRTC (in a hand-made wrapper, and as the very source CuPy generates for
+it), and the Adam kernel's body gives Adam._arithmetic's bits when evaluated with NumPy.
 """
 from __future__ import annotations
 
@@ -164,19 +166,21 @@ def _record_kernels(monkeypatch):
     cp = pytest.importorskip("cupy")
     from npmask.optim import cuda as optim_cuda
     from npmask.nn import batchnorm, batchnorm_cuda
-    built, sites = [], set()
+    built, sites, records = [], set(), []
 
     def recorder(kind):
         def build(*args, **kwargs):
             caller = sys._getframe(1)          # where in npmask the kernel is built
             sites.add((Path(caller.f_code.co_filename).resolve(), caller.f_lineno))
             built.append(((kind,) + args, kwargs.get("preamble", "")))
+            records.append((kind, args, kwargs))
         return build
     monkeypatch.setattr(cp, "ElementwiseKernel", recorder("elementwise"))
     monkeypatch.setattr(cp, "ReductionKernel", recorder("reduction"))
     for factory in (cuda.kernels, optim_cuda.adam_kernel, batchnorm._cupy_dot_kernel,
                     batchnorm_cuda.kernels):
         factory.__wrapped__()
+    _record_kernels.records = records          # (kind, args, kwargs): for CuPy's own code generator
     return built, sites
 
 
@@ -239,3 +243,126 @@ def test_every_kernel_body_compiles_with_nvrtc(monkeypatch):
                 nvrtc.compileProgram(prog, [NVRTC_ARCH])
             except Exception as err:
                 raise AssertionError(f"{spec[-1]} ({T}) does not compile:\n{nvrtc.getProgramLog(prog)}\n{src}") from err
+
+
+# ----------------------------------------------------------------- CuPy's own generated source
+# CuPy writes a kernel's CUDA source in Python-callable functions that need no device (CuPy 14:
+# cupy/_core/_kernel.pyx _get_elementwise_kernel_code, cupy/_core/_reduction.pyx
+# _ReductionKernel_get_cached_function_code), from the argument descriptions (_ArgInfo) and the
+# type map (_TypeMap) that a call would make. Compiled with NVRTC after CuPy's headers
+# (cupy/_core/core.pyx compile_with_cache: _cupy_header_list, assemble_cupy_compiler_options),
+# this is the code a GPU would compile: it catches what the hand-made harness above cannot
+# (a local that clashes with one of CuPy's generated identifiers, e.g. ``T i`` against the loop
+# index ``i``, or a name that clashes with CuPy's headers or macros; a *parameter* named ``i``
+# CuPy itself refuses when the kernel object is built). These are CuPy internals: if they change, the test skips.
+_NDARRAY, _INDEXER, _SCALAR = 1, 2, 3           # cupy/_core/_kernel.pxd: enum _ArgKind
+
+
+def _cupy_generated_source(cp, kind, args, kwargs, dtype, scalars=False):
+    """CuPy's source for a call with T = dtype: fixed-type parameters (int32) as scalars, as npmask
+    passes them; T inputs as arrays, or with ``scalars`` all but the first as scalars (the two
+    declare a parameter differently: a function parameter, or a reference into ``_raw_<name>``)."""
+    from cupy._core import _carray, _kernel, _reduction, _scalar
+    dtype = np.dtype(dtype)
+
+    def info(p, ndim, first=False):
+        if p.dtype is not None or (scalars and not first):
+            return _kernel._ArgInfo(_SCALAR, _scalar.CScalar, p.dtype or dtype, 0, True, True)
+        return _kernel._ArgInfo(_NDARRAY, cp.ndarray, dtype, ndim, False, True)
+
+    if kind == "elementwise":
+        k = cp.ElementwiseKernel(*args, **kwargs)
+        infos = (tuple(info(p, 3, i == 0) for i, p in enumerate(k.in_params))
+                 + tuple(_kernel._ArgInfo(_NDARRAY, cp.ndarray, p.dtype or dtype, 3, True, True)
+                         for p in k.out_params)
+                 + (_kernel._ArgInfo(_INDEXER, _carray.Indexer, None, 3, True, True),))
+        type_map = _kernel._TypeMap((("T", dtype),))
+        return k.name, _kernel._get_elementwise_kernel_code(
+            infos, type_map, k.params, k.operation, k.name, k.preamble, **k.kwargs)
+    r = cp.ReductionKernel(*args, **kwargs)
+    infos = (tuple(info(p, 3, i == 0) for i, p in enumerate(r.in_params))
+             + tuple(_kernel._ArgInfo(_NDARRAY, cp.ndarray, p.dtype or dtype, 1, True, True)
+                     for p in r.out_params)
+             + (_kernel._ArgInfo(_INDEXER, _carray.Indexer, None, 3, True, True),
+                _kernel._ArgInfo(_INDEXER, _carray.Indexer, None, 1, True, True),
+                _kernel._ArgInfo(_SCALAR, _scalar.CScalar, np.dtype(np.int32), 0, True, True)))
+    type_map = _kernel._TypeMap((("T", dtype.type), ("IndexT", "int32")))
+    return r.name, _reduction._ReductionKernel_get_cached_function_code(
+        r.nin, r.nout, r._params, infos, type_map, r.name, 256, r.reduce_type, r.identity,
+        r.map_expr, r.reduce_expr, r.post_map_expr, r.preamble, r.options)
+
+
+def test_cupys_own_kernel_sources_compile_with_nvrtc(monkeypatch):
+    """Without a GPU: the source CuPy itself generates for every npmask kernel compiles, float and
+    double (see the comment above); a probe kernel of CuPy's own shape must compile first."""
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC is not installed: the CUDA kernels' sources cannot be compiled here")
+    cp = pytest.importorskip("cupy")
+    try:
+        from cupy._core import core
+        header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
+        options = list(core.assemble_cupy_compiler_options(())) + [NVRTC_ARCH]
+        probe = _cupy_generated_source(cp, "elementwise", ("T x", "T y", "y = x", "probe"), {},
+                                       np.float32)
+        probe_sum = _cupy_generated_source(cp, "reduction", ("T x", "T out", "x", "a + b", "out = a",
+                                                             "0", "probe_sum"), {}, np.float32)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        pytest.skip(f"CuPy's internal code generator is not as in CuPy 14 ({err!r})")
+
+    def compile_(name, code):
+        prog = nvrtc.createProgram(header + code, f"{name}.cu", [], [])
+        try:
+            nvrtc.compileProgram(prog, options)
+            return None
+        except Exception:
+            return nvrtc.getProgramLog(prog)
+    log = compile_(*probe) or compile_(*probe_sum)
+    if log is not None:
+        pytest.skip(f"CuPy's headers do not compile with this NVRTC (no CUDA headers?):\n{log[:2000]}")
+    bad = _cupy_generated_source(cp, "elementwise", ("T x", "T y", "T i = x; y = i;", "bad"), {},
+                                 np.float32)
+    assert compile_(*bad) is not None, "a local named i (CuPy's loop index) must not compile"
+
+    real = (cp.ElementwiseKernel, cp.ReductionKernel)
+    _record_kernels(monkeypatch)
+    monkeypatch.setattr(cp, "ElementwiseKernel", real[0])
+    monkeypatch.setattr(cp, "ReductionKernel", real[1])
+    records = _record_kernels.records
+    assert len(records) >= 10
+    for kind, args, kwargs in records:
+        for dtype, scalars in ((np.float32, False), (np.float64, False), (np.float32, True)):
+            name, code = _cupy_generated_source(cp, kind, args, kwargs, dtype, scalars)
+            log = compile_(name, code)
+            assert log is None, (f"{name} ({np.dtype(dtype)}, scalars={scalars}) does not "
+                                 f"compile:\n{log}\n{code}")
+
+
+def _eval_body(body, ns):
+    """A kernel body of statements ``[T ]name = expression;`` (// comments) evaluated with NumPy."""
+    for statement in filter(None, (s.split("//")[0].strip() for s in body.splitlines())):
+        statement = statement.rstrip(";").removeprefix("T ")
+        target, expr = (p.strip() for p in statement.split("=", 1))
+        ns[target] = eval(expr, {"__builtins__": {}, "sqrt": np.sqrt}, ns)
+    return ns
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_kernel_body_is_adams_arithmetic(weight_decay):
+    """Without a GPU: the Adam kernel's body, evaluated in float32 with the arguments
+    Adam._update passes, gives _arithmetic's bits (a GPU may still contract into FMAs)."""
+    from npmask.optim import Adam
+    from npmask.optim import cuda as optim_cuda
+    rng = np.random.default_rng(0)
+    p0, g = (rng.standard_normal(50).astype(np.float32) for _ in range(2))
+    m0, v0 = rng.standard_normal(50).astype(np.float32), rng.uniform(0, 1, 50).astype(np.float32)
+    opt = Adam([], lr=1e-3, betas=(0.9, 0.999), weight_decay=weight_decay)
+    step_size, bias2 = opt._scalars("w", 3)
+    p, m, v = p0.copy(), m0.copy(), v0.copy()
+    opt._arithmetic(np, p, g, m, v, step_size, bias2)
+    T, (b1, b2) = np.float32, opt.betas
+    ns = _eval_body(optim_cuda.ADAM_BODY, dict(
+        g=g, step_size=T(step_size), b1=T(b1), b2=T(b2), c1=T(1 - b1), c2=T(1 - b2),
+        bias2=T(bias2), eps=T(opt.eps), wd=T(weight_decay), p=p0.copy(), m=m0.copy(), v=v0.copy()))
+    for name, want in (("m", m), ("v", v), ("p", p)):
+        assert ns[name].dtype == np.float32 and np.array_equal(ns[name], want), name

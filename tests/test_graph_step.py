@@ -316,6 +316,24 @@ def test_gemm_arguments_give_the_row_major_product(a_kind, b_kind):
                                rtol=1e-12)
 
 
+def test_cublas_compute_type_is_cupys():
+    """The compute type of CuPy 14's tensordot_core_v11 for each of CuPy's settings; the enum
+    values are cuBLAS's (cupy_backends/cuda/libs/cublas.pxd)."""
+    ct = cuda_gemm.cublas_compute_type
+    assert (ct("f", 1), ct("f", 0), ct("f", 4), ct("f", 7), ct("f", 2)) == (68, 68, 68, 77, 69)
+    assert (ct("d", 1), ct("d", 7), ct("d", 2)) == (70, 70, 71)
+    pytest.importorskip("cupy")
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:
+        return                                   # libcublas not installed: the literals stand
+    assert (cuda_gemm.COMPUTE_32F, cuda_gemm.COMPUTE_32F_PEDANTIC, cuda_gemm.COMPUTE_32F_FAST_TF32,
+            cuda_gemm.COMPUTE_64F, cuda_gemm.COMPUTE_64F_PEDANTIC) == (
+        cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_COMPUTE_32F_PEDANTIC,
+        cublas.CUBLAS_COMPUTE_32F_FAST_TF32, cublas.CUBLAS_COMPUTE_64F,
+        cublas.CUBLAS_COMPUTE_64F_PEDANTIC)
+
+
 def test_gemms_capturable_patches_and_restores_cupy_matmul():
     cp = pytest.importorskip("cupy")
     before = cp.ndarray.__matmul__

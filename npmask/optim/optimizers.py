@@ -293,8 +293,8 @@ class Adam(Optimizer):
             # Adam: one fused kernel does the same update.
             (b1, b2), T = self.betas, p.dtype.type
             typed = (lambda s: T(s)) if self.device is None else (lambda s: s)
-            cuda.adam_kernel()(g, typed(step_size), T(b1), T(b2), typed(bias2), T(self.eps),
-                               T(self.weight_decay), p, m, v)
+            cuda.adam_kernel()(g, typed(step_size), T(b1), T(b2), T(1 - b1), T(1 - b2),
+                               typed(bias2), T(self.eps), T(self.weight_decay), p, m, v)
             return
         self._arithmetic(np, p, g, m, v, step_size, bias2)
 

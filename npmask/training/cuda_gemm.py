@@ -11,7 +11,9 @@ copies).
 :func:`gemms_capturable` replaces ``cupy.ndarray.__matmul__`` inside a ``with`` block by
 :func:`matmul`: a 2-D float32/float64 product by ``cublasGemmEx`` (loaded with ctypes) on a handle
 and a workspace of its own, on the current stream, with the arguments CuPy's own product passes
-(compute type 32F/64F, the default algorithm with tensor ops from compute capability 8.0).
+(the compute type CuPy's ``tensordot_core_v11`` picks: 32F/64F, or 32F_FAST_TF32 under
+``CUPY_TF32=1``, or the pedantic ones, see :func:`cublas_compute_type`; the default algorithm with
+tensor ops from compute capability 8.0).
 Anything else (other dtypes, batched products) goes to CuPy's product. The graph step uses it
 while capturing and for the steps it runs uncaptured, so that both run the same GEMMs.
 
@@ -26,6 +28,32 @@ import ctypes
 
 WORKSPACE_BYTES = 32 << 20          # cuBLAS's advice for Hopper; ample for the older GPUs
 OP_N, OP_T = 0, 1                   # cublasOperation_t
+
+
+# cublasComputeType_t (cupy_backends/cuda/libs/cublas.pxd) and CuPy's own compute-type settings
+# (cupy/_core/_routines_linalg.pyx: COMPUTE_TYPE_PEDANTIC = 2, COMPUTE_TYPE_TF32 = 7)
+COMPUTE_32F, COMPUTE_32F_PEDANTIC, COMPUTE_32F_FAST_TF32 = 68, 69, 77
+COMPUTE_64F, COMPUTE_64F_PEDANTIC = 70, 71
+_CUPY_PEDANTIC, _CUPY_TF32 = 2, 7
+
+
+def cublas_compute_type(dtype_char: str, cupy_setting: int) -> int:
+    """The cublasComputeType_t that CuPy's ``a @ b`` passes to cublasGemmEx for a real float32
+    ("f") or float64 ("d") product, given CuPy's compute-type setting for the dtype
+    (``_routines_linalg.get_compute_type``: 1 by default, 7 with ``CUPY_TF32=1`` for float32),
+    as in CuPy 14's ``tensordot_core_v11``."""
+    if dtype_char == "f":
+        return {_CUPY_PEDANTIC: COMPUTE_32F_PEDANTIC,
+                _CUPY_TF32: COMPUTE_32F_FAST_TF32}.get(cupy_setting, COMPUTE_32F)
+    return COMPUTE_64F_PEDANTIC if cupy_setting == _CUPY_PEDANTIC else COMPUTE_64F
+
+
+def _cupy_compute_setting(dtype) -> int:
+    try:
+        from cupy._core import _routines_linalg  # noqa: PLC0415  (CuPy's own choice, no device needed)
+        return int(_routines_linalg.get_compute_type(dtype))
+    except Exception:        # another CuPy: its default
+        return 1
 
 
 def _layout(shape, strides, itemsize: int):
@@ -81,7 +109,7 @@ class _Cublas:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def matmul(self, a, b):
-        cp, cb = self.cp, self.consts
+        cp = self.cp
         m, n = a.shape[0], b.shape[1]
         out = cp.empty((m, n), dtype=a.dtype)
         if a.shape[1] == 0 or out.size == 0:
@@ -93,10 +121,11 @@ class _Cublas:
             args = gemm_arguments(a.shape, a.strides, b.shape, b.strides, a.itemsize)
         transa, transb, m_, n_, k_, first, lda, second, ldb, ldc = args
         ops = {"a": a, "b": b}
-        if a.dtype == cp.float32:
-            one, zero, dtype, compute = ctypes.c_float(1), ctypes.c_float(0), 0, cb.CUBLAS_COMPUTE_32F
+        compute = cublas_compute_type(a.dtype.char, _cupy_compute_setting(a.dtype))
+        if a.dtype == cp.float32:        # cudaDataType_t CUDA_R_32F = 0, CUDA_R_64F = 1
+            one, zero, dtype = ctypes.c_float(1), ctypes.c_float(0), 0
         else:
-            one, zero, dtype, compute = ctypes.c_double(1), ctypes.c_double(0), 1, cb.CUBLAS_COMPUTE_64F
+            one, zero, dtype = ctypes.c_double(1), ctypes.c_double(0), 1
         stream = cp.cuda.get_current_stream().ptr
         # setting the stream resets the workspace to cuBLAS's own: set ours after it, every call
         self._check(self.lib.cublasSetStream_v2(self.handle, stream), "cublasSetStream_v2")
