@@ -260,6 +260,9 @@ class GraphStep:
             if shape.pool is None:
                 shape.pool, shape.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
             cp.cuda.get_current_stream().synchronize()
+            # An allocation that fails during a capture makes the pool free its cached blocks, some
+            # of which an earlier graph may still use as scratch: leave the capture room first.
+            cp.get_default_memory_pool().free_all_blocks()
             with self._gemms():
                 graph = _Cuda(cp, fn, args, shape.pool, shape.stream)
             graph.launch()
