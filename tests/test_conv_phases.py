@@ -33,15 +33,21 @@ def test_phased_columns_are_the_readable_im2col_bit_for_bit(geometry, dtype, mon
         np.testing.assert_array_equal(cols.cols(x), im2col(x, kh, kw, s, p))
 
 
+class _OtherArrays:
+    """An array module that is not NumPy (CuPy's place in _Columns)."""
+    zeros, empty = staticmethod(np.zeros), staticmethod(np.empty)
+
+
 def test_phases_only_where_the_output_rows_are_long_enough():
     """WRN-16-1's 32x32 -> 16x16 layer takes the phases; its 16x16 -> 8x8 and 8x8 -> 4x4 layers, the
-    stride-1 layouts and a strided 1x1 without padding do not."""
-    def layout(c, h, kh, s, p):
+    stride-1 layouts, a strided 1x1 without padding and another array module than NumPy do not."""
+    def layout(c, h, kh, s, p, xp=np):
         ho = conv_output_size(h, kh, s, p)
-        return conv_columns._Columns(np, np.float32, 2, c, h, h, kh, kh, s, p, p, ho, ho).phased
+        return conv_columns._Columns(xp, np.float32, 2, c, h, h, kh, kh, s, p, p, ho, ho).phased
     assert layout(16, 32, 3, 2, 1)
     assert not layout(16, 16, 3, 2, 1) and not layout(32, 8, 3, 2, 1)
     assert not layout(16, 32, 3, 1, 1) and not layout(16, 32, 1, 2, 0)
+    assert not layout(16, 32, 3, 2, 1, xp=_OtherArrays)
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ class _Columns:
     - general case (R = Wo): cols[(c,u,v), (n,i,j)] = xpad[n, c, s*i + u, s*j + v], one strided
       copy per kernel offset (u, v). Its inner loops copy one output row (Wo floats) at a time,
       which is slow for small images;
-    - stride s > 1 with output rows of at least ``PHASED_MIN_WIDTH`` ("phases", R = Wo): the same
+    - stride s > 1 with output rows of at least ``PHASED_MIN_WIDTH``, NumPy ("phases", R = Wo): the same
       matrix, but xpad is kept as its s*s phases, phase (a, b) holding xpad[n, c, s*t + a, s*q + b]
       at [a, b, c, n, t, q] (channel-major, like the columns): s*s strided copies of x fill them,
       and offset (u, v)'s block is then rows u//s + i, columns v//s + j of phase (u % s, v % s),
@@ -93,8 +93,10 @@ class _Columns:
         self.shifted = settings.shifted_rows and not pointwise and stride == 1 and wo == w
         self.wide = not self.shifted and stride == 1 and self.wp * 10 <= wo * 11
         self.r = self.wp if self.wide else wo          # shifted rows: R = Wo = W
-        # strided (s > 1, not a 1x1 kernel without padding): the padded image's s*s phases, see cols()
-        self.phased = not pointwise and stride > 1 and not self.wide and wo >= PHASED_MIN_WIDTH
+        # strided (s > 1, not a 1x1 kernel without padding): the padded image's s*s phases, see
+        # cols(); NumPy only (on CuPy each copy is a kernel launch, and the phases add s*s of them)
+        self.phased = (xp is np and not pointwise and stride > 1 and not self.wide
+                       and wo >= PHASED_MIN_WIDTH)
         if pointwise:
             self.xpad = None                           # not needed: see cols()
         elif self.phased:
