@@ -11,7 +11,7 @@ It changes nothing in npmask. Three measurements, each taking turns in one proce
 2. the same GEMMs, and the same short copies, on two threads at once against one after the other:
    whether the two cores can work side by side at all at these sizes;
 3. the forward pass of one convolution of each kind in WRN-16-1 at 32x32 (the layers of a
-   batch-32 step: 37.7 MFLOP each, 0.4-1 ms), three ways: one thread (npmask's own, the
+   batch-32 step), three ways: one thread (npmask's own, the
    whole batch), one thread on each half of the batch after the other, and the two halves on two
    threads at once (the coarsest split a layer allows: one hand-off, each thread the layer's whole
    im2col, GEMM and output copy for its half, no shared buffer). Whether the halves' output is
