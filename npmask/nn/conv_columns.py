@@ -5,6 +5,8 @@ matrix, one output row (Wo floats) at a time; for small images those short copie
 take most of the time. The layouts here make the copies long and few:
 
 - :class:`_Columns`, general case: the same matrix, one strided copy per kernel offset (u, v);
+  for a strided convolution with long enough output rows ("phases"), the input is first split
+  into its stride*stride phases and each offset's block is then a copy of contiguous rows;
 - "shifted rows" (stride 1, Wo = W, ``settings.shifted_rows``): each channel is one flat row and
   offset (u, v) is a *contiguous* slice of it; the few entries that wrap around the border are
   zeroed afterwards;
@@ -31,6 +33,11 @@ from .parallel import in_parallel
 # layers (over 300K floats per image) keep one image per call
 FOLDED_GROUP_FLOATS = 1 << 17
 
+# strided convolutions build their columns from the input's phases (_Columns.phased) only where the
+# output rows are at least this long: on shorter rows the phases' own copies cost more than they
+# save (benchmarks/results/cpuspeed3_cpu.txt)
+PHASED_MIN_WIDTH = 16
+
 
 def _wrapped(v: int, pw: int, w: int) -> slice:
     """The output columns j whose entry for kernel column v (v != pw) wraps around the border.
@@ -53,6 +60,11 @@ class _Columns:
     - general case (R = Wo): cols[(c,u,v), (n,i,j)] = xpad[n, c, s*i + u, s*j + v], one strided
       copy per kernel offset (u, v). Its inner loops copy one output row (Wo floats) at a time,
       which is slow for small images;
+    - stride s > 1 with output rows of at least ``PHASED_MIN_WIDTH``, NumPy ("phases", R = Wo): the same
+      matrix, but xpad is kept as its s*s phases, phase (a, b) holding xpad[n, c, s*t + a, s*q + b]
+      at [a, b, c, n, t, q] (channel-major, like the columns): s*s strided copies of x fill them,
+      and offset (u, v)'s block is then rows u//s + i, columns v//s + j of phase (u % s, v % s),
+      a copy of contiguous rows of Wo floats with no transpose;
     - stride 1 and an output as wide as the input, Wo = W (every 3x3 convolution with padding 1,
       and the input gradient of one) ("shifted rows", R = Wo): only the rows are padded; each
       channel's image is one flat row, ``pw`` zeros + the padded rows + ``pw`` zeros, and the kernel
@@ -81,8 +93,19 @@ class _Columns:
         self.shifted = settings.shifted_rows and not pointwise and stride == 1 and wo == w
         self.wide = not self.shifted and stride == 1 and self.wp * 10 <= wo * 11
         self.r = self.wp if self.wide else wo          # shifted rows: R = Wo = W
+        # strided (s > 1, not a 1x1 kernel without padding): the padded image's s*s phases, see
+        # cols(); NumPy only (on CuPy each copy is a kernel launch, and the phases add s*s of them)
+        self.phased = (xp is np and not pointwise and stride > 1 and not self.wide
+                       and wo >= PHASED_MIN_WIDTH)
         if pointwise:
             self.xpad = None                           # not needed: see cols()
+        elif self.phased:
+            # phase (a, b) holds xpad[n, c, s*t + a, s*q + b] at [a, b, c, n, t, q]; the entries that
+            # are padding are zero from here on (cols() writes only those inside x)
+            self.hq, self.wq = -(-self.hp // stride), -(-self.wp // stride)
+            self.xpad = xp.zeros((stride, stride, c, nb, self.hq, self.wq), dtype=dtype)
+            self.inside = [[(a, -(-(p - a) // stride), -(-(p + size - a) // stride)) for a in range(stride)]
+                           for p, size in ((ph, h), (pw, w))]
         elif self.shifted or self.wide:
             # One flat row per channel: Hp rows of R, pixel (i, j) at pw + (ph + i)*R + j, and
             # enough zeros after them for the last offset's slice (it ends at Hp*R + kw - 2).
@@ -117,6 +140,22 @@ class _Columns:
                 for v in range(kw):
                     if v != pw:
                         grid[:, :, v, :, :, _wrapped(v, pw, w)] = 0
+        elif self.phased:
+            # The window of kernel offset (u, v), xpad[:, :, u + s*i, v + s*j], is rows u//s + i and
+            # columns v//s + j of phase (u % s, v % s): each phase is filled by one strided copy of
+            # x, and then every offset's block is a copy of rows of Wo contiguous floats, already
+            # channel-major, instead of a strided copy of x per offset. The same column matrix.
+            phases = self.xpad[:, :, :, :m]
+            x_cm = x_chunk.transpose(1, 0, 2, 3)
+            for a, t0, t1 in self.inside[0]:
+                for b, q0, q1 in self.inside[1]:
+                    if t1 > t0 and q1 > q0:
+                        phases[a, b, :, :, t0:t1, q0:q1] = x_cm[:, :, s * t0 + a - self.ph::s,
+                                                                s * q0 + b - self.pw::s]
+            cols = cols.reshape(c, kh, kw, m, ho, wo)
+            for u in range(kh):
+                for v in range(kw):
+                    cols[:, u, v] = phases[u % s, v % s, :, :, u // s:u // s + ho, v // s:v // s + wo]
         else:
             xpad = self.xpad[:m]
             xpad[:, :, self.ph:self.ph + self.h, self.pw:self.pw + self.w] = x_chunk
