@@ -74,6 +74,11 @@ _DOCS = {
                            "batch norm's passes, the ReLU's mask taken from the output (the same "
                            "bits on NumPy; fused CUDA kernels on CuPy); False: the separate "
                            "BatchNorm2d, addition and ReLU modules, as the code reads"),
+    "cuda_conv_kernels": (bool, "on CuPy, a convolution's im2col and its input gradient's col2im "
+                                "each run as ONE CUDA kernel (npmask/nn/conv_cuda.py) instead of a "
+                                "strided copy or addition per kernel offset: fewer kernel launches, "
+                                "the same bits expected; off by default: not yet run on a GPU. "
+                                "NumPy ignores it"),
     "conv_impl": (str, "'fast' (conv_fast.py, the default) or 'readable' (the im2col + GEMM + "
                        "col2im of conv.py, for teaching and for testing the fast path against)"),
 }
@@ -99,6 +104,7 @@ class Settings:
         self.folded_min_pixels = 256           # 16x16 images and larger
         self.conv_keep_columns_floats = 1 << 21  # 8 MB: WRN-16-1/28-1 at 32x32, not WRN-28-4's layers
         self.fuse_bn_relu = True
+        self.cuda_conv_kernels = False
         self.conv_impl = "fast"
 
     @property
