@@ -1,12 +1,13 @@
 """The one-kernel im2col and col2im (npmask/nn/conv_cuda.py, ``settings.cuda_conv_kernels``).
 
 Without a GPU: each kernel's index arithmetic is emulated with NumPy (a vectorised function over
-all output indices i, mirroring the kernel body line by line) and compared bit for bit with the
-readable im2col / col2im of npmask/nn/conv.py on many shapes; the host code (which layout, which
-chunk, where the result goes) runs with the emulations in place of the kernels against the readable
-convolution. tests/test_cuda_kernels.py compiles both kernels with NVRTC. With a GPU: the real
-kernels against the readable functions, convolutions with the setting on and off (the same bits),
-and training steps of a masked WRN with it on and off (the same bits).
+all output indices i, mirroring the kernel body line by line, and checked to spell every statement
+of the body) and compared bit for bit with the readable im2col / col2im of npmask/nn/conv.py on
+many shapes; the host code (conv_cuda's wrappers, which layout, which chunk, where the result goes)
+runs with the emulations in place of the kernel objects, against the readable convolution and in
+masked WRN training steps. tests/test_cuda_kernels.py compiles both kernels with NVRTC. With a
+GPU: the real kernels against the readable functions, convolutions with the setting on and off
+(the same bits), and training steps of a masked WRN with it on and off (the same bits).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def test_emulations_mirror_the_kernel_bodies(body, emulation):
 
 def _bits(a):
     a = np.asarray(a)
+    if a.dtype.kind != "f":                            # integer buffers: compared as they are
+        return a
     return a.view({4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
@@ -155,21 +158,30 @@ def test_emulated_col2im_is_the_readable_one(n, c, h, w, kh, kw, s, p, dtype):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """The kernels replaced by their emulations, and taken for NumPy arrays: npmask's host code runs."""
+    """The kernel objects replaced by their emulations, called as CuPy would call them (arguments
+    bound by the kernels' parameter names, the output last), and taken for NumPy arrays when the
+    setting is on: npmask's host code, conv_cuda's wrappers included, runs."""
     calls = []
+    names = [p.split()[-1] for p in ("raw T first, " + conv_cuda._SHAPE).split(",")]
 
-    def im2col(x_chunk, out, *geometry):
-        calls.append("im2col")
-        out[...] = emulate_im2col(x_chunk, *geometry)
-        return out
-
-    def col2im(dcols, out, *geometry):
-        calls.append("col2im")
-        out[...] = emulate_col2im(dcols, out.shape, *geometry)
-        return out
-    monkeypatch.setattr(conv_cuda, "enabled", lambda xp: True)
-    monkeypatch.setattr(conv_cuda, "im2col", im2col)
-    monkeypatch.setattr(conv_cuda, "col2im", col2im)
+    def fake(kind):
+        def call(*args):
+            assert len(args) == len(names) + 1
+            v, out = dict(zip(names, args)), args[-1]
+            assert v["first"].ndim == 1 and v["first"].flags.c_contiguous
+            assert all(type(v[n]) is int for n in names[1:])
+            m, c, h, w, kh, kw, ho, r = (v[n] for n in ("m", "c", "h", "w", "kh", "kw", "ho", "r"))
+            geometry = (kh, kw, v["s"], v["ph"], v["pw"], ho, v["wo"], r)
+            calls.append(kind)
+            if kind == "im2col":
+                assert out.shape == (c * kh * kw, m * ho * r)
+                out[...] = emulate_im2col(v["first"].reshape(m, c, h, w), *geometry)
+            else:
+                assert out.shape == (m, c, h, w) and v["first"].size == c * kh * kw * m * ho * r
+                out[...] = emulate_col2im(v["first"], out.shape, *geometry)
+        return call
+    monkeypatch.setattr(conv_cuda, "enabled", lambda xp: config.settings.cuda_conv_kernels)
+    monkeypatch.setattr(conv_cuda, "kernels", lambda: {"im2col": fake("im2col"), "col2im": fake("col2im")})
     return calls
 
 
@@ -180,12 +192,16 @@ def emulated(monkeypatch):
     ((3, 4, 8, 8), 6, 1, 2, 0),        # strided 1x1: no columns, col2im with rows of Wo
     ((2, 2, 7, 6), 3, 5, 1, 2),
     ((2, 3, 7, 7), 2, 3, 2, 2),
+    ((2, 3, 7, 9), 4, (3, 5), 1, 1),   # stride 1, non-square: the input gradient pads rows and
+    ((2, 3, 9, 8), 4, (5, 3), 1, 2),   # columns differently (kh-1-p, kw-1-p)
+    ((2, 3, 8, 9), 3, (1, 3), 2, 1),
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_code_with_emulated_kernels_gives_the_readable_convolution(emulated, shape, o, k, s, p, dtype):
     rng = np.random.default_rng(4)
     x = rng.standard_normal(shape).astype(dtype)
-    wgt = rng.standard_normal((o, shape[1], k, k)).astype(dtype)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    wgt = rng.standard_normal((o, shape[1], kh, kw)).astype(dtype)
 
     def run(**settings):
         with config.using(folded_rows=False, **settings):
@@ -193,17 +209,55 @@ def test_host_code_with_emulated_kernels_gives_the_readable_convolution(emulated
             dx, dw, _ = conv.conv2d_backward(np.ones_like(y) * 0.5 + y, cache)
         return y, dx, dw
     got = run(cuda_conv_kernels=True)
-    if s == 1 and p <= k - 1:          # the input gradient is a convolution: columns again
+    if s == 1 and p <= min(kh, kw) - 1:          # the input gradient is a convolution: columns again
         assert "col2im" not in emulated and emulated.count("im2col") >= 2
     else:
         assert "col2im" in emulated
-    assert ("im2col" in emulated) == (k > 1 or p > 0)  # a 1x1 kernel without padding has no columns
+    assert ("im2col" in emulated) == (kh * kw > 1 or p > 0)  # a 1x1 kernel without padding has no columns
     emulated.clear()
     want = run(conv_impl="readable")
     assert not emulated
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, **tol)
+
+
+def _masked_wrn_steps(on, variant, backend="numpy", sizes=(8, 8, 5)):
+    """Losses and final state of a few training steps of a masked WRN-16-1, cuda_conv_kernels = on."""
+    from npmask.multidomain import MultiDomainModel
+    from npmask.optim import SGD, Adam, Optimizers
+    from npmask.training.loop import train_step
+    with config.using(cuda_conv_kernels=on):
+        model = MultiDomainModel(models.create("wrn16_1", num_classes=5, input_size=16, seed=0))
+        model.add_domain("d", num_classes=4, variant=variant, seed=1, mask_init=(-1e-4, 2e-4))
+        model.set_domain("d").train()
+        if backend == "cupy":
+            model.to("cupy")
+        groups = model.parameter_groups()
+        opt = Optimizers(body=Adam(groups["body"], lr=1e-3, weight_decay=1e-4),
+                         head=SGD(groups["head"], lr=1e-2, momentum=0.9, weight_decay=5e-4))
+        rng = np.random.default_rng(0)
+        losses = []
+        for n in sizes:
+            x = to_device(rng.standard_normal((n, 3, 16, 16)).astype(np.float32), backend)
+            y = to_device(rng.integers(0, 4, n), backend)
+            loss, _ = train_step(model, opt, x, y)
+            losses.append(float(loss))
+        return losses, {k: to_numpy(v) for k, v in model.network().state_dict().items()}
+
+
+def test_masked_wrn_training_steps_with_emulated_kernels(emulated):
+    """The host code in a whole training step (3x3 stride 1 and 2, 1x1 stride-2 shortcuts, masked
+    convolutions): with the emulated kernels as without them, to float32 rounding (on NumPy the
+    setting off takes other column layouts, whose GEMMs round differently)."""
+    with config.using(folded_rows=False):
+        want_losses, want = _masked_wrn_steps(False, "full")
+        assert not emulated
+        got_losses, got = _masked_wrn_steps(True, "full")
+    assert "im2col" in emulated and "col2im" in emulated
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_setting_is_off_by_default_and_numpy_ignores_it(monkeypatch):
@@ -273,30 +327,9 @@ def test_gpu_convolution_same_bits_with_the_kernels(shape, o, k, s, p, dtype, mo
 @needs_gpu
 @pytest.mark.parametrize("variant", ["full", "piggyback"])
 def test_gpu_masked_wrn_training_steps_same_bits_with_the_kernels(variant):
-    from npmask.multidomain import MultiDomainModel
-    from npmask.optim import SGD, Adam, Optimizers
-    from npmask.training.loop import train_step
-
-    def run(on):
-        with config.using(cuda_conv_kernels=on):
-            model = MultiDomainModel(models.create("wrn16_1", num_classes=5, input_size=16, seed=0))
-            model.add_domain("d", num_classes=4, variant=variant, seed=1, mask_init=(-1e-4, 2e-4))
-            model.set_domain("d").train()
-            model.to("cupy")
-            groups = model.parameter_groups()
-            opt = Optimizers(body=Adam(groups["body"], lr=1e-3, weight_decay=1e-4),
-                             head=SGD(groups["head"], lr=1e-2, momentum=0.9, weight_decay=5e-4))
-            rng = np.random.default_rng(0)
-            losses = []
-            for n in (8, 8, 5):
-                x = to_device(rng.standard_normal((n, 3, 16, 16)).astype(np.float32), "cupy")
-                y = to_device(rng.integers(0, 4, n), "cupy")
-                loss, _ = train_step(model, opt, x, y)
-                losses.append(float(loss))
-            return losses, {k: to_numpy(v) for k, v in model.network().state_dict().items()}
-    want_losses, want = run(False)
-    got_losses, got = run(True)
+    want_losses, want = _masked_wrn_steps(False, variant, "cupy")
+    got_losses, got = _masked_wrn_steps(True, variant, "cupy")
     assert got_losses == want_losses
     assert set(got) == set(want)
     for name in want:
-        assert np.array_equal(got[name], want[name]), name
+        assert np.array_equal(_bits(got[name]), _bits(want[name])), name
