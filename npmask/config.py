@@ -9,9 +9,9 @@ None of these settings changes what a layer computes: the thread count, the thre
 NumPy, ``fuse_bn_relu`` do not change a single bit of the results (tested); the convolution's chunk
 sizes, layouts and ``conv_impl`` (and ``fuse_bn_relu`` on CuPy) change only the order of the
 roundings (the results agree to float32 rounding); ``cuda_conv_kernels`` (CuPy only) is meant to
-give the same bits as without it (tested by emulation; not yet run on a GPU). They trade speed only; the measurements behind
-each default are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
-``code_comment_figures.md``).
+give the same bits as without it (tested by emulation; not yet run on a GPU). They trade speed
+only; the measurements behind each default are in ``benchmarks/results/`` (``conv_cpu.txt``,
+``train_step_cpu.txt``, ``code_comment_figures.md``).
 
 The settings are process-wide, like ``chainer.config``'s global defaults, not per thread: npmask's
 helper threads must see the values of the thread that hands them the work. Change them from the
