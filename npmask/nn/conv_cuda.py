@@ -14,7 +14,9 @@ the input gradient. Here each is ONE ElementwiseKernel:
   columns (img, oi, j) with rows of R >= Wo entries (R = Wo, or R = Wp for the "wide rows" layout,
   whose GEMM computes R - Wo junk outputs per row that the caller discards). Padding is zero; the
   junk columns are zero too (the generic wide layout has the pixels that wrap around the border
-  there; the valid outputs do not read them, and the weight gradient multiplies them by zeros).
+  there; the valid outputs do not read them, and the weight gradient multiplies them by the zero
+  junk columns of dy: its sums gain +0 instead of +-0 there, the same bits unless a partial sum is
+  -0 or the input holds an infinity or NaN).
 
 - :func:`col2im` is its adjoint in *gather* form, one thread per input pixel (img, c, a, b): the
   pixel sums, for the kernel offsets (u, v) in row-major order, the entries of dcols that were
