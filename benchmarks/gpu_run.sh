@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, on a machine with CuPy and an NVIDIA GPU:
 #   bash benchmarks/gpu_run.sh OUTDIR [part ...]      parts: info tests bench torch train suite (default: all)
-#   graphs: only the new GPU code's checks, short (the CUDA-graph step's and the fused batch-norm
-#   kernels' tests; WRN-28-4 full at batch 32 and 128 with and without --cuda-graphs and with the
-#   batch-norm fusion off, beside PyTorch when it is installed): for a short device lease
+#   graphs: only the new GPU code's checks, short (the CUDA-graph step's, the fused batch-norm
+#   kernels' and the one-kernel im2col/col2im's tests; WRN-28-4 full at batch 32 and 128 with and
+#   without --cuda-graphs, with the batch-norm fusion off, and with cuda_conv_kernels off and on,
+#   beside PyTorch when it is installed): for a short device lease
 # "torch" needs PyTorch with CUDA beside CuPy (pip install -e '.[bench]').
 # From a checkout, no install needed (PYTHONPATH); logs go to OUTDIR, one file per part.
 set -u
@@ -22,11 +23,14 @@ for part in $PARTS; do
             $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_cuda_kernels.py \
               tests/test_backend.py tests/test_data_loader.py tests/test_cupy_api.py \
               tests/test_gpu_graph_step.py tests/test_graph_step.py tests/test_batchnorm_cuda.py \
+              tests/test_conv_cuda.py \
               "tests/test_train.py::test_cupy_training_is_reproducible_and_agrees_with_numpy" \
               "tests/test_train.py::test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without" \
               2>&1 | tee "$OUT/tests_gpu.txt" ;;
     bench)  { $PY benchmarks/train_step.py --backend cupy --repeats 20 --cuda-graphs --unfused
               $PY benchmarks/train_step.py --backend cupy --repeats 20 --batch 128 --variants full,piggyback,simple --cuda-graphs
+              $PY benchmarks/train_step.py --backend cupy --repeats 20 --variants full,piggyback --cuda-graphs \
+                --setting cuda_conv_kernels=False,True
               $PY benchmarks/conv.py --backend cupy --repeats 20; } 2>&1 | tee "$OUT/bench_cupy.txt" ;;
     torch)  { $PY benchmarks/vs_torch.py --device cuda --rounds 20 --variants full,piggyback,finetune \
                 --nets wrn28_4:64:32,wrn28_4:64:128,wrn16_1:32:32 --cuda-graphs; } 2>&1 | tee "$OUT/vs_torch_cuda.txt" ;;
@@ -43,10 +47,13 @@ for part in $PARTS; do
     graphs) { rm -f "$OUT/graph_step.txt"
               NPMASK_GPU_REPORT="$OUT/graph_step.txt" $PY -m pytest -q -n 4 -p no:cacheprovider -rfE \
                 tests/test_gpu_graph_step.py tests/test_graph_step.py tests/test_batchnorm_cuda.py \
+                tests/test_conv_cuda.py \
                 "tests/test_train.py::test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without"
               cat "$OUT/graph_step.txt"
               for b in 32 128; do
                 $PY benchmarks/train_step.py --backend cupy --repeats 10 --batch $b --variants full --cuda-graphs --unfused
+                $PY benchmarks/train_step.py --backend cupy --repeats 10 --batch $b --variants full --cuda-graphs \
+                  --setting cuda_conv_kernels=False,True
               done
               if $PY -c "import torch" 2>/dev/null; then
                 $PY benchmarks/vs_torch.py --device cuda --rounds 10 --variants full --no-inference \

@@ -37,6 +37,12 @@ Prints, in one run on the chosen backend:
 CUDA graphs (:class:`npmask.training.graph_step.GraphStep`, two warm-up steps: one uncaptured, one
 captured), in the same rounds as the plain steps, so the table shows the lever's effect directly.
 
+``--setting NAME=V1,V2,...`` (benchmarks/_settings.py) times every step above under each value of
+an npmask setting, all in the same rounds (a step's values one after another), e.g.
+``--setting cuda_conv_kernels=False,True`` on CuPy; ``/ first`` is the median over the rounds of
+the step's time divided by the same step's under the first value. With ``--unfused`` the unfused
+steps are timed under each value too.
+
 ``--profile full,...`` adds a breakdown of those variants' steps by layer type (where the time goes),
 convolutions by geometry with the GEMM rate each one reaches (its GEMM FLOPs / its time; a masked
 layer's time includes its mask transform).
@@ -67,6 +73,7 @@ from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
 from npmask.training.graph_step import GraphStep  # noqa: E402
 from npmask.training.loop import train_step  # noqa: E402
 
+from _settings import parse_setting  # noqa: E402  (benchmarks/_settings.py, beside this script)
 from _timing import Clock, gemm_rate  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 VARIANTS = ("classifier_only", "piggyback", "simple", "full", "finetune")
@@ -126,6 +133,16 @@ def unfused(step):
     def run():
         with config.using(fuse_bn_relu=False):
             return step()
+    return run
+
+
+def under(step, name: str, value):
+    """``step`` run with npmask setting ``name`` = ``value`` (a GraphStep's ``graph`` kept)."""
+    def run():
+        with config.using(**{name: value}):
+            return step()
+    if hasattr(step, "graph"):
+        run.graph = step.graph
     return run
 
 
@@ -337,7 +354,13 @@ def main(argv=None):
     ap.add_argument("--unfused", action="store_true",
                     help="also time every variant's step with fuse_bn_relu=False (batch norm, the "
                          "residual sum and ReLU as separate layers), paired with the fused one")
+    ap.add_argument("--setting", default=None, metavar="NAME=V1,V2,...",
+                    help="time every step above (each variant, +graphs, +unfused) under each value of "
+                         "this npmask.config setting, in the same rounds, e.g. "
+                         "cuda_conv_kernels=False,True; '/ first' is the paired ratio to the same "
+                         "step under the first value")
     args = ap.parse_args(argv)
+    setting, values = parse_setting(args.setting) if args.setting else (None, [None])
 
     xp = get_backend(args.backend)
     if args.cuda_graphs and xp is np:
@@ -368,20 +391,28 @@ def main(argv=None):
     # every other round, so that no variant always runs right after the same one (or right after
     # the yardstick's two-thread GEMMs).
     variants = args.variants.split(",")
-    names = (variants + ([f"{v}+graphs" for v in variants] if args.cuda_graphs else [])
+    bases = (variants + ([f"{v}+graphs" for v in variants] if args.cuda_graphs else [])
              + ([f"{v}+unfused" for v in variants] if args.unfused else []))
+
+    def label(base, value):                   # with --setting, each step once per value
+        return base if setting is None else f"{base} [{value!r}]"
+    # a step's name -> (base name, the setting's value); each base's values next to one another
+    named = {label(base, value): (base, value) for base in bases for value in values}
+    names = list(named)
     steps = {}
-    for name in names:
-        variant = name.split("+")[0]
+    for name, (base, value) in named.items():
+        variant = base.split("+")[0]
         model = MultiDomainModel(backbone)
         model.add_domain(variant, num_classes=args.classes, variant=variant, seed=0)
         model.set_domain(variant).train()
-        step = make_step(model, x, y, cuda_graphs=name.endswith("+graphs"))
-        if name.endswith("+unfused"):
+        step = make_step(model, x, y, cuda_graphs=base.endswith("+graphs"))
+        if base.endswith("+unfused"):
             step = unfused(step)
+        if setting is not None:
+            step = under(step, setting, value)  # built, warmed up, captured and timed under value
         steps[name] = (model, step)
         steps[name][1]()                      # warm-up step: optimiser state, buffers
-        if name.endswith("+graphs"):
+        if base.endswith("+graphs"):
             steps[name][1]()                  # the second step captures the graphs
     rates, times = [], {name: [] for name in names}
     for r in range(args.repeats):
@@ -401,31 +432,50 @@ def main(argv=None):
     # "/ full": the median over the rounds of (this variant's step / the full step of the same
     # round). The machine's speed drifts by tens of percent within a run; a paired ratio compares
     # variants timed seconds apart, so it is far steadier than a ratio of the two medians.
-    paired = "full" in names
-    header = (f"{'variant':<17}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}{'images/s':>10}"
-              + (f"{'/ full':>9}" if paired else ""))
+    # With --setting, "/ full" compares with the full step under the same value, and "/ first" with
+    # the same step under the first value (the median over the rounds of the ratio, too).
+    paired = "full" in bases
+    width = max(17, max(len(name) for name in names) + 2)
+    if setting is not None:
+        print(f"--setting {setting}: every step under each of {', '.join(map(repr, values))}; "
+              f"'/ first': its paired ratio to the same step under {values[0]!r}")
+    header = (f"{'variant':<{width}}{'step s':>9}{'x floor':>9}{'own floor s':>13}{'x own':>8}"
+              f"{'images/s':>10}" + (f"{'/ full':>9}" if paired else "")
+              + (f"{'/ first':>9}" if setting is not None else ""))
     print(header)
     print("-" * len(header))
-    for name in names:
+
+    def ratio(name, other):
+        return float(np.median(np.array(times[name]) / np.array(times[other])))
+    for name, (base, value) in named.items():
         t = float(reduce(times[name]))
-        own = (fwd_flops if name == "classifier_only" else flops) / 1e9 / rate
-        line = f"{name:<17}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}"
+        own = (fwd_flops if base == "classifier_only" else flops) / 1e9 / rate
+        line = f"{name:<{width}}{t:>9.3f}{t / floor:>9.2f}{own:>13.3f}{t / own:>8.2f}{args.batch / t:>10.1f}"
         if paired:
-            line += f"{float(np.median(np.array(times[name]) / np.array(times['full']))):>9.3f}"
+            line += f"{ratio(name, label('full', value)):>9.3f}"
+        if setting is not None:
+            line += f"{ratio(name, label(base, values[0])):>9.3f}"
         print(line)
     print("-" * len(header))
-    for name in names:
-        if name in args.profile.split(","):
+    for name, (base, _) in named.items():
+        if base in args.profile.split(","):
             profile(steps[name][0], steps[name][1], clock, args.repeats, name)
     masked = [name for name in variants if VARIANT_SPECS[name].has_mask]
-    if masked:
-        transform_shares(steps, masked, clock, args.repeats)
-    if "full" in names:
-        print("peak memory of a full step: " + peak_memory(xp, steps["full"][1]))
-    if "full+graphs" in names:
-        held = steps["full+graphs"][1].graph.memory()
-        print(f"full+graphs: the graphs' private memory pools hold {held['graph_pools'] / 2**20:.0f} MiB; "
-              f"CuPy's default pool {held['default_pool'] / 2**20:.0f} MiB (every step built so far)")
+    for value in values:
+        under_value = "" if setting is None else f" ({setting}={value!r})"
+        if masked:
+            if setting is not None:
+                print(f"under {setting}={value!r}:")
+            transform_shares({base: steps[label(base, value)] for base in variants}, masked, clock,
+                             args.repeats)
+        if "full" in bases:
+            print(f"peak memory of a full step{under_value}: "
+                  + peak_memory(xp, steps[label("full", value)][1]))
+        if "full+graphs" in bases:
+            held = steps[label("full+graphs", value)][1].graph.memory()
+            print(f"full+graphs{under_value}: the graphs' private memory pools hold "
+                  f"{held['graph_pools'] / 2**20:.0f} MiB; CuPy's default pool "
+                  f"{held['default_pool'] / 2**20:.0f} MiB (every step built so far)")
     del steps
     rate_end = gemm_rate(xp, clock)
     print(f"float32 GEMM rate measured again at the end: {rate_end:.1f} GFLOP/s "

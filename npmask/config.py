@@ -8,9 +8,10 @@
 None of these settings changes what a layer computes: the thread count, the thresholds and, on
 NumPy, ``fuse_bn_relu`` do not change a single bit of the results (tested); the convolution's chunk
 sizes, layouts and ``conv_impl`` (and ``fuse_bn_relu`` on CuPy) change only the order of the
-roundings (the results agree to float32 rounding). They trade speed only; the measurements behind
-each default are in ``benchmarks/results/`` (``conv_cpu.txt``, ``train_step_cpu.txt``,
-``code_comment_figures.md``).
+roundings (the results agree to float32 rounding); ``cuda_conv_kernels`` (CuPy only) is meant to
+give the same bits as without it (tested by emulation; not yet run on a GPU). They trade speed
+only; the measurements behind each default are in ``benchmarks/results/`` (``conv_cpu.txt``,
+``train_step_cpu.txt``, ``code_comment_figures.md``).
 
 The settings are process-wide, like ``chainer.config``'s global defaults, not per thread: npmask's
 helper threads must see the values of the thread that hands them the work. Change them from the
@@ -74,6 +75,11 @@ _DOCS = {
                            "batch norm's passes, the ReLU's mask taken from the output (the same "
                            "bits on NumPy; fused CUDA kernels on CuPy); False: the separate "
                            "BatchNorm2d, addition and ReLU modules, as the code reads"),
+    "cuda_conv_kernels": (bool, "on CuPy, a convolution's im2col and its input gradient's col2im "
+                                "each run as ONE CUDA kernel (npmask/nn/conv_cuda.py) instead of a "
+                                "strided copy or addition per kernel offset: fewer kernel launches, "
+                                "the same bits expected; off by default: not yet run on a GPU. "
+                                "NumPy ignores it"),
     "conv_impl": (str, "'fast' (conv_fast.py, the default) or 'readable' (the im2col + GEMM + "
                        "col2im of conv.py, for teaching and for testing the fast path against)"),
 }
@@ -99,6 +105,7 @@ class Settings:
         self.folded_min_pixels = 256           # 16x16 images and larger
         self.conv_keep_columns_floats = 1 << 21  # 8 MB: WRN-16-1/28-1 at 32x32, not WRN-28-4's layers
         self.fuse_bn_relu = True
+        self.cuda_conv_kernels = False
         self.conv_impl = "fast"
 
     @property

@@ -165,7 +165,7 @@ def _record_kernels(monkeypatch):
     """Build every CuPy kernel object npmask defines, recording the arguments they were built with."""
     cp = pytest.importorskip("cupy")
     from npmask.optim import cuda as optim_cuda
-    from npmask.nn import batchnorm, batchnorm_cuda
+    from npmask.nn import batchnorm, batchnorm_cuda, conv_cuda
     built, sites, records = [], set(), []
 
     def recorder(kind):
@@ -178,7 +178,7 @@ def _record_kernels(monkeypatch):
     monkeypatch.setattr(cp, "ElementwiseKernel", recorder("elementwise"))
     monkeypatch.setattr(cp, "ReductionKernel", recorder("reduction"))
     for factory in (cuda.kernels, optim_cuda.adam_kernel, batchnorm._cupy_dot_kernel,
-                    batchnorm_cuda.kernels):
+                    batchnorm_cuda.kernels, conv_cuda.kernels):
         factory.__wrapped__()
     _record_kernels.records = records          # (kind, args, kwargs): for CuPy's own code generator
     return built, sites
@@ -187,15 +187,16 @@ def _record_kernels(monkeypatch):
 def _kernel_source(kind, in_params, out_params, body, *rest, T="float", preamble=""):
     """A CUDA source that declares the kernel's parameters the way CuPy does and contains its body.
 
-    Inputs become values, outputs references, each read from its own pointer at index i; for a
-    ReductionKernel the body is the map expression, combined by the reduce expression into ``out``.
+    Inputs become values, outputs references, each read from its own pointer at index i (a ``raw``
+    input stays a pointer, indexed by the body itself); for a ReductionKernel the body is the map expression, combined by the reduce expression into ``out``.
     The kernel's ``preamble`` (helper functions) comes after the type definition, as in CuPy.
     """
     def params(text):
-        return [({"int32": "int"}.get(t, t), name) for t, name in (p.split() for p in text.split(","))]
+        return [({"int32": "int"}.get(t, t), name) for t, name in (p.split()[-2:] for p in text.split(","))]
+    raw = {p.split()[-1] for p in in_params.split(",") if p.split()[0] == "raw"}
     ins, outs = params(in_params), params(out_params)
-    args = ", ".join(f"{t}* _{name}" for t, name in ins + outs)
-    decls = " ".join([f"{t} {name} = _{name}[i];" for t, name in ins]
+    args = ", ".join(f"{t}* {'' if name in raw else '_'}{name}" for t, name in ins + outs)
+    decls = " ".join([f"{t} {name} = _{name}[i];" for t, name in ins if name not in raw]
                      + [f"{t}& {name} = _{name}[i];" for t, name in outs])
     if kind == "reduction":
         reduce_expr, post = rest[0], rest[1]

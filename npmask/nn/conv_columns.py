@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import settings
+from . import conv_cuda
 from .parallel import in_parallel
 
 # images per folded-rows call: their matrices B together at most this many floats (512 KB), so that
@@ -83,6 +84,10 @@ class _Columns:
     ``product(w_mat, x_chunk, y_chunk)`` writes the valid outputs of the GEMM w_mat @ cols into
     y_chunk (m, O, Ho, Wo); ``rows(dy_chunk)`` lays out an upstream gradient like the columns
     (junk columns zero, so they add nothing to a weight gradient). Each thread has its own instance.
+
+    On CuPy with ``settings.cuda_conv_kernels`` (not for a 1x1 kernel without padding), ONE kernel
+    (:func:`npmask.nn.conv_cuda.im2col`) writes the matrix of the layout chosen above, its junk
+    columns zero.
     """
 
     def __init__(self, xp, dtype, nb, c, h, w, kh, kw, stride, ph, pw, ho, wo):
@@ -97,7 +102,11 @@ class _Columns:
         # cols(); NumPy only (on CuPy each copy is a kernel launch, and the phases add s*s of them)
         self.phased = (xp is np and not pointwise and stride > 1 and not self.wide
                        and wo >= PHASED_MIN_WIDTH)
-        if pointwise:
+        # on CuPy with settings.cuda_conv_kernels: one kernel writes the columns, rows of R as
+        # chosen above (conv_cuda.py), and no padded copy of the input is kept
+        self.kernel = (conv_cuda.enabled(xp) and not pointwise
+                       and conv_cuda.fits(c, h, w, kh, kw, ho, self.r, nb))
+        if pointwise or self.kernel:
             self.xpad = None                           # not needed: see cols()
         elif self.phased:
             # phase (a, b) holds xpad[n, c, s*t + a, s*q + b] at [a, b, c, n, t, q]; the entries that
@@ -121,7 +130,9 @@ class _Columns:
         c, kh, kw, ho, wo, s = self.c, self.kh, self.kw, self.ho, self.wo, self.stride
         k, length = c * kh * kw, m * ho * self.r
         cols = self.buf[:, :length].reshape(c, kh, kw, m, ho * self.r)
-        if self.xpad is None:                          # 1x1, no padding: a (strided) transpose
+        if self.kernel:
+            conv_cuda.im2col(x_chunk, self.buf[:, :length], kh, kw, s, self.ph, self.pw, ho, wo, self.r)
+        elif self.xpad is None:                        # 1x1, no padding: a (strided) transpose
             x_chunk = x_chunk[:, :, ::s, ::s] if s > 1 else x_chunk
             if m == 1:   # one image needs no im2col: the (strided) input is the column matrix
                 return x_chunk.reshape(c, ho * wo)      # a view for stride 1, a copy for stride 2

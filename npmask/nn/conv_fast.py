@@ -26,6 +26,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..config import settings
+from . import conv_cuda
 from .conv_columns import _Columns, _folds, _FoldedRows
 from .parallel import contiguous, each_chunk, in_parallel
 
@@ -207,6 +208,10 @@ def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     (u // s)*Wq + v // s: the valid entries land where they belong (no row wraps: Wq >= Wo +
     (kw - 1) // s) and the zero columns add nothing. The phases are then copied into dx, s*s strided
     copies. Every pixel receives the same additions in the same (u, v) order as in col2im.
+
+    On CuPy with ``settings.cuda_conv_kernels`` the phases are replaced by ONE kernel
+    (:func:`npmask.nn.conv_cuda.col2im`) that reads the same dcols (rows of Wq) and gives every
+    pixel the same additions, from zero, in the same (u, v) order.
     """
     xp = get_array_module(dy, weight)
     n, c, h, w = x_shape
@@ -223,13 +228,14 @@ def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
     nb, chunks = _chunks(xp, n, k * ho * wq)
+    kernel = conv_cuda.enabled(xp) and conv_cuda.fits(c, h, w, kh, kw, ho, wq, nb)
     # the phases' rows (t0, t1) and columns that lie inside x, and where they start in dx
     rows = [(a, -(-(p - a) // s), -(-(p + h - a) // s)) for a in range(s)]
     cols = [(b, -(-(p - b) // s), -(-(p + w - b) // s)) for b in range(s)]
 
     def buffers():    # dy with zero columns after each row (they stay zero), and the s*s phases
         return (xp.zeros((o, nb * ho * wq), dtype=dy.dtype),
-                xp.empty((s, s, nb, c, plane + wq), dtype=dy.dtype))
+                None if kernel else xp.empty((s, s, nb, c, plane + wq), dtype=dy.dtype))
 
     def one_chunk(bufs, i):
         dy_buf, phases = bufs
@@ -238,6 +244,9 @@ def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
         dy_mat = dy_buf[:, :m * ho * wq]
         dy_mat.reshape(o, m, ho, wq)[:, :, :, :wo] = dy[n0:n1].transpose(1, 0, 2, 3)
         dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho * wq)
+        if kernel:    # one CUDA kernel: each pixel gathers its entries, in the (u, v) order below
+            conv_cuda.col2im(dcols, dx[n0:n1], kh, kw, s, p, p, ho, wo, wq)
+            return
         ph = phases[:, :, :m]
         ph[...] = 0
         for u in range(kh):
@@ -266,12 +275,16 @@ def _input_grad_windows(dy, weight, x_shape, stride: int, padding: int):
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
     nb, chunks = _chunks(xp, n, k * ho * wo)
+    kernel = conv_cuda.enabled(xp) and conv_cuda.fits(c, h, w, kh, kw, ho, wo, nb)
 
     def one_chunk(dxpad, i):
         n0, n1 = chunks[i]
         m = n1 - n0
         dy_mat = dy[n0:n1].transpose(1, 0, 2, 3).reshape(o, m * ho * wo)
         dcols = (w_mat_t @ dy_mat).reshape(c, kh, kw, m, ho, wo)
+        if kernel:    # one CUDA kernel instead of the zeroing, the addition and the copy below
+            conv_cuda.col2im(dcols, dx[n0:n1], kh, kw, stride, padding, padding, ho, wo, wo)
+            return
         out = dxpad[:m]
         out[...] = 0
         for u in range(kh):
@@ -279,7 +292,8 @@ def _input_grad_windows(dy, weight, x_shape, stride: int, padding: int):
                 window = out[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
                 window += dcols[:, u, v].transpose(1, 0, 2, 3)
         dx[n0:n1] = out[:, :, padding:padding + h, padding:padding + w]
-    each_chunk(xp, len(chunks), lambda: xp.empty((nb, c, h + 2 * padding, w + 2 * padding), dtype=dy.dtype),
+    each_chunk(xp, len(chunks), lambda: None if kernel else xp.empty((nb, c, h + 2 * padding, w + 2 * padding),
+                                                                      dtype=dy.dtype),
                one_chunk, flops=2.0 * n * o * k * ho * wo)
     return dx
 
