@@ -25,7 +25,7 @@ def launchers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scripts")
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "npmask", src / "npmask", ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q",
