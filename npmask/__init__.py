@@ -17,7 +17,8 @@ The map of the package:
 - ``nn/``: layers with forward and backward passes (convolution: the readable im2col path in
   ``conv.py``, the naive loops in ``conv_reference.py``, the fast path in ``conv_fast.py`` and
   ``conv_columns.py``; batch norm, linear, pooling, the Wide-ResNet block; ``parallel.py``, the
-  CPU threads);
+  CPU threads; on CuPy, fused kernels for batch norm + ReLU in ``batchnorm_cuda.py`` and for
+  im2col / col2im in ``conv_cuda.py``);
 - ``masking/``: the mask transform (eq. 1), the masked layers and the variants;
 - ``models/``, ``pretrained/``: the backbones (WRN, VGG, torchvision's ResNet and DenseNet, the
   residual-adapters ResNet-26) and the shipped pretrained one;
@@ -27,8 +28,9 @@ The map of the package:
   Decathlon score and parameter cost, domain files, gradient checks;
 - ``data/``, ``training/``: the domain format, the batch iterator, the synthetic benchmark, and
   the machinery behind the commands ``train``, ``pretrain``, ``compare`` (local or on Ray),
-  ``convert`` and ``export`` (PyTorch weights in and out) and ``predict``, and the training step
-  replayed from CUDA graphs (``training/graph_step.py``, ``--cuda-graphs``);
+  ``convert`` and ``export`` (PyTorch weights in and out) and ``predict``, the training step
+  replayed from CUDA graphs (``training/graph_step.py``, ``--cuda-graphs``) and the domains
+  trained side by side in processes (``training/domain_workers.py``, ``--workers``);
 - ``backend.py``: NumPy or CuPy; ``io.py``: atomic file writes; ``config.py``: the run-time
   settings (threads, convolution chunking and layouts), changed with ``npmask.config.using(...)``,
   the thread count also by ``NPMASK_THREADS``.
