@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 from npmask import models
-from npmask.backend import cupy_available, to_device, to_numpy
+from npmask.backend import cupy_available, to_device
 from npmask.multidomain import MultiDomainModel
 from npmask.optim import SGD, Adam, MultiStepLR, Optimizers
 from npmask.training.graph_step import GraphStep
-from npmask.training.loop import train_step
+from test_graph_step import _train
 
 needs_gpu = pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a usable CUDA device")
 
@@ -119,24 +119,9 @@ def _epochs(size=16, sizes=(8, 8, 8, 5), n_epochs=2):
               to_device(rng.integers(0, 4, n), "cupy")) for n in sizes] for _ in range(n_epochs)]
 
 
-def _state(model, opt):
-    return {**{k: to_numpy(v) for k, v in model.network().state_dict().items()},
-            **{"opt/" + k: v for k, v in opt.state_dict().items()}}
-
-
 def _run(kind, variant, epochs):
-    model, opt, sched = _model(variant)
-    step = None if kind == "plain" else GraphStep(model, opt, capture=(kind == "graph"))
-    out = []
-    for batches in epochs:
-        for x, y in batches:
-            if step is None:
-                loss, logits = train_step(model, opt, x, y)
-                out.append((loss, int((logits.argmax(axis=1) == y).sum())))
-            else:
-                out.append(step(x, y))
-        sched.step()
-    return out, _state(model, opt), step
+    """test_graph_step's training loop (plain, graph or uncaptured) on the GPU model above."""
+    return _train(kind, variant, epochs, make_model=_model)
 
 
 def _report(line: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from npmask import models, nn
+from npmask.backend import to_numpy
 from npmask.multidomain import MultiDomainModel
 from npmask.optim import SGD, Adam, MultiStepLR, Optimizers
 from npmask.optim import device
@@ -43,8 +44,9 @@ def _epochs(n_epochs=2, sizes=(8, 8, 5), seed=0):
 
 
 def _state(model, opt) -> dict:
-    """Parameters, BN running statistics, and the optimisers' state (moments, buffers, step counts)."""
-    return {**{k: np.array(v) for k, v in model.network().state_dict().items()},
+    """Parameters, BN running statistics, and the optimisers' state (moments, buffers, step counts),
+    as NumPy copies (from either backend)."""
+    return {**{k: np.array(to_numpy(v)) for k, v in model.network().state_dict().items()},
             **{"opt/" + k: v for k, v in opt.state_dict().items()}}
 
 
@@ -54,9 +56,10 @@ def _assert_same_state(a: dict, b: dict):
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-def _train(kind, variant="full", epochs=None):
-    """(per-step (loss, correct), final state, GraphStep.steps) for kind plain/graph/uncaptured."""
-    model, opt, sched = _model(variant)
+def _train(kind, variant="full", epochs=None, make_model=None):
+    """(per-step (loss, correct), final state, the GraphStep or None) for kind plain/graph/uncaptured;
+    ``make_model(variant) -> (model, optimiser, scheduler)`` (default :func:`_model`)."""
+    model, opt, sched = (make_model or _model)(variant)
     step = None if kind == "plain" else GraphStep(model, opt, capture=(kind == "graph"))
     out = []
     for batches in epochs or _epochs():
@@ -67,18 +70,18 @@ def _train(kind, variant="full", epochs=None):
             else:
                 out.append(step(x, y))
         sched.step()                         # lr x0.1 after the first epoch: read from device memory
-    return out, _state(model, opt), (step.steps if step else None)
+    return out, _state(model, opt), step
 
 
 @pytest.mark.parametrize("variant", ["full", "piggyback"])
 def test_graph_step_trains_bit_for_bit_as_train_step(variant):
     plain, plain_state, _ = _train("plain", variant)
     for kind in ("graph", "uncaptured"):
-        steps, state, counts = _train(kind, variant)
+        steps, state, step = _train(kind, variant)
         assert steps == plain, kind                      # losses (floats) and correct counts
         _assert_same_state(state, plain_state)           # incl. Adam's host step counts
-    assert counts == {"eager": 6, "captured": 0, "replayed": 0}
-    assert _train("graph", variant)[2] == {"eager": 2, "captured": 2, "replayed": 2}
+    assert step.steps == {"eager": 6, "captured": 0, "replayed": 0}
+    assert _train("graph", variant)[2].steps == {"eager": 2, "captured": 2, "replayed": 2}
 
 
 def test_train_epoch_returns_the_same_numbers_through_the_graph_step():
