@@ -270,7 +270,7 @@ class BatchNorm(Module):
                     xp.multiply(dy3[:, lo:hi], xp.greater(y3[:, lo:hi], 0), out=d3[:, lo:hi])
                 xp.multiply(d3[:, lo:hi], _spread(xp, scale[lo:hi], length), out=dx3[:, lo:hi])
             _over_channels(xp, dy3, fixed)
-            return (dx, d3.reshape(dy.shape)) if residual else dx
+            return self._gradients(dy.shape, dx3, d3, None, None, False, False, residual)
         dbias, dweight = xp.empty(c, dtype=dy.dtype), xp.empty(c, dtype=dy.dtype)
 
         kept3 = kept.reshape(n, c, length)              # centred (training) or x (eval)
