@@ -292,9 +292,10 @@ class Adam(Optimizer):
             # kernel launches per parameter, and a masked WRN-28-4 trains 168 small arrays with
             # Adam: one fused kernel does the same update.
             (b1, b2), T = self.betas, p.dtype.type
-            typed = (lambda s: T(s)) if self.device is None else (lambda s: s)
-            cuda.adam_kernel()(g, typed(step_size), T(b1), T(b2), T(1 - b1), T(1 - b2),
-                               typed(bias2), T(self.eps), T(self.weight_decay), p, m, v)
+            if self.device is None:          # floats as scalars of p's dtype; else 0-d arrays
+                step_size, bias2 = T(step_size), T(bias2)
+            cuda.adam_kernel()(g, step_size, T(b1), T(b2), T(1 - b1), T(1 - b2),
+                               bias2, T(self.eps), T(self.weight_decay), p, m, v)
             return
         self._arithmetic(np, p, g, m, v, step_size, bias2)
 
