@@ -16,7 +16,6 @@ from npmask.data.format import load_domain as load_data
 from npmask.inference import Predictions, prepare_images, softmax
 from npmask.models import create
 from npmask.multidomain import MultiDomainModel
-from npmask.pretrained import load_backbone
 from npmask.storage import DomainFileError, read_domain_file, save_domain
 from npmask.training.batches import make_iterators
 

@@ -5,7 +5,6 @@ import io
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from npmask.training import loop
 
