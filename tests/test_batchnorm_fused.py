@@ -1,9 +1,10 @@
 """Batch norm with the ReLU and the residual sum fused in (setting ``fuse_bn_relu``), on NumPy.
 
 The fused path must give exactly the bits of the separate modules (BatchNorm, the in-place addition
-of npmask.nn.parallel.add_into, ReLU): for the layer alone, and for whole blocks and networks
-forward and backward with their parameter gradients and running statistics, over shapes, train
-and eval mode, frozen and learned batch norms, thread counts and dtypes.
+of npmask.nn.parallel.add_into, ReLU): for the layer alone, for the blocks' BNReLU step
+(npmask/nn/bn_relu.py), and for whole blocks and networks forward and backward with their parameter
+gradients and running statistics, over shapes, train and eval mode, frozen and learned batch norms,
+thread counts and dtypes.
 """
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from npmask.masking.layers import SharedFrozen
 from npmask.models import VGG, DenseNet, ResNet, ResNet26RA
 from npmask.multidomain import MultiDomainModel
 from npmask.nn.batchnorm import fuse_relu_into
+from npmask.nn.bn_relu import BNReLU
 from npmask.nn.module import Module
 from npmask.nn.parallel import add_into
 from npmask.nn.residual import BasicBlock
@@ -110,6 +112,51 @@ def test_fused_batchnorm_gradients_against_finite_differences(training):
     bn = _bn((5, 3, 4, 4), np.float64, training, frozen=False)
     layer = _FusedBN(bn, rng.standard_normal((5, 3, 4, 4)) * 0.5).train(training)
     check_layer(layer, rng.standard_normal((5, 3, 4, 4)), seed=2, tol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bn_relu_step_goes_back_the_way_its_forward_ran(residual, inplace):
+    """BNReLU: the setting at forward time picks the way, backward follows it even after the setting
+    has changed, both ways give the same bits, and the unfused sum is made in bn's output exactly
+    when the ReLU works in place."""
+    shape = (3, 4, 5, 5)
+    rng = np.random.default_rng(6)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    skip = rng.standard_normal(shape) if residual else None
+    results = []
+    for fused in (True, False):
+        bn, relu, step = _bn(shape, np.float64, True, False), nn.ReLU(inplace=inplace), BNReLU()
+        made, forward = [], bn.forward
+
+        def recorded(x, **kw):                             # bn's output, and a copy of it as made
+            y = forward(x, **kw)
+            made.append((y, y.copy()))
+            return y
+        bn.forward = recorded
+        with config.using(fuse_bn_relu=fused):
+            y = step.forward(bn, relu, x, residual=skip)
+        assert step.fused is fused and (relu._mask is None) is fused
+        if not fused:
+            (bn_out, as_made), = made
+            assert (y is bn_out) is inplace
+            assert np.array_equal(bn_out, as_made) is not inplace     # not written over otherwise
+        with config.using(fuse_bn_relu=not fused):
+            out = step.backward(bn, relu, dy)
+        dx, d = out if residual else (out, None)
+        results.append([y, dx, d, bn.grads["weight"], bn.grads["bias"]])
+    _assert_same_bits(*results)
+
+
+def test_bn_relu_step_runs_a_module_without_the_fused_call_unfused():
+    """In a Sequential any module followed by a ReLU is one BNReLU step: relu(m(x)) as written."""
+    x = np.random.default_rng(7).standard_normal((3, 4))
+    linear, relu, step = nn.Linear(4, 5, rng=0).astype(np.float64), nn.ReLU(), BNReLU()
+    y = step.forward(linear, relu, x)
+    assert config.settings.fuse_bn_relu and not step.fused
+    np.testing.assert_array_equal(y, np.maximum(linear(x), 0))
+    dx = step.backward(linear, relu, np.ones_like(y))
+    np.testing.assert_array_equal(dx, linear.backward(np.ones_like(y) * (y > 0)))
 
 
 def _wrn_step(model_name, size, dtype, training, fused, threads, batch=4):
