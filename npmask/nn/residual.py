@@ -17,9 +17,11 @@ conv1: new arrays of those layers, which keep no reference to them), on npmask's
 activation-sized array for either (new arrays cost more than the additions themselves:
 benchmarks/results/train_step_cpu.txt).
 
+The steps ``relu1(bn1(.))`` and ``relu2(bn2(.) + shortcut)`` each go through a
+:class:`~npmask.nn.bn_relu.BNReLU` (which makes the forward sum in place, as relu2 works in place).
 With the setting ``fuse_bn_relu`` (the default) relu1 runs inside bn1, and the sum and relu2 inside
-bn2 (``bn2.forward(out, relu=True, residual=skip)``, whose backward returns both the main branch's
-gradient and d): the same numbers, fewer passes over the activations (npmask/nn/batchnorm.py).
+bn2, whose backward returns both the main branch's gradient and d: the same numbers, fewer passes
+over the activations (npmask/nn/batchnorm.py).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .activation import ReLU
-from .batchnorm import BatchNorm2d, fuse_relu_into
+from .batchnorm import BatchNorm2d
+from .bn_relu import BNReLU
 from .container import Sequential
 from .conv import Conv2d
 from .module import Module
@@ -59,32 +62,20 @@ class BasicBlock(Module):
             self.shortcut[0].followed_by_bn = True
         else:
             self.shortcut = None
-        self.relu2 = ReLU(inplace=True)                # rectifies the sum below in place
+        self.relu2 = ReLU(inplace=True)                # in place: so is the sum before it (BNReLU)
         self.conv1.followed_by_bn = True
         self.conv2.followed_by_bn = True
-        self._fused = False                            # how the last forward ran (fuse_bn_relu)
+        self._bn1_relu1 = BNReLU()                     # relu1(bn1(.)), fused or not
+        self._bn2_relu2 = BNReLU()                     # relu2(bn2(.) + shortcut), fused or not
 
     def forward(self, x):
-        self._fused = fuse_relu_into(self.bn1) and fuse_relu_into(self.bn2)
-        if self._fused:     # relu1, the sum and relu2 inside bn1's and bn2's passes: the same bits
-            out = self.conv2(self.bn1.forward(self.conv1(x), relu=True))
-            skip = x if self.shortcut is None else self.shortcut(x)
-            return self.bn2.forward(out, relu=True, residual=skip)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.conv2(self._bn1_relu1.forward(self.bn1, self.relu1, self.conv1(x)))
         skip = x if self.shortcut is None else self.shortcut(x)
-        add_into(get_array_module(out), out, skip)      # out: bn2's new array, the block's own
-        return self.relu2(out)
+        return self._bn2_relu2.forward(self.bn2, self.relu2, out, residual=skip)
 
     def backward(self, dy):
-        if self._fused:
-            dmain, d = self.bn2.backward(dy)   # d = dy * [y > 0], the sum's gradient
-            dmain = self.bn1.backward(self.conv2.backward(dmain))
-        else:
-            d = self.relu2.backward(dy)  # gradient of the sum, shared by both branches
-            dmain = self.bn2.backward(d)
-            dmain = self.conv2.backward(dmain)
-            dmain = self.bn1.backward(self.relu1.backward(dmain))
+        dmain, d = self._bn2_relu2.backward(self.bn2, self.relu2, dy)  # d: the sum's gradient
+        dmain = self._bn1_relu1.backward(self.bn1, self.relu1, self.conv2.backward(dmain))
         dmain = self.conv1.backward(dmain)
         dskip = d if self.shortcut is None else self.shortcut.backward(d)
         add_into(get_array_module(dmain), dmain, dskip)  # dmain: conv1's new array
