@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import rng as make_rng
 from ..nn import BatchNorm2d, GlobalAvgPool2d, Linear, MaxPool2d, ReLU, Sequential
-from ..nn.batchnorm import fuse_relu_into
+from ..nn.bn_relu import BNReLU
 from ..nn.conv import Conv2d
 from ..nn.module import Module
 from ..nn.resnet_blocks import Bottleneck, ResNetBasicBlock
@@ -63,13 +63,12 @@ class ResNet(Module):
         self.avgpool = GlobalAvgPool2d()
         self.fc = Linear(in_planes, num_classes, dtype=dtype, rng=gen)
         self.fc.followed_by_bn = False
+        self._bn1_relu = BNReLU()                      # the stem's relu(bn1(.)), fused or not
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"ResNet expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
-        self._fused = fuse_relu_into(self.bn1)     # the stem's ReLU inside bn1 (fuse_bn_relu)
-        x = self.conv1(x)
-        x = self.maxpool(self.bn1.forward(x, relu=True) if self._fused else self.relu(self.bn1(x)))
+        x = self.maxpool(self._bn1_relu.forward(self.bn1, self.relu, self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x))
 
@@ -77,9 +76,7 @@ class ResNet(Module):
         d = self.avgpool.backward(self.fc.backward(dy))
         d = self.layer1.backward(self.layer2.backward(self.layer3.backward(self.layer4.backward(d))))
         d = self.maxpool.backward(d)
-        if not getattr(self, "_fused", False):
-            d = self.relu.backward(d)
-        return self.conv1.backward(self.bn1.backward(d))
+        return self.conv1.backward(self._bn1_relu.backward(self.bn1, self.relu, d))
 
     def extra_repr(self) -> str:
         return f"block={self.block}, layers={self.layers}, width={self.width}, num_classes={self.num_classes}"

@@ -8,8 +8,9 @@
     y = relu(main(x) + shortcut(x))
 
 Backward: the final ReLU passes ``d = dy * [sum > 0]`` to both branches and their input gradients
-add up at x: ``dx = main.backward(d) + shortcut.backward(d)``. With the setting ``fuse_bn_relu`` the
-ReLUs and the sum run inside the batch norms, as in :class:`~npmask.nn.residual.BasicBlock`.
+add up at x: ``dx = main.backward(d) + shortcut.backward(d)``. Each ``relu(bn(.) [+ shortcut])``
+step goes through a :class:`~npmask.nn.bn_relu.BNReLU`: with the setting ``fuse_bn_relu`` the ReLUs
+and the sum run inside the batch norms, as in :class:`~npmask.nn.residual.BasicBlock`.
 
 These differ from npmask's WRN :class:`~npmask.nn.residual.BasicBlock` only in names
 (``downsample`` instead of ``shortcut``) and the bottleneck; they are separate classes so that a
@@ -21,7 +22,8 @@ import numpy as np
 
 from ..backend import rng as make_rng
 from .activation import ReLU
-from .batchnorm import BatchNorm2d, fuse_relu_into
+from .batchnorm import BatchNorm2d
+from .bn_relu import BNReLU
 from .container import Sequential
 from .conv import Conv2d
 from .module import Module
@@ -35,51 +37,39 @@ def _downsample(in_planes, out_planes, stride, dtype, gen):
 
 
 class _ResidualBlock(Module):
-    """Shared forward/backward; ``_main_names()`` lists the (conv, bn) pairs of the main branch in
-    order, with ``relu1``, ``relu2``, ... between them and ``relu`` after the sum."""
+    """Shared forward/backward over the main branch's stages ``_STAGES``, the (conv, bn, relu) names
+    in order: ``relu1``, ``relu2``, ... after the inner batch norms, ``relu`` after the sum.
 
-    def _main_names(self):
-        raise NotImplementedError
+        out = relu_i(bn_i(conv_i(out)))             each inner stage, from out = x
+        y   = relu(bn(conv(out)) + shortcut(x))     the last stage
+    """
+
+    _STAGES = ()
+
+    def __init__(self):
+        super().__init__()
+        self._bn_relus = [BNReLU() for _ in self._STAGES]   # each stage's relu(bn(.) [+ shortcut])
+
+    def _stages(self):
+        """(conv, bn, relu, BNReLU) of each stage, in order."""
+        return [(getattr(self, c), getattr(self, b), getattr(self, r), bn_relu)
+                for (c, b, r), bn_relu in zip(self._STAGES, self._bn_relus)]
 
     def forward(self, x):
-        names = self._main_names()
-        self._fused = all(fuse_relu_into(getattr(self, b)) for _, b in names)
-        if self._fused:     # every ReLU, and the sum, inside the batch norms (fuse_bn_relu)
-            return self._forward_fused(x, names)
+        *inner, (conv, bn, relu, bn_relu) = self._stages()
         out = x
-        for i, (c, b) in enumerate(names):
-            out = getattr(self, b)(getattr(self, c)(out))
-            if i < len(names) - 1:
-                out = getattr(self, f"relu{i + 1}")(out)
+        for conv_i, bn_i, relu_i, bn_relu_i in inner:         # out = relu_i(bn_i(conv_i(out)))
+            out = bn_relu_i.forward(bn_i, relu_i, conv_i(out))
+        out = conv(out)
         skip = x if self.downsample is None else self.downsample(x)
-        out = out + skip
-        return self.relu(out)
-
-    def _forward_fused(self, x, names):
-        out = x
-        for c, b in names[:-1]:
-            out = getattr(self, b).forward(getattr(self, c)(out), relu=True)
-        c, b = names[-1]
-        out = getattr(self, c)(out)
-        skip = x if self.downsample is None else self.downsample(x)
-        return getattr(self, b).forward(out, relu=True, residual=skip)
+        return bn_relu.forward(bn, relu, out, residual=skip)   # relu(bn(out) + skip)
 
     def backward(self, dy):
-        names = self._main_names()
-        if getattr(self, "_fused", False):
-            c, b = names[-1]
-            dmain, d = getattr(self, b).backward(dy)   # d = dy * [y > 0], the sum's gradient
-            dmain = getattr(self, c).backward(dmain)
-            for c, b in reversed(names[:-1]):
-                dmain = getattr(self, c).backward(getattr(self, b).backward(dmain))
-        else:
-            d = self.relu.backward(dy)
-            dmain = d
-            for i in reversed(range(len(names))):
-                c, b = names[i]
-                if i < len(names) - 1:
-                    dmain = getattr(self, f"relu{i + 1}").backward(dmain)
-                dmain = getattr(self, c).backward(getattr(self, b).backward(dmain))
+        *inner, (conv, bn, relu, bn_relu) = self._stages()
+        dmain, d = bn_relu.backward(bn, relu, dy)       # d: the sum's gradient, for both branches
+        dmain = conv.backward(dmain)
+        for conv_i, bn_i, relu_i, bn_relu_i in reversed(inner):
+            dmain = conv_i.backward(bn_relu_i.backward(bn_i, relu_i, dmain))
         dskip = d if self.downsample is None else self.downsample.backward(d)
         return dmain + dskip
 
@@ -88,6 +78,7 @@ class ResNetBasicBlock(_ResidualBlock):
     """torchvision ``BasicBlock``: children ``conv1``, ``bn1``, ``relu``, ``conv2``, ``bn2``, ``downsample``."""
 
     expansion = 1
+    _STAGES = (("conv1", "bn1", "relu1"), ("conv2", "bn2", "relu"))
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, dtype=np.float32, rng=None):
         super().__init__()
@@ -106,9 +97,6 @@ class ResNetBasicBlock(_ResidualBlock):
         for c in (self.conv1, self.conv2):
             c.followed_by_bn = True
 
-    def _main_names(self):
-        return (("conv1", "bn1"), ("conv2", "bn2"))
-
     def extra_repr(self) -> str:
         return f"{self.in_planes}, {self.planes}, stride={self.stride}"
 
@@ -118,6 +106,7 @@ class Bottleneck(_ResidualBlock):
     ``conv3``/``bn3`` 1x1 to ``4 * planes``, ``relu``, ``downsample``."""
 
     expansion = 4
+    _STAGES = (("conv1", "bn1", "relu1"), ("conv2", "bn2", "relu2"), ("conv3", "bn3", "relu"))
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, dtype=np.float32, rng=None):
         super().__init__()
@@ -136,9 +125,6 @@ class Bottleneck(_ResidualBlock):
         self.relu1, self.relu2 = ReLU(), ReLU()      # the inner uses of torchvision's ``relu``
         for c in (self.conv1, self.conv2, self.conv3):
             c.followed_by_bn = True
-
-    def _main_names(self):
-        return (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def extra_repr(self) -> str:
         return f"{self.in_planes}, {self.planes * self.expansion}, stride={self.stride}"
