@@ -23,7 +23,8 @@ import numpy as np
 
 from ..backend import get_array_module, rng as make_rng
 from .activation import ReLU
-from .batchnorm import BatchNorm2d, fuse_relu_into
+from .batchnorm import BatchNorm2d
+from .bn_relu import BNReLU
 from .conv import Conv2d
 from .module import Module
 from .pooling import AvgPool2d
@@ -64,26 +65,20 @@ class DenseLayer(Module):
         self.conv2 = Conv2d(inner, growth_rate, 3, padding=1, dtype=dtype, rng=gen)
         self.conv1.followed_by_bn = True
         self.conv2.followed_by_bn = True
+        self._norm1_relu1 = BNReLU()           # relu1(norm1(.)), fused or not (fuse_bn_relu)
+        self._norm2_relu2 = BNReLU()
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DenseLayer expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        self._fused = fuse_relu_into(self.norm1) and fuse_relu_into(self.norm2)
-        if self._fused:     # relu1 and relu2 inside norm1 and norm2 (fuse_bn_relu): the same bits
-            new = self.conv1(self.norm1.forward(x, relu=True))
-            new = self.conv2(self.norm2.forward(new, relu=True))
-        else:
-            new = self.conv1(self.relu1(self.norm1(x)))
-            new = self.conv2(self.relu2(self.norm2(new)))
+        new = self.conv1(self._norm1_relu1.forward(self.norm1, self.relu1, x))
+        new = self.conv2(self._norm2_relu2.forward(self.norm2, self.relu2, new))
         return concat_channels(x, new)
 
     def backward(self, dy):
-        fused = getattr(self, "_fused", False)
         d_direct, d_new = split_channels(dy, self.in_channels)
-        d = self.conv2.backward(d_new)
-        d = self.norm2.backward(d if fused else self.relu2.backward(d))
-        d = self.conv1.backward(d)
-        d = self.norm1.backward(d if fused else self.relu1.backward(d))
+        d = self._norm2_relu2.backward(self.norm2, self.relu2, self.conv2.backward(d_new))
+        d = self._norm1_relu1.backward(self.norm1, self.relu1, self.conv1.backward(d))
         return d + d_direct
 
     def extra_repr(self) -> str:
@@ -126,12 +121,11 @@ class Transition(Module):
         self.conv = Conv2d(in_channels, out_channels, 1, dtype=dtype, rng=make_rng(rng))
         self.conv.followed_by_bn = True
         self.pool = AvgPool2d(2, 2)
+        self._norm_relu = BNReLU()             # relu(norm(.)), fused or not (fuse_bn_relu)
 
     def forward(self, x):
-        self._fused = fuse_relu_into(self.norm)    # relu inside norm (fuse_bn_relu)
-        return self.pool(self.conv(self.norm.forward(x, relu=True) if self._fused
-                                   else self.relu(self.norm(x))))
+        return self.pool(self.conv(self._norm_relu.forward(self.norm, self.relu, x)))
 
     def backward(self, dy):
         d = self.conv.backward(self.pool.backward(dy))
-        return self.norm.backward(d if getattr(self, "_fused", False) else self.relu.backward(d))
+        return self._norm_relu.backward(self.norm, self.relu, d)
