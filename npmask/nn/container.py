@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .activation import ReLU
-from .batchnorm import fuse_relu_into
+from .bn_relu import BNReLU
 from .module import Module
 
 
@@ -13,9 +13,10 @@ class Sequential(Module):
     Parameter names follow PyTorch: ``Sequential(Conv2d(...), BatchNorm2d(...))`` has ``0.weight``,
     ``1.weight``, ``1.bias``, ...
 
-    With the setting ``fuse_bn_relu``, a batch norm directly followed by a ``ReLU`` runs it inside
-    its own pass (``forward(x, relu=True)``, npmask/nn/batchnorm.py) and the ReLU module is skipped,
-    forward and backward: the same numbers.
+    A module directly followed by a ``ReLU`` runs with it as one :class:`~npmask.nn.bn_relu.BNReLU`
+    step: with the setting ``fuse_bn_relu``, a batch norm runs the ReLU inside its own pass
+    (npmask/nn/batchnorm.py) and the ReLU module is skipped, forward and backward: the same numbers.
+    Any other module, and every module with the setting off, runs before its ReLU as written.
     """
 
     def __init__(self, *modules: Module):
@@ -46,20 +47,23 @@ class Sequential(Module):
 
     def forward(self, x):
         mods = list(self.children.values())
-        self._inside_bn = set()        # positions of ReLUs run inside the batch norm before them
+        self._bn_relus = {}            # position of a module run with the ReLU after it: its BNReLU
         for i, m in enumerate(mods):
-            if i in self._inside_bn:
-                continue
-            if i + 1 < len(mods) and type(mods[i + 1]) is ReLU and fuse_relu_into(m):
-                x = m.forward(x, relu=True)
-                self._inside_bn.add(i + 1)
+            if i - 1 in self._bn_relus:
+                continue               # this ReLU ran in the step before it
+            if i + 1 < len(mods) and type(mods[i + 1]) is ReLU:
+                self._bn_relus[i] = BNReLU()
+                x = self._bn_relus[i].forward(m, mods[i + 1], x)
             else:
                 x = m.forward(x)
         return x
 
     def backward(self, dy):
-        inside_bn = getattr(self, "_inside_bn", set())
-        for i, m in reversed(list(enumerate(self.children.values()))):
-            if i not in inside_bn:
-                dy = m.backward(dy)
+        mods = list(self.children.values())
+        bn_relus = getattr(self, "_bn_relus", {})
+        for i in reversed(range(len(mods))):
+            if i in bn_relus:
+                dy = bn_relus[i].backward(mods[i], mods[i + 1], dy)
+            elif i - 1 not in bn_relus:
+                dy = mods[i].backward(dy)
         return dy
