@@ -16,9 +16,10 @@ The map of the package:
 
 - ``nn/``: layers with forward and backward passes (convolution: the readable im2col path in
   ``conv.py``, the naive loops in ``conv_reference.py``, the fast path in ``conv_fast.py`` and
-  ``conv_columns.py``; batch norm, linear, pooling, the Wide-ResNet block; ``parallel.py``, the
-  CPU threads; on CuPy, fused kernels for batch norm + ReLU in ``batchnorm_cuda.py`` and for
-  im2col / col2im in ``conv_cuda.py``);
+  ``conv_columns.py``; batch norm (``bn_relu.py``: the blocks' step relu(bn(x) [+ residual]),
+  fused or not), linear, pooling, the Wide-ResNet block; ``parallel.py``, the CPU threads; on
+  CuPy, fused kernels for batch norm + ReLU in ``batchnorm_cuda.py`` and for im2col / col2im in
+  ``conv_cuda.py``);
 - ``masking/``: the mask transform (eq. 1), the masked layers and the variants;
 - ``models/``, ``pretrained/``: the backbones (WRN, VGG, torchvision's ResNet and DenseNet, the
   residual-adapters ResNet-26) and the shipped pretrained one;

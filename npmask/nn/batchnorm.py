@@ -36,11 +36,12 @@ per-channel vector is spread to a (C, L) array before it meets an activation (:f
 Channels are independent, so on NumPy both passes split the channels over a few threads
 (:mod:`npmask.nn.parallel`), with bit-identical results.
 
-Fused with the ReLU after it (setting ``fuse_bn_relu``, :func:`fuse_relu_into`), the blocks call
-``forward(x, relu=True, residual=skip)``: y = max(bn(x) + skip, 0) is made in the same per-channel
-pass, on the slice still in cache, with the operations of the separate addition and ReLU (the same
-bits), and backward first takes the ReLU's gradient ``dy * [y > 0]`` from the kept output y, in the
-same channel loop. On CuPy those calls run as a few fused kernels (:mod:`npmask.nn.batchnorm_cuda`).
+Fused with the ReLU after it (setting ``fuse_bn_relu``, :func:`fuse_relu_into`), the blocks call,
+through :class:`~npmask.nn.bn_relu.BNReLU`, ``forward(x, relu=True, residual=skip)``:
+y = max(bn(x) + skip, 0) is made in the same per-channel pass, on the slice still in cache, with
+the operations of the separate addition and ReLU (the same bits), and backward first takes the
+ReLU's gradient ``dy * [y > 0]`` from the kept output y, in the same channel loop. On CuPy those
+calls run as a few fused kernels (:mod:`npmask.nn.batchnorm_cuda`).
 """
 from __future__ import annotations
 
@@ -111,9 +112,10 @@ def _over_channels(xp, x3, fn) -> None:
 
 
 def fuse_relu_into(module) -> bool:
-    """True when a block runs ``module`` with the ReLU after it (and the sum before that ReLU) fused
-    in, ``module.forward(x, relu=True, residual=...)``: the setting ``fuse_bn_relu`` is on and the
-    module takes those arguments (a batch norm, or a wrapper that hands them on to one)."""
+    """True when a block's :class:`~npmask.nn.bn_relu.BNReLU` step runs ``module`` with the ReLU
+    after it (and the sum before that ReLU) fused in, as ``module.forward(x, relu=True,
+    residual=...)``: the setting ``fuse_bn_relu`` is on and the module takes those arguments (a
+    batch norm, or a wrapper that hands them on to one)."""
     return settings.fuse_bn_relu and bool(getattr(module, "takes_fused_relu", False))
 
 
