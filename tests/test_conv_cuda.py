@@ -275,10 +275,14 @@ def test_setting_is_off_by_default_and_numpy_ignores_it(monkeypatch):
         conv.conv2d_backward(y, cache)
 
 
-def test_chunks_too_large_for_int_indices_take_the_generic_path():
+def test_chunks_too_large_for_int_indices_take_the_generic_path(monkeypatch):
     assert conv_cuda.fits(64, 32, 32, 3, 3, 32, 32, 128)
     assert not conv_cuda.fits(64, 256, 256, 3, 3, 256, 256, 128)     # 4.8G column entries
     assert not conv_cuda.fits(1, 1 << 16, 1 << 15, 1, 1, 1, 1, 1)   # 2^31 input entries
+    assert not conv_cuda.applies(np, 64, 32, 32, 3, 3, 32, 32, 128)  # NumPy: never
+    monkeypatch.setattr(conv_cuda, "enabled", lambda xp: True)       # as on CuPy with the setting
+    assert conv_cuda.applies(np, 64, 32, 32, 3, 3, 32, 32, 128)
+    assert not conv_cuda.applies(np, 64, 256, 256, 3, 3, 256, 256, 128)
 
 
 # ------------------------------------------------------------------------------------ on a GPU

@@ -104,8 +104,7 @@ class _Columns:
                        and wo >= PHASED_MIN_WIDTH)
         # on CuPy with settings.cuda_conv_kernels: one kernel writes the columns, rows of R as
         # chosen above (conv_cuda.py), and no padded copy of the input is kept
-        self.kernel = (conv_cuda.enabled(xp) and not pointwise
-                       and conv_cuda.fits(c, h, w, kh, kw, ho, self.r, nb))
+        self.kernel = not pointwise and conv_cuda.applies(xp, c, h, w, kh, kw, ho, self.r, nb)
         if pointwise or self.kernel:
             self.xpad = None                           # not needed: see cols()
         elif self.phased:

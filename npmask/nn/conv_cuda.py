@@ -97,6 +97,12 @@ def fits(c, h, w, kh, kw, ho, r, m) -> bool:
     return m * c * h * w <= INT_LIMIT and c * kh * kw * m * ho * r <= INT_LIMIT
 
 
+def applies(xp, c, h, w, kh, kw, ho, r, m) -> bool:
+    """Whether a convolution's chunks of m images (C, H, W), kernel kh x kw, Ho output rows of R
+    entries, take the kernels: they are :func:`enabled` for ``xp`` and the chunk :func:`fits`."""
+    return enabled(xp) and fits(c, h, w, kh, kw, ho, r, m)
+
+
 @lru_cache(maxsize=None)
 def kernels() -> dict:
     """The two kernel objects, built on first use (needs CuPy; a GPU only to run them)."""

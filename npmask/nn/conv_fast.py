@@ -228,7 +228,7 @@ def input_grad_col2im(dy, weight, x_shape, stride: int, padding: int):
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
     nb, chunks = _chunks(xp, n, k * ho * wq)
-    kernel = conv_cuda.enabled(xp) and conv_cuda.fits(c, h, w, kh, kw, ho, wq, nb)
+    kernel = conv_cuda.applies(xp, c, h, w, kh, kw, ho, wq, nb)
     # the phases' rows (t0, t1) and columns that lie inside x, and where they start in dx
     rows = [(a, -(-(p - a) // s), -(-(p + h - a) // s)) for a in range(s)]
     cols = [(b, -(-(p - b) // s), -(-(p + w - b) // s)) for b in range(s)]
@@ -275,7 +275,7 @@ def _input_grad_windows(dy, weight, x_shape, stride: int, padding: int):
     w_mat_t = weight.reshape(o, k).T
     dx = xp.empty(x_shape, dtype=dy.dtype)
     nb, chunks = _chunks(xp, n, k * ho * wo)
-    kernel = conv_cuda.enabled(xp) and conv_cuda.fits(c, h, w, kh, kw, ho, wo, nb)
+    kernel = conv_cuda.applies(xp, c, h, w, kh, kw, ho, wo, nb)
 
     def one_chunk(dxpad, i):
         n0, n1 = chunks[i]
