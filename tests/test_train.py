@@ -368,6 +368,16 @@ def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "w") + ["--data-root", str(empty)], "holds no domain")
 
 
+def test_a_crop_larger_than_the_stored_images_is_one_line_before_any_folder(tiny, tmp_path):
+    # 16x16 data fed by the Decathlon protocol to a 64px network: its 64x64 crop cannot be cut
+    backbone = write_random_backbone(tmp_path / "bb64.npz", size=64)
+    args = base_args(tiny, tmp_path / "x", "--augmentation", "decathlon")
+    args[args.index("--input-size") + 1] = "64"
+    args[args.index("--backbone") + 1] = str(backbone)
+    expect_exit(args, "domain 'a'", "crop 64x64 is larger than the (padded) image 16x16")
+    assert not (tmp_path / "x").exists()
+
+
 def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path, monkeypatch):
     from npmask.metrics import decathlon_emax
     expect_exit(["--benchmark", "decathlon"], "--benchmark decathlon needs --data-root")
@@ -376,9 +386,10 @@ def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path, monkeypatch
     # with its domains present: WRN-28-4 at 64x64, the published Emax, and a backbone required
     root = tmp_path / "dec"
     root.mkdir()
+    big = write_tiny_benchmark(tmp_path / "72px", size=72, n_train=32, n_test=8)  # 64px crops
     for d in ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "vgg-flowers", "omniglot",
               "svhn", "ucf101"]:
-        (root / d).symlink_to(tiny["data"] / "a")
+        (root / d).symlink_to(big / "a")
     expect_exit(["--benchmark", "decathlon", "--data-root", str(root)],
                 "needs --backbone", "--model wrn28_4 --input-size 64")
     # the tiny backbone is a 16px WRN-10-1: refused before any folder exists ...

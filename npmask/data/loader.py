@@ -87,7 +87,8 @@ class Augmentation:
             return int(h), int(w)
         return int(self.crop), int(self.crop)
 
-    def check(self, image_size) -> None:
+    def check(self, image_size) -> tuple[int, int]:
+        """The output size for ``image_size`` images; ValueError when the view cannot be cut."""
         h, w = image_size
         ch, cw = self.output_size(image_size)
         if self.padding < 0:
@@ -96,10 +97,11 @@ class Augmentation:
             if self.resize < 1 or self.padding:
                 raise ValueError(f"a resized crop needs a side >= 1 and no padding, got "
                                  f"{self.resize} and {self.padding}")
-            return
+            return ch, cw
         if ch > h + 2 * self.padding or cw > w + 2 * self.padding:
             raise ValueError(f"crop {ch}x{cw} is larger than the (padded) image "
                              f"{h + 2 * self.padding}x{w + 2 * self.padding}")
+        return ch, cw
 
 
 def augmentation_for(domain: Domain, train: bool, protocol: str = "auto", *,

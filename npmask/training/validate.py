@@ -251,7 +251,7 @@ def check_data(root, domains, *, input_size: int, augmentation: str, batch_size:
         for train in (True, False):
             try:
                 aug = augmentation_for(dom, train, augmentation, input_size=input_size)
-                size = aug.output_size(tuple(meta["image_size"]))
+                size = aug.check(tuple(meta["image_size"]))  # ValueError: crop > stored images
             except ValueError as err:
                 raise ConfigError(f"domain {d!r}: {err}") from None
             # a domain the protocol feeds whole (Decathlon's 72x72 gtsrb/omniglot/svhn) is meant
