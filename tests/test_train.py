@@ -324,6 +324,19 @@ def test_resume_from_a_damaged_checkpoint_is_one_line_and_loses_nothing_else(tin
     assert comparable_metrics(out) == comparable_metrics(reference_run)  # the good one resumes
 
 
+def test_a_damaged_base_accuracy_cache_is_measured_again(tiny, reference_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    cache = out / "base_accuracy.json"
+    good = json.loads(cache.read_text())
+    cache.write_text("{ torn")  # the backbone's JSON has no test_acc: this file is a cache
+    assert run_cli(["--resume", "--out", str(out), "--quiet"]) == 0
+    assert json.loads(cache.read_text()) == good
+    assert json.loads((out / "results.json").read_text())["acc"] == json.loads(
+        (reference_run / "results.json").read_text())["acc"]
+
+
 # ---------------------------------------------------------------------------------- errors
 def expect_exit(args, *fragments):
     with pytest.raises(SystemExit) as e:

@@ -162,7 +162,12 @@ def base_accuracy(cfg, folder, model, info, data_root) -> dict:
                 "source": f"the backbone's JSON ({Path(str(cfg.backbone)).with_suffix('.json').name})"}
     cache = Path(folder.path) / "base_accuracy.json"
     if cache.is_file():
-        return json.loads(cache.read_text(encoding="utf-8"))
+        try:
+            cached = json.loads(cache.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = None  # a damaged cache is measured again below (and rewritten)
+        if isinstance(cached, dict) and {"domain", "acc", "source"} <= cached.keys():
+            return cached
     if data_root is None or not (Path(data_root) / name / "meta.json").is_file():
         return {"domain": name, "acc": None,
                 "source": f"missing: the backbone's JSON has no test_acc and {name!r} is not under "
