@@ -56,6 +56,7 @@ if (_REPO / "npmask").is_dir() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from npmask.data.format import DataFormatError, read_meta, write_domain  # noqa: E402
+from npmask.inference import to_8bit  # noqa: E402
 
 DOWNLOADS = "_downloads"          # <root>/_downloads/<source>/ holds the raw archives
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff")
@@ -288,7 +289,10 @@ def open_image(data, mode: str = "RGB", name: str = "image") -> Image.Image:
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataScriptError(f"{name}: cannot decode image ({err}); the archive may be corrupt") from None
-    return img.convert(mode)
+    try:
+        return to_8bit(img).convert(mode)  # as npmask.predict reads a picture
+    except ValueError as err:
+        raise DataScriptError(f"{name}: {err}") from None
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

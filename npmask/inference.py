@@ -82,13 +82,26 @@ def check_data_info(info: dict, num_classes: int | None = None) -> dict:
     return out
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """``img`` with 8-bit channels, ready for ``convert("RGB"/"L")``: 16-bit grey (Pillow's modes
+    ``I;16*`` and ``I``) is scaled by 255/65535, where ``convert`` would clip it at 255 (a 16-bit
+    picture would come out nearly white); float pixels (``F``) have no fixed range: ValueError."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no fixed range; save the picture with 8 or 16 "
+                         "bits per channel")
+    return img
+
+
 def read_image(path, channels: int = 3) -> np.ndarray:
     """The image file at ``path`` as uint8 (H, W, channels); ImageError if it cannot be read."""
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
     except IsADirectoryError:

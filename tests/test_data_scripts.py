@@ -568,6 +568,30 @@ def test_image_folder_dir_zip_and_tar(tmp_path):
     assert_no_domain(tmp_path / "bad")
 
 
+def write_tree(src, members):
+    for name, data in members.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    return src
+
+
+def test_image_folder_scales_16_bit_pictures_and_refuses_float_ones(tmp_path):
+    import image_folder
+    members = image_tree()
+    grey16 = np.full((20, 26), 40000, np.uint16)  # 16-bit PNG: 40000/65535 of white, not white
+    members["train/002.Laysan_Albatross/img9.png"] = encode(Image.fromarray(grey16), "PNG")
+    src = write_tree(tmp_path / "src", members)
+    image_folder.convert(src, tmp_path / "out", name="x", size=16)
+    x, y = load_domain(tmp_path / "out").train
+    assert np.all(x[-1] == round(40000 / 257))  # the class's last image by file name
+    members["train/002.Laysan_Albatross/img9.png"] = encode(
+        Image.fromarray(np.full((20, 26), 0.5, np.float32)), "TIFF")
+    write_tree(tmp_path / "src", members)
+    with pytest.raises(C.DataScriptError, match="img9.png: 32-bit float pixels"):
+        image_folder.convert(src, tmp_path / "bad", name="bad", size=16)
+    assert_no_domain(tmp_path / "bad")
+
+
 # ---------------------------------------------------------------------------------------------
 # Visual Decathlon
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,19 @@ def test_prepare_images_resizes_crops_and_normalises():
     assert prepare_images(np.full((8, 8), 255, np.uint8), grey_for_rgb).shape == (1, 3, 4, 4)
 
 
+def test_a_16_bit_picture_reads_as_its_8_bit_version(tmp_path):
+    info = {"class_names": ["x"], "mean": [0.0], "std": [1.0], "image_size": [4, 4],
+            "input_size": [4, 4], "channels": 1, "mirror": False}
+    grey16 = (np.arange(16).reshape(4, 4) * 4000).astype(np.uint16)  # up to 60000: not clipped
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    Image.fromarray(np.rint(grey16 / 257).astype(np.uint8)).save(tmp_path / "flat.png")
+    assert np.array_equal(prepare_images(str(tmp_path / "deep.png"), info),
+                          prepare_images(str(tmp_path / "flat.png"), info))
+    Image.fromarray(grey16.astype(np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match="float.tiff: not a readable image .*float pixels"):
+        prepare_images(str(tmp_path / "float.tiff"), info)
+
+
 def test_old_domain_files_still_load_and_predict_says_what_is_missing(tmp_path):
     md, x = trained_model(["full"], steps=1)
     path = save_domain(md, "full", tmp_path / "full.npz")       # no data description set
