@@ -45,6 +45,8 @@ def _locate(parts):
 def _iter_source(src, quiet):
     """Yield (split, class, name, bytes) for every image of a folder, zip or tar(.gz)."""
     src = Path(src)
+    if not src.exists():
+        raise C.DataScriptError(f"{src}: no such folder or archive")
     if src.is_dir():
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             where = _locate(path.relative_to(src).parts)
@@ -81,6 +83,10 @@ def convert(src, out_folder, *, name: str, size: int = 64, resize: str = "crop",
             raise C.DataScriptError(f"{src}: no images under a '{split}/<class>/' folder; "
                                     f"found splits: {sorted(found) or 'none'}")
     class_names = sorted({cls for cls, _, _ in found["train"]})
+    if len(class_names) < 2:  # e.g. train/images/*.jpg: the class folders are one level down
+        raise C.DataScriptError(f"{src}: train has a single class folder ({class_names[0]!r}); "
+                                "a classifier needs <split>/<class>/ folders for two classes "
+                                "or more")
     index = {c: i for i, c in enumerate(class_names)}
     splits = {}
     for split, items in found.items():

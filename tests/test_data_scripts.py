@@ -592,6 +592,16 @@ def test_image_folder_scales_16_bit_pictures_and_refuses_float_ones(tmp_path):
     assert_no_domain(tmp_path / "bad")
 
 
+def test_image_folder_user_mistakes_are_clear(tmp_path):
+    import image_folder
+    with pytest.raises(C.DataScriptError, match="nope: no such folder or archive"):
+        image_folder.convert(tmp_path / "nope", tmp_path / "bad", name="bad")
+    one = {k: v for k, v in image_tree().items() if "002." not in k}  # one class folder only
+    with pytest.raises(C.DataScriptError, match="single class folder .'001.Black_footed"):
+        image_folder.convert(write_tree(tmp_path / "one", one), tmp_path / "bad", name="bad")
+    assert_no_domain(tmp_path / "bad")
+
+
 # ---------------------------------------------------------------------------------------------
 # Visual Decathlon
 # ---------------------------------------------------------------------------------------------
