@@ -357,6 +357,19 @@ def test_unknown_model_variant_domain_are_one_line_errors(tiny, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing written for a rejected command
 
 
+def test_pytorch_weights_or_a_folder_as_backbone_are_one_line_errors(tiny, tmp_path):
+    for name in ("resnet50.safetensors", "model.pth"):  # before npmask.convert: says to run it
+        (tmp_path / name).write_bytes(b"weights")
+        args = base_args(tiny, tmp_path / "x")
+        args[args.index("--backbone") + 1] = str(tmp_path / name)
+        expect_exit(args, f"backbone {tmp_path / name} is PyTorch weights",
+                    f"python -m npmask.convert {tmp_path / name} --model MODEL --out")
+    (tmp_path / "bb.npz").mkdir()
+    args[args.index("--backbone") + 1] = str(tmp_path / "bb.npz")
+    expect_exit(args, "bb.npz is a folder; give the backbone's .npz file")
+    assert not (tmp_path / "x").exists()
+
+
 def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "x") + ["--data-root", str(tmp_path / "nope")],
                 "data folder", "does not exist")

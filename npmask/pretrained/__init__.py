@@ -29,6 +29,10 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = "wrn16_1_synthetic"
 
 
+# PyTorch weight files, which python -m npmask.convert turns into a backbone
+TORCH_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
+
+
 class BackboneError(RuntimeError):
     """A backbone file is missing or does not match its description."""
 
@@ -94,6 +98,12 @@ def load_backbone(path=None, *, dtype=None, backend: str = "numpy"):
     path: a backbone ``.npz`` (default: the shipped one). dtype: override the stored dtype.
     """
     path = Path(path) if path is not None else shipped_path()
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        raise BackboneError(f"backbone {path} is PyTorch weights, not an npmask backbone; convert "
+                            f"it first: python -m npmask.convert {path} --model MODEL --out "
+                            f"{path.with_suffix('.npz')}")
+    if path.is_dir():
+        raise BackboneError(f"backbone {path} is a folder; give the backbone's .npz file")
     if not path.is_file():
         raise BackboneError(f"backbone {path} not found; create one with python -m npmask.pretrain, or "
                             "from PyTorch weights with python -m npmask.convert")

@@ -231,6 +231,8 @@ def train_config_from_args(ns: dict) -> TrainConfig:
 def resolve_backbone(cfg: TrainConfig, bench, root) -> str:
     """The backbone file: --backbone, else (synthetic) the shipped one, pretrained when missing."""
     if cfg.backbone is not None:
+        if Path(cfg.backbone).is_dir():
+            raise ConfigError(f"backbone {cfg.backbone} is a folder; give the backbone's .npz file")
         if not Path(cfg.backbone).is_file():
             raise ConfigError(f"backbone {cfg.backbone} not found")
         return str(Path(cfg.backbone).resolve())
