@@ -126,6 +126,8 @@ def convert(src, model_name: str, out, num_classes: int | None = None, input_siz
     out = Path(out)
     if out.suffix != ".npz":
         raise ConvertError(f"--out must end in .npz (the backbone file; its .json goes beside it), got {out}")
+    if test_acc is not None and not 0 <= test_acc <= 100:  # also NaN, which JSON cannot hold
+        raise ConvertError(f"--test-acc is a test accuracy in percent, from 0 to 100; got {test_acc}")
     state = read_state_dict(src)
     input_size = int(input_size) if input_size is not None else models.default_input_size(model_name)
     head = _head_of(model_name)

@@ -96,6 +96,9 @@ def test_truncated_and_unknown_files_give_one_line(tmp_path):
         convert(good, "resnet101", tmp_path / "bb.npz")
     with pytest.raises(ConvertError, match="must end in .npz"):
         convert(good, "wrn10_1", tmp_path / "bb.pt")
+    for acc in (150.0, -1.0, float("nan")):  # a percentage; NaN would even make the .json invalid
+        with pytest.raises(ConvertError, match="--test-acc is a test accuracy in percent"):
+            convert(good, "wrn10_1", tmp_path / "bb.npz", test_acc=acc)
     assert listing(tmp_path) == before
 
 
