@@ -127,6 +127,12 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
     # on Ray the jobs check their device where they run: the driver may have no GPU
     with (validate.device_checked_by_workers() if executor == "ray" else contextlib.nullcontext()):
         out, variants, seeds, base, command, resume = _settings(ns, argv)
+    if ns.get("table"):  # written once every job has ended: checked before the first
+        if Path(ns["table"]).is_dir():
+            raise ConfigError(f"--table {ns['table']} is a folder; give the path of the markdown "
+                              "file to write")
+        validate.check_creatable("--table", ns["table"], Path(ns["table"]))
+    ray_executor = _ray_executor() if executor == "ray" else None  # installed? before any folder
     top = _CompareFolder(out)
     if resume:
         top.lock()
@@ -144,7 +150,10 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
           f"{len(seeds or [base.seed])} seed(s)) on the {executor} executor, in {out}",
           file=sys.stderr)
     if executor == "ray":
-        outcomes = _ray(specs, ns, quiet)
+        outcomes = ray_executor.run(
+            specs, address=ns.get("address"), cpus=ns.get("cpus_per_job", 1.0),
+            gpus=ns.get("gpus_per_job", 0.0), progress=not quiet,
+            echo=lambda s: print(s, file=sys.stderr, flush=True))
     else:
         try:
             outcomes = grid.run_local(specs, progress=not quiet, stop_after=ns.get("stop_after_epochs"),
@@ -207,6 +216,8 @@ def _settings(ns: dict, argv):
                 raise ConfigError("give either --seed or --seeds, not both")
             if not seeds or len(set(seeds)) != len(seeds):
                 raise ConfigError(f"--seeds must list distinct seeds, got {seeds}")
+            if min(seeds) < 0:
+                raise ConfigError(f"--seeds must be >= 0, got {seeds}")
         given = {k: v for k, v in ns.items() if k in cli.TRAIN_FLAGS}
         if ns.get("out"):  # before any data is generated or read
             validate.check_new_out(ns["out"], "compare", PROG)
@@ -217,8 +228,8 @@ def _settings(ns: dict, argv):
     return out, variants, seeds, base, command, resume
 
 
-def _ray(specs, ns, quiet):
-    """The jobs on Ray (npmask.training.ray_executor), or one line saying how to install it."""
+def _ray_executor():
+    """npmask.training.ray_executor, or one line saying how to install Ray."""
     try:
         # optional dependency: only --executor ray imports Ray (pip install 'npmask[ray]')
         from .training import ray_executor
@@ -227,9 +238,7 @@ def _ray(specs, ns, quiet):
             raise
         raise ConfigError("--executor ray needs Ray, which is not installed: pip install "
                           "'npmask[ray]' (or pip install 'ray>=2.9')") from None
-    return ray_executor.run(specs, address=ns.get("address"), cpus=ns.get("cpus_per_job", 1.0),
-                            gpus=ns.get("gpus_per_job", 0.0), progress=not quiet,
-                            echo=lambda s: print(s, file=sys.stderr, flush=True))
+    return ray_executor
 
 
 def _emax(acc: dict, per_seed: bool):

@@ -112,3 +112,15 @@ def test_compare_rejects_seed_and_seeds_together(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
         compare.main(args(tiny, tmp_path / "x", "--seeds", "0,1", "--seed", "3"))
     assert "either --seed or --seeds" in str(e.value.code)
+
+
+def test_bad_seeds_and_table_are_one_line_before_any_folder(tiny, tmp_path):
+    (tmp_path / "tables").mkdir()
+    for extra, says in ((["--seeds", "0,-1"], "--seeds must be >= 0, got [0, -1]"),
+                        (["--table", str(tmp_path / "tables")], "is a folder; give the path of")):
+        with pytest.raises(SystemExit) as e:
+            compare.main(args(tiny, tmp_path / "x", *extra))
+        msg = str(e.value.code)
+        assert msg.startswith("python -m npmask.compare: error: ") and says in msg
+        assert "\n" not in msg
+        assert not (tmp_path / "x").exists()

@@ -140,6 +140,7 @@ def test_without_ray_the_ray_executor_says_how_to_install_it(tiny, tmp_path, mon
     assert str(e.value.code) == ("python -m npmask.compare: error: --executor ray needs Ray, which "
                                  "is not installed: pip install 'npmask[ray]' (or pip install "
                                  "'ray>=2.9')")
+    assert not (tmp_path / "x").exists()  # said before the comparison folder is created
 
 
 def test_on_ray_the_driver_leaves_the_device_check_to_the_jobs(tiny, tmp_path, monkeypatch):

@@ -334,7 +334,7 @@ def check_new_out(out, kind: str, prog: str) -> None:
             raise ConfigError(f"--out {out} exists and is not an npmask run folder (it holds "
                               f"{shown}); npmask writes only into a new or empty folder: choose "
                               "another --out")
-    _check_creatable("--out", out, p)
+    check_creatable("--out", out, p)
 
 
 def check_save_path(save) -> None:
@@ -353,10 +353,10 @@ def check_save_path(save) -> None:
     if info.exists() and not p.exists():
         raise ConfigError(f"--save {save}: {info} exists without its .npz; npmask does not "
                           "overwrite it: choose another path")
-    _check_creatable("--save", save, p)
+    check_creatable("--save", save, p)
 
 
-def _check_creatable(flag: str, given, p: Path) -> None:
+def check_creatable(flag: str, given, p: Path) -> None:
     """The nearest existing folder above ``p`` is a writable folder, so ``p`` can be created."""
     parent = p.resolve().parent
     while not parent.exists():
