@@ -45,6 +45,10 @@ def export_domain(domain_path, backbone_path, out, name: str | None = None) -> d
         raise ExportError(f"--out must end in .safetensors or .npz, got {out}")
     if not Path(domain_path).is_file():
         raise ExportError(f"{domain_path}: no such domain file")
+    for given, what in ((backbone_path, "the backbone"), (domain_path, "the domain file")):
+        if out.exists() and Path(given).exists() and out.samefile(given):
+            raise ExportError(f"--out {out} is {what} the export reads; npmask does not overwrite "
+                              "it: choose another path")
     try:
         backbone, _ = load_backbone(backbone_path)
     except (BackboneError, KeyError) as err:

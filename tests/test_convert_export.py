@@ -215,6 +215,11 @@ def test_export_errors_write_nothing(tmp_path):
                                 (tmp_path / "none.npz", tmp_path / "bb.npz", "x.npz", "no such domain file")):
         with pytest.raises(ExportError, match=match):
             export_domain(dom, bb, tmp_path / out)
+    kept = {p: p.read_bytes() for p in (tmp_path / "bb.npz", tmp_path / "d.npz")}
+    for out, what in (("bb.npz", "the backbone"), ("d.npz", "the domain file")):  # --out = an input
+        with pytest.raises(ExportError, match=f"--out .*{out} is {what} the export reads"):
+            export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", tmp_path / out)
+    assert all(p.read_bytes() == data for p, data in kept.items())
     assert listing(tmp_path) == before
     env = dict(os.environ, PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "npmask.export", str(tmp_path / "d.npz"), "--backbone",
