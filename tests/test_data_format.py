@@ -202,6 +202,7 @@ def test_load_reports_defects(tmp_path, damage, message):
     (lambda f: _resave(f, "train", images=np.zeros((12, 6, 6, 3), np.uint8)), r"images are uint8 \(12, 6, 6, 3\)"),
     (lambda f: _resave(f, "test", labels=np.zeros(5, np.int32)), "labels are int32"),
     (lambda f: _resave(f, "val", labels=np.array([0, None, 1], dtype=object)), "val.npz: labels are object"),
+    (lambda f: _edit_meta(f, lambda m: m.update(std=[0.2, 0.0, 0.2])), r"std \[0.2, 0.0, 0.2\]: a channel"),
 ])
 def test_header_check_finds_defects_without_loading(tmp_path, damage, message):
     folder, _ = _write(tmp_path / "toy")

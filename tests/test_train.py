@@ -404,6 +404,22 @@ def test_a_crop_larger_than_the_stored_images_is_one_line_before_any_folder(tiny
     assert not (tmp_path / "x").exists()
 
 
+def test_a_constant_channel_in_the_training_images_is_one_line_before_any_folder(tiny, tmp_path):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tiny["data"], root)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 16, 16, 3)).astype(np.uint8)
+    x[..., 2] = 0  # blue is 0 in every training image: std 0, the loader would divide by it
+    y = np.arange(32) % 3
+    write_domain(root / "a", name="a", train=(x, y), test=(x[:8], y[:8]),
+                 class_names=["c0", "c1", "c2"], mirror=True, source="test", licence="none")
+    args = base_args(tiny, tmp_path / "x", "--domains", "a")
+    args[args.index("--data-root") + 1] = str(root)
+    expect_exit(args, f"{root / 'a' / 'meta.json'}: std [", "cannot be normalised")
+    assert not (tmp_path / "x").exists()
+
+
 def test_decathlon_benchmark_defaults_and_its_errors(tiny, tmp_path, monkeypatch):
     from npmask.metrics import decathlon_emax
     expect_exit(["--benchmark", "decathlon"], "--benchmark decathlon needs --data-root")

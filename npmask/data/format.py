@@ -335,6 +335,9 @@ def check_domain_files(folder) -> dict:
     """
     folder = Path(folder)
     meta = read_meta(folder)
+    if min(meta["std"]) <= 0:  # loadable, but a run would divide its images by 0
+        raise DataFormatError(f"{folder / META_FILE}: std {meta['std']}: a channel with the same "
+                              "value in every training image cannot be normalised")
     h, w = meta["image_size"]
     for split, n in meta["counts"].items():
         path = folder / f"{split}.npz"
