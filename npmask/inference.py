@@ -208,8 +208,10 @@ class Predictions:
 
     def top(self, k: int = 5) -> list:
         """Per image, the ``k`` most probable ``(class name, probability)``, most probable first
-        (ties in index order)."""
-        k = max(1, min(int(k), len(self.class_names)))
+        (ties in index order); ``k`` larger than the number of classes gives them all."""
+        if int(k) < 1:
+            raise ValueError(f"top: k must be >= 1, got {k}")
+        k = min(int(k), len(self.class_names))
         order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return [[(self.class_names[j], float(p[j])) for j in row]
                 for row, p in zip(order, self.probabilities)]

@@ -117,6 +117,14 @@ def test_prepare_images_resizes_crops_and_normalises():
     assert prepare_images(np.full((8, 8), 255, np.uint8), grey_for_rgb).shape == (1, 3, 4, 4)
 
 
+def test_top_refuses_k_below_1_and_clamps_a_large_k():
+    preds = Predictions(["a", "b", "c"], np.array([[0.2, 0.5, 0.3]]))
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=f"k must be >= 1, got {k}$"):
+            preds.top(k)
+    assert preds.top(9) == [[("b", 0.5), ("c", 0.3), ("a", 0.2)]]
+
+
 def test_a_16_bit_picture_reads_as_its_8_bit_version(tmp_path):
     info = {"class_names": ["x"], "mean": [0.0], "std": [1.0], "image_size": [4, 4],
             "input_size": [4, 4], "channels": 1, "mirror": False}
