@@ -167,6 +167,8 @@ def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
                 a = a[:, :, None]
             if a.ndim != 3:
                 raise ImageError(f"{what}: expected (H, W, C) pixels, got shape {a.shape}")
+            if a.shape[0] == 0 or a.shape[1] == 0:
+                raise ImageError(f"{what}: an empty picture, shape {a.shape}")
             if a.shape[2] == 1 and channels == 3:
                 a = np.repeat(a, 3, axis=2)
             elif a.shape[2] != channels:

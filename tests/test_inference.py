@@ -125,6 +125,14 @@ def test_top_refuses_k_below_1_and_clamps_a_large_k():
     assert preds.top(9) == [[("b", 0.5), ("c", 0.3), ("a", 0.2)]]
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3), (0, 5)])
+def test_an_empty_picture_is_one_clear_value_error(shape):
+    info = {"class_names": ["x"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": [8, 8],
+            "input_size": [4, 4], "channels": 3, "mirror": False}
+    with pytest.raises(ValueError, match=r"image 0: an empty picture, shape \("):
+        prepare_images(np.zeros(shape, np.uint8), info)
+
+
 def test_a_16_bit_picture_reads_as_its_8_bit_version(tmp_path):
     info = {"class_names": ["x"], "mean": [0.0], "std": [1.0], "image_size": [4, 4],
             "input_size": [4, 4], "channels": 1, "mirror": False}
