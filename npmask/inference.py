@@ -144,7 +144,8 @@ def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
 
     images: a uint8 array (H, W, C), (H, W) or (N, H, W, C), a list of such arrays, or a list of image file
     paths (str or Path; also mixed with arrays). Grey images given to an RGB domain are repeated
-    over the channels; files are converted to the domain's channels when read.
+    over the channels and RGBA arrays lose their alpha, so that an array gives what the same
+    picture as a file gives; files are converted to the domain's channels when read.
     """
     channels = int(info["channels"])
     if isinstance(images, np.ndarray):
@@ -171,6 +172,8 @@ def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
                 raise ImageError(f"{what}: an empty picture, shape {a.shape}")
             if a.shape[2] == 1 and channels == 3:
                 a = np.repeat(a, 3, axis=2)
+            elif a.shape[2] == 4 and channels == 3:   # RGBA: drop alpha, as convert("RGB") does
+                a = a[:, :, :3]
             elif a.shape[2] != channels:
                 raise ImageError(f"{what}: {a.shape[2]} channels, the domain takes {channels}")
         a = _fit(a, info["image_size"], info.get("resize", "crop"))

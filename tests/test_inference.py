@@ -99,6 +99,19 @@ def test_predict_on_png_files_matches_the_test_pipeline(run, tiny, tmp_path):  #
     assert top[0][0] == (got.labels[0], float(got.probabilities[0].max()))
 
 
+def test_an_rgba_array_predicts_as_the_same_rgba_file(run, tmp_path):
+    """Pillow's convert("RGB") drops alpha (no blending): the array path does the same."""
+    model = MultiDomainModel.load(run)
+    rgba = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 4), dtype=np.uint8)
+    rgba[..., 3] = np.arange(24, dtype=np.uint8) * 10            # alpha from clear to opaque
+    paths = [tmp_path / f"rgba{i}.png" for i in range(3)]
+    for p, a in zip(paths, rgba):
+        Image.fromarray(a, "RGBA").save(p)
+    from_files = model.predict(paths, domain="b").probabilities
+    assert np.array_equal(model.predict(rgba, domain="b").probabilities, from_files)
+    assert np.array_equal(model.predict(list(rgba), domain="b").probabilities, from_files)
+
+
 def test_prepare_images_resizes_crops_and_normalises():
     info = {"class_names": ["x"], "mean": [0.5], "std": [0.25], "image_size": [8, 8],
             "input_size": [4, 4], "channels": 1, "mirror": False}
