@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from . import models
+from .io import check_npz
 from .pretrained import save_backbone
 from .training.cli import command_line
 from .training.errors import ConfigError, exit_on_error
@@ -58,6 +59,7 @@ def read_state_dict(path) -> dict:
             raise ConvertError(f"{path}: not a readable .safetensors file ({_one_line(err)})") from None
     if suffix == ".npz":
         try:
+            check_npz(path)
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         except Exception as err:

@@ -4,7 +4,8 @@ The bottom of npmask's layers (standard library only), used by the checkpoints a
 :mod:`npmask.training`, by :mod:`npmask.pretrained`'s backbone files and by the domain folders of
 :mod:`npmask.data.format` alike. The file is written
 to a temporary name in the same folder, flushed to disk, and renamed over the target: a rename
-within one file system is atomic, whenever the process is killed.
+within one file system is atomic, whenever the process is killed. :func:`check_npz` tells a file
+that is not an .npz from a corrupt one before NumPy opens it.
 """
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ def fsync_dir(folder) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_npz(path) -> None:
+    """ValueError unless the file at ``path`` starts as a zip archive, as every .npz does: NumPy
+    reads any other file as a pickle and, with ``allow_pickle=False``, blames the pickle."""
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):   # a zip's first entry, or an empty zip
+            raise ValueError("not a valid .npz file: it is not a zip archive")
 
 
 def is_temp_name(name: str) -> bool:

@@ -107,6 +107,13 @@ def test_shape_mismatch_and_bad_files_are_clear_errors(trained, tmp_path):
         save_domain(md, "base", tmp_path / "base.npz")
 
 
+def test_a_text_file_named_npz_is_not_a_valid_npz(tmp_path):
+    (tmp_path / "notes.npz").write_text("just some text\n")
+    with pytest.raises(DomainFileError, match="notes.npz: .*not a valid .npz file") as e:
+        read_domain_file(tmp_path / "notes.npz")
+    assert "pickle" not in str(e.value)
+
+
 def test_corrupt_meta_and_truncated_mask_bits_are_clear_errors(trained, tmp_path):
     import json
     md, _ = trained

@@ -370,6 +370,15 @@ def test_pytorch_weights_or_a_folder_as_backbone_are_one_line_errors(tiny, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+def test_a_text_file_named_npz_as_backbone_is_not_a_valid_npz(tiny, tmp_path):
+    (tmp_path / "bb.npz").write_text("just some text\n")           # its description is fine
+    (tmp_path / "bb.json").write_text(tiny["backbone"].with_suffix(".json").read_text())
+    args = base_args(tiny, tmp_path / "x")
+    args[args.index("--backbone") + 1] = str(tmp_path / "bb.npz")
+    msg = expect_exit(args, f"backbone {tmp_path / 'bb.npz'} cannot be read", "not a valid .npz file")
+    assert "pickle" not in msg and not (tmp_path / "x").exists()
+
+
 def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "x") + ["--data-root", str(tmp_path / "nope")],
                 "data folder", "does not exist")
