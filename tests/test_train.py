@@ -382,6 +382,10 @@ def test_a_text_file_named_npz_as_backbone_is_not_a_valid_npz(tiny, tmp_path):
 def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "x") + ["--data-root", str(tmp_path / "nope")],
                 "data folder", "does not exist")
+    (tmp_path / "notes.txt").write_text("a file\n")
+    msg = expect_exit(base_args(tiny, tmp_path / "x") + ["--data-root", str(tmp_path / "notes.txt")],
+                      f"data folder {tmp_path / 'notes.txt'} is a file, not a folder")
+    assert "does not exist" not in msg and not (tmp_path / "x").exists()
     bad = tmp_path / "bad"
     import shutil
     shutil.copytree(tiny["data"], bad)

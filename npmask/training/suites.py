@@ -111,6 +111,16 @@ def get_benchmark(name: str) -> Benchmark:
         raise ConfigError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}") from None
 
 
+def check_data_folder(root) -> None:
+    """ConfigError unless ``root`` is a folder, saying whether it is missing or a file."""
+    root = Path(root)
+    if root.is_file():
+        raise ConfigError(f"data folder {root} is a file, not a folder; give the folder of "
+                          "converted domains")
+    if not root.is_dir():
+        raise ConfigError(f"data folder {root} does not exist")
+
+
 def resolve_data_root(benchmark: str, data_root, domains=None) -> str:
     """The data folder: ``data_root`` when given (it must exist), else the synthetic cache.
 
@@ -118,10 +128,8 @@ def resolve_data_root(benchmark: str, data_root, domains=None) -> str:
     (default: its target domains), so a two-domain run waits for two domains.
     """
     if data_root is not None:
-        root = Path(data_root)
-        if not root.is_dir():
-            raise ConfigError(f"data folder {root} does not exist")
-        return str(root)
+        check_data_folder(data_root)
+        return str(Path(data_root))
     if benchmark != "synthetic":
         raise ConfigError(f"--benchmark {benchmark} needs --data-root DIR (a folder of converted "
                           "domains, e.g. made by data_scripts)")

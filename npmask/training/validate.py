@@ -31,6 +31,7 @@ from ..storage import read_domain_file
 from .backbone import load_run_backbone
 from .config import PretrainConfig, TrainConfig, check_model, check_variant
 from .errors import ConfigError
+from .suites import check_data_folder
 
 NETWORK_CHANNELS = 3  # every architecture of npmask.models takes RGB input
 
@@ -280,8 +281,7 @@ def check_train_run(cfg, where: str = "the command line"):
     check_environment()
     check_train_config(cfg, where)
     if cfg.data_root is not None and cfg.domains:
-        if not Path(cfg.data_root).is_dir():
-            raise ConfigError(f"data folder {cfg.data_root} does not exist")
+        check_data_folder(cfg.data_root)
         check_data(cfg.data_root, cfg.domains, input_size=cfg.input_size,
                    augmentation=cfg.augmentation, batch_size=cfg.batch_size,
                    max_train=cfg.max_train)
