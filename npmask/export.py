@@ -51,12 +51,16 @@ def export_domain(domain_path, backbone_path, out, name: str | None = None) -> d
                               "it: choose another path")
     try:
         backbone, _ = load_backbone(backbone_path)
-    except (BackboneError, KeyError) as err:
+    except BackboneError as err:            # its message names the backbone already
+        raise ExportError(_one_line(err)) from None
+    except KeyError as err:
         raise ExportError(f"backbone {backbone_path}: {_one_line(err)}") from None
     model = MultiDomainModel(backbone)
     try:
         domain = load_domain(model, domain_path, name=name)
-    except (DomainFileError, ValueError, KeyError, OSError) as err:
+    except DomainFileError as err:          # its message names the file already
+        raise ExportError(_one_line(err)) from None
+    except (ValueError, KeyError, OSError) as err:
         raise ExportError(f"{domain_path}: {_one_line(err)}") from None
     arrays = {k: np.ascontiguousarray(v) for k, v in model.export_dense(domain).items()}
     write_state_dict(out, arrays)

@@ -199,6 +199,20 @@ def test_export_dense_is_the_transform(tmp_path):
     assert md.export_dense("d")["layer1.0.bn1.running_mean"] is not net.layer1[0].bn1.buffers["running_mean"]
 
 
+def test_export_errors_name_the_file_once(tmp_path):
+    backbone = make_backbone(tmp_path, "wrn10_1", 16)
+    md = MultiDomainModel(backbone)
+    md.add_domain("d", 3, "full", seed=5)
+    save_domain(md, "d", tmp_path / "d.npz")
+    (tmp_path / "text.npz").write_text("not an npz\n")
+    for dom, bb, named in ((tmp_path / "d.npz", tmp_path / "gone.npz", "gone.npz"),
+                           (tmp_path / "text.npz", tmp_path / "bb.npz", "text.npz")):
+        with pytest.raises(ExportError) as e:
+            export_domain(dom, bb, tmp_path / "x.npz")
+        assert str(e.value).count(named) == 1, str(e.value)
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_export_errors_write_nothing(tmp_path):
     backbone = make_backbone(tmp_path, "wrn10_1", 16)
     md = MultiDomainModel(backbone)
