@@ -379,6 +379,14 @@ def test_a_text_file_named_npz_as_backbone_is_not_a_valid_npz(tiny, tmp_path):
     assert "pickle" not in msg and not (tmp_path / "x").exists()
 
 
+def test_emax_from_a_file_says_it_must_be_a_folder(tiny, tmp_path):
+    (tmp_path / "results.json").write_text('{"variant": "finetune", "acc": {"a": 90}}')
+    msg = expect_exit(base_args(tiny, tmp_path / "x", "--emax-from", str(tmp_path / "results.json")),
+                      f"--emax-from {tmp_path / 'results.json'} is a file", "must be the finetune "
+                      "run's folder")
+    assert "Not a directory" not in msg and not (tmp_path / "x").exists()
+
+
 def test_missing_or_malformed_data_folder(tiny, tmp_path):
     expect_exit(base_args(tiny, tmp_path / "x") + ["--data-root", str(tmp_path / "nope")],
                 "data folder", "does not exist")

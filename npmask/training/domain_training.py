@@ -198,6 +198,9 @@ def emax_from_run(run_dir) -> tuple[dict, str]:
     ``run_dir`` is a train run folder, or the ``finetune`` folder of a comparison, whose jobs are
     one run folder per domain (``<finetune>/<domain>/``): their accuracies are taken together.
     """
+    if Path(run_dir).is_file():
+        raise ConfigError(f"--emax-from {run_dir} is a file; it must be the finetune run's folder "
+                          "(the one holding results.json)")
     jobs = sorted(Path(run_dir).glob("*/results.json"))
     if not (Path(run_dir) / "results.json").is_file() and jobs:
         acc = {}
