@@ -259,7 +259,8 @@ def _check_executor(ns: dict) -> str:
         given = [f for f, k in (("--address", "address"), ("--gpus-per-job", "gpus_per_job"),
                                 ("--cpus-per-job", "cpus_per_job")) if ns.get(k) is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)} only apply with --executor ray")
+            raise ConfigError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
+                              "with --executor ray")
         return executor
     if ns.get("stop_after_epochs") is not None:
         raise ConfigError("--stop-after-epochs only applies with --executor local")

@@ -121,7 +121,10 @@ def test_the_backbones_accuracy_is_measured_once_per_comparison(tiny, tmp_path):
 
 
 def test_executor_flags_are_checked(tiny, tmp_path):
-    for extra, part in [(["--address", "auto"], "--address only apply with --executor ray"),
+    for extra, part in [(["--address", "auto"], "--address only applies with --executor ray"),
+                        (["--cpus-per-job", "2"], "--cpus-per-job only applies with --executor ray"),
+                        (["--address", "auto", "--gpus-per-job", "1"],
+                         "--address, --gpus-per-job only apply with --executor ray"),
                         (["--executor", "ray", "--cpus-per-job", "0"], "--cpus-per-job must be"),
                         (["--executor", "ray", "--gpus-per-job", "-1"], "--gpus-per-job must be"),
                         (["--executor", "ray", "--stop-after-epochs", "1"],
