@@ -35,7 +35,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:  # tqdm is a dependency of npmask; fall back to a silent iterator if it is missing.
     from tqdm import tqdm
@@ -280,15 +280,21 @@ def is_image_name(name: str) -> bool:
 # images
 # ---------------------------------------------------------------------------------------------
 
-def open_image(data, mode: str = "RGB", name: str = "image") -> Image.Image:
-    """Decode image bytes (or a file object) with Pillow and convert to ``mode`` ("RGB" / "L")."""
+def open_image(data, mode: str = "RGB", name: str = "image", archive: bool = True) -> Image.Image:
+    """Decode image bytes (or a file object) with Pillow and convert to ``mode`` ("RGB" / "L").
+
+    ``archive``: whether the bytes come from an archive, which the error then suggests is corrupt.
+    """
     try:
         if isinstance(data, (bytes, bytearray)):
             data = io.BytesIO(data)
         img = Image.open(data)
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataScriptError(f"{name}: cannot decode image ({err}); the archive may be corrupt") from None
+        # Pillow names the BytesIO it was given, not the file: say what it means instead
+        why = "not a picture Pillow reads" if isinstance(err, UnidentifiedImageError) else err
+        raise DataScriptError(f"{name}: cannot decode image ({why})"
+                              + ("; the archive may be corrupt" if archive else "")) from None
     try:
         return to_8bit(img).convert(mode)  # as npmask.predict reads a picture
     except ValueError as err:

@@ -73,8 +73,10 @@ def convert(src, out_folder, *, name: str, size: int = 64, resize: str = "crop",
     """Convert an image-folder tree (folder or archive) ``src`` into the domain ``out_folder``."""
     found = {}        # split -> list of (class, name, array)
     bar = C.tqdm(desc=name, unit="img", disable=quiet, leave=False)
+    in_archive = not Path(src).is_dir()
     for split, cls, member, data in _iter_source(src, quiet):
-        img = C.square(C.open_image(data, name=member), size, resize)
+        img = C.open_image(data, name=f"{src}:{member}" if in_archive else member, archive=in_archive)
+        img = C.square(img, size, resize)
         found.setdefault(split, []).append((cls, member, C.to_array(img)))
         bar.update(1)
     bar.close()

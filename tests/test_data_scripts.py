@@ -602,6 +602,22 @@ def test_image_folder_user_mistakes_are_clear(tmp_path):
     assert_no_domain(tmp_path / "bad")
 
 
+def test_image_folder_names_a_bad_image_and_blames_an_archive_only_when_there_is_one(tmp_path):
+    import image_folder
+    members = dict(image_tree(), **{"train/002.Laysan_Albatross/notes.jpg": b"just text"})
+    src = write_tree(tmp_path / "src", members)
+    with pytest.raises(C.DataScriptError) as e:
+        image_folder.convert(src, tmp_path / "bad", name="bad", size=16)
+    assert str(e.value).startswith(f"{src / 'train/002.Laysan_Albatross/notes.jpg'}: cannot decode")
+    assert "BytesIO" not in str(e.value) and "archive" not in str(e.value)
+    write_zip(tmp_path / "src.zip", members)
+    with pytest.raises(C.DataScriptError, match=r"src.zip:train/002.Laysan_Albatross/notes.jpg: "
+                                                r"cannot decode image .*archive may be corrupt") as e:
+        image_folder.convert(tmp_path / "src.zip", tmp_path / "bad", name="bad", size=16)
+    assert "BytesIO" not in str(e.value)
+    assert_no_domain(tmp_path / "bad")
+
+
 # ---------------------------------------------------------------------------------------------
 # Visual Decathlon
 # ---------------------------------------------------------------------------------------------
