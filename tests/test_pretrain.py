@@ -60,6 +60,18 @@ def test_pretrain_resume_gives_the_same_backbone(data, tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_lr_decay_epochs_in_any_order_give_the_same_backbone(data, tmp_path):
+    """As in npmask.train, the decay epochs are a set of epochs: 2,1 is 1,2."""
+    runs = {}
+    for order in ("1,2", "2,1"):
+        argv = args(data, tmp_path / order.replace(",", "-"))
+        argv[argv.index("--lr-decay-epochs") + 1] = order
+        assert pretrain.main(argv) == 0
+        runs[order] = tmp_path / order.replace(",", "-") / "backbone.npz"
+    with np.load(runs["1,2"]) as a, np.load(runs["2,1"]) as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
 def test_pretrain_resume_after_a_kill_between_log_line_and_checkpoint(data, tmp_path, monkeypatch):
     """Killed while logging epoch 2: the resumed run redoes epoch 2 and logs each epoch once."""
     from npmask.training.run_folder import RunFolder

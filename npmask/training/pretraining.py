@@ -62,7 +62,7 @@ def pretrain(cfg: PretrainConfig, folder, *, progress=True, stop_after=None, com
         model.to(cfg.backend)
     opt = SGD(model.parameter_refs(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
               weight_decay=cfg.weight_decay)
-    sched = MultiStepLR(opt, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay)
+    sched = MultiStepLR(opt, milestones=sorted(cfg.lr_decay_epochs), gamma=cfg.lr_decay)
     _drop_metrics_after_checkpoint(folder)
     start = time.time()
     history = fit(
