@@ -34,6 +34,7 @@ from .io import check_npz
 from .pretrained import save_backbone
 from .training.cli import command_line
 from .training.errors import ConfigError, exit_on_error
+from .training.validate import check_save_path
 
 PROG = "python -m npmask.convert"
 
@@ -130,6 +131,7 @@ def convert(src, model_name: str, out, num_classes: int | None = None, input_siz
         raise ConvertError(f"--out must end in .npz (the backbone file; its .json goes beside it), got {out}")
     if test_acc is not None and not 0 <= test_acc <= 100:  # also NaN, which JSON cannot hold
         raise ConvertError(f"--test-acc is a test accuracy in percent, from 0 to 100; got {test_acc}")
+    check_save_path(out, "--out")    # new, or an earlier backbone: never another file of the user
     state = read_state_dict(src)
     input_size = int(input_size) if input_size is not None else models.default_input_size(model_name)
     head = _head_of(model_name)

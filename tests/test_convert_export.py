@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from npmask import convert as convert_cli
 from npmask.convert import ConvertError, convert, read_state_dict
 from npmask.export import ExportError, export_domain
 from npmask.masking.layers import MaskedConv2d, MaskedLinear
 from npmask.models import create
 from npmask.multidomain import MultiDomainModel
-from npmask.pretrained import load_backbone
+from npmask.pretrained import load_backbone, read_info
 from npmask.storage import save_domain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,26 @@ def test_truncated_and_unknown_files_give_one_line(tmp_path):
         with pytest.raises(ConvertError, match="--test-acc is a test accuracy in percent"):
             convert(good, "wrn10_1", tmp_path / "bb.npz", test_acc=acc)
     assert listing(tmp_path) == before
+
+
+def test_convert_out_is_new_or_an_earlier_backbone_never_another_file(tmp_path):
+    """The rule of pretrain --save: an existing --out is replaced only when it is a backbone."""
+    save_file(torch_like_state(create("wrn10_1", 4), seed=0), str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "mine.npz", a=np.arange(3))              # the user's own .npz
+    (tmp_path / "orphan.json").write_text("{}")                   # a .json without its .npz
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out, says in (("mine.npz", "exists and is not an npmask backbone (no mine.json"),
+                      ("orphan.npz", "orphan.json exists without its .npz")):
+        with pytest.raises(SystemExit) as e:
+            convert_cli.main([str(tmp_path / "w.safetensors"), "--model", "wrn10_1",
+                              "--out", str(tmp_path / out)])
+        msg = str(e.value.code)
+        assert msg.startswith(f"python -m npmask.convert: error: --out {tmp_path / out}"), msg
+        assert says in msg and "\n" not in msg
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    convert(tmp_path / "w.safetensors", "wrn10_1", tmp_path / "bb.npz")
+    convert(tmp_path / "w.safetensors", "wrn10_1", tmp_path / "bb.npz", domain="again")
+    assert read_info(tmp_path / "bb.npz")["domain"] == "again"    # an earlier backbone: replaced
 
 
 def test_pth_without_torch_says_how_to_convert(tmp_path, monkeypatch):

@@ -337,23 +337,24 @@ def check_new_out(out, kind: str, prog: str) -> None:
     check_creatable("--out", out, p)
 
 
-def check_save_path(save) -> None:
-    """``pretrain --save``: a ``.npz`` path that is new or an earlier backbone (an .npz with its
-    .json beside it, e.g. the shipped one being regenerated); never another file of the user."""
+def check_save_path(save, flag: str = "--save") -> None:
+    """``pretrain --save``, ``convert --out`` (``flag``): a ``.npz`` path that is new or an earlier
+    backbone (an .npz with its .json beside it, e.g. the shipped one being regenerated); never
+    another file of the user."""
     p = Path(save)
     if p.suffix != ".npz":
-        raise ConfigError(f"--save {save}: a backbone is written as a .npz file (with a .json "
+        raise ConfigError(f"{flag} {save}: a backbone is written as a .npz file (with a .json "
                           "beside it); give a path ending in .npz")
     if p.is_dir():
-        raise ConfigError(f"--save {save} is a folder; give the path of the .npz to write")
+        raise ConfigError(f"{flag} {save} is a folder; give the path of the .npz to write")
     info = p.with_suffix(".json")
     if p.exists() and not info.is_file():
-        raise ConfigError(f"--save {save} exists and is not an npmask backbone (no {info.name} "
+        raise ConfigError(f"{flag} {save} exists and is not an npmask backbone (no {info.name} "
                           "beside it); npmask does not overwrite it: choose another path")
     if info.exists() and not p.exists():
-        raise ConfigError(f"--save {save}: {info} exists without its .npz; npmask does not "
+        raise ConfigError(f"{flag} {save}: {info} exists without its .npz; npmask does not "
                           "overwrite it: choose another path")
-    check_creatable("--save", save, p)
+    check_creatable(flag, save, p)
 
 
 def check_creatable(flag: str, given, p: Path) -> None:
