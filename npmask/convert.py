@@ -131,7 +131,10 @@ def convert(src, model_name: str, out, num_classes: int | None = None, input_siz
         raise ConvertError(f"--out must end in .npz (the backbone file; its .json goes beside it), got {out}")
     if test_acc is not None and not 0 <= test_acc <= 100:  # also NaN, which JSON cannot hold
         raise ConvertError(f"--test-acc is a test accuracy in percent, from 0 to 100; got {test_acc}")
-    check_save_path(out, "--out")    # new, or an earlier backbone: never another file of the user
+    try:                             # new, or an earlier backbone: never another file of the user
+        check_save_path(out, "--out")
+    except ConfigError as err:
+        raise ConvertError(str(err)) from None
     state = read_state_dict(src)
     input_size = int(input_size) if input_size is not None else models.default_input_size(model_name)
     head = _head_of(model_name)

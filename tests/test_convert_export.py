@@ -117,6 +117,8 @@ def test_convert_out_is_new_or_an_earlier_backbone_never_another_file(tmp_path):
         msg = str(e.value.code)
         assert msg.startswith(f"python -m npmask.convert: error: --out {tmp_path / out}"), msg
         assert says in msg and "\n" not in msg
+    with pytest.raises(ConvertError, match="not an npmask backbone"):    # the API: convert's error
+        convert(tmp_path / "w.safetensors", "wrn10_1", tmp_path / "mine.npz")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     convert(tmp_path / "w.safetensors", "wrn10_1", tmp_path / "bb.npz")
     convert(tmp_path / "w.safetensors", "wrn10_1", tmp_path / "bb.npz", domain="again")
