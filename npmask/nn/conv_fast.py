@@ -96,14 +96,11 @@ def keeps_columns(x_shape, w_shape, stride: int, ho: int, wo: int) -> bool:
     whose whole batch's column matrix has at most ``settings.conv_keep_columns_floats`` floats.
 
     Keeping them spares the weight gradient a second im2col of x: the same chunks, the same column
-    matrices, so the same products, bit for bit. Measured on the 2-core machine, forward + weight
-    gradient of one layer, batch 32, keeping against building again, paired (figures in
-    benchmarks/results/vs_torch_cpu.txt): stride-2 3x3 at 32x32 (16 channels) and 16x16 (32) 0.77-0.93x;
-    the stride-1 layouts (shifted, wide, folded rows: long contiguous copies, and the rebuilt
-    columns are still in cache when the GEMM reads them) 0.89-1.07x, no gain, so they build them
-    again; strided 1x1 0.85-0.88x, but of 1 ms, and left out so that WRN-28-4's shortcuts (1-2M
-    floats of columns) do not raise its peak memory; its strided 3x3 layers (9-19M) are above the
-    threshold, so it keeps nothing."""
+    matrices, so the same products, bit for bit. Only the strided layout's copies (short rows)
+    cost enough to be worth the memory; the stride-1 layouts copy long contiguous rows and find
+    the rebuilt columns still in cache, strided 1x1 convolutions are left out so that WRN-28-4's
+    shortcuts do not raise its peak memory, and WRN-28-4's strided 3x3 layers are above the
+    threshold (the measurements: benchmarks/results/code_comment_figures.md)."""
     n, c, _, _ = x_shape
     _, _, kh, kw = w_shape
     floats = n * c * kh * kw * ho * wo                 # stride > 1: no junk columns
@@ -266,7 +263,7 @@ def _input_grad_windows(dy, weight, x_shape, stride: int, padding: int):
     """dx by dcols = W_mat.T @ dy_mat and col2im's strided window additions, one per kernel offset
     (:func:`npmask.nn.conv.col2im` chunk by chunk). For a 1x1 kernel (a strided shortcut), whose
     single offset is one strided write: faster than the phases of :func:`input_grad_col2im` there
-    (0.73-0.77x their time for WRN-16-1's shortcuts, benchmarks/results/vs_torch_cpu.txt)."""
+    (benchmarks/results/code_comment_figures.md)."""
     xp = get_array_module(dy, weight)
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape

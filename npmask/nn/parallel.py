@@ -110,9 +110,9 @@ def blas_threads_limited_to_one():
 
     The BLAS libraries are looked up once (threadpoolctl), those loaded at that moment (NumPy's);
     one loaded later (say, by another package) keeps its threads: slower, same results. Each use
-    then reads and sets their thread counts directly (about 4 us), not through threadpoolctl's
-    ``limit`` (16-32 us, which re-selects the libraries every time): every convolution pass makes
-    one such call, about 50 per WRN-16-1 step.
+    then reads and sets their thread counts directly, not through threadpoolctl's ``limit``, which
+    re-selects the libraries every time and costs several times more: every convolution pass makes
+    one such call, about 50 per WRN-16-1 step (benchmarks/results/code_comment_figures.md).
     """
     global _blas
     if ThreadpoolController is None:
