@@ -30,7 +30,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from . import models
-from .io import check_npz
+from .io import open_npz
 from .pretrained import save_backbone
 from .training.cli import command_line
 from .training.errors import ConfigError, exit_on_error
@@ -60,8 +60,7 @@ def read_state_dict(path) -> dict:
             raise ConvertError(f"{path}: not a readable .safetensors file ({_one_line(err)})") from None
     if suffix == ".npz":
         try:
-            check_npz(path)
-            with np.load(path, allow_pickle=False) as z:
+            with open_npz(path) as z:
                 return {k: z[k] for k in z.files}
         except Exception as err:
             raise ConvertError(f"{path}: not a readable .npz file ({_one_line(err)})") from None

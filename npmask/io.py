@@ -1,11 +1,11 @@
 """Atomic file writes: a reader sees the old complete file or the new complete one, never half.
 
-The bottom of npmask's layers (standard library only), used by the checkpoints and run folders of
-:mod:`npmask.training`, by :mod:`npmask.pretrained`'s backbone files and by the domain folders of
-:mod:`npmask.data.format` alike. The file is written
-to a temporary name in the same folder, flushed to disk, and renamed over the target: a rename
-within one file system is atomic, whenever the process is killed. :func:`check_npz` tells a file
-that is not an .npz from a corrupt one before NumPy opens it.
+The bottom of npmask's layers (standard library and NumPy), used by the checkpoints and run
+folders of :mod:`npmask.training`, by :mod:`npmask.pretrained`'s backbone files and by the domain
+folders of :mod:`npmask.data.format` alike. The file is written to a temporary name in the same
+folder, flushed to disk, and renamed over the target: a rename within one file system is atomic,
+whenever the process is killed. :func:`open_npz` opens an .npz without pickle, telling a file that
+is not an .npz from a corrupt one.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write_bytes(path: str, write) -> None:
@@ -55,12 +57,14 @@ def fsync_dir(folder) -> None:
         os.close(fd)
 
 
-def check_npz(path) -> None:
-    """ValueError unless the file at ``path`` starts as a zip archive, as every .npz does: NumPy
-    reads any other file as a pickle and, with ``allow_pickle=False``, blames the pickle."""
+def open_npz(path):
+    """``np.load(path, allow_pickle=False)`` for an .npz, with a clear ValueError first when the file
+    is not a zip archive, as every .npz is: NumPy reads any other file as a pickle and, with
+    ``allow_pickle=False``, blames the pickle. Use it as ``with open_npz(path) as z:``."""
     with open(path, "rb") as f:
         if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):   # a zip's first entry, or an empty zip
             raise ValueError("not a valid .npz file: it is not a zip archive")
+    return np.load(path, allow_pickle=False)
 
 
 def is_temp_name(name: str) -> bool:

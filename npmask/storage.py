@@ -29,7 +29,7 @@ from .backend import get_array_module, to_numpy
 from .masking.layers import DEFAULT_MASK_INIT
 from .masking.variants import get_variant
 from .models import get_submodule
-from .io import check_npz, current_umask, fsync_dir
+from .io import open_npz, current_umask, fsync_dir
 
 FORMAT = "npmask-domain"
 VERSION = 1
@@ -116,8 +116,7 @@ def read_domain_file(path) -> tuple[dict, dict]:
     """``(meta, arrays)`` of a domain file, checked for the format; arrays as NumPy."""
     path = os.fspath(path)
     try:
-        check_npz(path)
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(path) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise

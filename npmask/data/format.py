@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import check_npz, current_umask, replace_folder
+from ..io import open_npz, current_umask, replace_folder
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -294,8 +294,7 @@ def _load_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.nd
     if not path.is_file():
         raise DataFormatError(f"{path}: missing file (meta.json lists split {split!r})")
     try:
-        check_npz(path)
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(path) as z:
             keys = set(z.files)
             if not {"images", "labels"} <= keys:
                 raise DataFormatError(f"{path}: expected arrays 'images' and 'labels', "

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import models
 from ..backend import to_numpy
-from ..io import atomic_write_bytes, atomic_write_text, check_npz
+from ..io import atomic_write_bytes, atomic_write_text, open_npz
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = "wrn16_1_synthetic"
@@ -115,8 +115,7 @@ def load_backbone(path=None, *, dtype=None, backend: str = "numpy"):
     except ValueError as err:
         raise BackboneError(f"backbone description {info_path(path)}: {err}") from None
     try:
-        check_npz(path)
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(path) as z:
             state = {k: z[k] for k in z.files}
     except Exception as err:
         raise BackboneError(f"backbone {path} cannot be read ({type(err).__name__}: {err})") from None

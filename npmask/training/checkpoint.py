@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from ..backend import to_numpy
-from ..io import atomic_write_bytes, check_npz
+from ..io import atomic_write_bytes, open_npz
 
 SKELETON_KEY = "__skeleton__"
 FORMAT_VERSION = 1
@@ -124,8 +124,7 @@ def load_checkpoint(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        check_npz(path)
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(path) as z:
             if SKELETON_KEY not in z.files:
                 raise CheckpointError(f"checkpoint {path} has no {SKELETON_KEY} member: "
                                       "not an npmask checkpoint")
