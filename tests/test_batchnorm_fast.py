@@ -10,6 +10,19 @@ import pytest
 from npmask import nn
 
 
+def random_batchnorm(shape, dtype, training, frozen, rng):
+    """A BatchNorm2d (4-D shape) or BatchNorm1d for inputs of ``shape``, its weight, bias and
+    running statistics drawn from ``rng``; frozen or not, in training or eval mode."""
+    layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(dtype)
+    layer.params["weight"][...] = rng.uniform(0.5, 2, shape[1])
+    layer.params["bias"][...] = rng.standard_normal(shape[1])
+    layer.buffers["running_mean"][...] = rng.standard_normal(shape[1])
+    layer.buffers["running_var"][...] = rng.uniform(0.5, 2, shape[1])
+    if frozen:
+        layer.freeze()
+    return layer.train(training)
+
+
 def _reference(x, dy, weight, bias, running_mean, running_var, eps, training):
     """(y, dx, dweight, dbias) by the docstring's formulas, xhat materialised."""
     axes = (0,) + tuple(range(2, x.ndim))
@@ -36,14 +49,7 @@ def _reference(x, dy, weight, bias, running_mean, running_var, eps, training):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_fast_batchnorm_matches_formulas(shape, training, frozen):
     rng = np.random.default_rng(len(shape) + 2 * training + 4 * frozen)
-    layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(np.float64)
-    layer.params["weight"][...] = rng.uniform(0.5, 2, shape[1])
-    layer.params["bias"][...] = rng.standard_normal(shape[1])
-    layer.buffers["running_mean"][...] = rng.standard_normal(shape[1])
-    layer.buffers["running_var"][...] = rng.uniform(0.5, 2, shape[1])
-    if frozen:
-        layer.freeze()
-    layer.train(training)
+    layer = random_batchnorm(shape, np.float64, training, frozen, rng)
     x = rng.standard_normal(shape) * 3 + 1
     dy = rng.standard_normal(shape)
     ref = _reference(x, dy, layer.params["weight"], layer.params["bias"],

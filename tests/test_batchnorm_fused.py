@@ -20,18 +20,11 @@ from npmask.nn.bn_relu import BNReLU
 from npmask.nn.module import Module
 from npmask.nn.parallel import add_into
 from npmask.nn.residual import BasicBlock
+from test_batchnorm_fast import random_batchnorm
 
 
 def _bn(shape, dtype, training, frozen, seed=0):
-    rng = np.random.default_rng(seed)
-    layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).astype(dtype)
-    layer.params["weight"][...] = rng.uniform(0.5, 2, shape[1])
-    layer.params["bias"][...] = rng.standard_normal(shape[1])
-    layer.buffers["running_mean"][...] = rng.standard_normal(shape[1])
-    layer.buffers["running_var"][...] = rng.uniform(0.5, 2, shape[1])
-    if frozen:
-        layer.freeze()
-    return layer.train(training)
+    return random_batchnorm(shape, dtype, training, frozen, np.random.default_rng(seed))
 
 
 def _run_bn(shape, dtype, training, frozen, relu, residual, fused):
