@@ -22,6 +22,7 @@ class TransformCache(NamedTuple):
     W: object          # the pretrained weight
     R: object          # the real-valued mask
     M: object          # bool array, 1[R >= tau]
-    A: object          # k2 + k3*W (array, or a broadcastable k2 / float when k3 is fixed 0), or None
+    A: object          # k2 + k3*W: an array, W itself (k3 fixed 1, k2 fixed 0: piggyback), a
+                       # broadcastable k2 / float (k3 fixed 0), or None (k2 and k3 fixed 0)
     ks: tuple          # the four coefficients as given (numbers or arrays)
     tau: float

@@ -12,7 +12,7 @@ backward (one ElementwiseKernel for dL/dR, one ReductionKernel per learned k)::
 
     dL/dR  = G * (k3*W + k2) * h~'(R - tau)          h~' = 1 (identity) or s(1-s), s = sigmoid
     dL/dk0 = sum G*W   dL/dk1 = sum G   dL/dk2 = sum G*[R >= tau]   dL/dk3 = sum G*W*[R >= tau]
-    dL/dW  = G * (k0 + k3*[R >= tau])                 (only the fine-tuning baseline would need it)
+    dL/dW  = G * (k0 + k3*[R >= tau])                 (on request; npmask never asks for it)
 
 The mask M = [R >= tau] is recomputed inside each kernel from R (one comparison) instead of being
 stored: on the GPU that is cheaper than writing and re-reading a mask array. Sums run over all

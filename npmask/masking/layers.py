@@ -4,8 +4,9 @@ A masked layer holds a *reference* to the pretrained layer it extends (``self.so
 its weight is not a parameter of the masked layer and is not in its ``state_dict``) and its own
 domain-specific parameters:
 
-- ``mask_real``: R, shaped like W, initialised U(lo, hi) with 0 < lo so that M = 1[R >= tau] starts
-  all ones (tau = 0);
+- ``mask_real``: R, shaped like W, initialised U(tau + lo, tau + hi) (``mask_init = (lo, hi)``,
+  default (1e-4, 2e-4) as the paper), so that with lo >= 0 M = 1[R >= tau] starts all ones (only
+  lo < hi is checked here; the command line also requires 0 < lo);
 - ``k0`` .. ``k3``: only the *learned* coefficients are parameters, shape (1,) or (O,) (channel-wise);
   fixed ones are plain numbers in ``self.fixed_k``. Initial values give W~ = W at step 0.
 

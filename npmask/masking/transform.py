@@ -14,7 +14,8 @@ Backward, with sums over every element (per output channel for a (O,) k)::
     dL/dk0 = Σ G∘W      dL/dk1 = Σ G      dL/dk2 = Σ G∘M      dL/dk3 = Σ G∘W∘M
     dL/dM  = G∘(k2 + k3*W)                          (M treated as a real input)
     dL/dR  = dL/dM ∘ h~'(R - tau)                   (surrogate derivative, section 3.3 of the paper)
-    dL/dW  = G∘(k0 + k3*M)                          (only the fine-tuning baseline would need it)
+    dL/dW  = G∘(k0 + k3*M)                          (on request: training W through the transform;
+                                                     npmask's frozen backbone never asks for it)
 
 Surrogates h~: ``"identity"`` (straight-through, h~' = 1, the paper's default) and ``"sigmoid"``
 (h~' = σ(x)(1 - σ(x))).
@@ -30,8 +31,9 @@ Two implementations live here:
   fixed to 1 costs no multiplication, M stays a 1-byte boolean array, and the full sums
   Σ G∘W and Σ (G∘M)∘W are BLAS dot products (no temporary). The elementwise work (M, A, W~ in the
   forward pass; G∘M and dL/dR in the backward) is split by output channel over npmask's threads
-  (:func:`npmask.nn.parallel.in_parallel`: the same bits as serially; only weights of 256K entries
-  or more, in WRN-28-4 the 256-channel layers); the sums stay whole-array, on the calling thread.
+  (:func:`npmask.nn.parallel.in_parallel`: the same bits as serially; only weights of at least
+  ``settings.parallel_min_floats`` entries, 256K by default: in WRN-28-4 the 3x3 convolutions of
+  the 256-channel stage); the sums stay whole-array, on the calling thread.
 
 On CuPy arrays the fast path hands over to :mod:`npmask.masking.cuda`, where each direction is one
 fused GPU kernel (plus one reduction per learned k) computing the same formulas.
@@ -103,8 +105,7 @@ def _dot_like(a, b, k):
     """Σ a∘b reduced like k, without materialising a∘b: a BLAS dot (one k) or a row-wise einsum.
 
     A boolean b (the mask) goes to einsum also for one k: BLAS cannot take it, and einsum converts
-    it as it goes. For the simple model's dk2 = Σ G∘M this replaced G∘M and its sum, which made its
-    transform faster (benchmarks/results/train_step_cpu.txt)."""
+    it as it goes, so the simple model's dk2 = Σ G∘M needs no weight-sized G∘M."""
     xp = get_array_module(a, b)
     if k.shape[0] == 1 and a.shape[0] != 1:
         if b.dtype != bool:
