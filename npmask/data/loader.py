@@ -10,8 +10,8 @@ Determinism: the order *and* the augmentation of epoch ``e`` come from one gener
 (or at batch ``k`` of it, via ``epoch(e, start_batch=k)``) sees exactly the batches the
 uninterrupted run saw.
 
-Augmentation (section 4 of the paper: "random crop and horizontal mirroring, no mirroring for
-digits, signs, characters and textures") comes in these protocols:
+Augmentation (section 4 of the paper: random crops and horizontal mirroring, except for digits,
+signs, characters and textures) comes in these protocols:
 
 * ``"pad_crop"`` (CIFAR-style, for the 32x32 synthetic benchmark): train pads every side with
   ``padding`` black pixels and crops a random window of the original size; test uses the image.

@@ -7,9 +7,11 @@ resumed run reads its settings back from there; the command line cannot silently
 Protocol defaults (paper, section 4): Adam with lr 1e-4 for the masks, the k's and batch norm;
 SGD with momentum 0.9 and lr 1e-3 for the classifier; batch 32; no weight decay; both rates
 multiplied by 0.1 after a fixed number of epochs (45 of 60 on the Decathlon). Those rates were
-tuned for 60 epochs over tens of thousands of images. A run of a few epochs on the synthetic
-benchmark takes ~10x fewer optimiser steps, so the synthetic defaults scale both rates by 10
-(see :data:`npmask.training.suites.SYNTHETIC_LR_SCALE` and the note in config.json).
+tuned for 60 epochs over thousands to tens of thousands of images. A synthetic run (5 epochs of
+5,000 images per domain, 780 steps) takes far fewer optimiser steps, so the synthetic defaults
+scale both rates by 10 (see :data:`npmask.training.suites.SYNTHETIC_LR_SCALE` and the note in
+config.json). The dataclass defaults below serve the Python API; the command line starts from
+its benchmark's defaults (:data:`npmask.training.suites.BENCHMARKS`).
 """
 from __future__ import annotations
 
@@ -49,11 +51,13 @@ class _Settings:
 class TrainConfig(_Settings):
     """All settings of one run of ``python -m npmask.train`` (one variant, several domains).
 
-    benchmark:     "synthetic", "decathlon" or "folder" (where data, model and Emax come from).
+    benchmark:     "synthetic", "decathlon", "imagenet_to_sketch" or "folder" (where data, model,
+                   schedule and Emax come from; npmask.training.suites).
     data_root:     folder holding one sub-folder per domain (the npmask data format).
     domains:       target domains, trained one after the other (each independently).
     model:         backbone architecture name, e.g. "wrn16_1" (see npmask.models).
-    input_size:    side of the network input in pixels (32 synthetic, 64 Decathlon).
+    input_size:    side of the network input in pixels (32 synthetic, 64 Decathlon, 224
+                   ImageNet-to-Sketch).
     backbone:      path of the pretrained backbone ``.npz``.
     variant:       the method variant or baseline (see npmask.masking).
     epochs:        epochs per domain. batch_size: images per step.

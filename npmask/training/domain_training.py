@@ -1,7 +1,7 @@
 """Train a list of target domains on a shared backbone, one after the other or side by side
 (one process each, :mod:`npmask.training.domain_workers`), resumably.
 
-This is steps 2-4 of the main job (issue 5): for every target domain
+For every target domain:
 
 1. add it to the :class:`~npmask.multidomain.MultiDomainModel` with the run's variant;
 2. train it with the paper's protocol -- Adam for the body group (real masks, learned k's, domain

@@ -15,11 +15,13 @@
   resize 256, centre 224: store the images at 256 with ``--size 256``), Adam 1e-4 / SGD 1e-3
   momentum 0.9, batch 32, both x0.1 after 15 of 30 epochs (the paper gives the decay; 30 epochs is
   Piggyback's schedule), Emax from a finetune run.
-- ``folder``: any set of converted domains under ``--data-root``; Emax from a finetune run.
+- ``folder``: any set of converted domains under ``--data-root``, WRN-16-1 at 32x32 unless
+  ``--model``/``--input-size`` say otherwise, the paper's rates, 10 epochs with decay after 8, the
+  augmentation chosen from the images ("auto"); Emax from a finetune run.
 
 Learning rates. The paper's rates (Adam 1e-4, SGD 1e-3) were tuned for 60 epochs over data sets
-of tens of thousands of images. The CPU default here is a few epochs over ~5,000 images per
-domain, ~50x fewer optimiser steps; with the paper's rates the masks barely move in that time,
+of thousands to tens of thousands of images. The CPU default here is 5 epochs over 5,000 images
+per domain, 780 optimiser steps; with the paper's rates the masks barely move in that time,
 so the synthetic benchmark scales both rates by :data:`SYNTHETIC_LR_SCALE` and says so in
 config.json; x10 beat the paper's rates and x30 in a short run, recorded in
 ``benchmarks/results/compare_synthetic.md``.
