@@ -28,9 +28,9 @@ URLs, byte sizes and sha256 sums are those recorded by TensorFlow Datasets (the 
 itself publishes no checksums). labels_test.zip has no published checksum.
 
 Labels: ``label = category_id - min(category_id)``, the min taken over the categories of the
-training file. This is what the residual-adapters loader does (``category_id - 1`` minus its
-minimum); DESIGN.md writes it as ``category_id - 1 - min(...)`` with the min of
-``category_id - 1`` in mind. Images are matched to annotations by ``image_id``.
+training file, so labels start at 0. This is what the residual-adapters loader does
+(``category_id - 1`` minus its minimum; docs/design.md, section 6). Images are matched to
+annotations by ``image_id``.
 
 Images come pre-resized so that the shorter side is 72. We resize the shorter side to ``--size``
 (72 by default, so normally a no-op) and centre-crop ``--size`` x ``--size`` so that images
@@ -229,7 +229,7 @@ def convert_dataset(ds, annotations, image_source, out_folder, *, size=72, test_
             extra={"preprocess": f"shorter side resized to {size} (the archives already have "
                                  f"shorter side 72), centre crop {size}x{size}",
                    # read by npmask.data.loader (augmentation "auto"): the 72 -> 64 protocol,
-                   # and the whole 72x72 view for the no-mirror sets (DESIGN.md section 3)
+                   # and the whole 72x72 view for the no-mirror sets (docs/design.md, section 3)
                    "protocol": "decathlon",
                    "full_view": ds in NO_MIRROR,
                    "protocol_note": ("train: random crop 64 + mirror; test: centre crop 64"

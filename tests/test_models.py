@@ -18,7 +18,7 @@ def images(n, size, seed=0, dtype=np.float32):
 
 # ---------------------------------------------------------------------------- parameter count
 def wrn_param_count(depth, k, classes):
-    """The count implied by DESIGN.md section 2, written independently of the model code.
+    """The count implied by docs/design.md, section 5, written independently of the model code.
 
     Per 3x3 conv c_in -> c_out: 9 c_in c_out weights (no bias); per BN: 2 c (weight, bias);
     per stage: the first block has a 1x1 projection conv + BN; fc: 64k * classes + classes.
