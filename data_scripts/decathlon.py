@@ -52,6 +52,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from npmask.data.loader import DECATHLON_FULL_VIEW, DECATHLON_NO_MIRROR  # noqa: E402
+
 VGG = "http://www.robots.ox.ac.uk/~vgg/share/"
 RESOURCES = {
     "devkit": {"url": VGG + "decathlon-1.0-devkit.tar.gz", "filename": "decathlon-1.0-devkit.tar.gz",
@@ -68,7 +70,10 @@ RESOURCES = {
 }
 DATASETS = ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "imagenet12", "omniglot",
             "svhn", "ucf101", "vgg-flowers"]
-NO_MIRROR = {"gtsrb", "omniglot", "svhn"}
+# The paper mirrors none of the digits, signs, characters and textures; the first three are also
+# fed whole (72x72) under the "decathlon" protocol. The loader keeps the same two sets.
+FULL_VIEW = set(DECATHLON_FULL_VIEW)
+NO_MIRROR = set(DECATHLON_NO_MIRROR)
 LICENCE = ("Each data set keeps its original terms (see the Decathlon page); cite Rebuffi et al., "
            "NIPS 2017 and the original data set.")
 _MEMMAP_BYTES = 2 << 30     # splits larger than this are assembled in a memory-mapped file
@@ -231,10 +236,11 @@ def convert_dataset(ds, annotations, image_source, out_folder, *, size=72, test_
                    # read by npmask.data.loader (augmentation "auto"): the 72 -> 64 protocol,
                    # and the whole 72x72 view for the no-mirror sets (docs/design.md, section 3)
                    "protocol": "decathlon",
-                   "full_view": ds in NO_MIRROR,
-                   "protocol_note": ("train: random crop 64 + mirror; test: centre crop 64"
-                                     if ds not in NO_MIRROR else
-                                     "train and test: the whole 72x72 image, no mirroring"),
+                   "full_view": ds in FULL_VIEW,
+                   "protocol_note": ("train and test: the whole 72x72 image, no mirroring"
+                                     if ds in FULL_VIEW else
+                                     "train: random crop 64" + ("" if ds in NO_MIRROR else " + mirror")
+                                     + "; test: centre crop 64"),
                    "test_split": test_note, "label_offset": offset})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -672,7 +672,10 @@ def test_decathlon_coco_annotations_and_test_labels(tmp_path):
     for ds in ("svhn", "dtd"):
         d = load_domain(tmp_path / "out" / ds)
         assert d.class_names == [f"{ds}_class{k}" for k in range(3)]
-        assert d.image_size == (72, 72) and d.mirror == (ds == "dtd")
+        assert d.image_size == (72, 72) and not d.mirror   # the paper mirrors neither
+        assert d.meta["extra"]["protocol_note"] == (
+            "train: random crop 64; test: centre crop 64" if ds == "dtd"
+            else "train and test: the whole 72x72 image, no mirroring")
         # train annotations were reversed in the json: labels follow the annotation order
         np.testing.assert_array_equal(d.train[1], truth[ds]["train"][::-1])
         np.testing.assert_array_equal(d.val[1], truth[ds]["val"])

@@ -43,8 +43,8 @@ def _split(rng, n, k, size):
 
 @pytest.fixture(scope="module")
 def decathlon(tmp_path_factory):
-    """Decathlon domains as data_scripts/decathlon.py writes them (its NO_MIRROR = gtsrb,
-    omniglot, svhn: dtd's meta says mirror, the protocol must still not mirror it)."""
+    """Decathlon domains in data_scripts/decathlon.py's layout, except that dtd's meta says mirror
+    (as a folder converted by another tool may): the protocol must still not mirror it."""
     root = tmp_path_factory.mktemp("decathlon")
     rng = np.random.default_rng(0)
     for ds, k in (("imagenet12", 5), ("dtd", 3), ("gtsrb", 4)):
