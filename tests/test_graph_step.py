@@ -133,6 +133,21 @@ def test_device_scalars_give_the_plain_optimisers_bits(size):
     assert s1["a/state.0.weight.step"] == 11 and s1["a/state.0.bias.step"] == 6
 
 
+def test_device_scalars_are_0d_under_cupys_zeros_like(monkeypatch):
+    """CuPy's zeros_like (14.2, cupy/_creation/basic.py: ``shape = shape if shape else a.shape``)
+    takes shape=() for "no shape" and returns an array of the parameter's shape; the device
+    scalars must be 0-d there too (an lr of a weight's shape cannot multiply another gradient)."""
+    class CupyLike:                                   # NumPy with CuPy's reading of shape
+        @staticmethod
+        def zeros_like(a, dtype=None, order="K", subok=None, shape=None):
+            return np.zeros_like(a, dtype=dtype, order=order, shape=shape if shape else a.shape)
+    monkeypatch.setattr(device, "get_array_module", lambda *arrays: CupyLike)
+    scalars = device.DeviceScalars(np.ones((4, 3), dtype=np.float32))
+    assert scalars.lr.shape == () and scalars.lr.dtype == np.float32
+    pair = scalars._zero(), scalars._zero()
+    assert [a.shape for a in pair] == [(), ()]
+
+
 class HostRead(AssertionError):
     pass
 

@@ -49,8 +49,12 @@ class DeviceScalars:
         self._written: dict[int, float] = {}      # id of a 0-d array -> the value last filled in
 
     def _zero(self):
-        """A 0-d array of the parameters' dtype and backend (and array type)."""
-        return get_array_module(self.like).zeros_like(self.like, shape=())
+        """A 0-d array of the parameters' dtype and backend (and array type).
+
+        Made as shape (1,) and reshaped: CuPy's zeros_like reads ``shape=()`` as no shape given
+        (cupy/_creation/basic.py, ``shape = shape if shape else a.shape``) and would return an
+        array of the parameter's shape."""
+        return get_array_module(self.like).zeros_like(self.like, shape=(1,), order="C").reshape(())
 
     def _fill(self, array, value: float) -> None:
         if self._written.get(id(array)) != value:   # an unchanged value costs no launch
