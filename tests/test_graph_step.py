@@ -11,6 +11,8 @@ tests/test_gpu_graph_step.py, on a GPU.
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -359,3 +361,19 @@ def test_gemms_capturable_patches_and_restores_cupy_matmul():
     with cuda_gemm.gemms_capturable(cp):
         assert cp.ndarray.__dict__["__matmul__"] is not before
     assert "__matmul__" not in cp.ndarray.__dict__ and cp.ndarray.__matmul__ is before
+
+
+def test_cublas_that_cannot_be_loaded_is_one_line(monkeypatch):
+    """No libcublas (CuPy's lookup raises ImportError, cupy_backends/cuda/libs/__init__.py) or no
+    handle: a GraphStepError, which the commands print as one line, not a traceback."""
+    from npmask.training.errors import one_line
+
+    def missing(cp):
+        raise ImportError('Failure finding "libcublasLt.so.13 or libcublasLt.so.12"')
+    monkeypatch.setattr(cuda_gemm, "_Cublas", missing)
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    monkeypatch.setattr(cuda_gemm, "_state", {})
+    a = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(GraphStepError, match="libcublasLt.so.13") as err:
+        cuda_gemm.matmul(a, a.T, None)
+    assert "--cuda-graphs" in one_line(err.value)

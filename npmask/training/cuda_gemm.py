@@ -165,7 +165,13 @@ def matmul(a, b, fallback):
         return fallback(a, b)
     if "cublas" not in _state:
         import cupy  # noqa: PLC0415  (only reached with CuPy arrays)
-        _state["cublas"] = _Cublas(cupy)
+        try:
+            _state["cublas"] = _Cublas(cupy)
+        except (ImportError, OSError, RuntimeError) as err:   # no libcublas, or no handle
+            from .graph_step import GraphStepError  # noqa: PLC0415  (graph_step imports this module)
+            raise GraphStepError(
+                f"--cuda-graphs calls cuBLAS directly and could not set it up ({type(err).__name__}: "
+                f"{err}); train without --cuda-graphs") from err
     return _state["cublas"].matmul(a, b)
 
 
