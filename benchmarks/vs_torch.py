@@ -282,9 +282,22 @@ def main(argv=None):
     ap.add_argument("--no-inference", action="store_true", help="skip the eval-forward timings")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="cuda: also time npmask's step replayed from CUDA graphs (rows train+graphs)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="cuda: let both sides multiply float32 in TF32 (PyTorch's cuDNN and matmul "
+                         "flags, CuPy's CUPY_TF32=1); default: IEEE float32 on both")
     args = ap.parse_args(argv)
     if args.cuda_graphs and args.device != "cuda":
         ap.error("--cuda-graphs needs --device cuda")
+    if args.tf32 and args.device != "cuda":
+        ap.error("--tf32 needs --device cuda")
+    # PyTorch's cuDNN convolutions take TF32 unless told not to, npmask's GEMMs only under CUPY_TF32
+    # (read by CuPy at its first float32 matmul): one setting for both, or the ratio compares
+    # different arithmetic.
+    if args.device == "cuda":
+        import os  # noqa: PLC0415
+        os.environ["CUPY_TF32"] = "1" if args.tf32 else "0"
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
     backend = "cupy" if args.device == "cuda" else "numpy"
     xp = get_backend(backend)
@@ -293,8 +306,9 @@ def main(argv=None):
         torch.set_num_threads(args.torch_threads)
     clock_np, clock_t = Clock(xp), TorchClock(device)
     rate_before = gemm_rate(xp, clock_np)
+    arithmetic = "" if args.device == "cpu" else f"; float32 as {'TF32' if args.tf32 else 'IEEE'} on both sides"
     print(f"device {args.device}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"numpy {np.__version__}; float32 GEMM {rate_before:.0f} GFLOP/s")
+          f"numpy {np.__version__}; float32 GEMM {rate_before:.0f} GFLOP/s{arithmetic}")
 
     rows = []
     for spec in args.nets.split(","):
