@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module, get_backend, to_device
+from ..backend import backend_name, get_array_module, get_backend, to_device
 
 
 class ParamRef(NamedTuple):
@@ -250,8 +250,9 @@ class Module:
             if tuple(np.shape(src)) != tuple(dst.shape):
                 raise ValueError(f"state_dict entry {name!r} has shape {tuple(np.shape(src))}, "
                                  f"the module expects {tuple(dst.shape)}")
+            # to dst's backend first: NumPy refuses a CuPy array (its __array__ raises TypeError)
             xp = get_array_module(dst)
-            dst[...] = xp.asarray(src if xp is np else to_device(src, "cupy"), dtype=dst.dtype)
+            dst[...] = xp.asarray(to_device(src, backend_name(dst)), dtype=dst.dtype)
 
     def train(self, mode: bool = True) -> "Module":
         """Set training mode on the whole subtree (batch statistics, dropout active)."""
