@@ -227,6 +227,19 @@ def test_dropout_seeded_determinism_and_scaling():
     np.testing.assert_array_equal(y32 != 0, kept)
 
 
+def test_dropout_kept_mask_moves_with_the_module():
+    """A kept mask (reuse_mask) is one of the module's arrays: Module.to / astype map it too, or the
+    next forward after moving to another backend would multiply arrays of two backends."""
+    layer = nn.Dropout(0.5, rng=0)
+    layer.reuse_mask = True
+    x = normal(0, (4, 6))
+    y = layer.forward(x)
+    before = layer._mask
+    layer._map_arrays(np.copy)                 # what to(backend) does, with a copy for the move
+    assert layer._mask is not before and np.array_equal(layer._mask, before)
+    np.testing.assert_array_equal(layer.forward(x), y)          # the same mask, reused
+
+
 def test_dropout_eval_is_identity():
     x = normal(0, (3, 4))
     layer = nn.Dropout(0.5, rng=0).eval()

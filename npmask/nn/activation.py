@@ -90,6 +90,10 @@ class Dropout(Module):
             return dy
         return dy * self._mask
 
+    def _after_map_arrays(self, fn) -> None:
+        if self._mask is not None:     # a kept mask moves (or is cast) with the module's arrays
+            self._mask = fn(self._mask)
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
