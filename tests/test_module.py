@@ -177,30 +177,13 @@ def test_child_registration_and_repr():
     assert "Linear(in_features=4, out_features=6" in text and "(fc):" in text and "BatchNorm1d(6" in text
 
 
-def test_load_state_dict_takes_cupy_arrays_into_a_numpy_module():
+def test_load_state_dict_takes_cupy_arrays_into_a_numpy_module(host_backed_cupy):
     """A GPU model's state_dict (CuPy arrays) loads into a NumPy module, as the docstring promises
     ("cast to the existing dtype and backend"): CuPy refuses ``np.asarray`` of its arrays
     (cupy/_core/core.pyx, ``__array__``: TypeError "Implicit conversion to a NumPy array is not
-    allowed"), so the values must come over by ``.get()``. Device-free CuPy arrays stand in (no
-    memory is touched; ``get`` returns the host values)."""
-    cupy = pytest.importorskip("cupy")
-    from npmask import backend
-
-    backend._import_cupy()                     # get_array_module recognises cupy arrays from now on
-
-    class HostBacked(cupy.ndarray):            # a cupy.ndarray whose data never leaves the host
-        def get(self, *args, **kwargs):
-            return self.host
-
-    def on_device(a):
-        a = np.ascontiguousarray(a)
-        mem = cupy.cuda.UnownedMemory(0, max(a.nbytes, 1), None, device_id=0)
-        out = HostBacked(a.shape, a.dtype, cupy.cuda.MemoryPointer(mem, 0))
-        out.host = a
-        return out
-
+    allowed"), so the values must come over by ``.get()``."""
     net = Net()
-    state = {k: on_device(np.asarray(v, np.float64) + 1) for k, v in net.state_dict().items()}
+    state = {k: host_backed_cupy(np.asarray(v, np.float64) + 1) for k, v in net.state_dict().items()}
     with pytest.raises(TypeError, match="Implicit conversion"):
         np.asarray(next(iter(state.values())))     # the CuPy refusal the loader must avoid
     net.load_state_dict(state)
