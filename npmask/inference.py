@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .backend import get_array_module, to_numpy
+
 DATA_KEYS = ("class_names", "mean", "std", "image_size", "input_size", "channels", "mirror")
 
 
@@ -142,12 +144,14 @@ def _centre_crop(image: np.ndarray, size) -> np.ndarray:
 def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
     """Network input (N, C, h, w) in ``dtype`` (NumPy) for ``images``, as the test split was fed.
 
-    images: a uint8 array (H, W, C), (H, W) or (N, H, W, C), a list of such arrays, or a list of image file
-    paths (str or Path; also mixed with arrays). Grey images given to an RGB domain are repeated
+    images: a uint8 array (H, W, C), (H, W) or (N, H, W, C) (NumPy or CuPy), a list of such arrays,
+    or a list of image file paths (str or Path; also mixed with arrays). Grey images given to an RGB domain are repeated
     over the channels and RGBA arrays lose their alpha, so that an array gives what the same
     picture as a file gives; files are converted to the domain's channels when read.
     """
     channels = int(info["channels"])
+    if get_array_module(images) is not np:          # CuPy pixels: np.asarray of them is refused
+        images = to_numpy(images)
     if isinstance(images, np.ndarray):
         if images.ndim in (2, 3):      # one image: (H, W) grey or (H, W, C)
             images = [images]
@@ -160,7 +164,7 @@ def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
         if isinstance(item, (str, os.PathLike)):
             a, what = read_image(item, channels), os.fspath(item)
         else:
-            a, what = np.asarray(item), f"image {i}"
+            a, what = to_numpy(item), f"image {i}"
             if a.dtype != np.uint8:
                 raise ImageError(f"{what}: expected uint8 pixels (0-255), got {a.dtype}; for float "
                                  "network inputs call model.forward or predict_logits")

@@ -130,6 +130,17 @@ def test_prepare_images_resizes_crops_and_normalises():
     assert prepare_images(np.full((8, 8), 255, np.uint8), grey_for_rgb).shape == (1, 3, 4, 4)
 
 
+def test_prepare_images_takes_cupy_pixels(host_backed_cupy):
+    """Pixels already on the GPU (a CuPy array, or a list of them) give what the same NumPy pixels
+    give; np.asarray of a CuPy array raises, so they come over with .get()."""
+    info = {"class_names": ["x"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": [8, 8],
+            "input_size": [4, 4], "channels": 3, "mirror": False}
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    expected = prepare_images(pixels, info)
+    assert np.array_equal(prepare_images(host_backed_cupy(pixels), info), expected)
+    assert np.array_equal(prepare_images([host_backed_cupy(p) for p in pixels], info), expected)
+
+
 def test_top_refuses_k_below_1_and_clamps_a_large_k():
     preds = Predictions(["a", "b", "c"], np.array([[0.2, 0.5, 0.3]]))
     for k in (0, -1):
