@@ -300,7 +300,8 @@ r"""
 
 Finally the `Conv2d` layer itself, with a bias, stride 2 and padding 1, through `check_layer`:
 the input gradient and both parameter gradients against central differences, in float64. The
-same check runs in the test suite for hundreds of random shapes (tests/test_conv.py).
+same check runs in the test suite on random shapes, strides and paddings drawn by hypothesis
+(`test_conv2d_layer_gradcheck` in tests/test_conv.py).
 """
 
 # %%
