@@ -313,7 +313,10 @@ assert report.ok and set(report.errors) == {"x", "weight", "bias"}
 
 # %% [markdown]
 r"""
-And one way to *fail* the check, so we know it can: a backward pass that forgets a transpose.
+And one way to *fail* the check, so we know it can: a backward pass whose weight gradient has its
+columns in the wrong order. (A forgotten transpose, $x^\top G$ instead of $G^\top x$, fails even
+earlier here: its shape $D\times O$ is not the weight's $O\times D$, and NumPy refuses the `+=`
+into `grads["weight"]`.)
 """
 
 # %%
