@@ -215,20 +215,25 @@ The matrix product reproduces the convolution exactly, for any stride and paddin
 
 # %%
 n, c, o, k = x.shape[0], x.shape[1], weight.shape[0], weight.shape[2]
-cols = im2col(x, k, k, stride=2, padding=1)
+stride = 2
+cols = im2col(x, k, k, stride=stride, padding=1)
 W_mat = weight.reshape(o, c * k * k)
 ho = wo = y_fast.shape[2]
 Y_mat = W_mat @ cols                                        # (O, N*Ho*Wo): the whole layer
 y_gemm = Y_mat.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)  # back to (N, O, Ho, Wo)
 assert np.allclose(y_gemm, y_fast)
-print(f"cols {cols.shape}: {cols.size} numbers copied from an input of {x.size}")
+print(f"cols {cols.shape}: {cols.size} numbers copied from an input of {x.size}, "
+      f"{cols.size / x.size:.2f} per input number (large-image estimate k*k/s^2 = {k * k / stride**2:.2f})")
 
 # %% [markdown]
 r"""
-The price is memory: each input pixel is copied about $k_h k_w / s^2$ times (the printout above;
-a $3\times 3$ kernel with stride 1 makes the columns nine times the size of the input). npmask's `conv2d_forward`
-therefore builds the columns for a few images at a time, so they are still in the CPU cache when
-the GEMM reads them (see the docstring of `npmask/nn/conv.py`).
+The price is memory: the columns hold $k_h k_w$ numbers per output position, so
+$k_h k_w\,H_o W_o/(H W)$ per input number, about $k_h k_w / s^2$ on a large image. On our small
+image the padding border adds windows, so the printout above finds more than the estimate; a
+$3\times 3$ kernel with stride 1 and padding 1 ($H_o = H$) makes the columns exactly nine times
+the size of the input. npmask's `conv2d_forward` therefore builds the columns for a few images
+at a time, so they are still in the CPU cache when the GEMM reads them (see the docstring of
+`npmask/nn/conv.py`).
 
 ## 1.4 The backward pass of the convolution
 
