@@ -49,7 +49,7 @@ r"""
 The mask is not learned directly (that would be a combinatorial search over $2^{\#W}$ masks).
 Instead each layer keeps a **real** tensor $R$ shaped like $W$ and thresholds it:
 
-$$M = h(R - \tau), \qquad h(x) = \mathbb{1}[x > 0].$$
+$$M = h(R - \tau), \qquad h(x) = \mathbb{1}[x \geq 0].$$
 
 $h$ is a step: its derivative is $0$ everywhere except at $0$, where it does not exist. So the
 true gradient $\partial L/\partial R = \partial L/\partial M \cdot h'(R-\tau)$ is zero for every
@@ -86,7 +86,7 @@ $$\frac{\partial L}{\partial R} := \frac{\partial L}{\partial M}\;\tilde h'(R - 
 # %%
 t = np.linspace(-6, 6, 601)
 fig, axes = plt.subplots(1, 2, figsize=(8, 2.6))
-axes[0].plot(t, (t > 0).astype(float), "k", lw=2, label="h(x) = 1[x > 0]")
+axes[0].plot(t, (t >= 0).astype(float), "k", lw=2, label="h(x) = 1[x >= 0]")
 axes[0].plot(t, 1 / (1 + np.exp(-t)), label="sigmoid surrogate")
 axes[0].plot(t, np.clip(t, -0.2, 1.2), ":", label="identity surrogate (clipped view)")
 axes[0].set_title("forward: always the hard step")
@@ -229,7 +229,7 @@ convolution, with the same half-on mask and illustrative $k$'s:
 
 # %%
 R_demo = np.where(rng.random(W.shape) < 0.5, 1.0, -1.0).astype(W.dtype)   # M = 1[R >= 0]
-M = R_demo > 0
+M = R_demo >= 0
 k = {"piggyback": (0.0, 0.0, 0.0, 1.0),
      "simple": (1.0, -0.02, 0.05, 0.0),
      "full": (1.0, -0.02, 0.05, -0.6)}
