@@ -323,8 +323,9 @@ r"""
   pretends the step was smooth ($\tilde h' = 1$ or $\sigma(1-\sigma)$).
 * Any strictly increasing surrogate points each bit the right way (sign agreement).
 * Eq. 1 contains Piggyback ($k = (0,0,0,1)$) and the simple model ($k_3 = 0$); its extra terms
-  let a bit shift and rescale a weight, not only delete it. One bit per weight plus four
-  scalars per layer is what a new domain costs.
+  let a bit shift and rescale a weight, not only delete it. One bit per weight and at most four
+  scalars per convolution, plus the domain's own batch norm and classifier, is what a new domain
+  costs (notebook 3 counts it).
 
 Next: [3. Adding a domain to a pretrained network](03_adding_a_domain.ipynb).
 """
