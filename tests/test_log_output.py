@@ -57,3 +57,22 @@ def test_epoch_line_without_test_set():
     line = loop.epoch_line("base", {"epoch": 3, "train_loss": 0.5, "train_acc": 81.25,
                                     "train_seconds": 2.0, "train_images": 1000, "lr": {"": 0.1}}, 10)
     assert line == "base epoch 3/10: train loss 0.500 acc 81.2% | 2.0 s, 500 img/s | lr 0.1"
+
+
+def test_importing_npmask_in_a_notebook_without_ipywidgets_warns_nothing():
+    """Bars are drawn in a terminal only, so npmask imports plain tqdm: tqdm.auto would warn
+    "IProgress not found" into every notebook (the tutorials') that lacks ipywidgets."""
+    code = (
+        "import sys, types, warnings\n"
+        "class ZMQInteractiveShell: pass\n"
+        "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')   # as in a kernel\n"
+        "sys.modules['IPython'] = types.SimpleNamespace(get_ipython=ZMQInteractiveShell)\n"
+        "sys.modules['ipywidgets'] = None                                            # not installed\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import npmask.training.loop, npmask.data.synthetic.generation\n"
+        "print([str(w.message).splitlines()[0] for w in caught])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

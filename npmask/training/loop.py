@@ -26,7 +26,7 @@ import math
 import sys
 import time
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # bars only in a terminal; tqdm.auto would warn in a notebook without ipywidgets
 
 from ..models import get_submodule
 from ..nn.loss import softmax_cross_entropy

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm  # bars only in a terminal; tqdm.auto would warn in a notebook without ipywidgets
 
 from ..format import DataFormatError, Domain, load_domain, read_meta, write_domain
 from .base import BASE_CLASSES, _draw_base
