@@ -124,8 +124,9 @@ r"""
 The paper's protocol (section 4): Adam for the real-valued masks, the $k$'s and batch norm; SGD
 with momentum 0.9 for the classifier; batch 32; crops and (where the domain allows) mirroring.
 The paper's rates ($10^{-4}$ and $10^{-3}$) are meant for 60 epochs; a CPU run of a few epochs
-takes ~50x fewer steps, so the synthetic benchmark scales both by 10 (and says so in every run's
-`config.json`). One step is the textbook sequence that `npmask.training.loop.train_epoch` runs:
+takes far fewer steps, so the synthetic benchmark scales both by 10 and says why in the notes of
+every run's `config.json` (printed below). One step is the textbook sequence that
+`npmask.training.loop.train_epoch` runs:
 
 ```python
 logits = model.forward(x)
@@ -137,6 +138,7 @@ optimizer.zero_grad(); model.backward(dlogits); optimizer.step()
 # %%
 bench = get_benchmark("synthetic")
 print(f"learning rates: body (Adam) {bench.lr_body:g}, head (SGD) {bench.lr_head:g}")
+print("notes:", bench.notes)
 train_it, test_it = make_iterators(digits, batch_size=32, seed=0, backend="numpy", dtype=np.float32,
                                    protocol=bench.augmentation, max_train=MAX_TRAIN)
 
