@@ -18,9 +18,9 @@ new domain.
 
 Here we train two quite different synthetic domains (`digits` and `textures`) with the full model,
 and `digits` with Piggyback, starting from the shipped backbone, and read the same quantities with
-`npmask.masking.inspect`. A CPU budget of about a hundred steps per domain is a far cry from the
-paper's 60 epochs: what we see is the *beginning* of the process, and the notebook prints
-the measured facts rather than assuming the paper's.
+`npmask.masking.inspect`. A CPU budget of `STEPS` optimiser steps per domain (the first line
+printed below) is a far cry from the paper's 60 epochs: what we see is the *beginning* of the
+process, and the notebook prints the measured facts rather than assuming the paper's.
 """
 
 # %%
@@ -166,8 +166,8 @@ How to read these lines against the paper:
   figures above); the rest of training decides *which* half. The paper's full model also
   ends near 50%. In the full model an off bit is not a deleted weight: it only misses the
   $k_2 + k_3 w$ that the "on" weights receive. For Piggyback an off bit *deletes* the weight,
-  and in the paper's long runs its masks end denser, and sparser with depth; whether a
-  hundred steps show that already, the Piggyback line above tells.
+  and in the paper's long runs its masks end denser, and sparser with depth; whether our few
+  steps show that already, the Piggyback line above tells.
 * **$k$'s.** $k_1$ shifts every weight of a layer and $k_2$ only those whose bit is on; with
   opposite signs the two groups move in opposite directions. $k_3$ rescales the "on" weights.
 * **Piggyback, same settings.** Its masks drop to about half just as fast, but for Piggyback
@@ -177,8 +177,8 @@ How to read these lines against the paper:
   This is where the affine terms pay off: an off bit costs the full model little. It also
   shows why the starting point of $R$ matters (`mask_init` of `add_domain`): with $R$ further
   above $\tau$, a bit leaves the all-ones state only after its gradients agree for many steps.
-* Our runs are a few minutes of CPU time instead of 60 epochs on a GPU: the trends may be
-  weaker, or not there yet. Run `python -m npmask.train --epochs 10` to see them develop (its
+* Our runs take seconds of CPU time each (printed in 4.1) instead of 60 epochs on a GPU: the
+  trends may be weaker, or not there yet. Run `python -m npmask.train --epochs 10` to see them develop (its
   run folder gets the same plot for every domain).
 
 **How much did each layer change?** The relative change
