@@ -168,8 +168,9 @@ How to read these lines against the paper:
   $k_2 + k_3 w$ that the "on" weights receive. For Piggyback an off bit *deletes* the weight,
   and in the paper's long runs its masks end denser, and sparser with depth; whether our few
   steps show that already, the Piggyback line above tells.
-* **$k$'s.** $k_1$ shifts every weight of a layer and $k_2$ only those whose bit is on; with
-  opposite signs the two groups move in opposite directions. $k_3$ rescales the "on" weights.
+* **$k$'s.** $k_1$ shifts every weight of a layer and $k_2$ only those whose bit is on, so the
+  "off" group moves by $k_1$ and the "on" group by $k_1 + k_2$: opposite directions when the
+  signs differ *and* $|k_2| > |k_1|$. $k_3$ rescales the "on" weights.
 * **Piggyback, same settings.** Its masks drop to about half just as fast, but for Piggyback
   that deletes half of every layer's pretrained weights within a few steps (the relative change
   of about 0.7 in every layer below); the pretrained features are gone before the bits can be
