@@ -172,8 +172,9 @@ How to read these lines against the paper:
   "off" group moves by $k_1$ and the "on" group by $k_1 + k_2$: opposite directions when the
   signs differ *and* $|k_2| > |k_1|$. $k_3$ rescales the "on" weights.
 * **Piggyback, same settings.** Its masks drop to about half just as fast, but for Piggyback
-  that deletes half of every layer's pretrained weights within a few steps (the relative change
-  of about 0.7 in every layer below); the pretrained features are gone before the bits can be
+  that deletes half of every layer's pretrained weights within a few steps (below, every
+  layer's relative change is near $\sqrt{1 - \text{density}}$, what deleting a random part of
+  the weights gives); the pretrained features are gone before the bits can be
   sorted out, and in our short run its test accuracy stays far below the full model's (4.1).
   This is where the affine terms pay off: an off bit costs the full model little. It also
   shows why the starting point of $R$ matters (`mask_init` of `add_domain`): with $R$ further
@@ -196,6 +197,9 @@ for run in runs:
     ax.plot(range(1, len(change) + 1), change, marker="o", ms=3, label=run)
     print(f"{run:20s} relative change: first layer {change[0]:.3f}, last {change[-1]:.3f}, "
           f"trend over depth {depth_trend(change):+.3f}")
+off = 1 - np.array([r["density"] for r in stats["digits (piggyback)"]])   # the deleted fraction
+print(f"{'digits (piggyback)':20s} sqrt(1 - density): first layer {np.sqrt(off[0]):.3f}, "
+      f"last {np.sqrt(off[-1]):.3f}")
 ax.set(xlabel="layer (network order)", ylabel="||W~ - W|| / ||W||")
 ax.legend(fontsize=8)
 plt.tight_layout()
