@@ -132,7 +132,7 @@ r"""
 order than OpenBLAS does, so float32 results agree to about six digits, not bit for bit; on
 NumPy the two copies are identical. The check compares the losses, the coefficients $k$ of one
 layer, and its binary mask $M = 1[R \geq 0]$ (Adam moves every entry of $R$ by about the learning
-rate, in the direction of the sign of its gradient, so an entry whose gradient is zero up to
+rate, against the sign of its gradient, so an entry whose gradient is zero up to
 rounding may step differently on the two devices: we ask for 99.9% of equal bits).
 """
 
