@@ -129,8 +129,8 @@ print(BACKEND.ljust(7), np.round(dev_losses, 5))
 # %% [markdown]
 r"""
 **Same numbers, up to rounding.** On the GPU the matrix products add their terms in another
-order than OpenBLAS does, so float32 results agree to about six digits, not bit for bit; on
-NumPy the two copies are identical. The check compares the losses, the coefficients $k$ of one
+order than OpenBLAS does, so float32 results agree up to rounding (the relative differences
+printed below), not bit for bit; on NumPy the two copies are identical. The check compares the losses, the coefficients $k$ of one
 layer, and its binary mask $M = 1[R \geq 0]$ (Adam moves every entry of $R$ by about the learning
 rate, against the sign of its gradient, so an entry whose gradient is zero up to
 rounding may step differently on the two devices: we ask for 99.9% of equal bits).
