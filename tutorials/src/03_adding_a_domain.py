@@ -21,13 +21,11 @@ features; and we store the domain and count what it costs.
 """
 
 # %%
-import io
 import os
 import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import Image, display
 
 from npmask import pretrained
 from npmask.data.synthetic import ensure_synthetic
@@ -46,15 +44,6 @@ plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 EPOCHS = 1 if QUICK else 2
 MAX_TRAIN = 600 if QUICK else None           # None: all 5000 training images
 out_dir = tempfile.mkdtemp(prefix="npmask-tutorial-")
-
-
-def show(fig):
-    """Display a figure as PNG, whatever matplotlib backend is active (npmask's plotting helpers,
-    which write files, switch pyplot to Agg; a notebook would then stop showing figures)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    display(Image(data=buffer.getvalue()))
 
 # %% [markdown]
 r"""
@@ -81,7 +70,7 @@ for ax, img, label in zip(axes, digits.train[0][:10], digits.train[1][:10]):
     ax.imshow(img)
     ax.set_title(digits.class_names[label], fontsize=8)
     ax.axis("off")
-show(fig)
+plt.show()
 
 # %% [markdown]
 r"""
@@ -174,7 +163,7 @@ ax.axvline(chance, color="k", ls=":", label="chance")
 ax.set(xlabel="test accuracy on digits (%)", xlim=(0, 100))
 ax.legend(loc="lower right")
 plt.tight_layout()
-show(fig)
+plt.show()
 assert all(np.isfinite(h[-1]["train_loss"]) for h in results.values())
 if not QUICK:                                          # the quick test run is too short to learn
     assert acc["digits"] > max(2 * chance, acc["digits_features"] + 5), acc

@@ -49,16 +49,6 @@ plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 STEPS = 12 if QUICK else 150                 # optimiser steps (batches of 32) per domain
 out_dir = tempfile.mkdtemp(prefix="npmask-tutorial-")
 
-
-def show(fig):
-    """Display a figure as PNG, whatever matplotlib backend is active (npmask's plotting helpers,
-    which write files, switch pyplot to Agg; a notebook would then stop showing figures)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    display(Image(data=buffer.getvalue()))
-
-
 backbone, info = pretrained.load_backbone()
 model = MultiDomainModel(backbone, base_domain="base")
 sizes = {"n_train": 600, "n_test": 300} if QUICK else {}
@@ -203,7 +193,7 @@ print(f"{'digits (piggyback)':20s} sqrt(1 - density): first layer {np.sqrt(off[0
 ax.set(xlabel="layer (network order)", ylabel="||W~ - W|| / ||W||")
 ax.legend(fontsize=8)
 plt.tight_layout()
-show(fig)
+plt.show()
 
 # %% [markdown]
 r"""
@@ -228,7 +218,7 @@ ax.set(title=f"{name}: k1={float(k1[0]):+.3f}, k2={float(k2[0]):+.3f}, k3={float
        xlabel="pretrained w", ylabel="transformed w~")
 ax.legend(markerscale=6, fontsize=8)
 plt.tight_layout()
-show(fig)
+plt.show()
 assert np.allclose(Wt[~M], W[~M] + k1[0], atol=1e-6)
 assert np.allclose(Wt[M], (1 + k3[0]) * W[M] + k1[0] + k2[0], atol=1e-6)
 
