@@ -43,7 +43,9 @@ QUICK = os.environ.get("NPMASK_TUTORIAL_QUICK") == "1"
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 EPOCHS = 1 if QUICK else 2
 MAX_TRAIN = 600 if QUICK else None           # None: all 5000 training images
-out_dir = tempfile.mkdtemp(prefix="npmask-tutorial-")
+# the notebook's files (domains, exports, plots) live as long as this kernel: deleted when it exits
+workdir = tempfile.TemporaryDirectory(prefix="npmask-tutorial-")
+out_dir = workdir.name
 
 # %% [markdown]
 r"""

@@ -47,7 +47,9 @@ from npmask.training.loop import evaluate, train_epoch
 QUICK = os.environ.get("NPMASK_TUTORIAL_QUICK") == "1"
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 STEPS = 12 if QUICK else 150                 # optimiser steps (batches of 32) per domain
-out_dir = tempfile.mkdtemp(prefix="npmask-tutorial-")
+# the notebook's files (domains, exports, plots) live as long as this kernel: deleted when it exits
+workdir = tempfile.TemporaryDirectory(prefix="npmask-tutorial-")
+out_dir = workdir.name
 
 backbone, info = pretrained.load_backbone()
 model = MultiDomainModel(backbone, base_domain="base")
