@@ -87,7 +87,8 @@ def test_notebook_runs_in_quick_mode(name, kernel_env, tmp_path, monkeypatch):
     spec = KernelSpecManager().get_kernel_spec(build.KERNEL)
     assert spec.argv[0] == sys.executable, f"kernel {build.KERNEL!r} would run {spec.argv[0]}"
     nb = build.build(SOURCES[NAMES.index(name)])
-    # the notebook's files (saved domains, plots) go to tmp_path, never into the checkout
+    # the kernel runs in tmp_path, so no file the notebook writes lands in the checkout (notebooks 3
+    # and 4 keep theirs in a TemporaryDirectory that goes when the kernel exits)
     nbclient.NotebookClient(nb, timeout=300, kernel_name=build.KERNEL,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
