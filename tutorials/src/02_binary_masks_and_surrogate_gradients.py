@@ -157,7 +157,9 @@ $|R - \tau| \ll 1$), so the two surrogates differ only by that factor, which Ada
 per-parameter normalisation cancels. They would part ways only for entries that have travelled
 far from $\tau$ (order 1), where the sigmoid's gradient fades and makes those bits "sticky";
 with learning rates of $10^{-4}$ to $10^{-3}$ that takes thousands of steps. The paper found no
-advantage for the sigmoid (section 4.2), and the experiment below shows why.
+advantage for the sigmoid (section 4.2) and suggests that the straight-through estimator's noise
+regularises; the argument above is a second reason the two hardly differ at these learning
+rates, and the experiment below shows the two surrogates learning alike.
 
 **Learning a mask.** A small experiment makes the argument concrete. Hide a random mask $M^\star$
 (half the bits on), record the outputs $y^\star = \operatorname{conv}(x, W\circ M^\star)$ of our
