@@ -96,6 +96,13 @@ def test_sgd_rejects_bad_settings():
         SGD(m.parameter_refs(), lr=-1.0)
 
 
+
+@pytest.mark.parametrize("make", [lambda r, lr: SGD(r, lr=lr), lambda r, lr: Adam(r, lr=lr)])
+def test_a_nan_learning_rate_is_rejected(make):
+    """``lr >= 0`` is false for NaN: a NaN rate is refused, not stepped into NaN weights."""
+    with pytest.raises(ValueError, match="learning rate"):
+        make(toy().parameter_refs(), float("nan"))
+
 # ---------------------------------------------------------------------------- Adam
 def test_adam_first_step_moves_by_lr_times_sign():
     """After bias correction, m_hat = g and v_hat = g**2 at step 1: the step is lr * g / (|g| + eps)."""
