@@ -304,13 +304,16 @@ def test_load_state_dict_rejects_foreign_state():
         narrow.load_state_dict(sd)
 
 
-# ---------------------------------------------------------------------------- schedulers
-def lr_sequence(sched, opt, epochs):
-    out = [opt.lr]
-    for _ in range(epochs):
-        sched.step()
-        out.append(opt.lr)
-    return out
+
+def test_load_state_dict_rejects_state_of_the_wrong_shape():
+    m = toy()
+    opt = Adam(m.parameter_refs(), lr=0.1)
+    set_grads(m, G1, [1.0])
+    opt.step()
+    sd = opt.state_dict()
+    sd["state.body.w.exp_avg"] = np.zeros(3)                    # body.w has shape (2,)
+    with pytest.raises(ValueError, match=r"state.body.w.exp_avg.*\(3,\).*\(2,\)"):
+        Adam(m.parameter_refs(), lr=0.1).load_state_dict(sd)
 
 
 def test_step_lr_sequence():
