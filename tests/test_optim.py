@@ -316,6 +316,20 @@ def test_load_state_dict_rejects_state_of_the_wrong_shape():
         Adam(m.parameter_refs(), lr=0.1).load_state_dict(sd)
 
 
+def test_state_dict_holds_copies_that_later_steps_leave_alone():
+    """state_dict() returns copies: a checkpoint taken at step 1 still says step 1 after step 2."""
+    m = toy()
+    opt = Adam(m.parameter_refs(include=("body",)), lr=0.1)
+    set_grads(m, G1)
+    opt.step()
+    sd = opt.state_dict()
+    before = {k: v.copy() for k, v in sd.items()}
+    set_grads(m, G2)
+    opt.step()
+    for k, v in sd.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
 def test_step_lr_sequence():
     m = toy()
     opt = SGD(m.parameter_refs(), lr=1.0)
