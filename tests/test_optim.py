@@ -330,6 +330,37 @@ def test_state_dict_holds_copies_that_later_steps_leave_alone():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+def test_loaded_state_is_cast_to_the_parameter_dtype_and_owned_by_the_optimiser():
+    """State saved from float64 parameters loads into float32 ones as float32 arrays (into float64
+    ones as float64), and the optimiser's steps then update its own copies, not the arrays of the
+    dict it was given."""
+    m64 = toy()
+    opt64 = Adam(m64.parameter_refs(include=("body",)), lr=0.1)
+    set_grads(m64, G1)
+    opt64.step()
+    sd = opt64.state_dict()
+    before = {k: v.copy() for k, v in sd.items()}
+    for dtype in (np.float32, np.float64):
+        m = toy(dtype)
+        opt = Adam(m.parameter_refs(include=("body",)), lr=0.1)
+        opt.load_state_dict(sd)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state["body.w"][key].dtype == dtype, key
+        set_grads(m, G2)
+        opt.step()
+        assert m.body.params["w"].dtype == dtype
+        for k, v in sd.items():
+            np.testing.assert_array_equal(v, before[k], err_msg=f"{k} after a {dtype.__name__} step")
+
+# ---------------------------------------------------------------------------- schedulers
+def lr_sequence(sched, opt, epochs):
+    out = [opt.lr]
+    for _ in range(epochs):
+        sched.step()
+        out.append(opt.lr)
+    return out
+
+
 def test_step_lr_sequence():
     m = toy()
     opt = SGD(m.parameter_refs(), lr=1.0)
