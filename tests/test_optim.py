@@ -395,6 +395,14 @@ def test_scheduler_state_dict_round_trip():
     assert opt2.lr == opt.lr
 
 
+def test_schedulers_reject_bad_settings():
+    opt = SGD(toy().parameter_refs(), lr=1.0)
+    with pytest.raises(ValueError, match="increasing"):
+        MultiStepLR(opt, milestones=[5, 2])
+    with pytest.raises(ValueError, match="step_size"):
+        StepLR(opt, step_size=0)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_adam_updates_small_parameters_together_with_the_bits_of_one_by_one(weight_decay, threads, monkeypatch):
