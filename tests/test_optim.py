@@ -403,6 +403,13 @@ def test_schedulers_reject_bad_settings():
         StepLR(opt, step_size=0)
 
 
+def test_schedulers_decay_by_a_tenth_by_default():
+    """gamma defaults to 0.1, as in torch.optim.lr_scheduler (the Decathlon protocol's x0.1)."""
+    for make in (lambda o: StepLR(o, step_size=1), lambda o: MultiStepLR(o, milestones=[1])):
+        opt = SGD(toy().parameter_refs(), lr=1.0)
+        np.testing.assert_allclose(lr_sequence(make(opt), opt, 1), [1.0, 0.1], rtol=1e-12)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_adam_updates_small_parameters_together_with_the_bits_of_one_by_one(weight_decay, threads, monkeypatch):
