@@ -114,6 +114,18 @@ def test_batchnorm_running_stats_follow_momentum_with_unbiased_variance():
     assert layer.buffers["running_mean"] is rm_ref and layer.buffers["running_var"] is rv_ref  # in place
 
 
+def test_batchnorm_defaults_to_pytorchs_momentum():
+    """The models build their batch norms with the defaults: momentum 0.1 (PyTorch's), so one
+    training step moves the running statistics a tenth of the way to the batch's."""
+    layer = nn.BatchNorm2d(3).astype(np.float64)
+    x = normal(4, (4, 3, 5, 2)) * 3 + 2
+    layer.forward(x)
+    per_channel = x.transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(layer.buffers["running_mean"], 0.1 * per_channel.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(layer.buffers["running_var"], 0.9 + 0.1 * per_channel.var(axis=1, ddof=1),
+                               rtol=1e-12)
+
+
 def test_batchnorm_train_uses_batch_stats_and_eval_uses_running_stats():
     layer = nn.BatchNorm2d(2).astype(np.float64)
     layer.params["weight"][...] = [2.0, 0.5]
