@@ -267,14 +267,16 @@ pool_geometry = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(0, 1
 
 
 def naive_pool(x, k, s, p, reduce, pad_value):
+    """k, s, p: ints, or (rows, columns) pairs."""
+    (kh, kw), (sh, sw), (ph, pw) = ((v, v) if isinstance(v, int) else v for v in (k, s, p))
     n, c, h, w = x.shape
-    xp = np.full((n, c, h + 2 * p, w + 2 * p), pad_value)
-    xp[:, :, p:p + h, p:p + w] = x
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    xp = np.full((n, c, h + 2 * ph, w + 2 * pw), pad_value)
+    xp[:, :, ph:ph + h, pw:pw + w] = x
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     out = np.empty((n, c, ho, wo))
     for a in range(ho):
         for b in range(wo):
-            out[:, :, a, b] = reduce(xp[:, :, a * s:a * s + k, b * s:b * s + k], axis=(2, 3))
+            out[:, :, a, b] = reduce(xp[:, :, a * sh:a * sh + kh, b * sw:b * sw + kw], axis=(2, 3))
     return out
 
 
@@ -304,6 +306,20 @@ def test_avgpool_gradcheck_and_reference(n, c, h, w, geom, seed):
     layer = nn.AvgPool2d(k, s, p)
     np.testing.assert_allclose(layer.forward(x), naive_pool(x, k, s, p, np.mean, 0.0), rtol=1e-12, atol=1e-15)
     check_layer(layer, x, seed=seed + 1)
+
+
+@given(n=st.integers(1, 2), c=st.integers(1, 2), h=st.integers(1, 7), w=st.integers(1, 7),
+       rows=pool_geometry, cols=pool_geometry, seed=seeds)
+def test_pools_take_separate_row_and_column_geometries(n, c, h, w, rows, cols, seed):
+    """kernel_size, stride and padding as (rows, columns) pairs: each dimension uses its own."""
+    (kh, sh, ph), (kw, sw, pw) = rows, cols
+    assume(ph <= kh // 2 and pw <= kw // 2 and h + 2 * ph >= kh and w + 2 * pw >= kw)
+    assume(rows != cols)
+    k, s, p = (kh, kw), (sh, sw), (ph, pw)
+    for layer, x, reduce, pad_value in ((nn.MaxPool2d(k, s, p), distinct_values(seed, (n, c, h, w)), np.max, -np.inf),
+                                        (nn.AvgPool2d(k, s, p), normal(seed, (n, c, h, w)), np.mean, 0.0)):
+        np.testing.assert_allclose(layer.forward(x), naive_pool(x, k, s, p, reduce, pad_value), rtol=1e-12, atol=1e-15)
+        check_layer(layer, x, seed=seed + 1)
 
 
 def test_maxpool_ties_route_gradient_to_first_element():
