@@ -322,6 +322,13 @@ def test_pools_take_separate_row_and_column_geometries(n, c, h, w, rows, cols, s
         check_layer(layer, x, seed=seed + 1)
 
 
+def test_pool_stride_defaults_to_the_kernel_size():
+    x = normal(0, (1, 2, 6, 9))
+    for cls, reduce, pad_value in ((nn.MaxPool2d, np.max, -np.inf), (nn.AvgPool2d, np.mean, 0.0)):
+        for k in (2, (2, 3)):
+            np.testing.assert_allclose(cls(k).forward(x), naive_pool(x, k, k, 0, reduce, pad_value), rtol=1e-12)
+
+
 def test_maxpool_ties_route_gradient_to_first_element():
     x = np.ones((1, 1, 2, 2), np.float32)
     layer = nn.MaxPool2d(2)
