@@ -185,7 +185,9 @@ def test_im2col_and_col2im_are_adjoint():
     ((3, 4, 6, 24, 5, 3, 3, 1, 1), False, True, False), ((2, 3, 7, 9, 4, 5, 5, 1, 2), False, True, False),
     ((2, 3, 16, 22, 4, 1, 3, 1, 1), False, True, False),                  # Ho > H: not folded
     ((2, 3, 6, 24, 4, 3, 3, 1, 0), False, False, True), ((5, 7, 8, 8, 6, 3, 3, 1, 0), False, False, False),
-    ((2, 3, 9, 9, 4, 3, 3, 2, 1), False, False, False)])
+    ((2, 3, 9, 9, 4, 3, 3, 2, 1), False, False, False),
+    ((2, 3, 5, 11, 4, 2, 2, 1, 0), False, False, True),     # Wp = 11 = 1.1 Wo: 10% junk, still wide
+    ((2, 3, 5, 12, 4, 3, 3, 1, 0), False, False, False)])   # Wp = 12 > 1.1 Wo: the general layout
 def test_geometries_reach_the_column_layouts_they_are_listed_for(geometry, folded, shifted, wide):
     n, c, h, w, o, kh, kw, stride, padding = geometry
     ho, wo = (conv_module.conv_output_size(s, k, stride, padding) for s, k in ((h, kh), (w, kw)))
