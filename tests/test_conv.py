@@ -514,6 +514,27 @@ def test_columns_are_kept_only_under_the_threshold_and_only_by_a_training_layer(
     assert layer._cache[5] is None                               # no weight gradient wanted
 
 
+def test_weight_grad_refuses_kept_columns_that_do_not_match_its_chunks(use):
+    """Kept columns are used chunk by chunk: a list of another length (columns kept under other
+    settings), or any for a folded-rows convolution (which keeps none), is an error, not a silently
+    wrong or partial weight gradient."""
+    use(conv_chunk_floats=1)                                     # one image per chunk
+    x, weight, _, rng = _arrays((3, 2, 9, 9), (4, 2, 3, 3), False, 3, np.float32)
+    kept = []
+    y = conv_fast.conv_gemm(x, weight, 2, 1, 1, 5, 5, kept=kept)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    assert len(kept) == 3
+    np.testing.assert_array_equal(conv_fast.weight_grad(dy, x, 3, 3, 2, 1, columns=kept),
+                                  conv_fast.weight_grad(dy, x, 3, 3, 2, 1))
+    for wrong in (kept[:2], kept + kept[:1]):
+        with pytest.raises(ValueError, match="kept column matrices"):
+            conv_fast.weight_grad(dy, x, 3, 3, 2, 1, columns=wrong)
+    x16 = rng.standard_normal((2, 2, 16, 16)).astype(np.float32)   # folded rows: stride 1, 16x16
+    dy16 = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="kept column matrices"):
+        conv_fast.weight_grad(dy16, x16, 3, 3, 1, 1, columns=kept[:2])
+
+
 def test_the_default_threshold_keeps_the_small_networks_strided_layers_not_wrn28_4s():
     """WRN-16-1 / 28-1 at 32x32 batch 32 keep their stride-2 3x3 layers' columns; WRN-28-4 at 64x64
     (the Decathlon network) keeps none, so its peak memory stays where it was."""
