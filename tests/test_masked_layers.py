@@ -126,6 +126,18 @@ def test_weight_is_a_reference_not_state():
     assert R.dtype == np.float32 and R.min() >= 1e-4 and R.max() <= 2e-4
 
 
+@pytest.mark.parametrize("tau", [-0.5, 0.3])
+def test_real_masks_start_just_above_the_threshold_whatever_it_is(tau):
+    """R ~ U(tau + lo, tau + hi): with tau != 0 too, M starts all ones and W~ = W."""
+    conv = Conv2d(2, 3, 3, rng=0)
+    x = np.random.default_rng(1).standard_normal((2, 2, 5, 5)).astype(np.float32)
+    layer = MaskedConv2d(conv, "full", tau=tau, mask_init=(0.1, 0.2), rng=0)
+    R = layer.params["mask_real"]
+    assert R.min() >= np.float32(tau + 0.1) and R.max() <= np.float32(tau + 0.2)
+    assert layer.mask().all()
+    assert np.array_equal(layer.forward(x), conv.forward(x))
+
+
 def test_dR_is_zero_at_step_zero_for_full():
     """With k2 = k3 = 0 the masks get no gradient (dL/dR = G∘(k2 + k3*W)) until k2/k3 move (expected)."""
     conv = Conv2d(2, 3, 3, dtype=np.float64, rng=0)
