@@ -138,6 +138,14 @@ def test_real_masks_start_just_above_the_threshold_whatever_it_is(tau):
     assert np.array_equal(layer.forward(x), conv.forward(x))
 
 
+@pytest.mark.parametrize("mask_init", [(1e-4, 1e-4), (2e-4, 1e-4)])
+def test_mask_init_must_be_an_interval(mask_init):
+    with pytest.raises(ValueError, match="low < high"):
+        MaskedConv2d(Conv2d(2, 3, 3, rng=0), "full", mask_init=mask_init)
+    with pytest.raises(ValueError, match="low < high"):
+        MaskedLinear(Linear(4, 3, rng=0), "full", mask_init=mask_init)
+
+
 def test_dR_is_zero_at_step_zero_for_full():
     """With k2 = k3 = 0 the masks get no gradient (dL/dR = G∘(k2 + k3*W)) until k2/k3 move (expected)."""
     conv = Conv2d(2, 3, 3, dtype=np.float64, rng=0)
