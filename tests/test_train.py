@@ -301,6 +301,13 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(path))
 
 
+def test_a_checkpoint_refuses_bool_dict_keys(tmp_path):
+    """Keys are str or int; True would come back as a bool key that collides with 1."""
+    with pytest.raises(TypeError, match="keys must be str or int"):
+        save_checkpoint(str(tmp_path / "c.npz"), {"epoch": 1, "flags": {True: 1}})
+    assert not (tmp_path / "c.npz").exists()
+
+
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_loses_nothing_else(tiny, reference_run,
                                                                              tmp_path):
     out = tmp_path / "damaged"
