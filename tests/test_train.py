@@ -308,6 +308,11 @@ def test_a_checkpoint_refuses_bool_dict_keys(tmp_path):
     assert not (tmp_path / "c.npz").exists()
 
 
+def test_an_unknown_skeleton_node_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="unknown node"):
+        ck.unflatten({"epoch": 1, "w": {"__set__": [1, 2]}}, {})
+
+
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_loses_nothing_else(tiny, reference_run,
                                                                              tmp_path):
     out = tmp_path / "damaged"
