@@ -313,6 +313,13 @@ def test_an_unknown_skeleton_node_is_a_clear_error():
         ck.unflatten({"epoch": 1, "w": {"__set__": [1, 2]}}, {})
 
 
+@pytest.mark.parametrize("epoch", [True, -1, 1.0, "1", None])
+def test_a_checkpoint_epoch_must_be_a_plain_int_of_the_run(epoch):
+    with pytest.raises(CheckpointError, match="field 'epoch'"):
+        ck.checkpoint_epoch("c.npz", state={"epoch": epoch})
+    assert ck.checkpoint_epoch("c.npz", 3, state={"epoch": 3}) == 3
+
+
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_loses_nothing_else(tiny, reference_run,
                                                                              tmp_path):
     out = tmp_path / "damaged"
