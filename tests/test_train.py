@@ -320,6 +320,17 @@ def test_a_checkpoint_epoch_must_be_a_plain_int_of_the_run(epoch):
     assert ck.checkpoint_epoch("c.npz", 3, state={"epoch": 3}) == 3
 
 
+def test_an_npz_with_a_foreign_skeleton_is_not_a_checkpoint(tmp_path):
+    """A file with a __skeleton__ member is read as a checkpoint only if its header says so."""
+    path = tmp_path / "c.npz"
+    for header in ({"format": "something-else", "version": 1, "state": {"epoch": 1}},
+                   {"version": 1, "state": {"epoch": 1}}):
+        raw = json.dumps(header).encode()
+        np.savez(path, **{ck.SKELETON_KEY: np.frombuffer(raw, dtype=np.uint8)})
+        with pytest.raises(CheckpointError, match="not an npmask checkpoint"):
+            load_checkpoint(str(path))
+
+
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_loses_nothing_else(tiny, reference_run,
                                                                              tmp_path):
     out = tmp_path / "damaged"
