@@ -30,6 +30,12 @@ def test_score_baseline_perfect_and_worse():
         decathlon_score({"mnist": 0.1}, emax)
 
 
+def test_a_domain_with_a_perfect_baseline_cannot_be_scored():
+    """Emax = 0 (the baseline made no error): alpha = 1000 / Emax^2 is undefined, a clear error."""
+    with pytest.raises(ValueError, match="undefined"):
+        decathlon_score({"a": 0.1}, {"a": 0.0})
+
+
 def test_paper_table_4_finetune_row_scores_2500_and_sp_250():
     emax = decathlon_emax()
     errors = {d: 1 - a / 100 for d, a in DECATHLON_FINETUNE_ACCURACY.items()}
