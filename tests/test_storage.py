@@ -146,6 +146,20 @@ def test_corrupt_meta_and_truncated_mask_bits_are_clear_errors(trained, tmp_path
     assert fresh.network("full") is kept  # a failed replace keeps the old domain
 
 
+def test_entries_that_belong_to_no_layer_are_a_clear_error(trained, tmp_path):
+    """A file with an entry the network has no place for (another network's, a stray one) is
+    refused, not loaded with that entry silently ignored."""
+    import json
+    md, _ = trained
+    meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
+    extra = dict(arrays, **{"param/layer9.k1": np.ones(1, np.float32), "__meta__": np.array(json.dumps(meta))})
+    np.savez(tmp_path / "extra.npz", **extra)
+    fresh = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
+    with pytest.raises(DomainFileError, match="layer9.k1.*do not belong"):
+        load_domain(fresh, tmp_path / "extra.npz")
+    assert fresh.domains == ["base"]
+
+
 def test_bits_per_parameter_counts_what_is_stored(trained, tmp_path):
     md, _ = trained
     n_p = md.backbone_num_parameters()
