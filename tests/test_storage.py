@@ -160,6 +160,19 @@ def test_entries_that_belong_to_no_layer_are_a_clear_error(trained, tmp_path):
     assert fresh.domains == ["base"]
 
 
+@pytest.mark.parametrize("mask_init", [[0.0, 1e-4], [-1e-4, 1e-4]])
+def test_a_mask_init_without_a_positive_low_is_a_clear_error(trained, tmp_path, mask_init):
+    """R is rebuilt from the bits as tau +- low: with low <= 0 every bit would load as M = 1."""
+    import json
+    md, _ = trained
+    meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
+    np.savez(tmp_path / "low.npz", **dict(arrays, __meta__=np.array(json.dumps(dict(meta, mask_init=mask_init)))))
+    fresh = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
+    with pytest.raises(DomainFileError, match="mask_init"):
+        load_domain(fresh, tmp_path / "low.npz")
+    assert fresh.domains == ["base"]
+
+
 def test_bits_per_parameter_counts_what_is_stored(trained, tmp_path):
     md, _ = trained
     n_p = md.backbone_num_parameters()
