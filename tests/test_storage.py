@@ -173,6 +173,17 @@ def test_a_mask_init_without_a_positive_low_is_a_clear_error(trained, tmp_path, 
     assert fresh.domains == ["base"]
 
 
+def test_params_ratio_refuses_files_of_backbones_of_different_sizes(trained, tmp_path):
+    import json
+    md, _ = trained
+    meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
+    bigger = dict(meta, backbone_parameters=meta["backbone_parameters"] * 2)
+    np.savez(tmp_path / "bigger.npz", **dict(arrays, __meta__=np.array(json.dumps(bigger))))
+    assert params_ratio([tmp_path / "full.npz"] * 2) > 1
+    with pytest.raises(ValueError, match="different sizes"):
+        params_ratio([tmp_path / "full.npz", tmp_path / "bigger.npz"])
+
+
 def test_bits_per_parameter_counts_what_is_stored(trained, tmp_path):
     md, _ = trained
     n_p = md.backbone_num_parameters()
