@@ -1,4 +1,5 @@
 """save_domain / load_domain: exact logits after a round trip, clear errors, 1 bit per mask entry."""
+import json
 import os
 
 import numpy as np
@@ -89,7 +90,6 @@ def test_shape_mismatch_and_bad_files_are_clear_errors(trained, tmp_path):
     _, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
     meta = read_domain_file(tmp_path / "full.npz")[0]
     arrays["param/bn1.weight"] = np.zeros(3, dtype=np.float32)
-    import json
     arrays["__meta__"] = np.array(json.dumps(meta))
     np.savez(tmp_path / "bad.npz", **arrays)
     fresh = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
@@ -115,7 +115,6 @@ def test_a_text_file_named_npz_is_not_a_valid_npz(tmp_path):
 
 
 def test_corrupt_meta_and_truncated_mask_bits_are_clear_errors(trained, tmp_path):
-    import json
     md, _ = trained
     meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
     fresh = MultiDomainModel(create("wrn10_1", 5, input_size=8, seed=0))
@@ -149,7 +148,6 @@ def test_corrupt_meta_and_truncated_mask_bits_are_clear_errors(trained, tmp_path
 def test_entries_that_belong_to_no_layer_are_a_clear_error(trained, tmp_path):
     """A file with an entry the network has no place for (another network's, a stray one) is
     refused, not loaded with that entry silently ignored."""
-    import json
     md, _ = trained
     meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
     extra = dict(arrays, **{"param/layer9.k1": np.ones(1, np.float32), "__meta__": np.array(json.dumps(meta))})
@@ -163,7 +161,6 @@ def test_entries_that_belong_to_no_layer_are_a_clear_error(trained, tmp_path):
 @pytest.mark.parametrize("mask_init", [[0.0, 1e-4], [-1e-4, 1e-4]])
 def test_a_mask_init_without_a_positive_low_is_a_clear_error(trained, tmp_path, mask_init):
     """R is rebuilt from the bits as tau +- low: with low <= 0 every bit would load as M = 1."""
-    import json
     md, _ = trained
     meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
     np.savez(tmp_path / "low.npz", **dict(arrays, __meta__=np.array(json.dumps(dict(meta, mask_init=mask_init)))))
@@ -174,7 +171,6 @@ def test_a_mask_init_without_a_positive_low_is_a_clear_error(trained, tmp_path, 
 
 
 def test_params_ratio_refuses_files_of_backbones_of_different_sizes(trained, tmp_path):
-    import json
     md, _ = trained
     meta, arrays = read_domain_file(save_domain(md, "full", tmp_path / "full.npz"))
     bigger = dict(meta, backbone_parameters=meta["backbone_parameters"] * 2)
