@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 
+from .errors import GraphStepError
+
 WORKSPACE_BYTES = 32 << 20          # cuBLAS's advice for Hopper; ample for the older GPUs
 OP_N, OP_T = 0, 1                   # cublasOperation_t
 
@@ -168,7 +170,6 @@ def matmul(a, b, fallback):
         try:
             _state["cublas"] = _Cublas(cupy)
         except (ImportError, OSError, RuntimeError) as err:   # no libcublas, or no handle
-            from .graph_step import GraphStepError  # noqa: PLC0415  (graph_step imports this module)
             raise GraphStepError(
                 f"--cuda-graphs calls cuBLAS directly and could not set it up ({type(err).__name__}: "
                 f"{err}); train without --cuda-graphs") from err

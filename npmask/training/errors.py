@@ -28,6 +28,11 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept on disk."""
 
 
+class GraphStepError(TrainingError):
+    """The model or step cannot be captured in CUDA graphs (dropout, state replaced during a
+    capture, a CuPy refusal, no usable cuBLAS); the commands report it in one line."""
+
+
 # What exit_on_error reports as one line; anything else is a bug and keeps its traceback.
 _EXPECTED = (TrainingError, BackendError, CheckpointError, DataFormatError)
 

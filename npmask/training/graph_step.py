@@ -51,13 +51,8 @@ from ..nn.loss import _check, log_likelihood_sum
 from ..optim import device
 from ..optim.optimizers import _leaves
 from .cuda_gemm import gemms_capturable
-from .errors import TrainingError
+from .errors import GraphStepError
 from .loop import input_gradient_skipped
-
-
-class GraphStepError(TrainingError):
-    """The model or step cannot be captured (dropout, state replaced during a capture, CuPy refusal);
-    the commands report it in one line."""
 
 
 def refuse_random_layers(model) -> None:
