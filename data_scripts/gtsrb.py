@@ -5,8 +5,10 @@ Usage::
     python data_scripts/gtsrb.py --root DATA [--size 32]
 
 Source: https://benchmark.ini.rub.de/ (Stallkamp et al., 2012); the archives now live at
-https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/. The md5 sums are the
-ones torchvision and other loaders check (the site publishes none we could confirm).
+https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/. The site publishes no md5
+sums. Those of the two test zips are the ones torchvision checks; torchvision trains on another
+archive (``GTSRB-Training_fixed.zip``, another layout), so the md5 of
+``GTSRB_Final_Training_Images.zip`` is the one other public loaders check, not torchvision's.
 
 * ``GTSRB_Final_Training_Images.zip``: ``GTSRB/Final_Training/Images/<class 00000..00042>/`` with
   ``<track>_<frame>.ppm`` images and one ``GT-<class>.csv`` per class folder.
