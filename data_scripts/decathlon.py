@@ -17,15 +17,18 @@ Source: https://www.robots.ox.ac.uk/~vgg/decathlon/ (Rebuffi, Bilen and Vedaldi,
 * ImageNet comes separately, ``decathlon-1.0-data-imagenet.tar`` from image-net.org, with members
   ``imagenet12/...``.
 * The test labels are not in the devkit (``_test_stripped``). The residual-adapters repository
-  (github.com/srebuffi/residual_adapters) publishes them as ``labels_test.zip``. Its inner layout
-  could not be confirmed here: we look inside it for a JSON per data set (name containing the data
-  set's name) in COCO form (``annotations`` with image_id/category_id) or as a results list
-  (``[{"image_id", "category_id"}]``). With ``--test-labels none``, or when no labels are found
-  for a data set, its *official validation split is used as the test split* (and there is no val
-  split); meta.json says which was done.
+  (github.com/srebuffi/residual_adapters) publishes them as ``labels_test.zip``: ten files
+  ``<dataset>_test.json`` at the root of the zip, each COCO-style like the devkit's files
+  (``images`` with id/file_name ``data/<dataset>/test/...``, ``annotations`` with
+  image_id/category_id, ``categories``), with the devkit's category ids (e.g. 10000001..10000100
+  for aircraft). We take the JSON whose name starts with the data set's name, in COCO form or as
+  a results list (``[{"image_id", "category_id"}]``). With ``--test-labels none``, or when no
+  labels are found for a data set, its *official validation split is used as the test split*
+  (and there is no val split); meta.json says which was done.
 
 URLs, byte sizes and sha256 sums are those recorded by TensorFlow Datasets (the Decathlon page
-itself publishes no checksums). labels_test.zip has no published checksum.
+itself publishes no checksums). labels_test.zip has no published checksum either; its size and
+sha256 are those of the file in the residual-adapters repository (master, commit 5c51aa3).
 
 Labels: ``label = category_id - min(category_id)``, the min taken over the categories of the
 training file, so labels start at 0. This is what the residual-adapters loader does
@@ -66,7 +69,8 @@ RESOURCES = {
                  "filename": "decathlon-1.0-data-imagenet.tar", "size": 6535075840,
                  "sha256": "93caac18a907266f917136849c1db7bbf88dd595120af1a8eea7177138962e4a"},
     "test_labels": {"url": "https://github.com/srebuffi/residual_adapters/raw/master/labels_test.zip",
-                    "filename": "labels_test.zip"},
+                    "filename": "labels_test.zip", "size": 1628053,
+                    "sha256": "505e4bb6053195233772662da1712184d381de8ac3677b6c4c582ad55c23b2da"},
 }
 DATASETS = ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "imagenet12", "omniglot",
             "svhn", "ucf101", "vgg-flowers"]

@@ -637,7 +637,7 @@ def decathlon_fixture(tmp_path, datasets=("svhn", "dtd")):
     """A devkit tar.gz, a data tar.gz with <ds>.tar inside, and a test-labels zip."""
     annotations, inner, test_labels, truth = {}, {}, {}, {}
     for d_i, ds in enumerate(datasets):
-        base = 10_000 * (d_i + 1)                      # real category ids are offset per data set
+        base = 10_000_000 * (d_i + 1)                  # real ids: 10000001.. aircraft, 20000001.. cifar100
         cats = [(base + k + 1, f"{ds}_class{k}") for k in range(3)]
         members, entries = {}, {"train": [], "val": [], "test": []}
         image_id = base * 10
@@ -660,8 +660,10 @@ def decathlon_fixture(tmp_path, datasets=("svhn", "dtd")):
                        {f"decathlon-1.0/annotations/{k}": json.dumps(v).encode()
                         for k, v in annotations.items()})
     data = write_tar(tmp_path / "decathlon-1.0-data.tar.gz", inner)
+    # as residual_adapters' labels_test.zip: <ds>_test.json at the root, COCO with info/licenses
     labels = write_zip(tmp_path / "labels_test.zip",
-                       {k: json.dumps(v).encode() for k, v in test_labels.items()})
+                       {k: json.dumps(dict(v, info={"description": "Decathlon"}, licenses=[])).encode()
+                        for k, v in test_labels.items()})
     return {"devkit": devkit, "data": data, "test_labels": labels}, truth
 
 
