@@ -38,7 +38,8 @@ annotations by ``image_id``.
 Images come pre-resized so that the shorter side is 72. We resize the shorter side to ``--size``
 (72 by default, so normally a no-op) and centre-crop ``--size`` x ``--size`` so that images
 stack into one array; the 72 -> 64 random/centre crop of the training protocol is left to the
-loader. Mirroring is off for gtsrb, omniglot and svhn, as in the protocol.
+loader. Mirroring is off for gtsrb, omniglot, svhn and dtd: the paper mirrors no digits, signs,
+characters or textures (the residual-adapters loader does flip dtd).
 """
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ def convert_dataset(ds, annotations, image_source, out_folder, *, size=72, test_
             extra={"preprocess": f"shorter side resized to {size} (the archives already have "
                                  f"shorter side 72), centre crop {size}x{size}",
                    # read by npmask.data.loader (augmentation "auto"): the 72 -> 64 protocol,
-                   # and the whole 72x72 view for the no-mirror sets (docs/design.md, section 3)
+                   # and the whole 72x72 view for gtsrb, omniglot, svhn (docs/design.md, section 3)
                    "protocol": "decathlon",
                    "full_view": ds in FULL_VIEW,
                    "protocol_note": ("train and test: the whole 72x72 image, no mirroring"
