@@ -43,6 +43,17 @@ def test_round_trip(tmp_path):
     assert d.mean.dtype == np.float32
 
 
+
+def test_channel_stats_count_every_image_of_every_chunk(monkeypatch):
+    """The sums run over chunks of _CHUNK images (4096): with chunks of 4, 11 images give the
+    statistics of all 11 (a slice that missed one image per chunk went unnoticed)."""
+    monkeypatch.setattr(fmt, "_CHUNK", 4)
+    images = np.random.default_rng(1).integers(0, 256, (11, 3, 2, 3), dtype=np.uint8)
+    mean, std = fmt.channel_stats(images)
+    x = images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-10)
+
 def test_only_requested_splits_and_missing_val(tmp_path):
     folder, _ = _write(tmp_path / "toy", val=None)
     d = load_domain(folder, splits=("test",))
