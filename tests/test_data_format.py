@@ -195,6 +195,7 @@ def _resave(folder, split, **arrays):
     (lambda f: _resave(f, "test", labels=np.zeros(5, np.int32)), "labels must be int64"),
     (lambda f: _resave(f, "test", labels=np.zeros(4, np.int64)), "labels have shape"),
     (lambda f: _resave(f, "val", labels=np.full(3, 4, np.int64)), "val.npz: labels out of range"),
+    (lambda f: _resave(f, "val", labels=np.array([0, -1, 1], np.int64)), "val.npz: labels out of range"),
     (lambda f: _resave(f, "val", labels=np.array([0, None, 1], dtype=object)), "val.npz: corrupt"),
 ])
 def test_load_reports_defects(tmp_path, damage, message):
