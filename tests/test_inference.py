@@ -13,7 +13,7 @@ from PIL import Image
 from npmask import predict as predict_cli
 from npmask import train
 from npmask.data.format import load_domain as load_data
-from npmask.inference import Predictions, prepare_images, softmax
+from npmask.inference import Predictions, check_data_info, prepare_images, softmax
 from npmask.models import create
 from npmask.multidomain import MultiDomainModel
 from npmask.storage import DomainFileError, read_domain_file, save_domain
@@ -148,6 +148,13 @@ def test_top_refuses_k_below_1_and_clamps_a_large_k():
             preds.top(k)
     assert preds.top(9) == [[("b", 0.5), ("c", 0.3), ("a", 0.2)]]
 
+
+
+def test_a_description_with_a_zero_std_is_refused():
+    info = {"class_names": ["x"], "mean": [0.5] * 3, "std": [0.25, 0.0, 0.25], "image_size": [8, 8],
+            "input_size": [4, 4], "channels": 3, "mirror": False}
+    with pytest.raises(ValueError, match=r"std must be > 0, got \[0.25, 0.0, 0.25\]"):
+        check_data_info(info)
 
 @pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3), (0, 5)])
 def test_an_empty_picture_is_one_clear_value_error(shape):
