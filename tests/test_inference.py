@@ -12,8 +12,8 @@ from PIL import Image
 
 from npmask import predict as predict_cli
 from npmask import train
-from npmask.data.format import load_domain as load_data
-from npmask.inference import Predictions, check_data_info, prepare_images, softmax
+from npmask.data.format import Domain, load_domain as load_data
+from npmask.inference import Predictions, check_data_info, data_info, prepare_images, softmax
 from npmask.models import create
 from npmask.multidomain import MultiDomainModel
 from npmask.storage import DomainFileError, read_domain_file, save_domain
@@ -155,6 +155,20 @@ def test_a_description_with_a_zero_std_is_refused():
             "input_size": [4, 4], "channels": 3, "mirror": False}
     with pytest.raises(ValueError, match=r"std must be > 0, got \[0.25, 0.0, 0.25\]"):
         check_data_info(info)
+
+
+def _data_domain(preprocess):
+    return Domain(name="d", meta={"class_names": ["a", "b"], "extra": {"preprocess": preprocess}},
+                  train=None, test=None, val=None, num_classes=2, mean=np.full(3, 0.5, np.float32),
+                  std=np.full(3, 0.25, np.float32), mirror=True, image_size=(10, 10))
+
+
+def test_data_info_takes_a_single_input_side():
+    """set_data_info(name, domain, input_size=8), as the module docstring shows: an 8x8 input."""
+    info = data_info(_data_domain("crop to 10x10"), 8)
+    assert info["image_size"] == [10, 10] and info["input_size"] == [8, 8]
+    assert data_info(_data_domain("crop to 10x10"), (8, 6))["input_size"] == [8, 6]
+    assert data_info(_data_domain("crop to 10x10"))["input_size"] == [10, 10]
 
 @pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3), (0, 5)])
 def test_an_empty_picture_is_one_clear_value_error(shape):
