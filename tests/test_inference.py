@@ -170,6 +170,13 @@ def test_data_info_takes_a_single_input_side():
     assert data_info(_data_domain("crop to 10x10"), (8, 6))["input_size"] == [8, 6]
     assert data_info(_data_domain("crop to 10x10"))["input_size"] == [10, 10]
 
+
+def test_data_converted_with_resize_stretch_is_predicted_stretched():
+    """data_scripts/image_folder.py --resize stretch records "stretch to NxN": predict stretches too."""
+    assert data_info(_data_domain("stretch to 10x10"))["resize"] == "stretch"
+    assert data_info(_data_domain("crop to 10x10"))["resize"] == "crop"
+    assert data_info(_data_domain("none (original 32x32 RGB)"))["resize"] == "crop"
+
 @pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3), (0, 5)])
 def test_an_empty_picture_is_one_clear_value_error(shape):
     info = {"class_names": ["x"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": [8, 8],
