@@ -177,6 +177,11 @@ def test_data_converted_with_resize_stretch_is_predicted_stretched():
     assert data_info(_data_domain("crop to 10x10"))["resize"] == "crop"
     assert data_info(_data_domain("none (original 32x32 RGB)"))["resize"] == "crop"
 
+
+def test_softmax_of_large_logits_is_finite():
+    p = softmax(np.array([[1000.0, 0.0, -1000.0], [800.0, 800.0, 0.0]]))
+    np.testing.assert_allclose(p, [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], rtol=0, atol=1e-12)
+
 @pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3), (0, 5)])
 def test_an_empty_picture_is_one_clear_value_error(shape):
     info = {"class_names": ["x"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": [8, 8],
