@@ -63,6 +63,16 @@ def test_convert_round_trip(tmp_path, name, size, fmt):
     np.testing.assert_array_equal(model.eval().forward(x), ref.eval().forward(x))
 
 
+
+def test_convert_to_float64_gives_a_float64_backbone(tmp_path):
+    """--dtype float64: the .json records it, so load_backbone builds the model in float64."""
+    state = torch_like_state(create("wrn10_1", 4), seed=0)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    convert(tmp_path / "w.safetensors", "wrn10_1", tmp_path / "bb.npz", dtype="float64")
+    model, meta = load_backbone(tmp_path / "bb.npz")
+    assert meta["dtype"] == "float64"
+    assert {v.dtype for v in model.state_dict().values()} == {np.dtype(np.float64)}
+
 def test_convert_lists_every_problem_and_writes_nothing(tmp_path):
     state = torch_like_state(create("wrn10_1", 4), seed=0)
     state.pop("layer1.0.conv2.weight")
