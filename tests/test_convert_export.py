@@ -232,6 +232,27 @@ def test_export_dense_is_the_transform(tmp_path):
     assert md.export_dense("d")["layer1.0.bn1.running_mean"] is not net.layer1[0].bn1.buffers["running_mean"]
 
 
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_an_export_that_fails_before_its_rename_keeps_the_earlier_export(tmp_path, monkeypatch, fmt):
+    """The file is written beside --out and renamed into place: until then --out keeps its old
+    content, and no temporary file stays behind (a plain open(out, "wb") went unnoticed)."""
+    from npmask import io as npmask_io
+    md = MultiDomainModel(make_backbone(tmp_path, "wrn10_1", 16))
+    md.add_domain("d", 3, "full", seed=5)
+    save_domain(md, "d", tmp_path / "d.npz")
+    out = tmp_path / f"x.{fmt}"
+    out.write_bytes(b"the earlier export")
+    before = listing(tmp_path)
+
+    def no_rename(src, dst):
+        raise OSError("simulated crash before the rename")
+    monkeypatch.setattr(npmask_io.os, "replace", no_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", out)
+    assert out.read_bytes() == b"the earlier export"
+    assert listing(tmp_path) == before
+
 def test_export_errors_name_the_file_once(tmp_path):
     backbone = make_backbone(tmp_path, "wrn10_1", 16)
     md = MultiDomainModel(backbone)
