@@ -253,6 +253,19 @@ def test_an_export_that_fails_before_its_rename_keeps_the_earlier_export(tmp_pat
     assert out.read_bytes() == b"the earlier export"
     assert listing(tmp_path) == before
 
+
+def test_export_name_loads_a_domain_stored_under_the_backbones_domain_name(tmp_path):
+    """A domain saved as "base" clashes with the pretraining domain: --name renames it on load."""
+    backbone = make_backbone(tmp_path, "wrn10_1", 16)
+    md = MultiDomainModel(backbone, base_domain="imagenet")
+    randomise_domain(md.add_domain("base", 3, "full", seed=5), seed=6)
+    save_domain(md, "base", tmp_path / "d.npz")
+    with pytest.raises(ExportError, match="already exists"):
+        export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", tmp_path / "x.npz")
+    arrays = export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", tmp_path / "x.npz", name="other")
+    for k, v in md.export_dense("base").items():
+        np.testing.assert_array_equal(arrays[k], v, err_msg=k)
+
 def test_export_errors_name_the_file_once(tmp_path):
     backbone = make_backbone(tmp_path, "wrn10_1", 16)
     md = MultiDomainModel(backbone)
