@@ -170,6 +170,18 @@ def test_errors_and_base_domain(wrn):
     assert md.predict(x).shape == (2, 5)
 
 
+
+def test_predict_logits_restores_the_training_mode(wrn):
+    md = MultiDomainModel(wrn)
+    md.add_domain("t", 3, "full", seed=0)
+    md.set_domain("t").train()
+    x, _ = data(n=4)
+    md.predict_logits(x)                       # eval mode inside (running BN statistics) ...
+    assert md.network("t").training             # ... training mode again after
+    md.eval()
+    md.predict_logits(x)
+    assert not md.network("t").training
+
 def test_inspection_and_plot(wrn, tmp_path):
     md = MultiDomainModel(wrn)
     x, y = data()
