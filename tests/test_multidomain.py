@@ -182,6 +182,16 @@ def test_predict_logits_restores_the_training_mode(wrn):
     md.predict_logits(x)
     assert not md.network("t").training
 
+
+def test_predict_logits_in_batches_gives_every_image(wrn):
+    md = MultiDomainModel(wrn)
+    md.add_domain("t", 3, "full", seed=0)
+    x, _ = data(n=7)
+    whole = md.predict_logits(x, "t")
+    in_threes = md.predict_logits(x, "t", batch_size=3)     # batches of 3, 3 and 1 images
+    assert whole.shape == in_threes.shape == (7, 3)
+    np.testing.assert_allclose(in_threes, whole, rtol=1e-5, atol=1e-6)
+
 def test_inspection_and_plot(wrn, tmp_path):
     md = MultiDomainModel(wrn)
     x, y = data()
