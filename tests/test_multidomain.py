@@ -105,6 +105,8 @@ def test_domain_network_structure(variant, wrn):
     assert [r.name for r in groups["head"]] == ["fc.weight", "fc.bias"]
     assert bool(groups["body"]) == (v.kind != "classifier_only")
     assert not any(r.name.startswith("fc.") for r in groups["body"])
+    body = {r.name for r in groups["body"]}     # a domain BN is trained with the body, a shared one not
+    assert ({"bn1.weight", "bn1.bias", "layer1.0.bn2.weight"} <= body) == v.domain_bn
 
 
 def test_at_init_every_domain_reproduces_the_pretrained_features(wrn):
