@@ -194,6 +194,18 @@ def test_predict_logits_in_batches_gives_every_image(wrn):
     assert whole.shape == in_threes.shape == (7, 3)
     np.testing.assert_allclose(in_threes, whole, rtol=1e-5, atol=1e-6)
 
+
+def test_set_data_info_checks_the_class_names_against_the_head(wrn):
+    md = MultiDomainModel(wrn)
+    md.add_domain("t", 3, "full", seed=0)
+    info = dict(mean=[0.5] * 3, std=[0.25] * 3, image_size=[8, 8], input_size=[8, 8], channels=3,
+                mirror=False)
+    with pytest.raises(ValueError, match="names 2 classes, the classifier has 3"):
+        md.set_data_info("t", class_names=["a", "b"], **info)
+    md.set_data_info("t", class_names=["a", "b", "c"], **info)
+    assert md.data_info["t"]["class_names"] == ["a", "b", "c"]
+
+
 def test_inspection_and_plot(wrn, tmp_path):
     md = MultiDomainModel(wrn)
     x, y = data()
