@@ -206,6 +206,16 @@ def test_set_data_info_checks_the_class_names_against_the_head(wrn):
     assert md.data_info["t"]["class_names"] == ["a", "b", "c"]
 
 
+def test_the_seed_draws_the_real_masks_and_the_head(wrn):
+    md = MultiDomainModel(wrn)
+    nets = {name: md.add_domain(name, 3, "full", seed=s) for name, s in (("a", 1), ("b", 1), ("c", 2))}
+    masks = {n: net.layer1[0].conv1.params["mask_real"] for n, net in nets.items()}
+    heads = {n: net.fc.params["weight"] for n, net in nets.items()}
+    assert np.array_equal(masks["a"], masks["b"]) and np.array_equal(heads["a"], heads["b"])
+    assert not np.array_equal(masks["a"], masks["c"]) and not np.array_equal(heads["a"], heads["c"])
+
+
+
 def test_inspection_and_plot(wrn, tmp_path):
     md = MultiDomainModel(wrn)
     x, y = data()
