@@ -200,6 +200,11 @@ class MultiDomainModel:
         xp = get_array_module(outs[0])
         return xp.concatenate(outs, axis=0)
 
+    @property
+    def training(self) -> bool:
+        """Whether the active domain's network is in training mode (as ``Module.training``)."""
+        return self.network().training
+
     def train(self, mode: bool = True) -> "MultiDomainModel":
         """Training mode for the active domain (batch statistics in its own BN, if any)."""
         if mode and self.active == self.base_domain:

@@ -216,6 +216,22 @@ def test_the_seed_draws_the_real_masks_and_the_head(wrn):
 
 
 
+def test_evaluate_gives_a_domain_back_in_the_mode_it_had(wrn):
+    """evaluate() reads model.training to restore it: a MultiDomainModel has it (the active domain's
+    mode). Without it an eval-mode domain came back in training mode, and evaluating the
+    pretraining domain raised 'frozen and stays in eval mode' after computing its accuracy."""
+    from npmask.training.loop import evaluate
+    md = MultiDomainModel(wrn)
+    md.add_domain("t", 5, "full", seed=0)
+    batches = [data(n=4, classes=5)]
+    for mode in (False, True):
+        md.set_domain("t").train(mode)
+        evaluate(md, batches)
+        assert md.network("t").training is mode
+    md.set_domain("base")
+    assert evaluate(md, batches)["n"] == 4 and not md.network("base").training
+
+
 def test_inspection_and_plot(wrn, tmp_path):
     md = MultiDomainModel(wrn)
     x, y = data()
