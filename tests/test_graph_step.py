@@ -286,6 +286,22 @@ def test_shapes_beyond_max_shapes_run_uncaptured():
     assert step.steps == {"eager": 3, "captured": 1, "replayed": 1} and len(step.shapes) == 1
 
 
+def test_train_step_with_a_non_finite_loss_changes_no_parameter_and_no_optimiser_state():
+    """The plain step's rule, as the graph step's above: the update is skipped, not applied."""
+    model, opt, _ = _model()
+    (x, y), = _epochs(1, sizes=(8,))[0]
+    train_step(model, opt, x, y)                             # gradients and Adam moments exist
+
+    def trained():
+        return {k: v for k, v in _state(model, opt).items() if "running_" not in k}
+    before = trained()
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    loss, _ = train_step(model, opt, bad, y)
+    assert math.isnan(loss)
+    _assert_same_state(trained(), before)
+
+
 # ---------------------------------------------------------------------------------- cuBLAS calls
 def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
     """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
