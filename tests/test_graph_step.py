@@ -302,6 +302,21 @@ def test_train_step_with_a_non_finite_loss_changes_no_parameter_and_no_optimiser
     _assert_same_state(trained(), before)
 
 
+def test_train_epoch_means_are_per_image_and_its_accuracy_in_percent():
+    """Batches of 8, 8 and 5 images: each step's loss and hits count with its batch's size."""
+    epoch = _epochs(1, sizes=(8, 8, 5))[0]
+    model, opt, _ = _model()
+    steps = [train_step(model, opt, x, y) for x, y in epoch]
+    twin, twin_opt, _ = _model()
+    stats = train_epoch(twin, epoch, twin_opt, progress=False)
+    losses = [loss * len(y) for (loss, _), (_, y) in zip(steps, epoch)]
+    hits = sum(int((logits.argmax(axis=1) == y).sum()) for (_, logits), (_, y) in zip(steps, epoch))
+    assert 0 < hits < 21 and len({loss for loss, _ in steps}) == 3
+    assert stats["train_loss"] == pytest.approx(sum(losses) / 21, rel=1e-12)
+    assert stats["train_acc"] == pytest.approx(100.0 * hits / 21, rel=1e-12)
+    assert (stats["steps"], stats["train_images"]) == (3, 21)
+
+
 # ---------------------------------------------------------------------------------- cuBLAS calls
 def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
     """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
