@@ -20,11 +20,12 @@ import pytest
 from npmask import models, nn
 from npmask.backend import to_numpy
 from npmask.multidomain import MultiDomainModel
+from npmask.nn.loss import softmax_cross_entropy
 from npmask.optim import SGD, Adam, MultiStepLR, Optimizers
 from npmask.optim import device
 from npmask.training import cuda_gemm, graph_step
 from npmask.training.graph_step import GraphStep, GraphStepError
-from npmask.training.loop import train_epoch, train_step
+from npmask.training.loop import evaluate, train_epoch, train_step
 
 
 def _model(variant="full", net="wrn16_1"):
@@ -315,6 +316,24 @@ def test_train_epoch_means_are_per_image_and_its_accuracy_in_percent():
     assert stats["train_loss"] == pytest.approx(sum(losses) / 21, rel=1e-12)
     assert stats["train_acc"] == pytest.approx(100.0 * hits / 21, rel=1e-12)
     assert (stats["steps"], stats["train_images"]) == (3, 21)
+
+
+def test_evaluate_gives_per_image_means_of_the_eval_mode_logits():
+    """Batches of 8 and 3 images, the model in training mode: running BN statistics are used, and
+    each batch's loss and hits count with its size."""
+    model, _, _ = _model()
+    batches = _epochs(1, sizes=(8, 3))[0]
+    net = model.network()
+    per_batch = []
+    for x, y in batches:
+        logits = net.eval().forward(x)
+        hits = int((logits.argmax(axis=1) == y).sum())
+        per_batch.append((softmax_cross_entropy(logits, y)[0] * len(y), hits))
+    net.train()
+    ev = evaluate(model, batches)
+    assert ev["n"] == 11 and 0 < sum(h for _, h in per_batch) < 11
+    assert ev["loss"] == pytest.approx(sum(l for l, _ in per_batch) / 11, rel=1e-12)
+    assert ev["acc"] == pytest.approx(100.0 * sum(h for _, h in per_batch) / 11, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------- cuBLAS calls
