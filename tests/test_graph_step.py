@@ -336,6 +336,19 @@ def test_evaluate_gives_per_image_means_of_the_eval_mode_logits():
     assert ev["acc"] == pytest.approx(100.0 * sum(h for _, h in per_batch) / 11, rel=1e-12)
 
 
+def test_train_epoch_trains_in_training_mode():
+    """A model left in eval mode (after a test pass, say) trains with batch statistics, as
+    train_step in training mode does."""
+    epoch = _epochs(1, sizes=(8, 5))[0]
+    model, opt, _ = _model()
+    steps = [train_step(model, opt, x, y)[0] for x, y in epoch]
+    twin, twin_opt, _ = _model()
+    twin.eval()
+    stats = train_epoch(twin, epoch, twin_opt, progress=False)
+    assert twin.network().training
+    assert stats["train_loss"] == pytest.approx((steps[0] * 8 + steps[1] * 5) / 13, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------- cuBLAS calls
 def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
     """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
