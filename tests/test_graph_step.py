@@ -349,6 +349,12 @@ def test_train_epoch_trains_in_training_mode():
     assert stats["train_loss"] == pytest.approx((steps[0] * 8 + steps[1] * 5) / 13, rel=1e-12)
 
 
+def test_train_epoch_without_a_batch_is_a_clear_error():
+    model, opt, _ = _model()
+    with pytest.raises(ValueError, match="training epoch saw no batch"):
+        train_epoch(model, [], opt, progress=False)
+
+
 # ---------------------------------------------------------------------------------- cuBLAS calls
 def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
     """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
