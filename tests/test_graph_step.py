@@ -355,6 +355,20 @@ def test_train_epoch_without_a_batch_is_a_clear_error():
         train_epoch(model, [], opt, progress=False)
 
 
+@pytest.mark.parametrize("label", [-1, 4])
+def test_the_graph_step_checks_the_labels_as_train_step_does(label):
+    """Checked in the first, uncaptured step of a shape: -1 would silently pick the last class."""
+    model, opt, _ = _model()
+    (x, y), = _epochs(1, sizes=(8,))[0]
+    y = y.copy()
+    y[3] = label
+    with pytest.raises(ValueError, match="label") as plain:
+        train_step(model, opt, x, y)
+    with pytest.raises(ValueError) as graph:
+        GraphStep(model, opt)(x, y)
+    assert str(graph.value) == str(plain.value)
+
+
 # ---------------------------------------------------------------------------------- cuBLAS calls
 def _column_major_gemm(transa, transb, m, n, k, A, lda, B, ldb, ldc):
     """What cuBLAS computes, on flat NumPy buffers: C (m x n, column-major, ldc) = op(A) op(B)."""
