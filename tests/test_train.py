@@ -262,6 +262,36 @@ def test_resume_refuses_changed_settings(tiny, reference_run):
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+def _tiny_fit(folder: Path, epochs: int, **kw):
+    """fit() of a linear model on two fixed batches: SGD lr 0.1, x0.1 from epoch 2 on."""
+    from npmask import nn
+    from npmask.optim import SGD, MultiStepLR
+    from npmask.training.fit import fit
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3, rng=0))
+    opt = SGD(model.parameter_refs(), lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((4, 3, 2, 2)).astype(np.float32), rng.integers(0, 3, 4))
+               for _ in range(2)]
+    folder.mkdir(exist_ok=True)
+    return fit(model=model, optimizer=opt, scheduler=MultiStepLR(opt, milestones=[2]),
+               batches_for_epoch=lambda e: batches, num_batches=2, epochs=epochs,
+               checkpoint_path=folder / "checkpoint.npz", state_fn=model.state_dict,
+               load_state_fn=model.load_state_dict, progress=False, **kw)
+
+
+def test_fit_resumed_before_a_rate_decay_still_decays_on_time(tmp_path):
+    """The scheduler's epoch comes back from the checkpoint. (The reference run decays at its
+    resume point, where a scheduler restarted from epoch 0 happens to give the same rates.)"""
+    from npmask.training.fit import StopRequested
+    whole = _tiny_fit(tmp_path / "whole", 3)
+    with pytest.raises(StopRequested):
+        _tiny_fit(tmp_path / "cut", 3, epoch_budget=[1])      # killed after epoch 1 of 3
+    resumed = _tiny_fit(tmp_path / "cut", 3)
+    assert [r["lr"][""] for r in whole] == pytest.approx([0.1, 0.1, 0.01])
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in whole]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits():
     rng = np.random.default_rng(0)
     state = {"epoch": 3, "model": {"layer.mask_real": rng.random((2, 3), dtype=np.float32)},
