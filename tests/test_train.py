@@ -292,6 +292,15 @@ def test_fit_resumed_before_a_rate_decay_still_decays_on_time(tmp_path):
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
 
 
+def test_fit_refuses_a_checkpoint_written_with_other_settings(tmp_path):
+    from npmask.training.errors import ConfigError
+    from npmask.training.fit import StopRequested
+    with pytest.raises(StopRequested):
+        _tiny_fit(tmp_path, 3, epoch_budget=[1], extra={"variant": "full", "seed": 0})
+    with pytest.raises(ConfigError, match=r"other settings \(variant\); delete it"):
+        _tiny_fit(tmp_path, 3, extra={"variant": "piggyback", "seed": 0})
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits():
     rng = np.random.default_rng(0)
     state = {"epoch": 3, "model": {"layer.mask_real": rng.random((2, 3), dtype=np.float32)},
