@@ -301,6 +301,14 @@ def test_fit_refuses_a_checkpoint_written_with_other_settings(tmp_path):
         _tiny_fit(tmp_path, 3, extra={"variant": "piggyback", "seed": 0})
 
 
+def test_fit_records_a_non_finite_test_score_as_null(tmp_path):
+    """evaluate() of an empty test set gives NaN: the record says null (metrics.jsonl is strict JSON)."""
+    nan = {"loss": float("nan"), "acc": float("nan"), "n": 0, "seconds": 0.0}
+    (record,) = _tiny_fit(tmp_path, 1, evaluate_fn=lambda: nan)
+    assert record["test_loss"] is None and record["test_acc"] is None
+    json.dumps(record, allow_nan=False)
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits():
     rng = np.random.default_rng(0)
     state = {"epoch": 3, "model": {"layer.mask_real": rng.random((2, 3), dtype=np.float32)},
