@@ -117,6 +117,36 @@ def test_k0_fixed_with_bn_learned_without():
     assert "k0" not in MaskedConv2d(conv, "piggyback").params  # piggyback: k0 = 0 always
 
 
+# docs/design.md section 2 (tables 5 and 6 of the paper), for a layer followed by batch norm:
+# (k0, k1, k2, k3) with L = learned, the surrogate, domain BN
+L = "learned"
+PAPER_VARIANTS = {
+    "piggyback": ((0, 0, 0, 1), "identity", False),
+    "piggyback_bn": ((0, 0, 0, 1), "identity", True),
+    "piggyback_bn_k1": ((0, L, 0, 1), "identity", True),
+    "simple_nobias": ((1, 0, L, 0), "identity", True),
+    "simple": ((1, L, L, 0), "identity", True),
+    "simple_sigmoid": ((1, L, L, 0), "sigmoid", True),
+    "full_nobias": ((1, 0, L, L), "identity", True),
+    "full_no_k2": ((1, L, 0, L), "identity", True),
+    "full": ((1, L, L, L), "identity", True),
+    "full_sigmoid": ((1, L, L, L), "sigmoid", True),
+    "full_channelwise": ((1, L, L, L), "identity", True),
+}
+
+
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_every_variant_is_its_row_of_the_paper(variant):
+    conv = Conv2d(2, 3, 3, rng=0)
+    conv.followed_by_bn = True
+    layer = MaskedConv2d(conv, variant)
+    ks, surrogate, domain_bn = PAPER_VARIANTS[variant]
+    assert tuple(L if f"k{j}" in layer.params else layer.fixed_k[j] for j in range(4)) == ks
+    assert (layer.surrogate, get_variant(variant).domain_bn) == (surrogate, domain_bn)
+    per_channel = (3,) if variant == "full_channelwise" else (1,)
+    assert all(layer.params[f"k{j}"].shape == per_channel for j in range(4) if ks[j] == L)
+
+
 def test_weight_is_a_reference_not_state():
     conv = Conv2d(2, 3, 3, rng=0)
     layer = MaskedConv2d(conv, "full")
