@@ -222,6 +222,18 @@ def tiny_models():
     }
 
 
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "resnet_basic", "densenet"])
+def test_every_conv_of_the_torchvision_models_is_followed_by_bn(name):
+    """Each conv's output reaches the next layer only through a batch norm (the downsample's
+    through its BN, a dense layer's conv2 and a transition's conv through the next block's
+    norms), so the variants fix its k0 = 1; the classifier is not."""
+    model = tiny_models()[name]()
+    convs = {path: m for path, m in model.named_modules() if isinstance(m, Conv2d)}
+    assert any("downsample" in p for p in convs) or any("transition" in p for p in convs)
+    assert [p for p, m in convs.items() if not m.followed_by_bn] == []
+    assert get_submodule(model, model.head_name).followed_by_bn is False
+
+
 def size_of(model):
     return 16 if isinstance(model, (ResNet26RA, VGG)) else 32
 
