@@ -6,6 +6,7 @@ import json
 import pytest
 
 from npmask import compare
+from npmask.training.results import markdown_table, mean_std_row, text_table
 from test_train import write_random_backbone, write_tiny_benchmark
 
 
@@ -54,6 +55,15 @@ def test_compare_writes_the_table_with_scores_from_the_finetune_row(tiny, tmp_pa
             assert (out / v / d / "results.json").is_file()
             assert (out / v / d / "domains" / f"{d}.npz").is_file()
     assert "finetune" in capsys.readouterr().out
+
+
+def test_table_cells_round_as_the_paper_and_say_n_a_for_what_is_missing():
+    """Accuracies to 0.1, S-scores to 1, # Params to 0.001; None and NaN read "n/a", with no ± after."""
+    nan = float("nan")
+    rows = [{"method": "full", "acc": {"a": 91.26, "b": nan}, "acc_std": {"a": 0.44, "b": nan},
+             "score": 1234.56, "params": 1.02345, "sp": None, "sp_std": 3.0}]
+    assert markdown_table(rows, ["a", "b"]).splitlines()[2] == \
+        "| full | 91.3 ± 0.4 | n/a | 1235 | 1.023 | n/a |"
 
 
 def test_compare_resume_finishes_an_interrupted_comparison(tiny, tmp_path):
