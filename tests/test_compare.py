@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -64,6 +65,17 @@ def test_table_cells_round_as_the_paper_and_say_n_a_for_what_is_missing():
              "score": 1234.56, "params": 1.02345, "sp": None, "sp_std": 3.0}]
     assert markdown_table(rows, ["a", "b"]).splitlines()[2] == \
         "| full | 91.3 ± 0.4 | n/a | 1235 | 1.023 | n/a |"
+
+
+def test_the_terminal_table_right_aligns_the_numbers():
+    rows = [{"method": "classifier_only", "acc": {"a": 5.0}, "score": 12.0, "params": 1.0, "sp": 12.0},
+            {"method": "full", "acc": {"a": 100.0}, "score": 1500.0, "params": 1.02, "sp": 1470.6}]
+    head, rule, *lines = text_table(rows, ["a"]).splitlines()
+    columns = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]   # the rule under each head
+    cells = [[line[a:b] for a, b in columns] for line in lines]
+    assert [c.strip() for c in cells[1]] == ["full", "100.0", "1500", "1.020", "1471"]
+    for row in cells:   # the method flush left, every number flush right
+        assert not row[0].startswith(" ") and not any(c.endswith(" ") for c in row[1:])
 
 
 def test_compare_resume_finishes_an_interrupted_comparison(tiny, tmp_path):
