@@ -78,6 +78,16 @@ def test_the_terminal_table_right_aligns_the_numbers():
         assert not row[0].startswith(" ") and not any(c.endswith(" ") for c in row[1:])
 
 
+def test_a_mean_over_seeds_has_no_cell_where_a_seed_has_none_and_keeps_its_failures():
+    runs = [{"acc": {"a": 90.0, "b": 70.0}, "score": 800.0, "params": 1.1, "sp": 727.0},
+            {"acc": {"a": 80.0, "b": None}, "score": None, "params": None, "sp": None,
+             "failed": {"b": "disk full"}}]
+    row = mean_std_row("full", runs)
+    assert row["acc"] == {"a": 85.0, "b": None} and row["acc_std"]["b"] is None
+    assert row["score"] is None and row["params"] is None and row["sp"] is None
+    assert row["failed"] == {"b": "disk full"} and row["runs"] == 2
+
+
 def test_compare_resume_finishes_an_interrupted_comparison(tiny, tmp_path):
     out = tmp_path / "cmp"
     a = args(tiny, out)
