@@ -51,6 +51,8 @@ def test_compare_writes_the_table_with_scores_from_the_finetune_row(tiny, tmp_pa
     assert text == (out / "results.md").read_text()
     assert "| Method | base | a | b | S-score | # Params | S_p |" in text
     assert "python -m npmask.compare --benchmark folder" in text  # the command that produced it
+    best_first = sorted(rows.values(), key=lambda r: -r["score"])
+    assert "S-score ranking: " + "; ".join(f"{r['method']} {round(r['score'])}" for r in best_first) in text
     for v in rows:
         for d in ("a", "b"):  # one run folder per (variant, domain) job
             assert (out / v / d / "results.json").is_file()
