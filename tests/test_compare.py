@@ -151,6 +151,7 @@ def test_compare_rejects_seed_and_seeds_together(tiny, tmp_path):
 def test_bad_seeds_and_table_are_one_line_before_any_folder(tiny, tmp_path):
     (tmp_path / "tables").mkdir()
     for extra, says in ((["--seeds", "0,-1"], "--seeds must be >= 0, got [0, -1]"),
+                        (["--variants", "full,piggyback,full"], "--variants lists a variant twice"),
                         (["--table", str(tmp_path / "tables")], "is a folder; give the path of")):
         with pytest.raises(SystemExit) as e:
             compare.main(args(tiny, tmp_path / "x", *extra))
