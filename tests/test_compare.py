@@ -96,6 +96,10 @@ def test_compare_resume_finishes_an_interrupted_comparison(tiny, tmp_path):
     a[a.index("--variants") + 1] = "finetune,full"
     assert compare.main(a + ["--stop-after-epochs", "3"]) == 0  # finetune (2 domains), then 1 of full
     assert not (out / "results.json").exists()
+    for other, says in ((["--variants", "full"], "--variants differs from the comparison's"),):
+        with pytest.raises(SystemExit) as e:          # a continued comparison keeps its rows
+            compare.main(["--resume", "--out", str(out), "--quiet", *other])
+        assert says in str(e.value.code)
     assert compare.main(["--resume", "--out", str(out), "--quiet"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["finetune", "full"]
