@@ -96,7 +96,8 @@ def test_compare_resume_finishes_an_interrupted_comparison(tiny, tmp_path):
     a[a.index("--variants") + 1] = "finetune,full"
     assert compare.main(a + ["--stop-after-epochs", "3"]) == 0  # finetune (2 domains), then 1 of full
     assert not (out / "results.json").exists()
-    for other, says in ((["--variants", "full"], "--variants differs from the comparison's"),):
+    for other, says in ((["--variants", "full"], "--variants differs from the comparison's"),
+                        (["--seeds", "0,1"], "--seeds differs from the comparison's")):
         with pytest.raises(SystemExit) as e:          # a continued comparison keeps its rows
             compare.main(["--resume", "--out", str(out), "--quiet", *other])
         assert says in str(e.value.code)
