@@ -86,6 +86,24 @@ def test_a_failed_job_is_marked_and_does_not_stop_the_others(tiny, tmp_path, cap
     assert "failed" not in rows["full"] and rows["full"]["score"] is not None
 
 
+def test_a_failed_finetune_job_leaves_emax_undefined(tiny, tmp_path, monkeypatch):
+    """Emax comes from the finetune row only when all its jobs ended: no S-score from a partial one."""
+    from npmask.training import grid
+    run_job = grid.run_job
+
+    def failing_finetune_on_a(spec, **kw):
+        if (spec["variant"], spec["domain"]) == ("finetune", "a"):
+            return {"status": "failed", "error": "simulated: disk full"}
+        return run_job(spec, **kw)
+    monkeypatch.setattr(grid, "run_job", failing_finetune_on_a)
+    with pytest.raises(SystemExit) as e:
+        compare.main(grid_args(tiny, tmp_path / "cmp", 1, "finetune,classifier_only"))
+    assert "1 of 4 jobs failed" in str(e.value.code) and "simulated: disk full" in str(e.value.code)
+    rows, _ = results(tmp_path / "cmp")
+    assert [r["score"] for r in rows] == [None, None]
+    assert "Emax: missing" in (tmp_path / "cmp" / "results.md").read_text()
+
+
 def test_a_killed_driver_is_continued_by_the_same_command(tiny, tmp_path):
     """SIGKILL mid-job, then the same command: finished jobs skipped, the partial one resumed."""
     out, a = tmp_path / "cmp", grid_args(tiny, tmp_path / "cmp", 3)
