@@ -63,7 +63,6 @@ def test_convert_round_trip(tmp_path, name, size, fmt):
     np.testing.assert_array_equal(model.eval().forward(x), ref.eval().forward(x))
 
 
-
 def test_convert_to_float64_gives_a_float64_backbone(tmp_path):
     """--dtype float64: the .json records it, so load_backbone builds the model in float64."""
     state = torch_like_state(create("wrn10_1", 4), seed=0)
@@ -72,6 +71,7 @@ def test_convert_to_float64_gives_a_float64_backbone(tmp_path):
     model, meta = load_backbone(tmp_path / "bb.npz")
     assert meta["dtype"] == "float64"
     assert {v.dtype for v in model.state_dict().values()} == {np.dtype(np.float64)}
+
 
 def test_convert_lists_every_problem_and_writes_nothing(tmp_path):
     state = torch_like_state(create("wrn10_1", 4), seed=0)
@@ -232,7 +232,6 @@ def test_export_dense_is_the_transform(tmp_path):
     assert md.export_dense("d")["layer1.0.bn1.running_mean"] is not net.layer1[0].bn1.buffers["running_mean"]
 
 
-
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
 def test_an_export_that_fails_before_its_rename_keeps_the_earlier_export(tmp_path, monkeypatch, fmt):
     """The file is written beside --out and renamed into place: until then --out keeps its old
@@ -265,6 +264,7 @@ def test_export_name_loads_a_domain_stored_under_the_backbones_domain_name(tmp_p
     arrays = export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", tmp_path / "x.npz", name="other")
     for k, v in md.export_dense("base").items():
         np.testing.assert_array_equal(arrays[k], v, err_msg=k)
+
 
 def test_export_errors_name_the_file_once(tmp_path):
     backbone = make_backbone(tmp_path, "wrn10_1", 16)

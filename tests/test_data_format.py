@@ -43,7 +43,6 @@ def test_round_trip(tmp_path):
     assert d.mean.dtype == np.float32
 
 
-
 def test_channel_stats_count_every_image_of_every_chunk(monkeypatch):
     """The sums run over chunks of _CHUNK images (4096): with chunks of 4, 11 images give the
     statistics of all 11 (a slice that missed one image per chunk went unnoticed)."""
@@ -53,6 +52,7 @@ def test_channel_stats_count_every_image_of_every_chunk(monkeypatch):
     x = images.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-10)
+
 
 def test_only_requested_splits_and_missing_val(tmp_path):
     folder, _ = _write(tmp_path / "toy", val=None)

@@ -149,7 +149,6 @@ def test_top_refuses_k_below_1_and_clamps_a_large_k():
     assert preds.top(9) == [[("b", 0.5), ("c", 0.3), ("a", 0.2)]]
 
 
-
 def test_a_description_with_a_zero_std_is_refused():
     info = {"class_names": ["x"], "mean": [0.5] * 3, "std": [0.25, 0.0, 0.25], "image_size": [8, 8],
             "input_size": [4, 4], "channels": 3, "mirror": False}
@@ -181,6 +180,7 @@ def test_data_converted_with_resize_stretch_is_predicted_stretched():
 def test_softmax_of_large_logits_is_finite():
     p = softmax(np.array([[1000.0, 0.0, -1000.0], [800.0, 800.0, 0.0]]))
     np.testing.assert_allclose(p, [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], rtol=0, atol=1e-12)
+
 
 @pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3), (0, 5)])
 def test_an_empty_picture_is_one_clear_value_error(shape):

@@ -172,7 +172,6 @@ def test_errors_and_base_domain(wrn):
     assert md.predict(x).shape == (2, 5)
 
 
-
 def test_predict_logits_restores_the_training_mode(wrn):
     md = MultiDomainModel(wrn)
     md.add_domain("t", 3, "full", seed=0)
@@ -213,7 +212,6 @@ def test_the_seed_draws_the_real_masks_and_the_head(wrn):
     heads = {n: net.fc.params["weight"] for n, net in nets.items()}
     assert np.array_equal(masks["a"], masks["b"]) and np.array_equal(heads["a"], heads["b"])
     assert not np.array_equal(masks["a"], masks["c"]) and not np.array_equal(heads["a"], heads["c"])
-
 
 
 def test_evaluate_gives_a_domain_back_in_the_mode_it_had(wrn):
