@@ -168,6 +168,8 @@ def run(ns: dict, argv=None, ctx=None) -> str | None:
         fine = by_variant.get("finetune")
         if emax is None and fine is not None and not fine["failed"]:
             emax, emax_source = _emax(fine["acc"], seeds is not None)
+        elif emax is None and fine is not None:
+            emax_source = f"missing (the finetune row failed on {', '.join(sorted(fine['failed']))})"
         per_seed[seed] = (by_variant, emax, emax_source)
     text = write_table(out, variants, per_seed, base, command, ns.get("table"), seeds)
     failed = [f"{grid.name(s)} ({r['error']})" for s, r in zip(specs, outcomes)

@@ -101,7 +101,7 @@ def test_a_failed_finetune_job_leaves_emax_undefined(tiny, tmp_path, monkeypatch
     assert "1 of 4 jobs failed" in str(e.value.code) and "simulated: disk full" in str(e.value.code)
     rows, _ = results(tmp_path / "cmp")
     assert [r["score"] for r in rows] == [None, None]
-    assert "Emax: missing" in (tmp_path / "cmp" / "results.md").read_text()
+    assert "Emax: missing (the finetune row failed on a)" in (tmp_path / "cmp" / "results.md").read_text()
 
 
 def test_a_killed_driver_is_continued_by_the_same_command(tiny, tmp_path):
