@@ -28,7 +28,7 @@ from safetensors.numpy import save as safetensors_bytes
 from .io import atomic_write_bytes
 from .multidomain import MultiDomainModel
 from .pretrained import BackboneError, load_backbone
-from .storage import DomainFileError, load_domain
+from .storage import DomainExistsError, DomainFileError, load_domain
 from .training.errors import ConfigError, exit_on_error
 
 PROG = "python -m npmask.export"
@@ -60,6 +60,9 @@ def export_domain(domain_path, backbone_path, out, name: str | None = None) -> d
         domain = load_domain(model, domain_path, name=name)
     except DomainFileError as err:          # its message names the file already
         raise ExportError(_one_line(err)) from None
+    except DomainExistsError as err:        # only the pretraining domain is there: the same name
+        raise ExportError(f"{domain_path}: the domain is named {err.name!r}, as the backbone's "
+                          "pretraining domain; give it another name with --name") from None
     except (ValueError, KeyError, OSError) as err:
         raise ExportError(f"{domain_path}: {_one_line(err)}") from None
     arrays = {k: np.ascontiguousarray(v) for k, v in model.export_dense(domain).items()}

@@ -39,6 +39,14 @@ class DomainFileError(ValueError):
     """A domain file that cannot be loaded into this model (other backbone, shapes, or malformed)."""
 
 
+class DomainExistsError(ValueError):
+    """The model has a domain of that name already (``name``); load with another name or replace."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 def _categorise(key: str, head_name: str) -> str:
     if key == head_name or key.startswith(head_name + "."):
         return "head"
@@ -199,7 +207,8 @@ def load_domain(model, path, name: str | None = None, replace: bool = False) -> 
         raise DomainFileError(f"{path}: {err.args[0]}") from None
     if name in model.networks:
         if not replace:
-            raise ValueError(f"domain {name!r} already exists in the model; pass replace=True to overwrite")
+            raise DomainExistsError(f"domain {name!r} already exists in the model; pass replace=True "
+                                    "to overwrite", name)
         if name == model.base_domain:
             raise ValueError("the pretraining domain cannot be replaced")
     # the old domain (if any) is put back when the file turns out not to fit: a failed load changes nothing

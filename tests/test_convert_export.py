@@ -259,7 +259,7 @@ def test_export_name_loads_a_domain_stored_under_the_backbones_domain_name(tmp_p
     md = MultiDomainModel(backbone, base_domain="imagenet")
     randomise_domain(md.add_domain("base", 3, "full", seed=5), seed=6)
     save_domain(md, "base", tmp_path / "d.npz")
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(ExportError, match="named 'base', as the backbone's pretraining domain.*--name"):
         export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", tmp_path / "x.npz")
     arrays = export_domain(tmp_path / "d.npz", tmp_path / "bb.npz", tmp_path / "x.npz", name="other")
     for k, v in md.export_dense("base").items():
