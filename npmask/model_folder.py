@@ -62,7 +62,6 @@ def load_model(cls, path, backbone=None, *, domains=None, dtype=None, backend: s
     return model
 
 
-
 def _read_model_folder(folder: Path):
     """(meta, domain names, backbone spec) of a saved model folder or a training run folder."""
     if (folder / "model.json").is_file():

@@ -96,7 +96,6 @@ def test_sgd_rejects_bad_settings():
         SGD(m.parameter_refs(), lr=-1.0)
 
 
-
 @pytest.mark.parametrize("make", [lambda r, lr: SGD(r, lr=lr), lambda r, lr: Adam(r, lr=lr)])
 def test_a_nan_learning_rate_is_rejected(make):
     """``lr >= 0`` is false for NaN: a NaN rate is refused, not stepped into NaN weights."""
@@ -302,7 +301,6 @@ def test_load_state_dict_rejects_foreign_state():
     narrow = Adam(m.parameter_refs(include=("head",)), lr=0.1)
     with pytest.raises(KeyError, match="body.w"):
         narrow.load_state_dict(sd)
-
 
 
 def test_load_state_dict_rejects_state_of_the_wrong_shape():

@@ -165,7 +165,6 @@ def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "tes
             "seconds": time.perf_counter() - start}
 
 
-
 def epoch_line(desc: str, record: dict, epochs: int | None = None) -> str:
     """One plain line for a finished epoch (no carriage return), e.g.::
 
