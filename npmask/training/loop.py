@@ -142,7 +142,7 @@ def evaluate(model, batches, *, num_batches: int | None = None, desc: str = "tes
 
     Returns ``{"loss": mean loss, "acc": accuracy in %, "n": images, "seconds": s}``.
     """
-    was_training = getattr(model, "training", True)
+    was_training = model.training  # a Module's, or a MultiDomainModel's active domain's
     model.eval()
     start = time.perf_counter()
     total_loss = 0.0
