@@ -145,9 +145,10 @@ def prepare_images(images, info: dict, dtype=np.float32) -> np.ndarray:
     """Network input (N, C, h, w) in ``dtype`` (NumPy) for ``images``, as the test split was fed.
 
     images: a uint8 array (H, W, C), (H, W) or (N, H, W, C) (NumPy or CuPy), a list of such arrays,
-    or a list of image file paths (str or Path; also mixed with arrays). Grey images given to an RGB domain are repeated
-    over the channels and RGBA arrays lose their alpha, so that an array gives what the same
-    picture as a file gives; files are converted to the domain's channels when read.
+    or a list of image file paths (str or Path; also mixed with arrays). Grey images given to an
+    RGB domain are repeated over the channels and RGBA arrays lose their alpha, so that an array
+    gives what the same picture as a file gives; files are converted to the domain's channels when
+    read.
     """
     channels = int(info["channels"])
     if get_array_module(images) is not np:          # CuPy pixels: np.asarray of them is refused

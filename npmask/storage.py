@@ -29,7 +29,7 @@ from .backend import get_array_module, to_numpy
 from .masking.layers import DEFAULT_MASK_INIT
 from .masking.variants import get_variant
 from .models import get_submodule
-from .io import open_npz, current_umask, fsync_dir
+from .io import current_umask, fsync_dir, open_npz
 
 FORMAT = "npmask-domain"
 VERSION = 1

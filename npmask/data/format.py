@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import open_npz, current_umask, replace_folder
+from ..io import current_umask, open_npz, replace_folder
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")

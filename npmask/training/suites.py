@@ -78,8 +78,9 @@ BENCHMARKS = {
         lr_decay_epochs=[4], base_domain="base", augmentation="pad_crop",
         default_domains=list(SYNTHETIC_TARGETS),
         notes=(f"learning rates = paper's x{SYNTHETIC_LR_SCALE:g} (Adam {PAPER_LR_BODY:g}, SGD "
-               f"{PAPER_LR_HEAD:g}) because a synthetic run takes 780 steps per domain (5 epochs of 5,000 images), far fewer "
-               "than the paper's 60 epochs; decay x0.1 after 4 of 5 epochs (the paper: after 45 of 60)")),
+               f"{PAPER_LR_HEAD:g}) because a synthetic run takes 780 steps per domain (5 epochs "
+               "of 5,000 images), far fewer than the paper's 60 epochs; decay x0.1 after 4 of 5 "
+               "epochs (the paper: after 45 of 60)")),
     "decathlon": Benchmark(
         name="decathlon", model="wrn28_4", input_size=64, epochs=60,
         lr_body=PAPER_LR_BODY, lr_head=PAPER_LR_HEAD, lr_decay_epochs=[45],
