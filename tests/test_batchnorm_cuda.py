@@ -1,18 +1,21 @@
-"""The fused batch-norm CUDA kernels (npmask/nn/batchnorm_cuda.py): emulated here, compared on a GPU.
+"""The fused batch-norm CUDA kernels (npmask/nn/batchnorm_cuda.py): run on the CPU here, compared on a GPU.
 
-Without a GPU: the kernel bodies are written in a subset of C that is also Python (statements
-``name = expression;``, ``T`` locals, two helper functions), so this file builds the very same
-kernels as NumPy emulations (ElementwiseKernel: the body evaluated with NumPy broadcasting;
-ReductionKernel: the map expression summed over the axes) and runs npmask's host code, the batch
-norm's dispatch and whole networks through them, against the NumPy path. That checks the formulas,
-the (1, C, 1) broadcasting, the reduction axes and the argument order; tests/test_cuda_kernels.py
-checks that every body compiles with NVRTC. With a GPU: the real kernels against NumPy.
+Without a GPU, two ways (fixture ``emulated``): the kernel bodies are written in a subset of C that
+is also Python (statements ``name = expression;``, ``T`` locals, two helper functions), so this
+file builds the very same kernels as NumPy emulations (ElementwiseKernel: the body evaluated with
+NumPy broadcasting; ReductionKernel: the map expression summed over the axes); and the kernels'
+own C, preamble included, compiled for the CPU and called as CuPy calls it (tests/cuda_on_cpu.py).
+Either way npmask's host code, the batch norm's dispatch and whole networks run through them,
+against the NumPy path. That checks the formulas, the (1, C, 1) broadcasting, the reduction axes
+and the argument order; tests/test_cuda_kernels.py checks that every body compiles with NVRTC.
+With a GPU: the real kernels against NumPy.
 """
 from __future__ import annotations
 
 import re
 import types
 
+import cuda_on_cpu
 import numpy as np
 import pytest
 
@@ -99,10 +102,16 @@ class _Reduction:
         return mapped.sum(axis=axis, dtype=dtype)
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    """npmask's fused batch norm running the NumPy emulation of its CUDA kernels on NumPy arrays."""
-    fake_cupy = types.SimpleNamespace(ElementwiseKernel=_Elementwise, ReductionKernel=_Reduction)
+@pytest.fixture(params=["numpy-emulation", "c-on-cpu"])
+def emulated(request, monkeypatch):
+    """npmask's fused batch norm running its CUDA kernels on NumPy arrays: as NumPy emulations, or
+    their own C compiled for the CPU."""
+    if request.param == "numpy-emulation":
+        fake_cupy = types.SimpleNamespace(ElementwiseKernel=_Elementwise, ReductionKernel=_Reduction)
+    elif cuda_on_cpu.available():
+        fake_cupy = cuda_on_cpu.fake_cupy()
+    else:
+        pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
     monkeypatch.setattr(batchnorm_cuda, "_import_cupy", lambda: fake_cupy)
     kernels = batchnorm_cuda.kernels.__wrapped__()
     monkeypatch.setattr(batchnorm_cuda, "kernels", lambda: kernels)

@@ -5,9 +5,11 @@ all output indices i, mirroring the kernel body line by line, and checked to spe
 of the body) and compared bit for bit with the readable im2col / col2im of npmask/nn/conv.py on
 many shapes; the host code (conv_cuda's wrappers, which layout, which chunk, where the result goes)
 runs with the emulations in place of the kernel objects, against the readable convolution and in
-masked WRN training steps. tests/test_cuda_kernels.py compiles both kernels with NVRTC. With a
-GPU: the real kernels against the readable functions, convolutions with the setting on and off
-(the same bits), and training steps of a masked WRN with it on and off (the same bits).
+masked WRN training steps. The kernels' own C, compiled for the CPU (tests/cuda_on_cpu.py), takes
+the emulations' place in the same host-code tests and is compared bit for bit with the readable
+functions. tests/test_cuda_kernels.py compiles both kernels with NVRTC. With a GPU: the real
+kernels against the readable functions, convolutions with the setting on and off (the same
+bits), and training steps of a masked WRN with it on and off (the same bits).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import inspect
 import itertools
 import re
 
+import cuda_on_cpu
 import numpy as np
 import pytest
 
@@ -156,13 +159,19 @@ def test_emulated_col2im_is_the_readable_one(n, c, h, w, kh, kw, s, p, dtype):
     assert np.array_equal(_bits(got), _bits(want))
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    """The kernel objects replaced by their emulations, called as CuPy would call them (arguments
-    bound by the kernels' parameter names, the output last), and taken for NumPy arrays when the
-    setting is on: npmask's host code, conv_cuda's wrappers included, runs."""
+@pytest.fixture(params=["numpy-emulation", "c-on-cpu"])
+def emulated(request, monkeypatch):
+    """The kernel objects replaced by their NumPy emulations or by their own C compiled for the CPU
+    (tests/cuda_on_cpu.py), called as CuPy would call them (arguments bound by the kernels'
+    parameter names, the output last), and taken for NumPy arrays when the setting is on: npmask's
+    host code, conv_cuda's wrappers included, runs."""
     calls = []
     names = [p.split()[-1] for p in ("raw T first, " + conv_cuda._SHAPE).split(",")]
+    in_c = request.param == "c-on-cpu"
+    if in_c:
+        if not cuda_on_cpu.available():
+            pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
+        c_kernels = cuda_on_cpu.build(monkeypatch, conv_cuda)
 
     def fake(kind):
         def call(*args):
@@ -173,6 +182,8 @@ def emulated(monkeypatch):
             m, c, h, w, kh, kw, ho, r = (v[n] for n in ("m", "c", "h", "w", "kh", "kw", "ho", "r"))
             geometry = (kh, kw, v["s"], v["ph"], v["pw"], ho, v["wo"], r)
             calls.append(kind)
+            if in_c:
+                return c_kernels[kind](*args)
             if kind == "im2col":
                 assert out.shape == (c * kh * kw, m * ho * r)
                 out[...] = emulate_im2col(v["first"].reshape(m, c, h, w), *geometry)
@@ -286,20 +297,45 @@ def test_chunks_too_large_for_int_indices_take_the_generic_path(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ on a GPU
-@needs_gpu
+@pytest.fixture(params=["gpu", "c-on-cpu"])
+def kernels_on(request, monkeypatch):
+    """(put, empty) for arrays where conv_cuda's kernels run: CuPy arrays on a GPU (skipped
+    without one), or NumPy arrays with the kernels' own C compiled for the CPU."""
+    if request.param == "gpu":
+        if not cupy_available():
+            pytest.skip(needs_gpu.kwargs["reason"])
+        import cupy as cp
+        return (lambda a: to_device(a, "cupy")), cp.empty
+    if not cuda_on_cpu.available():
+        pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
+    cuda_on_cpu.build(monkeypatch, conv_cuda)
+    return (lambda a: a), np.empty
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n, c, h, w, kh, kw, s, p", CASES[::3])
-def test_gpu_kernels_are_the_readable_functions(n, c, h, w, kh, kw, s, p, dtype):
-    import cupy as cp
+@pytest.mark.parametrize("n, c, h, w, kh, kw, s, p", CASES)
+def test_kernels_are_the_readable_functions(n, c, h, w, kh, kw, s, p, dtype, kernels_on):
+    """conv_cuda's wrappers and kernels against the readable im2col / col2im, bit for bit: rows of
+    R = Wo and R > Wo (junk columns zero; junk entries of dcols never read), signed zeros."""
+    put, empty = kernels_on
     x = np.random.default_rng(1).standard_normal((n, c, h, w)).astype(dtype)
     ho, wo = conv.conv_output_size(h, kh, s, p), conv.conv_output_size(w, kw, s, p)
-    cols = cp.empty((c * kh * kw, n * ho * wo), dtype=dtype)
-    conv_cuda.im2col(cp.asarray(x), cols, kh, kw, s, p, p, ho, wo, wo)
-    assert np.array_equal(_bits(to_numpy(cols)), _bits(conv.im2col(x, kh, kw, s, p)))
-    dcols = np.random.default_rng(3).standard_normal(cols.shape).astype(dtype)
-    dx = cp.empty((n, c, h, w), dtype=dtype)
-    conv_cuda.col2im(cp.asarray(dcols), dx, kh, kw, s, p, p, ho, wo, wo)
-    assert np.array_equal(_bits(to_numpy(dx)), _bits(conv.col2im(dcols, (n, c, h, w), kh, kw, s, p)))
+    want_cols = conv.im2col(x, kh, kw, s, p)
+    for r in (wo, wo + 3):
+        cols = empty((c * kh * kw, n * ho * r), dtype=dtype)
+        conv_cuda.im2col(put(x), cols, kh, kw, s, p, p, ho, wo, r)
+        cols = to_numpy(cols).reshape(-1, n, ho, r)
+        assert np.array_equal(_bits(cols[..., :wo].reshape(want_cols.shape)), _bits(want_cols)), r
+        assert not cols[..., wo:].any()
+    dcols = np.random.default_rng(3).standard_normal(want_cols.shape).astype(dtype)
+    dcols[:, ::7] = -0.0
+    want_dx = conv.col2im(dcols, (n, c, h, w), kh, kw, s, p)
+    for r in (wo, wo + 2):
+        wide = np.full((c * kh * kw, n, ho, r), np.nan, dtype=dtype)
+        wide[..., :wo] = dcols.reshape(-1, n, ho, wo)
+        dx = empty((n, c, h, w), dtype=dtype)
+        conv_cuda.col2im(put(wide.reshape(-1, n * ho * r)), dx, kh, kw, s, p, p, ho, wo, r)
+        assert np.array_equal(_bits(to_numpy(dx)), _bits(want_dx)), r
 
 
 @needs_gpu

@@ -1,12 +1,14 @@
 """The fused CUDA transform kernels (npmask/masking/cuda.py).
 
-With a GPU: the kernels give the generic NumPy path's numbers (forward and every gradient) for every
-variant's coefficient pattern and both surrogates, and the transform dispatches CuPy arrays to them.
-Without one (CI, this machine): those tests are skipped with the reason, and what can be checked
-without a device is: the module imports without importing CuPy, the kernel objects can be built
-(CUDA compiles them only on their first call), NumPy arrays never take the CUDA path, every kernel
-of npmask compiles with NVRTC (in a hand-made wrapper, and as the very source CuPy generates for
-it), and the Adam kernel's body gives Adam._arithmetic's bits when evaluated with NumPy.
+The kernels give the generic NumPy path's numbers (forward and every gradient) for every variant's
+coefficient pattern and both surrogates: on a GPU, and without one with the kernels' own C compiled
+for the CPU (tests/cuda_on_cpu.py, which calls them as CuPy does); the same tests run both ways
+(fixture ``kernels_on``). With a GPU also: the transform dispatches CuPy arrays to them. Without
+one (CI, this machine) further: the module imports without importing CuPy, the kernel objects can
+be built (CUDA compiles them only on their first call), NumPy arrays never take the CUDA path,
+every kernel of npmask compiles with NVRTC (in a hand-made wrapper, and as the very source CuPy
+generates for it), and the Adam kernel's body gives Adam._arithmetic's bits, evaluated with NumPy
+and run as C through Adam's own CuPy branch.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cuda_on_cpu
 import numpy as np
 import pytest
 
@@ -27,6 +30,21 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="no usable CUDA device (CuPy not 
                                "the CUDA kernels can only be compared with the generic path on a GPU")
 
 MASK_VARIANTS = [v for v in variant_names() if get_variant(v).has_mask]
+
+
+@pytest.fixture(params=["gpu", "c-on-cpu"])
+def kernels_on(request, monkeypatch):
+    """Where the transform kernels run: a function that puts a test's arrays there. "gpu": CuPy
+    arrays on the device (skipped without one); "c-on-cpu": NumPy arrays, with masking.cuda's
+    kernel objects replaced by the same kernels compiled for the CPU (tests/cuda_on_cpu.py)."""
+    if request.param == "gpu":
+        if not GPU:
+            pytest.skip(needs_gpu.kwargs["reason"])
+        return lambda a: a if isinstance(a, float) else to_device(a, "cupy")
+    if not cuda_on_cpu.available():
+        pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
+    cuda_on_cpu.build(monkeypatch, cuda)
+    return lambda a: a
 
 
 def _problem(variant: str, followed_by_bn: bool, shape=(6, 4, 3, 3), seed=0, dtype=np.float32):
@@ -69,32 +87,34 @@ def test_numpy_arrays_take_the_generic_path(monkeypatch):
     assert Wt.dtype == dR.dtype == np.float32
 
 
-@needs_gpu
 @pytest.mark.parametrize("variant", MASK_VARIANTS)
 @pytest.mark.parametrize("followed_by_bn", [True, False])
-def test_kernels_equal_generic_path(variant, followed_by_bn):
-    W, R, ks, G, surrogate = _problem(variant, followed_by_bn)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_equal_generic_path(variant, followed_by_bn, dtype, kernels_on):
+    W, R, ks, G, surrogate = _problem(variant, followed_by_bn, dtype=dtype)
     Wt_ref, cache_ref = transform.transform_forward(W, R, ks)
     dks_ref, dR_ref, dW_ref = transform.transform_backward(G, cache_ref, need_W=True, surrogate=surrogate)
 
-    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
+    gpu = kernels_on
     Wc, Rc, Gc, ksc = gpu(W), gpu(R), gpu(G), tuple(gpu(k) for k in ks)
     Wt, cache = cuda.transform_forward(Wc, Rc, ksc)
     dks, dR, dW = cuda.transform_backward(Gc, cache, need_W=True, surrogate=surrogate)
 
-    np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(to_numpy(dR), dR_ref, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(to_numpy(dW), dW_ref, rtol=1e-6, atol=1e-7)
+    f32 = dtype == np.float32
+    assert Wt.dtype == dR.dtype == dW.dtype == dtype
+    np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-6 if f32 else 1e-14, atol=1e-6 if f32 else 1e-14)
+    np.testing.assert_allclose(to_numpy(dR), dR_ref, rtol=1e-6 if f32 else 1e-14, atol=1e-7 if f32 else 1e-15)
+    np.testing.assert_allclose(to_numpy(dW), dW_ref, rtol=1e-6 if f32 else 1e-14, atol=1e-7 if f32 else 1e-15)
     for j in range(4):
         assert (dks[j] is None) == (dks_ref[j] is None), f"k{j}"
         if dks[j] is not None:
             assert dks[j].shape == ks[j].shape and dks[j].dtype == W.dtype
-            np.testing.assert_allclose(to_numpy(dks[j]), dks_ref[j], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(to_numpy(dks[j]), dks_ref[j], rtol=1e-5 if f32 else 1e-12,
+                                       atol=1e-5 if f32 else 1e-12)
 
 
-@needs_gpu
 @pytest.mark.parametrize("variant", ["piggyback", "full", "full_sigmoid"])
-def test_kernels_keep_a_mask_entry_exactly_at_the_threshold(variant):
+def test_kernels_keep_a_mask_entry_exactly_at_the_threshold(variant, kernels_on):
     """h(r) = 1[r >= 0]: an R equal to tau keeps its weight in the kernels as in the generic path."""
     W, R, ks, G, surrogate = _problem(variant, followed_by_bn=False)
     tau = 0.25
@@ -102,7 +122,7 @@ def test_kernels_keep_a_mask_entry_exactly_at_the_threshold(variant):
     Wt_ref, cache_ref = transform.transform_forward(W, R, ks, tau)
     assert cache_ref.M[:, :, 0, 0].all()
     dks_ref, _, dW_ref = transform.transform_backward(G, cache_ref, need_W=True, surrogate=surrogate)
-    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
+    gpu = kernels_on
     Wt, cache = cuda.transform_forward(gpu(W), gpu(R), tuple(gpu(k) for k in ks), tau)
     dks, _, dW = cuda.transform_backward(gpu(G), cache, need_W=True, surrogate=surrogate)
     np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-6, atol=1e-6)
@@ -130,19 +150,6 @@ def test_transform_dispatches_cupy_arrays_to_the_kernels(monkeypatch):
     Wt, cache = transform.transform_forward(gpu(W), gpu(R), tuple(gpu(k) for k in ks))
     transform.transform_backward(gpu(G), cache, surrogate=surrogate)
     assert calls == ["f", "b"]
-
-
-@needs_gpu
-def test_kernels_float64():
-    W, R, ks, G, surrogate = _problem("full_sigmoid", followed_by_bn=False, dtype=np.float64)
-    Wt_ref, cache_ref = transform.transform_forward(W, R, ks)
-    _, dR_ref, _ = transform.transform_backward(G, cache_ref, surrogate=surrogate)
-    gpu = lambda a: a if isinstance(a, float) else to_device(a, "cupy")  # noqa: E731
-    Wt, cache = cuda.transform_forward(gpu(W), gpu(R), tuple(gpu(k) for k in ks))
-    _, dR, _ = cuda.transform_backward(gpu(G), cache, surrogate=surrogate)
-    assert Wt.dtype == dR.dtype == np.float64
-    np.testing.assert_allclose(to_numpy(Wt), Wt_ref, rtol=1e-12)
-    np.testing.assert_allclose(to_numpy(dR), dR_ref, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------- compilation

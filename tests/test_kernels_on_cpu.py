@@ -1,0 +1,193 @@
+"""The CPU runner of CUDA kernels (tests/cuda_on_cpu.py) and the kernels no other file runs with it.
+
+The runner is what lets the fused kernels' own C run in CI without a GPU (the transform kernels in
+test_cuda_kernels.py, batch norm's in test_batchnorm_cuda.py, im2col/col2im in test_conv_cuda.py),
+so it is checked first: it follows CuPy's calling rules where npmask relies on them (T from the
+arrays, scalars cast, broadcasting, given outputs written in place, const inputs, reduction axes)
+and gives NumPy's numbers for simple kernels. Then: Adam's kernel through Adam's own CuPy branch,
+the same bits as the NumPy path, and batch norm's channel dot.
+"""
+from __future__ import annotations
+
+import cuda_on_cpu
+import numpy as np
+import pytest
+
+from npmask.nn import batchnorm
+from npmask.optim import Adam
+from npmask.optim import optimizers
+
+pytestmark = pytest.mark.skipif(not cuda_on_cpu.available(),
+                                reason="no C++ compiler (g++, c++ or clang++) to run the kernels' C")
+
+ElementwiseKernel, ReductionKernel = cuda_on_cpu.ElementwiseKernel, cuda_on_cpu.ReductionKernel
+
+
+def _bits(a):
+    return np.asarray(a).view({4: np.uint32, 8: np.uint64}[np.asarray(a).dtype.itemsize])
+
+
+# ------------------------------------------------------------------------------------ the runner
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elementwise_broadcasts_casts_scalars_and_allocates_the_output(dtype):
+    k = ElementwiseKernel("T x, T a, T col, int32 n", "T y", "y = a * x + col * n;", "probe")
+    rng = np.random.default_rng(0)
+    x, col = rng.standard_normal((2, 3, 4)).astype(dtype), rng.standard_normal((1, 3, 1)).astype(dtype)
+    y = k(x, 0.1, col, 3)                           # a Python float cast to T, as CuPy's CScalar
+    assert y.dtype == dtype and y.shape == x.shape
+    t = np.dtype(dtype).type
+    assert np.array_equal(_bits(y), _bits(t(0.1) * x + col * t(3)))
+
+
+def test_elementwise_several_outputs_given_in_place_and_read_modify_write():
+    k = ElementwiseKernel("T g, T lr", "T p, T m", "m = (T)0.5 * m + g; p = p - lr * m;", "probe2")
+    g = np.arange(5, dtype=np.float32)
+    p, m = np.ones(5, np.float32), np.full(5, 2, np.float32)
+    out = k(g, np.float32(0.25), p, m)
+    assert out[0] is p and out[1] is m                      # written where they are, returned
+    assert np.array_equal(m, 1 + g) and np.array_equal(p, 1 - 0.25 * (1 + g))
+
+
+def test_elementwise_raw_input_indexed_by_the_body_and_the_loop_index():
+    k = ElementwiseKernel("raw T x, int32 n", "T y", "y = x[n - 1 - i] + i;", "reverse")
+    x = np.arange(6, dtype=np.float64) * 10
+    y = np.empty(6)
+    k(x, 6, y)
+    assert np.array_equal(y, x[::-1] + np.arange(6))
+
+
+def test_elementwise_refuses_what_cupy_refuses():
+    k = ElementwiseKernel("T x, T a", "T y", "y = a * x;", "probe3")
+    x32, x64 = np.ones(3, np.float32), np.ones(3, np.float64)
+    with pytest.raises(TypeError, match="Type is mismatched"):
+        k(x32, x64)                                 # two arrays for one T
+    with pytest.raises(TypeError, match="Type is mismatched"):
+        k(x32, 1.0, np.empty(3, np.float64))        # an output of another dtype
+    with pytest.raises(ValueError, match="Out shape is mismatched"):
+        k(np.ones((2, 3), np.float32), 1.0, np.empty((1, 3), np.float32))
+    with pytest.raises(ValueError):
+        k(x32, 1.0, np.empty(4, np.float32))        # not broadcastable
+    with pytest.raises(TypeError, match="Wrong number of arguments"):
+        k(x32)
+    with pytest.raises(ValueError, match="Loop size is undecided"):
+        k(1.0, 2.0)
+    n = ElementwiseKernel("T x, int32 n", "T y", "y = x * n;", "probe4")
+    with pytest.raises(OverflowError):
+        n(x32, 2 ** 31)
+    with pytest.raises(TypeError):
+        n(x32, 2.5)                                 # npmask passes ints to int32 parameters
+
+
+def test_inputs_are_const_and_bad_code_does_not_compile():
+    """CuPy declares a non-raw input ``const T &x``: a body that writes it must fail as on a GPU."""
+    with pytest.raises(cuda_on_cpu.CompileError, match="read-only|assignment of"):
+        ElementwiseKernel("T x", "T y", "x = 1; y = x;", "writes_input")(np.ones(2))
+    with pytest.raises(cuda_on_cpu.CompileError):
+        ElementwiseKernel("T x", "T y", "y = not_a_function(x);", "bad")(np.ones(2))
+
+
+@pytest.mark.parametrize("body", ["T i = x; y = i;", "T x = 2; y = x;", "T y = 1;"])
+def test_a_local_named_like_the_index_or_a_parameter_does_not_compile(body):
+    """The body shares the scope of the loop index ``i`` and of the parameters' declarations, as in
+    CuPy's generated code: redeclaring one is an error there, and here."""
+    with pytest.raises(cuda_on_cpu.CompileError, match="redeclar|conflicting|shadows"):
+        ElementwiseKernel("T x", "T y", body, "shadow")(np.ones(2))
+    ElementwiseKernel("T x", "T y", "T z = x; y = z;", "no_shadow")(np.ones(2))
+
+
+@pytest.mark.parametrize("axis", [None, 0, (0, 2), (1,), (2, 0), -1])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_reduction_axes_scalars_and_broadcasting(axis, keepdims):
+    k = ReductionKernel("T x, T c, T s", "T out", "(x - c) * s", "a + b", "out = a", "0", "centred")
+    rng = np.random.default_rng(1)
+    x, c = rng.standard_normal((3, 4, 5)), rng.standard_normal((1, 4, 1))
+    got = k(x, c, 2.0, axis=axis, keepdims=keepdims)
+    want = ((x - c) * 2.0).sum(axis=axis, keepdims=keepdims)
+    assert got.shape == want.shape and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_reduction_identity_post_map_and_a_given_output():
+    k = ReductionKernel("T x", "T out", "x", "max(a, b)", "out = a * 2", "-1000", "max2", preamble=
+                        "template <typename U> U max(U a, U b) { return a > b ? a : b; }")
+    x = np.random.default_rng(2).standard_normal((4, 6)).astype(np.float32)
+    out = np.empty(6, np.float32)
+    assert k(x, axis=0, out=out) is out
+    assert np.array_equal(out, x.max(axis=0) * 2)
+    assert np.array_equal(k(np.empty((0, 3), np.float32), axis=0), np.full(3, -2000, np.float32))
+
+
+def test_the_runner_catches_a_wrong_body():
+    """A mutation of a body changes the numbers: the runner really runs the code it is given."""
+    x = np.linspace(-1, 1, 7)
+    right = ElementwiseKernel("T x", "T y", "y = x >= 0 ? x : (T)0;", "relu")(x)
+    wrong = ElementwiseKernel("T x", "T y", "y = x > 0 ? x : (T)0.5;", "relu_wrong")(x)
+    assert np.array_equal(right, np.maximum(x, 0)) and not np.array_equal(wrong, right)
+
+
+# ------------------------------------------------------------------------------------ Adam
+class _NotNumPy:
+    """NumPy under another name: Adam's ``get_array_module(p) is not np`` test then takes its
+    CuPy branch (the fused kernel) for NumPy arrays."""
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernel_through_adams_cupy_branch_gives_the_numpy_bits(weight_decay, dtype, monkeypatch):
+    """Adam._update's CuPy branch with the kernel's C on the CPU: the host code's arguments (the
+    scalars of p's dtype, 1 - beta rounded once) and the body, three steps, the same bits as the
+    NumPy path. (A GPU may contract a * b + c into one rounding; this runner does not.)"""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(40).astype(dtype)
+    grads = [rng.standard_normal(40).astype(dtype) for _ in range(3)]
+
+    def run():
+        p = p0.copy()
+        opt = Adam([], lr=1e-3, betas=(0.9, 0.999), weight_decay=weight_decay)
+        state = {}
+        for g in grads:
+            opt._update("w", p, g, state)
+        return p, state["exp_avg"], state["exp_avg_sq"]
+    want = run()
+    from npmask.optim import cuda as optim_cuda
+    cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
+    calls = []
+    kernel = optim_cuda.adam_kernel()
+    monkeypatch.setattr(optim_cuda, "adam_kernel", lambda: lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(optimizers, "get_array_module", lambda *a: _NotNumPy())
+    got = run()
+    assert len(calls) == 3
+    for name, a, b in zip(("p", "m", "v"), got, want):
+        assert a.dtype == dtype and np.array_equal(_bits(a), _bits(b)), name
+
+
+def test_adam_kernel_reads_device_scalars_as_it_reads_scalars(monkeypatch):
+    """The captured step passes step_size and bias2 as 0-d arrays (npmask.optim.device): the
+    kernel gives the same bits as with scalars."""
+    from npmask.optim import cuda as optim_cuda
+    kernel = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
+    rng = np.random.default_rng(4)
+    g, p = rng.standard_normal(30).astype(np.float32), rng.standard_normal(30).astype(np.float32)
+    m, v = rng.standard_normal(30).astype(np.float32), rng.uniform(0, 1, 30).astype(np.float32)
+    t = np.float32
+    fixed = (t(0.9), t(0.999), t(1 - 0.9), t(1 - 0.999))
+    results = []
+    for step_size, bias2 in ((t(1e-3 / 0.19), t(0.0447)), (np.array(1e-3 / 0.19, t), np.array(0.0447, t))):
+        state = [a.copy() for a in (p, m, v)]
+        kernel(g, step_size, *fixed, bias2, t(1e-8), t(1e-4), *state)
+        results.append(state)
+    for a, b in zip(*results):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
+# ------------------------------------------------------------------------------------ batch norm's dot
+def test_channel_dot_kernel_is_the_einsum(monkeypatch):
+    kernel = cuda_on_cpu.build(monkeypatch, batchnorm, "_cupy_dot_kernel")
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((6, 4, 9)), rng.standard_normal((6, 4, 9))
+    np.testing.assert_allclose(kernel(a, b, axis=(0, 2)), np.einsum("ncl,ncl->c", a, b), rtol=1e-13)
+    monkeypatch.setattr(batchnorm, "get_array_module", lambda *arrays: _NotNumPy())
+    np.testing.assert_allclose(batchnorm._channel_dot(a, b), np.einsum("ncl,ncl->c", a, b), rtol=1e-13)
+
