@@ -20,10 +20,13 @@ _reduction.pyx), so that npmask's host code can call these objects exactly as it
   macros. The elements are added in C order, one after another; a GPU adds them in a tree, so sums
   agree to rounding only.
 
-What this cannot show: anything of the launch (grid and block sizes, streams, shared memory) and
-the GPU's arithmetic where it differs from the CPU's: ``-ffp-contract=off`` keeps every ``a * b +
-c`` two roundings (NVRTC may fuse them), and the device's ``exp`` and ``sqrt`` may differ from the
-C library's in the last bit.
+Arithmetic: by default (FLAGS) every ``a * b + c`` is two roundings, as in NumPy, so a kernel that
+does the NumPy path's operations gives its bits. NVRTC may fuse such pairs into one fused
+multiply-add: ``fma=True`` (FLAGS_FMA) builds the code with every fusion GCC finds, to check that a
+comparison's tolerance also holds for fused arithmetic (which pairs a GPU fuses may differ).
+
+What this cannot show: anything of the launch (grid and block sizes, streams, shared memory), and
+the device's ``exp`` and ``sqrt``, which may differ from the C library's in the last bit.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ import numpy as np
 
 COMPILER = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
 FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+# As a GPU may compute: every a * b + c the compiler can fuse, fused (one rounding; GCC fuses at -O2)
+FLAGS_FMA = ("-std=c++17", "-O2", "-ffp-contract=fast", "-mfma", "-fno-fast-math", "-shared", "-fPIC")
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int32): "int"}
 _PRELUDE = """#include <math.h>
 #include <stddef.h>
@@ -64,9 +69,9 @@ def _param_list(text: str):
     return out
 
 
-def _library(source: str) -> ctypes.CDLL:
+def _library(source: str, flags=FLAGS) -> ctypes.CDLL:
     """The source compiled once (cached on disk by its hash, for later runs and other processes)."""
-    key = hashlib.sha256((COMPILER or "").encode() + " ".join(FLAGS).encode() + source.encode()).hexdigest()[:24]
+    key = hashlib.sha256((COMPILER or "").encode() + " ".join(flags).encode() + source.encode()).hexdigest()[:24]
     if key in _loaded:
         return _loaded[key]
     if COMPILER is None:
@@ -78,7 +83,7 @@ def _library(source: str) -> ctypes.CDLL:
         src = folder / f"{key}.{os.getpid()}.cpp"
         tmp = folder / f"{key}.{os.getpid()}.so"
         src.write_text(source)
-        done = subprocess.run([COMPILER, *FLAGS, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        done = subprocess.run([COMPILER, *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
         src.unlink()
         if done.returncode != 0:
             raise CompileError(f"{done.stderr}\n--- source ---\n{source}")
@@ -88,6 +93,8 @@ def _library(source: str) -> ctypes.CDLL:
 
 
 class _Kernel:
+    flags = FLAGS
+
     def __init__(self, in_params: str, out_params: str, name: str, preamble: str):
         self.ins, self.outs = _param_list(in_params), _param_list(out_params)
         self.name, self.preamble = name, preamble
@@ -213,7 +220,7 @@ class ElementwiseKernel(_Kernel):
         loop = ("  for (ptrdiff_t i = 0; i < _n; ++i) {\n" + "\n".join(decls)
                 + f"\n{self.operation}\n  }}")
         source = self._source(t, kinds, loop, "long long _n")
-        fn = _library(source).npmask_cpu_kernel
+        fn = _library(source, self.flags).npmask_cpu_kernel
         fn.argtypes, fn.restype = [ctypes.c_longlong, ctypes.c_void_p], None
         fn(int(np.prod(shape, dtype=np.int64)), self._pointers(arrays))
         for dst, buf in write_back:
@@ -291,7 +298,7 @@ class ReductionKernel(_Kernel):
                 f"    {out_type} &{self.outs[0][2]} = _raw_{self.outs[0][2]}[_i];\n"
                 "    POST_MAP(_s);\n  }")
         source = self._source(t, kinds, loop, "long long _n_out, long long _n_red")
-        fn = _library(source).npmask_cpu_kernel
+        fn = _library(source, self.flags).npmask_cpu_kernel
         fn.argtypes, fn.restype = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p], None
         fn(n_out, n_red, self._pointers(arrays))
         if buf is not result:
@@ -299,16 +306,21 @@ class ReductionKernel(_Kernel):
         return result
 
 
-def fake_cupy():
-    """A stand-in for the cupy module with these two kernel classes (for ``_import_cupy``)."""
+def fake_cupy(fma: bool = False):
+    """A stand-in for the cupy module with these two kernel classes (for ``_import_cupy``); with
+    ``fma``, classes whose code is compiled with contraction into fused multiply-adds (FLAGS_FMA)."""
     import types
-    return types.SimpleNamespace(ElementwiseKernel=ElementwiseKernel, ReductionKernel=ReductionKernel)
+    if not fma:
+        return types.SimpleNamespace(ElementwiseKernel=ElementwiseKernel, ReductionKernel=ReductionKernel)
+    return types.SimpleNamespace(
+        ElementwiseKernel=type("ElementwiseKernel", (ElementwiseKernel,), {"flags": FLAGS_FMA}),
+        ReductionKernel=type("ReductionKernel", (ReductionKernel,), {"flags": FLAGS_FMA}))
 
 
-def build(monkeypatch, module, factory: str = "kernels"):
+def build(monkeypatch, module, factory: str = "kernels", fma: bool = False):
     """``module.<factory>()``'s kernel objects built with these classes, and ``module.<factory>``
     patched to return them: npmask's host code then runs the kernels' own C on NumPy arrays."""
-    monkeypatch.setattr(module, "_import_cupy", fake_cupy)
+    monkeypatch.setattr(module, "_import_cupy", lambda: fake_cupy(fma))
     built = getattr(module, factory).__wrapped__()
     monkeypatch.setattr(module, factory, lambda: built)
     return built
@@ -316,4 +328,22 @@ def build(monkeypatch, module, factory: str = "kernels"):
 
 def available() -> bool:
     return COMPILER is not None
+
+
+def fma_available() -> bool:
+    """Whether code built with FLAGS_FMA runs here: a C++ compiler and an x86-64 CPU with FMA."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return available() and os.uname().machine == "x86_64" and " fma " in flags.replace("\n", " ")
+
+
+def skip_reason(fma: bool = False) -> str | None:
+    """Why the kernels' C cannot run here (None when it can)."""
+    if not available():
+        return "no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU"
+    if fma and not fma_available():
+        return "no x86-64 CPU with FMA here: the kernels cannot be run with fused multiply-adds"
+    return None
 

@@ -102,16 +102,17 @@ class _Reduction:
         return mapped.sum(axis=axis, dtype=dtype)
 
 
-@pytest.fixture(params=["numpy-emulation", "c-on-cpu"])
+@pytest.fixture(params=["numpy-emulation", "c-on-cpu", "c-on-cpu-fma"])
 def emulated(request, monkeypatch):
     """npmask's fused batch norm running its CUDA kernels on NumPy arrays: as NumPy emulations, or
-    their own C compiled for the CPU."""
+    their own C compiled for the CPU (with "fma": a * b + c fused where the compiler can, as a GPU
+    may, so the tolerances are known to hold for fused arithmetic too)."""
     if request.param == "numpy-emulation":
         fake_cupy = types.SimpleNamespace(ElementwiseKernel=_Elementwise, ReductionKernel=_Reduction)
-    elif cuda_on_cpu.available():
-        fake_cupy = cuda_on_cpu.fake_cupy()
+    elif cuda_on_cpu.skip_reason(request.param.endswith("fma")):
+        pytest.skip(cuda_on_cpu.skip_reason(request.param.endswith("fma")))
     else:
-        pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
+        fake_cupy = cuda_on_cpu.fake_cupy(fma=request.param.endswith("fma"))
     monkeypatch.setattr(batchnorm_cuda, "_import_cupy", lambda: fake_cupy)
     kernels = batchnorm_cuda.kernels.__wrapped__()
     monkeypatch.setattr(batchnorm_cuda, "kernels", lambda: kernels)

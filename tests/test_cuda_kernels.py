@@ -32,18 +32,21 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="no usable CUDA device (CuPy not 
 MASK_VARIANTS = [v for v in variant_names() if get_variant(v).has_mask]
 
 
-@pytest.fixture(params=["gpu", "c-on-cpu"])
+@pytest.fixture(params=["gpu", "c-on-cpu", "c-on-cpu-fma"])
 def kernels_on(request, monkeypatch):
     """Where the transform kernels run: a function that puts a test's arrays there. "gpu": CuPy
     arrays on the device (skipped without one); "c-on-cpu": NumPy arrays, with masking.cuda's
-    kernel objects replaced by the same kernels compiled for the CPU (tests/cuda_on_cpu.py)."""
+    kernel objects replaced by the same kernels compiled for the CPU (tests/cuda_on_cpu.py);
+    "c-on-cpu-fma": the same with a * b + c fused where the compiler can, as a GPU may, so the
+    tolerances below are known to hold for fused arithmetic too."""
     if request.param == "gpu":
         if not GPU:
             pytest.skip(needs_gpu.kwargs["reason"])
         return lambda a: a if isinstance(a, float) else to_device(a, "cupy")
-    if not cuda_on_cpu.available():
-        pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
-    cuda_on_cpu.build(monkeypatch, cuda)
+    fma = request.param.endswith("fma")
+    if cuda_on_cpu.skip_reason(fma):
+        pytest.skip(cuda_on_cpu.skip_reason(fma))
+    cuda_on_cpu.build(monkeypatch, cuda, fma=fma)
     return lambda a: a
 
 

@@ -3,8 +3,8 @@
 The runner is what lets the fused kernels' own C run in CI without a GPU (the transform kernels in
 test_cuda_kernels.py, batch norm's in test_batchnorm_cuda.py, im2col/col2im in test_conv_cuda.py),
 so it is checked first: it follows CuPy's calling rules where npmask relies on them (T from the
-arrays, scalars cast, broadcasting, given outputs written in place, const inputs, reduction axes)
-and gives NumPy's numbers for simple kernels. Then: Adam's kernel through Adam's own CuPy branch,
+arrays, scalars cast, broadcasting, given outputs written in place, const inputs, reduction axes),
+gives NumPy's numbers for simple kernels, and its FMA build really fuses. Then: Adam's kernel through Adam's own CuPy branch,
 the same bits as the NumPy path, and batch norm's channel dot.
 """
 from __future__ import annotations
@@ -123,6 +123,22 @@ def test_the_runner_catches_a_wrong_body():
     right = ElementwiseKernel("T x", "T y", "y = x >= 0 ? x : (T)0;", "relu")(x)
     wrong = ElementwiseKernel("T x", "T y", "y = x > 0 ? x : (T)0.5;", "relu_wrong")(x)
     assert np.array_equal(right, np.maximum(x, 0)) and not np.array_equal(wrong, right)
+
+
+@pytest.mark.skipif(not cuda_on_cpu.fma_available(), reason="no x86-64 CPU with FMA here")
+def test_the_fma_build_really_fuses():
+    """The "c-on-cpu-fma" runs elsewhere check tolerances against fused arithmetic: they would
+    prove nothing if the compiler did not fuse. Plain build: NumPy's two roundings; FMA build:
+    one rounding, which differs on some entries and is never further from the exact value."""
+    rng = np.random.default_rng(6)
+    a, x, b = (rng.standard_normal(2000).astype(np.float32) for _ in range(3))
+    body = ("T x, T a, T b", "T y", "y = a * x + b;", "axpb")
+    plain = cuda_on_cpu.fake_cupy().ElementwiseKernel(*body)(x, a, b)
+    fused = cuda_on_cpu.fake_cupy(fma=True).ElementwiseKernel(*body)(x, a, b)
+    assert np.array_equal(_bits(plain), _bits(a * x + b))
+    exact = a.astype(np.float64) * x + b
+    assert (fused != plain).sum() > 10
+    assert np.all(np.abs(fused - exact) <= np.abs(plain - exact))
 
 
 # ------------------------------------------------------------------------------------ Adam
