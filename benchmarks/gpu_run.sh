@@ -7,6 +7,8 @@
 #   beside PyTorch when it is installed): for a short device lease
 # "torch" needs PyTorch with CUDA beside CuPy (pip install -e '.[bench]').
 # From a checkout, no install needed (PYTHONPATH); logs go to OUTDIR, one file per part.
+# "tests" and "graphs" leave out the kernels' CPU runs (-k "not c-on-cpu": C++ compiles, no GPU
+# needed, run by CI); "suite" runs everything.
 set -u
 OUT=${1:?usage: gpu_run.sh OUTDIR [info|tests|bench|torch|train|suite|graphs ...]}; shift
 PARTS=${*:-info tests bench torch train suite}
@@ -20,7 +22,7 @@ for part in $PARTS; do
               nproc; } 2>&1 | tee "$OUT/info.txt" ;;
     tests)  rm -f "$OUT/graph_step.txt"             # the graph step's tests report into it
             NPMASK_GPU_REPORT="$OUT/graph_step.txt" \
-            $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_cuda_kernels.py \
+            $PY -m pytest -q -n 8 -p no:cacheprovider -k "not c-on-cpu" tests/test_gpu.py tests/test_cuda_kernels.py \
               tests/test_backend.py tests/test_data_loader.py tests/test_cupy_api.py \
               tests/test_gpu_graph_step.py tests/test_graph_step.py tests/test_batchnorm_cuda.py \
               tests/test_conv_cuda.py \
@@ -45,7 +47,7 @@ for part in $PARTS; do
               cat "$run/results.md"; } 2>&1 | tee "$OUT/train_cupy.txt" ;;
     suite)  $PY -m pytest -q -n 16 -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
     graphs) { rm -f "$OUT/graph_step.txt"
-              NPMASK_GPU_REPORT="$OUT/graph_step.txt" $PY -m pytest -q -n 4 -p no:cacheprovider -rfE \
+              NPMASK_GPU_REPORT="$OUT/graph_step.txt" $PY -m pytest -q -n 4 -p no:cacheprovider -rfE -k "not c-on-cpu" \
                 tests/test_gpu_graph_step.py tests/test_graph_step.py tests/test_batchnorm_cuda.py \
                 tests/test_conv_cuda.py \
                 "tests/test_train.py::test_cupy_training_with_cuda_graphs_repeats_itself_and_agrees_without"
