@@ -7,14 +7,15 @@ _reduction.pyx), so that npmask's host code can call these objects exactly as it
 
 - T is decided by the *array* arguments, inputs and outputs (all of one dtype, else TypeError
   "Type is mismatched", as CuPy); scalars (Python or NumPy) are cast to the parameter's type. An
-  ``int32`` parameter takes an integer that fits in 32 bits: stricter than CuPy, which would cast
-  a float or wrap a large integer, both host-code mistakes here.
+  ``int32`` parameter takes an integer that fits in 32 bits (else OverflowError, as CuPy); a float
+  or a bool there is refused, where CuPy would truncate it: stricter, a host-code mistake here.
 - Non-raw arrays broadcast together, outputs included; a given output must have the broadcast
   shape (ValueError "Out shape is mismatched"); missing outputs are allocated with it.
 - Elementwise: each non-raw array parameter is a reference to its element ``i`` (``const`` for an
-  input), declared as CuPy declares it; ``i`` is the ``ptrdiff_t`` index in C order of the
-  broadcast shape; a scalar is a value; a ``raw`` array is indexed by the body (here a pointer to
-  its C-ordered elements, flat, which is what CuPy's ``CArray[ptrdiff_t]`` gives a contiguous array).
+  input), declared as CuPy declares it, in the scope the body runs in; ``i`` is the ``ptrdiff_t``
+  index in C order of the broadcast shape; a scalar is a ``const`` value of the function's scope
+  (a kernel parameter in CuPy); a ``raw`` array is indexed by the body (here a pointer to its
+  C-ordered elements, ``const`` for an input, which is what CuPy's ``CArray[ptrdiff_t]`` reads).
 - Reduction: ``_type_reduce _s = identity``, then ``_s = REDUCE(_s, map)`` over the reduced
   elements, then ``POST_MAP(_s)`` with ``out`` a reference to the output element, with CuPy's
   macros. The elements are added in C order, one after another; a GPU adds them in a tree, so sums
@@ -26,7 +27,11 @@ multiply-add: ``fma=True`` (FLAGS_FMA) builds the code with every fusion GCC fin
 comparison's tolerance also holds for fused arithmetic (which pairs a GPU fuses may differ).
 
 What this cannot show: anything of the launch (grid and block sizes, streams, shared memory), and
-the device's ``exp`` and ``sqrt``, which may differ from the C library's in the last bit.
+the device's ``exp`` and ``sqrt``, which may differ from the C library's in the last bit. NumPy
+arrays play CuPy's here, so a host array that leaks into a kernel call (which CuPy refuses) goes
+unseen: the tests with real ``cupy.ndarray`` objects (conftest's ``host_backed_cupy``) and the GPU
+runs cover that. Arrays that are both an input and an output are modelled when both are
+contiguous and whole (the same memory, as on the GPU); other overlaps are refused.
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ def _param_list(text: str):
     for piece in filter(None, (p.strip() for p in text.split(","))):
         words = piece.split()
         raw = words[0] == "raw"
+        if len(words) != 2 + raw:
+            raise ValueError(f"Unknown keyword in parameter {piece!r}")      # as CuPy
         type_, name = words[-2:]
         out.append((raw, type_, name))
     return out
@@ -138,12 +145,14 @@ class _Kernel:
     def _source(self, t, kinds, body_loop: str, signature: str) -> str:
         lines = [_PRELUDE, f"typedef {_CTYPE[t]} T;" if t is not None else "", self.preamble,
                  f'extern "C" void npmask_cpu_kernel({signature}, void** _args) {{']
+        nin = len(self.ins)
         for k, ((raw, type_, pname), kind) in enumerate(zip(self.ins + self.outs, kinds)):
             ctype = "T" if type_ == "T" else _CTYPE[np.dtype(type_)]
-            if kind == "scalar":
-                lines.append(f"  const {ctype} _scalar_{pname} = *(const {ctype}*)_args[{k}];")
-            elif raw:
-                lines.append(f"  {ctype}* {pname} = ({ctype}*)_args[{k}];")
+            const = "const " if k < nin else ""
+            if kind == "scalar":                  # CuPy: a const kernel parameter
+                lines.append(f"  const {ctype} {pname} = *(const {ctype}*)_args[{k}];")
+            elif raw:                             # CuPy: a CArray, read-only for an input
+                lines.append(f"  {const}{ctype}* {pname} = ({const}{ctype}*)_args[{k}];")
             else:
                 lines.append(f"  {ctype}* _raw_{pname} = ({ctype}*)_args[{k}];")
         lines += [body_loop, "}"]
@@ -187,6 +196,10 @@ class ElementwiseKernel(_Kernel):
                 raise ValueError("Out shape is mismatched")
         if not outs:
             outs = [np.empty(shape, dtype=self._dtype(type_, t)) for _, type_, _ in self.outs]
+        ret = None if self.no_return else outs[0] if not self.return_tuple and len(outs) == 1 \
+            else tuple(outs)
+        if 0 in shape:                            # CuPy returns before casting or compiling
+            return ret
 
         kinds, arrays, write_back = [], [], []
         for k, ((raw, type_, pname), a) in enumerate(zip(params, list(args[:nin]) + outs)):
@@ -207,12 +220,11 @@ class ElementwiseKernel(_Kernel):
                     arrays.append(buf)
                 else:
                     arrays.append(np.ascontiguousarray(full))
+        self._check_overlaps(args[:nin], outs, arrays, nin)
         decls = []
         for (raw, type_, pname), kind, k in zip(params, kinds, range(len(params))):
             ctype = "T" if type_ == "T" else _CTYPE[np.dtype(type_)]
-            if kind == "scalar":
-                decls.append(f"    {ctype} {pname} = _scalar_{pname};")
-            elif kind == "array":
+            if kind == "array":
                 const = "const " if k < nin else ""
                 decls.append(f"    {const}{ctype} &{pname} = _raw_{pname}[i];")
         # the declarations and the body in the loop's own scope, as CuPy's: a body that redeclares
@@ -225,11 +237,37 @@ class ElementwiseKernel(_Kernel):
         fn(int(np.prod(shape, dtype=np.int64)), self._pointers(arrays))
         for dst, buf in write_back:
             dst[...] = buf
-        if self.no_return:
-            return None
-        if not self.return_tuple and len(outs) == 1:
-            return outs[0]
-        return tuple(outs)
+        return ret
+
+
+    def _check_overlaps(self, ins, outs, arrays, nin):
+        """An input that shares memory with an output: modelled only when both are the very same
+        whole, contiguous array passed as it is (then the C sees one memory, as the GPU would)."""
+        for k, a in enumerate(ins):
+            for j, o in enumerate(outs):
+                if not isinstance(a, np.ndarray) or not np.shares_memory(a, o):
+                    continue
+                same = (not self.ins[k][0] and arrays[k] is a and arrays[nin + j] is o
+                        and a.ctypes.data == o.ctypes.data and a.shape == o.shape and a.strides == o.strides)
+                if not same:
+                    raise NotImplementedError(f"{self.name}: input {self.ins[k][2]} overlaps output "
+                                              f"{self.outs[j][2]} in a way this runner does not model")
+
+
+def _axes(axis, ndim):
+    """CuPy's reading of ``axis`` (None: all; an int or a tuple; negative from the end; out of
+    range: AxisError; repeated: ValueError), as sorted non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    given = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    axes = []
+    for a in given:
+        if not -ndim <= a < ndim:
+            raise getattr(np, "exceptions", np).AxisError(a, ndim)
+        axes.append(a % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError("duplicate value in 'axis'")
+    return tuple(sorted(axes))
 
 
 class ReductionKernel(_Kernel):
@@ -245,7 +283,8 @@ class ReductionKernel(_Kernel):
             raise NotImplementedError(f"{name}: raw inputs")
         self.map_expr, self.reduce_expr, self.post_map_expr = map_expr, reduce_expr, post_map_expr
         self.identity = identity
-        self.reduce_type = reduce_type or self.outs[0][1]
+        out_type = self.outs[0][1]                # CuPy: the output parameter's C type
+        self.reduce_type = reduce_type or ("T" if out_type == "T" else _CTYPE[np.dtype(out_type)])
 
     def __call__(self, *args, out=None, axis=None, keepdims=False):
         if len(args) != len(self.ins):
@@ -256,8 +295,7 @@ class ReductionKernel(_Kernel):
             raise ValueError("Loop size is undecided.")
         shape = np.broadcast_shapes(*[a.shape for a in arrays_in])
         ndim = len(shape)
-        axes = tuple(range(ndim)) if axis is None else tuple(
-            sorted(a % ndim for a in ((axis,) if np.isscalar(axis) else axis)))
+        axes = _axes(axis, ndim)
         kept = tuple(d for d in range(ndim) if d not in axes)
         n_out = int(np.prod([shape[d] for d in kept], dtype=np.int64))
         n_red = int(np.prod([shape[d] for d in axes], dtype=np.int64))
@@ -266,6 +304,8 @@ class ReductionKernel(_Kernel):
         result = np.empty(out_shape, dtype=self._dtype(self.outs[0][1], t)) if out is None else out
         if result.shape != out_shape:
             raise ValueError("Out shape is mismatched")
+        if n_out == 0:                            # CuPy returns before casting or compiling
+            return result
 
         kinds, arrays = [], []
         for (raw, type_, pname), a in zip(self.ins, args):
@@ -279,12 +319,10 @@ class ReductionKernel(_Kernel):
         buf = np.ascontiguousarray(result).reshape(-1) if not result.flags.c_contiguous else result
         kinds.append("array")
         arrays.append(buf)
-        inputs, scalars = [], []
+        inputs = []
         for (raw, type_, pname), kind in zip(self.ins, kinds):
             ctype = "T" if type_ == "T" else _CTYPE[np.dtype(type_)]
-            if kind == "scalar":
-                scalars.append(f"      {ctype} {pname} = _scalar_{pname};")
-            else:
+            if kind == "array":
                 inputs.append(f"      const {ctype} {pname} = _raw_{pname}[_i * _n_red + _j];")
         out_type = "T" if self.outs[0][1] == "T" else _CTYPE[np.dtype(self.outs[0][1])]
         loop = (f"#define REDUCE(a, b) ({self.reduce_expr})\n#define POST_MAP(a) ({self.post_map_expr})\n"
@@ -292,7 +330,7 @@ class ReductionKernel(_Kernel):
                 "  for (ptrdiff_t _i = 0; _i < _n_out; ++_i) {\n"
                 f"    _type_reduce _s = _type_reduce({self.identity});\n"
                 "    for (ptrdiff_t _j = 0; _j < _n_red; ++_j) {\n"
-                + "\n".join(scalars + inputs)
+                + "\n".join(inputs)
                 + f"\n      _type_reduce _a = static_cast<_type_reduce>({self.map_expr});\n"
                 "      _s = REDUCE(_s, _a);\n    }\n"
                 f"    {out_type} &{self.outs[0][2]} = _raw_{self.outs[0][2]}[_i];\n"

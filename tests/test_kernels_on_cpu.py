@@ -73,9 +73,57 @@ def test_elementwise_refuses_what_cupy_refuses():
         k(1.0, 2.0)
     n = ElementwiseKernel("T x, int32 n", "T y", "y = x * n;", "probe4")
     with pytest.raises(OverflowError):
-        n(x32, 2 ** 31)
-    with pytest.raises(TypeError):
-        n(x32, 2.5)                                 # npmask passes ints to int32 parameters
+        n(x32, 2 ** 31)                             # CuPy's PyArray_Pack raises too
+    with pytest.raises(ValueError, match="Unknown keyword"):
+        ElementwiseKernel("const T x", "T y", "y = x;", "probe5")
+
+
+def test_int32_parameters_refuse_floats_and_bools_stricter_than_cupy():
+    """CuPy would truncate 2.5 to 2; npmask's host code always passes ints, and the runner holds
+    it to that."""
+    n = ElementwiseKernel("T x, int32 n", "T y", "y = x * n;", "probe4")
+    for bad in (2.5, True, np.float32(2)):
+        with pytest.raises(TypeError):
+            n(np.ones(3, np.float32), bad)
+
+
+def test_scalars_are_weak_and_cast_to_t():
+    """A NumPy float64 scalar with float32 arrays is cast to float32 (only arrays decide T)."""
+    k = ElementwiseKernel("T x, T a", "T y", "y = a * x;", "probe6")
+    x = np.random.default_rng(7).standard_normal(9).astype(np.float32)
+    y = k(x, np.float64(0.1))
+    assert y.dtype == np.float32 and np.array_equal(_bits(y), _bits(np.float32(0.1) * x))
+
+
+def test_outputs_take_part_in_broadcasting_and_non_contiguous_ones_are_written_back():
+    k = ElementwiseKernel("T x", "T y", "y = x + i;", "probe7")
+    x = np.arange(3, dtype=np.float64)
+    y = k(x, np.empty((2, 3)))                      # the output's shape drives the loop
+    assert np.array_equal(y, [[0, 2, 4], [3, 5, 7]])
+    big = np.zeros((2, 6))
+    k(x, big[:, ::2])
+    assert np.array_equal(big[:, ::2], [[0, 2, 4], [3, 5, 7]]) and not big[:, 1::2].any()
+
+
+def test_an_array_both_input_and_output_is_one_memory_or_refused():
+    k = ElementwiseKernel("T x", "T y", "y = x + 1; y = y + x;", "alias")
+    a = np.ones(4)
+    k(a, a)                                         # x and y are the same element: 2, then 4
+    assert np.array_equal(a, np.full(4, 4.0))
+    b = np.ones((2, 4))
+    with pytest.raises(NotImplementedError, match="overlaps"):
+        k(b[:, ::2], b[:, ::2])
+
+
+def test_scalars_and_raw_inputs_are_read_only_as_in_cupy():
+    """CuPy passes a scalar as a const kernel parameter and a raw input as a const CArray: a body
+    writing either does not compile there, nor here. A body may still shadow a scalar."""
+    with pytest.raises(cuda_on_cpu.CompileError):
+        ElementwiseKernel("T x, T a", "T y", "a = a * 2; y = a * x;", "writes_scalar")(np.ones(2), 1.0)
+    with pytest.raises(cuda_on_cpu.CompileError):
+        ElementwiseKernel("raw T x", "T y", "x[i] = 1; y = x[i];", "writes_raw")(np.ones(2), np.empty(2))
+    y = ElementwiseKernel("T x, T a", "T y", "T a = 3; y = a * x;", "shadows_scalar")(np.ones(2), 1.0)
+    assert np.array_equal(y, [3, 3])
 
 
 def test_inputs_are_const_and_bad_code_does_not_compile():
@@ -105,6 +153,19 @@ def test_reduction_axes_scalars_and_broadcasting(axis, keepdims):
     want = ((x - c) * 2.0).sum(axis=axis, keepdims=keepdims)
     assert got.shape == want.shape and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_reduction_refuses_bad_axes_and_takes_a_fixed_output_type():
+    k = ReductionKernel("T x", "T out", "x", "a + b", "out = a", "0", "plain_sum")
+    x = np.ones((2, 3, 4))
+    for bad in (3, -4, (0, 3)):
+        with pytest.raises(getattr(np, "exceptions", np).AxisError):
+            k(x, axis=bad)
+    with pytest.raises(ValueError, match="duplicate"):
+        k(x, axis=(1, -2))
+    f = ReductionKernel("T x", "float32 out", "x", "a + b", "out = a", "0", "to_float32")
+    got = f(x, axis=(0, 2))
+    assert got.dtype == np.float32 and np.array_equal(got, np.full(3, 8, np.float32))
 
 
 def test_reduction_identity_post_map_and_a_given_output():
