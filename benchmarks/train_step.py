@@ -30,8 +30,9 @@ Prints, in one run on the chosen backend:
    (forward and backward, gradient accumulation included), timed inside the step, its share of the
    step, and its ratio to the full model's transform in the same round;
 5. peak memory: on NumPy the peak of traced allocations during one step (tracemalloc, which NumPy
-   reports its array buffers to) and the process's maximum resident set size; on CuPy the memory
-   pool's peak (with ``--cuda-graphs`` also the graphs' private pools).
+   reports its array buffers to) and the process's maximum resident set size; on CuPy an upper
+   bound of the memory pool's peak: the pool's size after a step that started with no free
+   blocks (with ``--cuda-graphs`` also the graphs' private pools).
 
 ``--cuda-graphs`` (CuPy): every variant is also timed as ``<variant>+graphs``, its step replayed from
 CUDA graphs (:class:`npmask.training.graph_step.GraphStep`, two warm-up steps: one uncaptured, one
@@ -292,11 +293,18 @@ def peak_memory(xp, step) -> str:
         return (f"{peak / 2**20:.0f} MiB allocated by the step at its peak (tracemalloc: activations, "
                 f"caches, temporaries; weights held before the step not included); process max RSS "
                 f"{rss:.0f} MiB")
+    # The pool keeps freed blocks for reuse and only grows while a step runs: emptied of free
+    # blocks first, its size after the step bounds from above what the step held at once.
     pool = xp.get_default_memory_pool()
+    xp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    before = pool.used_bytes()
     step()
     xp.cuda.Device().synchronize()
     used, total = pool.used_bytes(), pool.total_bytes()
-    return f"CuPy memory pool: {used / 2**20:.0f} MiB in use after the step, {total / 2**20:.0f} MiB held"
+    return (f"CuPy memory pool: at most {total / 2**20:.0f} MiB in use at the step's peak (the pool's "
+            f"size after the step, emptied of free blocks before it), {before / 2**20:.0f} MiB in use "
+            f"before the step (every model built so far), {used / 2**20:.0f} MiB after it")
 
 
 def transform_shares(steps: dict, names: list, clock: Clock, repeats: int) -> None:
