@@ -4,8 +4,9 @@ The runner is what lets the fused kernels' own C run in CI without a GPU (the tr
 test_cuda_kernels.py, batch norm's in test_batchnorm_cuda.py, im2col/col2im in test_conv_cuda.py),
 so it is checked first: it follows CuPy's calling rules where npmask relies on them (T from the
 arrays, scalars cast, broadcasting, given outputs written in place, const inputs, reduction axes),
-gives NumPy's numbers for simple kernels, and its FMA build really fuses. Then: Adam's kernel through Adam's own CuPy branch,
-the same bits as the NumPy path, and batch norm's channel dot.
+gives NumPy's numbers for simple kernels, and its FMA build really fuses. Then: Adam's kernel
+through Adam's own CuPy branch, the same bits as the NumPy path; batch norm's channel dot; and
+training steps with every fused kernel of the CuPy path in C at once.
 """
 from __future__ import annotations
 
@@ -268,3 +269,48 @@ def test_channel_dot_kernel_is_the_einsum(monkeypatch):
     monkeypatch.setattr(batchnorm, "get_array_module", lambda *arrays: _NotNumPy())
     np.testing.assert_allclose(batchnorm._channel_dot(a, b), np.einsum("ncl,ncl->c", a, b), rtol=1e-13)
 
+
+
+# ------------------------------------------------------------------------------------ all at once
+def test_training_steps_with_every_cuda_kernel_in_c(monkeypatch):
+    """A masked WRN's training steps with every fused kernel of the CuPy path running its C on
+    the CPU at once (mask transform, batch norm + ReLU (+ residual), im2col/col2im, Adam), each
+    taken where the CuPy path takes it: the losses and the final state agree with the NumPy path
+    to float32 rounding, and every kind of kernel ran."""
+    from test_conv_cuda import _masked_wrn_steps
+
+    from npmask import config
+    from npmask.masking import cuda as masking_cuda
+    from npmask.nn import batchnorm_cuda, conv_cuda
+    from npmask.optim import cuda as optim_cuda
+
+    with config.using(folded_rows=False):
+        want_losses, want = _masked_wrn_steps(False, "full")
+    ran = set()
+
+    def count(f, name):
+        return lambda *a, **kw: ran.add(name) or f(*a, **kw)
+
+    def counted(kernels, prefix):
+        return {k: tuple(count(g, f"{prefix}.{k}") for g in f) if isinstance(f, tuple)
+                else count(f, f"{prefix}.{k}") for k, f in kernels.items()}
+    mask = counted(cuda_on_cpu.build(monkeypatch, masking_cuda), "mask")
+    monkeypatch.setattr(masking_cuda, "kernels", lambda: mask)
+    monkeypatch.setattr(masking_cuda, "applies", lambda *arrays: True)
+    bn = counted(cuda_on_cpu.build(monkeypatch, batchnorm_cuda), "bn")
+    monkeypatch.setattr(batchnorm_cuda, "kernels", lambda: bn)
+    monkeypatch.setattr(batchnorm_cuda, "applies",
+                        lambda *arrays: all(a is None or a.dtype == arrays[0].dtype for a in arrays))
+    conv = counted(cuda_on_cpu.build(monkeypatch, conv_cuda), "conv")
+    monkeypatch.setattr(conv_cuda, "kernels", lambda: conv)
+    monkeypatch.setattr(conv_cuda, "enabled", lambda xp: config.settings.cuda_conv_kernels)
+    adam = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
+    monkeypatch.setattr(optim_cuda, "adam_kernel", lambda: lambda *a: ran.add("adam") or adam(*a))
+    monkeypatch.setattr(optimizers, "get_array_module", lambda *a: _NotNumPy())
+    with config.using(folded_rows=False):
+        got_losses, got = _masked_wrn_steps(True, "full")
+    assert {"mask.forward", "mask.grad_r", "mask.sums", "bn.forward", "bn.backward", "bn.sum",
+            "conv.im2col", "conv.col2im", "adam"} <= ran, sorted(ran)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
