@@ -314,3 +314,27 @@ def test_training_steps_with_every_cuda_kernel_in_c(monkeypatch):
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_graph_step_with_adams_kernel_in_c_trains_bit_for_bit_as_train_step(monkeypatch):
+    """The CUDA-graph step hands Adam its step size and bias correction as 0-d device arrays
+    (npmask.optim.device), rewritten in place before every replay; with Adam's kernel in C taking
+    them (GraphStep's NumPy emulation of capture and replay around it), the training is the plain
+    NumPy loop's, bit for bit, over a change of learning rate."""
+    from test_graph_step import _assert_same_state, _train
+
+    from npmask.optim import cuda as optim_cuda
+    plain, plain_state, _ = _train("plain")
+    adam = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
+    scalars = []
+
+    def kernel(*args):
+        scalars.append((type(args[1]), type(args[6])))        # step_size, bias2
+        return adam(*args)
+    monkeypatch.setattr(optim_cuda, "adam_kernel", lambda: kernel)
+    monkeypatch.setattr(optimizers, "get_array_module", lambda *a: _NotNumPy())
+    steps, state, step = _train("graph")
+    assert step.steps["replayed"] > 0 and scalars
+    assert set(scalars) == {(np.ndarray, np.ndarray)}          # the device scalars, not floats
+    assert steps == plain
+    _assert_same_state(state, plain_state)
