@@ -11,7 +11,8 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from npmask import nn
-from npmask.gradcheck import check_layer, directional_check
+from npmask.gradcheck import (GradcheckReport, check_layer, directional_check, numeric_gradient,
+                              rel_error)
 
 seeds = st.integers(0, 2**32 - 1)
 small = st.integers(1, 4)
@@ -199,6 +200,122 @@ def test_relu_inplace_matches_relu(shape, seed):
 def test_check_layer_catches_a_forward_that_writes_into_its_input():
     with pytest.raises(AssertionError, match="ReLU.forward wrote into its input"):
         check_layer(nn.ReLU(inplace=True), away_from_zero(0, (3, 4)))
+
+
+# ------------------------------------------------------------------ the gradient checker itself
+# Every check above passes a correct layer; these make sure the checker also fails a wrong one.
+class _WrongWeightGradient(nn.Linear):
+    """A Linear whose weight gradient is off by 1e-4 (relative), its input gradient right."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.grads["weight"] *= 1 + 1e-4
+        return dx
+
+
+class _Doubler(nn.Module):
+    """y = 2x; ``writes_dy``: its backward returns 2 dy computed in dy's own array (a bug)."""
+
+    def __init__(self, writes_dy=False):
+        super().__init__()
+        self.writes_dy, self.seen = writes_dy, None
+
+    def forward(self, x):
+        return 2 * x
+
+    def backward(self, dy):
+        self.seen = dy.copy()
+        if self.writes_dy:
+            dy *= 2
+            return dy
+        return 2 * dy
+
+
+def test_check_layer_fails_a_wrong_parameter_gradient_and_honours_its_tolerance():
+    """A parameter's gradient is compared (not only the input's), one failing entry fails the
+    report, the report keeps the tolerance it was given."""
+    layer = _WrongWeightGradient(3, 2, rng=0).astype(np.float64)
+    x = normal(0, (4, 3))
+    with pytest.raises(AssertionError, match=r"weight +rel. error \S+ +FAIL"):
+        check_layer(layer, x)
+    report = check_layer(layer, x, raise_on_fail=False)
+    assert not report.ok
+    assert max(report.errors["x"], report.errors["bias"]) <= 1e-6 < report.errors["weight"] < 1e-3
+    assert check_layer(layer, x, tol=1e-3).ok                  # within a looser tolerance
+
+
+def test_check_layer_zeroes_the_gradients_first():
+    """Gradients left by an earlier backward do not count: the same layer checks twice."""
+    layer = nn.Linear(3, 2, rng=0).astype(np.float64)
+    x = normal(0, (4, 3))
+    check_layer(layer, x)
+    check_layer(layer, x)
+
+
+def test_check_layer_catches_a_backward_that_writes_into_the_upstream_gradient():
+    check_layer(_Doubler(), normal(0, (3, 4)))                 # the same gradient, made in a new array
+    with pytest.raises(AssertionError, match="_Doubler.backward wrote into the upstream gradient"):
+        check_layer(_Doubler(writes_dy=True), normal(0, (3, 4)))
+
+
+def test_check_layer_upstream_is_no_copy_of_an_input_drawn_with_the_same_seed():
+    """For batch norm an upstream gradient equal to its input makes dx vanish, which hides errors."""
+    layer = _Doubler()
+    x = np.random.default_rng(5).standard_normal((3, 4))
+    check_layer(layer, x, seed=5)
+    assert layer.seen.shape == x.shape and not np.allclose(layer.seen, x)
+
+
+def test_rel_error_is_relative_also_for_small_gradients():
+    """A gradient of size 1e-3 that is off by half is no small error (no absolute floor but 1e-12)."""
+    assert rel_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert rel_error(np.array([1e-3, 0.0]), np.array([2e-3, 0.0])) == pytest.approx(1 / 3)
+    assert rel_error(np.array([1e-9]), np.array([-1e-9])) == pytest.approx(1.0)
+
+
+def test_gradcheck_report_tolerance_is_inclusive():
+    assert GradcheckReport({"x": 1e-6, "weight": 0.0}, tol=1e-6).ok
+    assert not GradcheckReport({"x": 1e-6, "weight": 1.01e-6}, tol=1e-6).ok
+
+
+class _ElementViews(np.ndarray):
+    """Indexing one element of a 1-d array gives a 0-d view into it, as CuPy's ``a[i]`` does
+    (NumPy's gives a copy)."""
+
+    def __getitem__(self, key):
+        if self.ndim == 1 and isinstance(key, (int, np.integer)):
+            return np.ndarray.__getitem__(self, slice(key, key + 1)).reshape(())
+        return np.ndarray.__getitem__(self, key)
+
+
+def test_numeric_gradient_keeps_the_old_value_where_an_element_is_a_view():
+    """numeric_gradient copies the entry before perturbing it: a view would follow the +h step, so
+    the -h step would land on the old value and x would not be restored."""
+    values = np.array([[0.5, -1.0], [2.0, 0.25]])
+    x = values.copy().view(_ElementViews)
+    upstream = np.array([[1.0, 2.0], [-1.0, 0.5]])
+    grad = numeric_gradient(lambda: np.asarray(x) ** 2, x, upstream)
+    np.testing.assert_allclose(np.asarray(grad), 2 * values * upstream, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(x), values)       # restored exactly
+
+
+def test_directional_check_fails_a_wrong_gradient_and_restores_the_parameters():
+    labels = np.array([0, 1, 1, 0, 1])
+
+    def loss(out):
+        return nn.softmax_cross_entropy(out, labels)
+    x = normal(0, (5, 3))
+    good = nn.Sequential(nn.Linear(3, 4, rng=0), nn.Linear(4, 2, rng=1)).astype(np.float64)
+    before = {k: v.copy() for k, v in good.state_dict().items()}
+    directional_check(good, x, loss, seed=1, h=1e-6)
+    for k, v in good.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])             # not left at theta - h v
+    np.testing.assert_array_equal(x, normal(0, (5, 3)))
+    bad = nn.Sequential(nn.Linear(3, 4, rng=0), _WrongWeightGradient(4, 2, rng=1)).astype(np.float64)
+    with pytest.raises(AssertionError, match="directional check failed"):
+        directional_check(bad, x, loss, seed=1, h=1e-6)
+    analytic, numeric = directional_check(bad, x, loss, seed=1, h=1e-6, raise_on_fail=False)
+    assert 1e-6 < abs(analytic - numeric) / (abs(analytic) + abs(numeric)) < 1e-3
 
 
 @given(shape=st.lists(small, min_size=1, max_size=4), seed=seeds)
