@@ -125,8 +125,44 @@ def test_freeze_whole_tree():
     assert net.parameter_refs() == []
     y = net.forward(x_batch())
     assert net.backward(np.ones_like(y)).shape == (5, 4)  # input gradient still flows
+    assert net.num_parameters() == Net().num_parameters()     # frozen parameters count too
     net.unfreeze()
     assert [r.name for r in net.parameter_refs()] == PARAM_NAMES
+
+
+def test_unfreeze_keeps_the_gradient_of_a_trained_parameter():
+    """unfreeze allocates gradients only for frozen parameters: a trained one keeps its array and
+    what was accumulated in it."""
+    net = Net()
+    y = net.forward(x_batch())
+    net.backward(np.ones_like(y))
+    grad = net.fc.grads["weight"]
+    before = grad.copy()
+    assert np.any(before != 0)
+    net.unfreeze()
+    assert net.fc.grads["weight"] is grad
+    np.testing.assert_array_equal(grad, before)
+
+
+def test_register_param_follows_freeze_and_unfreeze():
+    """A parameter registered again (its array replaced) keeps its frozen state: no gradient while
+    frozen; once unfrozen, a fresh gradient like the new array."""
+    lin = nn.Linear(3, 2, rng=0)
+    lin.freeze("weight")
+    lin.register_param("weight", np.ones((2, 3), np.float32))
+    assert not lin.requires_grad("weight") and "weight" not in lin.grads
+    lin.unfreeze("weight")
+    lin.register_param("weight", np.ones((2, 3), np.float64))
+    assert lin.requires_grad("weight") and lin.grads["weight"].dtype == np.float64
+
+
+def test_include_and_exclude_match_whole_name_components():
+    """A prefix names a module or parameter, not the start of a name: "1" is not "10"."""
+    net = nn.Sequential(*[nn.Linear(2, 2, rng=i) for i in range(11)])
+    names = [r.name for r in net.parameter_refs(exclude=("1",))]
+    assert "1.weight" not in names and "10.weight" in names and len(names) == 20
+    assert [r.name for r in net.parameter_refs(include="1")] == ["1.weight", "1.bias"]
+    assert [r.name for r in net.parameter_refs(include=("10.bias",))] == ["10.bias"]
 
 
 def test_train_eval_recurse():
@@ -168,6 +204,17 @@ def test_astype_casts_everything():
     assert net.backward(np.ones_like(y)).dtype == np.float64
 
 
+def test_astype_leaves_integer_and_boolean_arrays_alone():
+    """Only floating arrays are cast: a counter or a boolean mask a module keeps stays as it is."""
+    m = nn.Module()
+    m.register_param("w", np.ones(2, np.float32))
+    m.register_buffer("steps", np.arange(3, dtype=np.int64))
+    m.register_buffer("keep", np.array([True, False]))
+    m.astype(np.float64)
+    assert m.params["w"].dtype == np.float64 and m.grads["w"].dtype == np.float64
+    assert m.buffers["steps"].dtype == np.int64 and m.buffers["keep"].dtype == bool
+
+
 def test_child_registration_and_repr():
     net = Net()
     assert list(net.children) == ["features", "fc"]
@@ -175,6 +222,8 @@ def test_child_registration_and_repr():
     assert list(net.children) == ["features"]
     text = repr(Net())
     assert "Linear(in_features=4, out_features=6" in text and "(fc):" in text and "BatchNorm1d(6" in text
+    assert repr(nn.ReLU()) == "ReLU()"                        # a module without children: one line
+    assert repr(nn.Linear(4, 6, rng=0)) == "Linear(in_features=4, out_features=6, bias=True)"
 
 
 def test_load_state_dict_takes_cupy_arrays_into_a_numpy_module(host_backed_cupy):
