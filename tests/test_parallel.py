@@ -36,6 +36,8 @@ def test_using_sets_and_restores_also_after_an_error():
     (dict(thread=2), AttributeError, "no setting 'thread'"),
     (dict(threads=0), ValueError, "threads must be a positive integer"),
     (dict(threads=2.0), ValueError, "threads must be a positive integer"),
+    (dict(threads=True), ValueError, "threads must be a positive integer"),  # bool is an int subclass
+    (dict(parallel_min_floats=False), ValueError, "non-negative integer"),
     (dict(parallel_min_floats=-1), ValueError, "non-negative integer"),
     (dict(folded_rows=1), TypeError, "True or False"),
     (dict(conv_impl="slow"), ValueError, "one of"),
@@ -50,6 +52,14 @@ def test_using_rejects_unknown_names_and_bad_values_before_changing_anything(ove
         for name, value in overrides.items():
             setattr(config.settings, name, value)               # plain assignment is checked too
     assert config.settings.as_dict() == before
+
+
+def test_defaults_that_are_decisions():
+    """cuda_conv_kernels stays off until it has run on a GPU; the fused step and the fast
+    convolution are the defaults the documentation describes."""
+    fresh = config.Settings()
+    assert fresh.cuda_conv_kernels is False
+    assert fresh.fuse_bn_relu is True and fresh.conv_impl == "fast"
 
 
 def test_every_setting_is_documented():
@@ -89,6 +99,30 @@ def test_npmask_threads_must_be_a_positive_integer(monkeypatch):
     monkeypatch.setenv("NPMASK_THREADS", "3")
     assert config.default_threads() == 3
     assert config.Settings().threads == 3                        # a fresh settings object reads it
+
+
+def test_default_threads_is_the_usable_cpus_at_most_four(monkeypatch):
+    """An empty NPMASK_THREADS counts as unset; the CPUs this process may use, at most 4; where
+    there is no sched_getaffinity (not Linux), os.cpu_count(), 1 when that is unknown."""
+    monkeypatch.setenv("NPMASK_THREADS", "")
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert config.default_threads() == 4
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    assert config.default_threads() == 3
+    monkeypatch.delattr(config.os, "sched_getaffinity")
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 2)
+    assert config.default_threads() == 2
+    monkeypatch.setattr(config.os, "cpu_count", lambda: None)
+    assert config.default_threads() == 1
+
+
+def test_npmask_threads_is_read_at_first_use_not_when_the_settings_are_made(monkeypatch):
+    """A bad value reaches the user when the thread count is first needed, as the commands'
+    one-line error, not as a traceback from importing npmask."""
+    monkeypatch.setenv("NPMASK_THREADS", "abc")
+    fresh = config.Settings()
+    with pytest.raises(ValueError, match="NPMASK_THREADS must be a positive integer"):
+        fresh.threads
 
 
 def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(use):
