@@ -125,6 +125,47 @@ def test_npmask_threads_is_read_at_first_use_not_when_the_settings_are_made(monk
         fresh.threads
 
 
+def test_in_parallel_runs_its_parts_at_the_same_time_after_the_thread_count_changed(use):
+    """Every part on a thread of its own, all running at once, also after settings.threads grew (a
+    pool kept from a smaller count would run them one after another: the barrier would break)."""
+    for threads in (2, 6, 3):
+        use(threads=threads)
+        barrier = threading.Barrier(threads, timeout=30)
+        seen = []
+        parallel.in_parallel(np, threads, 1 << 30,
+                             lambda lo, hi: seen.append(threading.get_ident()) or barrier.wait())
+        assert len(set(seen)) == threads
+
+
+def test_a_new_thread_count_shuts_the_old_pool_down(use):
+    """The old pool's idle threads exit rather than pile up with every change of the count."""
+    use(threads=2)
+    old = parallel._executor(2)
+    use(threads=3)
+    assert parallel._executor(3) is not old
+    with pytest.raises(RuntimeError, match="shutdown"):
+        old.submit(lambda: None)
+
+
+def test_in_parallel_waits_for_every_part_also_when_the_callers_part_fails(use, monkeypatch):
+    """The caller's own part raising must not return while a helper part may still be writing."""
+    use(threads=3)
+    waited, real_wait = [], parallel.wait
+
+    def recorded_wait(futures, *args, **kwargs):
+        result = real_wait(futures, *args, **kwargs)
+        waited.append((len(futures), all(f.done() for f in futures)))
+        return result
+    monkeypatch.setattr(parallel, "wait", recorded_wait)
+
+    def fn(lo, hi):
+        if lo == 0:
+            raise RuntimeError("the caller's part failed")
+    with pytest.raises(RuntimeError, match="the caller's part failed"):
+        parallel.in_parallel(np, 3, 1 << 30, fn)
+    assert waited == [(2, True)]
+
+
 def test_in_parallel_reraises_a_helper_threads_error_after_all_parts_ended(use):
     use(threads=2)
     done = []
@@ -206,6 +247,18 @@ def test_work_inside_a_chunk_does_not_nest_threads(three_threads, use):
     outer = []
     parallel.in_parallel(np, 9, 1 << 40, lambda lo, hi: outer.append((lo, hi)))
     assert len(outer) == 3                                       # and the flag does not outlive the region
+
+
+def test_a_single_chunk_is_no_parallel_region(three_threads, use):
+    """One chunk runs on the calling thread as the plain loop: work inside it still uses the threads
+    (only a part of a parallel region runs its inner calls serially)."""
+    use(parallel_min_floats=0)
+    inner = []
+    parallel.each_chunk(np, 1, lambda: None,
+                        lambda state, i: parallel.in_parallel(np, 9, 1 << 40,
+                                                              lambda lo, hi: inner.append((lo, hi))),
+                        flops=1 << 40)
+    assert sorted(inner) == [(0, 3), (3, 6), (6, 9)]
 
 
 def test_each_chunk_reraises_an_error_after_every_thread_stopped(three_threads):
