@@ -281,6 +281,61 @@ def test_5_a_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(t
     same_result(run, reference)
 
 
+def test_5_the_lock_file_names_its_holder_and_a_second_taker_in_this_process_is_refused(tmp_path):
+    """The lock file holds exactly "<pid> <host>" (a longer stale content is not left behind), the
+    refusal names both, and acquire() on the lock already held is a no-op, not a refusal."""
+    import socket
+    from npmask.training.lock import RunLock, RunLockError
+    (tmp_path / ".lock").write_text("4194303 the-long-name-of-a-machine-that-is-gone\n")  # stale
+    lock = RunLock(tmp_path).acquire()
+    try:
+        me = f"{os.getpid()} {socket.gethostname()}"
+        assert (tmp_path / ".lock").read_text() == me + "\n"
+        assert lock.acquire() is lock and lock.held  # the holder taking it again keeps it
+        with pytest.raises(RunLockError, match=f"in use by process {os.getpid()} on "
+                                               f"{socket.gethostname()} "):
+            RunLock(tmp_path).acquire()  # another open file: flock refuses it, as in a 2nd process
+    finally:
+        lock.release()
+    assert not (tmp_path / ".lock").exists() and not lock.held
+
+
+def test_5_release_drops_the_flock_not_only_the_file(tmp_path):
+    """A process that opened .lock just before the holder removed it must get the flock once the
+    holder released: release() closes the file that holds the flock."""
+    fcntl = pytest.importorskip("fcntl")
+    from npmask.training.lock import RunLock
+    lock = RunLock(tmp_path).acquire()
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)  # the waiting process's open, before the release
+    try:
+        lock.release()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the flock is held
+    finally:
+        os.close(fd)
+
+
+def test_5_a_lock_file_removed_between_open_and_flock_is_opened_again(tmp_path, monkeypatch):
+    """The holder removes .lock between our open and our flock: the flock we then get is on a file
+    no longer at the path, which a third process would create and lock too. acquire() sees the
+    inode change and locks the file now at the path."""
+    fcntl = pytest.importorskip("fcntl")
+    import types
+    from npmask.training import lock as lock_module
+    calls = []
+
+    def flock(fd, op):
+        fcntl.flock(fd, op)
+        calls.append(op)
+        if len(calls) == 1:
+            os.unlink(tmp_path / ".lock")  # the previous holder's release, just then
+    monkeypatch.setattr(lock_module, "fcntl", types.SimpleNamespace(
+        flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+    with lock_module.RunLock(tmp_path):
+        assert len(calls) == 2
+        assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
 # ------------------------------------------------------------- 6. environment failures
 def test_6_environment_failures_are_one_line_naming_the_path(tiny, reference, tmp_path,
                                                             monkeypatch):
