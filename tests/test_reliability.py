@@ -486,6 +486,17 @@ def test_7_malformed_files_are_one_line_naming_file_and_field(tiny, reference, t
     assert model.domains == [model.base_domain]  # a refused file adds nothing
 
 
+def test_7_open_npz_takes_an_empty_npz_and_refuses_other_files(tmp_path):
+    """An .npz without arrays is a zip with no entry (it starts with the end-of-directory record,
+    not a file header): still an .npz. A file that is not a zip is a clear ValueError."""
+    np.savez(tmp_path / "empty.npz")
+    with npmask_io.open_npz(tmp_path / "empty.npz") as z:
+        assert z.files == []
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match="not a valid .npz file: it is not a zip archive"):
+        npmask_io.open_npz(tmp_path / "text.npz")
+
+
 # ------------------------------------------------------------- 8. clean interruption
 def test_8_ctrl_c_is_one_line_and_interrupted_writes_leave_nothing(tiny, reference, tmp_path,
                                                                    monkeypatch, capsys):
@@ -537,6 +548,41 @@ def test_8_a_kill_during_the_domain_file_rename(tiny, reference, tmp_path, when)
     assert train.main(["--resume", "--out", str(run), "--quiet"]) == 0
     assert not list((run / "domains").glob(".tmp-*")) and not (run / ".lock").exists()
     same_result(run, reference)
+
+
+def test_8_an_atomic_write_reaches_the_disk_before_its_rename_with_the_umasks_rights(tmp_path,
+                                                                                      monkeypatch):
+    """npmask.io.atomic_write_bytes fsyncs the temporary file before renaming it over the target
+    (else a power cut can leave the new name on an empty file), and the file gets the umask's
+    rights like any other file, not mkstemp's private 0o600."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(npmask_io.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(npmask_io.os, "replace",
+                        lambda src, dst: (events.append("replace"), real_replace(src, dst)))
+    old = os.umask(0o022)
+    try:
+        npmask_io.atomic_write_text(str(tmp_path / "config.json"), "{}\n")
+    finally:
+        os.umask(old)
+    assert "fsync" in events[:events.index("replace")], events
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "config.json").read_text() == "{}\n"
+
+
+def test_8_stale_temps_are_removed_only_where_asked(tmp_path):
+    """remove_stale_temps(recursive=False) leaves the sub-folders' temporary files: a comparison
+    folder cleans only its own, as its job folders may be written by other processes right now.
+    Only the temporary names of npmask's writes are removed."""
+    (tmp_path / "job").mkdir()
+    for p in (tmp_path / ".compare.json.abc.tmp", tmp_path / "job" / ".config.json.abc.tmp",
+              tmp_path / "job" / ".tmp-abc.npz", tmp_path / "notes.tmp", tmp_path / ".keep"):
+        p.write_text("x")
+    assert npmask_io.remove_stale_temps(tmp_path, recursive=False) == [
+        str(tmp_path / ".compare.json.abc.tmp")]
+    assert sorted(npmask_io.remove_stale_temps(tmp_path)) == sorted(
+        [str(tmp_path / "job" / ".config.json.abc.tmp"), str(tmp_path / "job" / ".tmp-abc.npz")])
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [".keep", "notes.tmp"]
 
 
 # ------------------------------------------------------------- 9. the Python API
