@@ -179,6 +179,21 @@ def test_2_a_refused_command_leaves_no_folder_and_resume_finds_the_real_run(tiny
         == {"a", "b"}
 
 
+def test_2_resume_without_out_takes_the_newest_run_of_the_command(tmp_path):
+    """What a plain --resume continues: the most recently modified folder under runs/ that holds a
+    config.json and whose name has the command's prefix (train-, pretrain-, compare-)."""
+    from npmask.training.run_folder import newest_run
+    runs = tmp_path / "runs"
+    for i, name in enumerate(["train-old", "train-new", "pretrain-newer", "train-junk"]):
+        (runs / name).mkdir(parents=True)
+        if name != "train-junk":  # a folder a refused command might have left: no config.json
+            (runs / name / "config.json").write_text("{}")
+        os.utime(runs / name, (1000 + i, 1000 + i))
+    assert newest_run(runs, "train-") == str(runs / "train-new")
+    assert newest_run(runs) == str(runs / "pretrain-newer")
+    assert newest_run(runs, "compare-") is None and newest_run(tmp_path / "none", "train-") is None
+
+
 # ------------------------------------------------------------- 3. complete, shared validation
 @pytest.mark.parametrize("extra, part", [
     (["--lr-decay", "-1"], "--lr-decay must be a finite number"),
@@ -484,6 +499,27 @@ def test_7_malformed_files_are_one_line_naming_file_and_field(tiny, reference, t
     with pytest.raises(DomainFileError, match="negative variances"):
         load_domain(model, doctored("negvar", edit_arrays=neg_var))
     assert model.domains == [model.base_domain]  # a refused file adds nothing
+
+
+def test_7_progress_json_and_metrics_lines_are_checked_field_by_field(tmp_path):
+    """progress.json: test_acc a number in [0, 100] (both ends allowed), epochs an integer >= 0,
+    text that is not JSON a ConfigError naming the file; metrics.jsonl: a line that is JSON but not
+    an object is skipped like a torn one, not handed to code that calls .get on it."""
+    from npmask.training.errors import ConfigError
+    from npmask.training.run_folder import RunFolder, check_progress
+    for acc, epochs in ((0, 0), (100, 3), (57.5, 1)):
+        check_progress({"done": {"a": {"test_acc": acc, "epochs": epochs}}}, "progress.json")
+    for acc, epochs, field in ((100.5, 1, "done.a.test_acc"), (-0.5, 1, "done.a.test_acc"),
+                               (True, 1, "done.a.test_acc"), (50, -1, "done.a.epochs"),
+                               (50, 2.0, "done.a.epochs"), (50, False, "done.a.epochs")):
+        with pytest.raises(ConfigError, match=f"progress.json: field '{field}' must be"):
+            check_progress({"done": {"a": {"test_acc": acc, "epochs": epochs}}}, "progress.json")
+    folder = RunFolder(tmp_path)
+    folder.progress_file.write_text('{"done": {"a": ')
+    with pytest.raises(ConfigError, match="progress.json is not valid JSON"):
+        folder.progress()
+    folder.metrics.write_text('{"epoch": 1}\n[2]\n3\n"four"\n{"epoch": 5}\n')
+    assert folder.read_metrics() == [{"epoch": 1}, {"epoch": 5}]
 
 
 def test_7_open_npz_takes_an_empty_npz_and_refuses_other_files(tmp_path):
