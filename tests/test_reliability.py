@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,6 +133,22 @@ def test_1_out_naming_a_foreign_folder_is_refused_and_stored_domains_are_checked
     assert (swapped / "domains" / "a.npz").read_bytes() == before
 
 
+def test_1_a_stored_domain_of_another_domain_or_backbone_is_not_this_runs(reference):
+    """validate.check_stored_domain names each mismatch: domain, variant, backbone fingerprint."""
+    from npmask.storage import read_domain_file
+    from npmask.training.errors import ConfigError
+    from npmask.training.validate import check_stored_domain
+    path = reference / "domains" / "a.npz"
+    fingerprint = read_domain_file(path)[0]["backbone_fingerprint"]
+    check_stored_domain(path, domain="a", variant="full", fingerprint=fingerprint)
+    for kw, part in ((dict(domain="b"), "holds domain 'a' (the run expects 'b')"),
+                     (dict(variant="piggyback"), "holds variant 'full' (config.json says"),
+                     (dict(fingerprint="0" * len(fingerprint)), "holds another backbone")):
+        want = {**dict(domain="a", variant="full", fingerprint=fingerprint), **kw}
+        with pytest.raises(ConfigError, match=re.escape(part)):
+            check_stored_domain(path, **want)
+
+
 # ------------------------------------------------------------- 2. validate before creating anything
 def write_gray(root: Path) -> Path:
     rng = np.random.default_rng(0)
@@ -251,6 +268,53 @@ def test_3_pretrain_environment_and_stored_config_are_checked(tiny, reference, t
     import inspect
     src = inspect.getsource(train_epoch)
     assert "Start a new run" in src and "--resume keeps the saved rates" in src
+
+
+def test_3_the_checks_of_settings_environment_and_data_at_their_boundaries(tiny, tmp_path,
+                                                                           monkeypatch):
+    """npmask.training.validate at the edges the command-line tests do not reach: a bool is not an
+    int, --input-size 0, an empty or a not-yet-existing NPMASK_DATA, a domain with exactly one
+    batch of training images (accepted), and --max-train above the domain's size (the domain's
+    size counts)."""
+    import dataclasses
+    from npmask.training import validate
+    from npmask.training.config import TrainConfig
+    from npmask.training.errors import ConfigError
+    cfg = TrainConfig(model="wrn10_1", input_size=16)
+    validate.check_train_config(cfg)
+    with pytest.raises(ConfigError, match="setting 'epochs' must be int, got True"):
+        validate.check_train_config(dataclasses.replace(cfg, epochs=True))
+    with pytest.raises(ConfigError, match="--input-size must be >= 1, got 0"):
+        validate.check_train_config(dataclasses.replace(cfg, input_size=0))
+    monkeypatch.setenv("NPMASK_DATA", "")
+    with pytest.raises(ConfigError, match="NPMASK_DATA is set but empty"):
+        validate.check_environment()
+    monkeypatch.setenv("NPMASK_DATA", str(tmp_path / "made-when-data-is-generated"))
+    validate.check_environment()
+    # domain a of the tiny benchmark has 64 training images
+    data = dict(input_size=16, augmentation="auto")
+    validate.check_data(tiny["data"], ["a"], batch_size=64, max_train=None, **data)
+    validate.check_data(tiny["data"], ["a"], batch_size=32, max_train=32, **data)
+    with pytest.raises(ConfigError, match="domain 'a' has 64 training images, fewer than one batch"):
+        validate.check_data(tiny["data"], ["a"], batch_size=65, max_train=None, **data)
+    with pytest.raises(ConfigError, match=r"has 64 training images \(--max-train\), fewer than one "
+                                          "batch of 65"):
+        validate.check_data(tiny["data"], ["a"], batch_size=65, max_train=100, **data)
+
+
+def test_3_a_refused_block_removes_only_the_folder_it_made(tmp_path):
+    """validate.new_folder: when the block writing a new run's first files fails, a folder it
+    created is removed again, but an empty folder the user made beforehand stays; both unlocked."""
+    from npmask.training.run_folder import RunFolder
+    from npmask.training.validate import new_folder
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for out in (mine, tmp_path / "new"):
+        with pytest.raises(OSError, match="disk full"):
+            with new_folder(RunFolder(out)):
+                raise OSError("disk full (simulated)")
+        assert not (out / ".lock").exists()
+    assert mine.is_dir() and not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------- 4. 1-channel data
