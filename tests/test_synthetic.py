@@ -106,3 +106,52 @@ def test_a_run_generates_only_the_domains_it_needs(monkeypatch, tmp_path):
     with pytest.raises(suites.ConfigError, match="unknown domain.*nope.*of the synthetic"):
         suites.resolve_data_root("synthetic", None, ["digits", "nope"])
     assert len(asked) == 2                                       # refused before generating
+
+
+def test_each_split_and_chunk_draws_its_own_random_numbers():
+    """Labels are seeded per (seed, domain, split) and images per chunk too: train and test are not
+    the same sequence, and two chunks of the same labels are not the same images."""
+    train = generation._labels(0, "digits", "train", 40, 10)
+    test = generation._labels(0, "digits", "test", 40, 10)
+    assert sorted(train) == sorted(test) and not np.array_equal(train, test)
+    labels = np.arange(4) % 3
+    fonts = synthetic.available_fonts()
+    first, second = (generation._render_chunk((0, "signs", "train", k, labels, 8, fonts))
+                     for k in (0, 1))
+    assert not np.array_equal(first, second)
+
+
+def test_the_glyph_alphabets_are_the_seeds(monkeypatch):
+    """The invented characters are drawn from the benchmark's seed, not from a fixed one."""
+    seen = []
+    real = generation.glyph_prototypes
+    monkeypatch.setattr(generation, "glyph_prototypes", lambda seed: seen.append(seed) or real(seed))
+    generate_domain("glyphs", "train", 2, seed=7, image_size=8)
+    assert seen == [7]
+
+
+def test_unknown_domains_and_failed_writes_are_errors(tmp_path, monkeypatch):
+    """ensure_synthetic refuses an unknown domain before drawing anything, and a failed write of a
+    domain no other process completed is raised, not taken for that other process's success."""
+    with pytest.raises(ValueError, match="unknown synthetic domain 'nope'"):
+        ensure_synthetic(tmp_path / "bench", seed=0, domains=("digits", "nope"), **TINY)
+    assert not (tmp_path / "bench").exists()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(generation, "write_domain", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        ensure_synthetic(tmp_path / "bench", seed=0, domains=("digits",), **TINY)
+
+
+def test_save_grid_shows_each_class_in_its_row(tiny_root, tmp_path):
+    """Row k holds the first images of class k, in order; asking for more classes than the domain
+    has gives one row per class."""
+    from PIL import Image
+    d = load_domain(tiny_root / "digits", splits=("train",))
+    images, labels = d.train
+    grid = np.asarray(Image.open(save_grid(d, tmp_path / "g.png", classes=99, per_class=2, zoom=1)))
+    assert grid.shape == (d.num_classes * 32, 2 * 32, 3)
+    for k in (0, d.num_classes - 1):
+        for j, i in enumerate(np.flatnonzero(labels == k)[:2]):
+            np.testing.assert_array_equal(grid[k * 32:(k + 1) * 32, j * 32:(j + 1) * 32], images[i])
