@@ -274,9 +274,10 @@ def test_3_the_checks_of_settings_environment_and_data_at_their_boundaries(tiny,
                                                                            monkeypatch):
     """npmask.training.validate at the edges the command-line tests do not reach: a bool is not an
     int, --input-size 0, an empty or a not-yet-existing NPMASK_DATA, a domain with exactly one
-    batch of training images (accepted), and --max-train above the domain's size (the domain's
-    size counts)."""
+    batch of training images (accepted), --max-train above the domain's size (the domain's size
+    counts), a label equal to the number of classes."""
     import dataclasses
+    from npmask.data.format import DataFormatError
     from npmask.training import validate
     from npmask.training.config import TrainConfig
     from npmask.training.errors import ConfigError
@@ -300,6 +301,15 @@ def test_3_the_checks_of_settings_environment_and_data_at_their_boundaries(tiny,
     with pytest.raises(ConfigError, match=r"has 64 training images \(--max-train\), fewer than one "
                                           "batch of 65"):
         validate.check_data(tiny["data"], ["a"], batch_size=65, max_train=100, **data)
+    # a label equal to the number of classes is out of range (domain a has classes 0, 1, 2)
+    shutil.copytree(tiny["data"] / "a", tmp_path / "bad" / "a")
+    with np.load(tmp_path / "bad" / "a" / "train.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["labels"][0] = 3
+    np.savez(tmp_path / "bad" / "a" / "train.npz", **arrays)
+    with pytest.raises(DataFormatError, match=r"train.npz: labels out of range \[0, 2\]: found "
+                                              r"\[0, 3\]"):
+        validate.check_data(tmp_path / "bad", ["a"], batch_size=16, max_train=None, **data)
 
 
 def test_3_a_refused_block_removes_only_the_folder_it_made(tmp_path):
