@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +124,90 @@ def test_a_killed_driver_is_continued_by_the_same_command(tiny, tmp_path):
     logged = [json.loads(line)["epoch"] for line in
               (out / "finetune" / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3], logged   # resumed after its last epoch, not trained again
+
+
+def test_job_specs_put_finetune_first_and_every_job_in_its_own_folder(tmp_path):
+    """The local executor runs the specs in order: finetune first within each seed. A job's folder
+    is <out>/[seed<k>/]<variant>/<domain>, its config trains that one domain with that variant and
+    seed, and every job, of every seed, shares the comparison folder (its base-accuracy cache)."""
+    from npmask.training import grid
+    base = TrainConfig(domains=["a", "b"], seed=3)
+    specs = grid.job_specs(base, ["full", "finetune"], None, tmp_path, "cmd")
+    assert [(s["variant"], s["domain"], s["seed"]) for s in specs] == [
+        ("finetune", "a", 3), ("finetune", "b", 3), ("full", "a", 3), ("full", "b", 3)]
+    assert specs[2]["folder"] == str(tmp_path / "full" / "a")
+    cfg = TrainConfig.from_dict(specs[2]["config"])
+    assert (cfg.variant, cfg.domains, cfg.seed) == ("full", ["a"], 3)
+    specs = grid.job_specs(base, ["full"], [0, 1], tmp_path, "cmd")
+    assert [s["folder"] for s in specs] == [str(tmp_path / f"seed{k}" / "full" / d)
+                                            for k in (0, 1) for d in ("a", "b")]
+    assert [TrainConfig.from_dict(s["config"]).seed for s in specs] == [0, 0, 1, 1]
+    assert {s["part_of"] for s in specs} == {str(tmp_path)}
+
+
+def test_the_local_executor_reports_each_job_with_the_grids_counts(tmp_path, monkeypatch):
+    """One line per finished job: done/total, the one job now running, the ones queued behind it;
+    running() is what a cluster's driver sees of a job: its folder's lock file."""
+    from npmask.training import grid
+    specs = grid.job_specs(TrainConfig(domains=["a", "b", "c"]), ["full"], None, tmp_path, "cmd")
+    monkeypatch.setattr(grid, "run_job", lambda spec, **kw: {
+        "status": "done", "acc": 50.0, "epochs": 2, "skipped": spec["domain"] == "b",
+        "seconds": 3.0})
+    lines = []
+    assert len(grid.run_local(specs, progress=False, echo=lines.append)) == 3
+    assert lines == ["[1/3 done, 1 running, 1 queued] full/a seed 0: 50.00% (2 epochs, 3 s)",
+                     "[2/3 done, 1 running, 0 queued] full/b seed 0: 50.00% (already done)",
+                     "[3/3 done, 0 running, 0 queued] full/c seed 0: 50.00% (2 epochs, 3 s)"]
+    # --stop-after-epochs: the epochs each job's progress.json records count; a damaged one, 0
+    from npmask.training.fit import StopRequested
+    from npmask.training.run_folder import RunFolder
+    ran = []
+
+    def one_epoch(spec, **kw):
+        ran.append(spec["domain"])
+        folder = RunFolder(spec["folder"]).create()
+        if spec["domain"] == "a":
+            folder.progress_file.write_text('{"done": []}')
+        else:
+            folder.mark_done(spec["domain"], {"test_acc": 50.0, "epochs": 1})
+        return {"status": "done", "acc": 50.0, "epochs": 1, "seconds": 1.0}
+    monkeypatch.setattr(grid, "run_job", one_epoch)
+    with pytest.raises(StopRequested):
+        grid.run_local(specs, progress=False, stop_after=1, echo=lines.append)
+    assert ran == ["a", "b"]
+    for spec in specs[:2]:
+        shutil.rmtree(spec["folder"])
+    ran.clear()
+    with pytest.raises(StopRequested):
+        grid.run_local(specs[1:], progress=False, stop_after=2, echo=lines.append)
+    assert ran == ["b", "c"]  # stopped when the budget is spent, not one job later
+    assert not grid.running(specs[0])
+    from npmask.training.lock import RunLock
+    Path(specs[0]["folder"]).mkdir(parents=True)
+    with RunLock(specs[0]["folder"]):
+        assert grid.running(specs[0]) and not grid.running(specs[1])
+
+
+def test_a_job_is_skipped_only_when_finished_and_refused_when_its_settings_differ(tiny, tmp_path):
+    """run_job: a job whose progress.json says done but whose results.json is missing (killed
+    between the two writes) is finished, not skipped; a job folder written with other settings
+    is a failed job naming them, not trained on with its stored settings."""
+    from npmask.training import grid
+    cfg = TrainConfig(benchmark="folder", data_root=str(tiny["data"]), domains=["a"],
+                      model="wrn10_1", input_size=16, backbone=str(tiny["backbone"]), epochs=1,
+                      batch_size=16, max_train=16)
+    spec, = grid.job_specs(cfg, ["full"], None, tmp_path, "cmd")
+    res = grid.run_job(spec)
+    assert res["status"] == "done" and not res["skipped"]
+    results = Path(spec["folder"]) / "results.json"
+    results.unlink()
+    res = grid.run_job(spec)
+    assert res["status"] == "done" and not res["skipped"] and results.is_file()
+    assert grid.run_job(spec)["skipped"]
+    other, = grid.job_specs(TrainConfig.from_dict({**cfg.to_dict(), "epochs": 2}), ["full"], None,
+                            tmp_path, "cmd")
+    res = grid.run_job(other)
+    assert res["status"] == "failed" and "was written with other settings (epochs)" in res["error"]
 
 
 def test_the_backbones_accuracy_is_measured_once_per_comparison(tiny, tmp_path):
