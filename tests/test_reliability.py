@@ -133,6 +133,18 @@ def test_1_out_naming_a_foreign_folder_is_refused_and_stored_domains_are_checked
     assert (swapped / "domains" / "a.npz").read_bytes() == before
 
 
+def test_1_out_naming_an_existing_run_of_the_command_says_resume(tiny, reference, tmp_path):
+    """A new run's --out that is already a run of the same command is refused with the way on
+    (--resume), not as a run folder of another kind; an existing empty folder is taken."""
+    from npmask.training.validate import check_new_out
+    before = (reference / "metrics.jsonl").read_bytes()
+    refused(train.main, args(tiny, reference), f"run folder {reference} already exists; pass "
+                                               "--resume to continue it")
+    assert (reference / "metrics.jsonl").read_bytes() == before
+    (tmp_path / "empty").mkdir()
+    check_new_out(tmp_path / "empty", "train", "python -m npmask.train")
+
+
 def test_1_a_stored_domain_of_another_domain_or_backbone_is_not_this_runs(reference):
     """validate.check_stored_domain names each mismatch: domain, variant, backbone fingerprint."""
     from npmask.storage import read_domain_file
