@@ -151,6 +151,67 @@ def test_device_scalars_are_0d_under_cupys_zeros_like(monkeypatch):
     assert [a.shape for a in pair] == [(), ()]
 
 
+
+def test_device_scalars_follow_step_counts_that_part_when_a_parameter_is_frozen():
+    """A parameter frozen for a step (no gradient) is not stepped, so its step count falls behind
+    the others': each group of equal counts is given its own (step size, bias2) pair, sync's
+    versions change exactly then (a graph captured before reads arrays no longer written), the
+    updates keep the plain optimiser's bits, and a replay advances only the stepped counts."""
+    results = []
+    for on_device in (False, True):
+        lin = nn.Linear(3, 2, rng=0)
+        refs = lin.parameter_refs()
+        opt = Optimizers(a=Adam(refs, lr=1e-2))
+        if on_device:
+            device.attach(opt, refs[0].data)
+        rng, versions = np.random.default_rng(0), []
+        for i in range(4):
+            for r in refs:
+                r.grad[...] = rng.standard_normal(r.grad.shape).astype(r.grad.dtype)
+            frozen = lin.grads.pop("bias") if i == 1 else None
+            if on_device:
+                versions.append(device.sync(opt))
+            opt.step()
+            if frozen is not None:
+                lin.grads["bias"] = frozen
+        results.append({r.name: r.data.copy() for r in refs})
+    for k in results[0]:
+        assert np.array_equal(results[0][k], results[1][k]), k
+    # one pair for both, then one for the weight alone, then one for the bias alone; then none new
+    assert versions[0] < versions[1] < versions[2] == versions[3]
+    frozen = lin.grads.pop("bias")
+    device.sync(opt)
+    assert opt["a"].device.stepped == ("weight",)
+    device.count_replayed(opt)                       # a replay of a step with the bias frozen
+    assert (opt["a"].state["weight"]["step"], opt["a"].state["bias"]["step"]) == (5, 3)
+    lin.grads["bias"] = frozen
+
+
+def test_device_scalars_are_rounded_once_to_the_parameters_dtype():
+    """float64 parameters read the lr and Adam's bias corrections with float64's bits, the Python
+    floats of the plain step exactly (not the floats rounded to float32 first)."""
+    lin = nn.Linear(3, 2, dtype=np.float64, rng=0)
+    opt = Adam(lin.parameter_refs(), lr=0.1, betas=(0.9, 0.999))
+    device.attach(opt, lin.params["weight"])
+    device.sync(opt)
+    step_size, bias2 = opt.device.adam["weight"]
+    assert opt.device.lr.dtype == np.float64 and float(opt.device.lr) == 0.1
+    assert float(step_size) == 0.1 / (1 - 0.9) and float(bias2) == math.sqrt(1 - 0.999)
+
+
+def test_attach_keeps_the_scalars_already_attached():
+    """A second attach (another GraphStep on the same optimiser) must not replace the arrays that
+    graphs captured before read; detach drops them."""
+    lin = nn.Linear(3, 2, rng=0)
+    opt = Optimizers(a=Adam(lin.parameter_refs(), lr=1e-3))
+    device.attach(opt, lin.params["weight"])
+    scalars = opt["a"].device
+    device.attach(opt, lin.params["weight"])
+    assert opt["a"].device is scalars
+    device.detach(opt)
+    assert opt["a"].device is None
+
+
 class HostRead(AssertionError):
     pass
 
@@ -277,6 +338,19 @@ def test_another_hyper_parameter_captures_again_the_lr_does_not():
     opt["head"].momentum = 0.5
     step(x, y)
     assert step.steps == {"eager": 1, "captured": 2, "replayed": 2}
+
+
+
+def test_a_changed_nesterov_captures_again():
+    """nesterov is not one of SGD's scalar hyper-parameters, but a graph bakes it in as well."""
+    model, opt, _ = _model()
+    step = GraphStep(model, opt)
+    (x, y), = _epochs(1, sizes=(8,))[0]
+    for _ in range(3):
+        step(x, y)
+    opt["head"].nesterov = True
+    step(x, y)
+    assert step.steps == {"eager": 1, "captured": 2, "replayed": 1}
 
 
 def test_shapes_beyond_max_shapes_run_uncaptured():
@@ -460,3 +534,4 @@ def test_cublas_that_cannot_be_loaded_is_one_line(monkeypatch):
     with pytest.raises(GraphStepError, match="libcublasLt.so.13") as err:
         cuda_gemm.matmul(a, a.T, None)
     assert "--cuda-graphs" in one_line(err.value)
+
