@@ -535,3 +535,94 @@ def test_cublas_that_cannot_be_loaded_is_one_line(monkeypatch):
         cuda_gemm.matmul(a, a.T, None)
     assert "--cuda-graphs" in one_line(err.value)
 
+
+@pytest.mark.parametrize("kind", ["new_axis_row", "stepped_column"])
+def test_gemm_arguments_take_a_single_row_or_column_of_any_stride(kind):
+    """The stride along an axis of length 1 is never used: a row made by a new axis (stride 0) or
+    a column of a stepped view needs no copy, and the call computes the product."""
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((4, 8))
+    if kind == "new_axis_row":
+        a, b = big[0][None, :4], big[:, :5]                 # a: (1, 4), strides (0, 8)
+    else:
+        a, b = big[:3, :4], big[:, :2:2]                    # b: (4, 1), strides (64, 16)
+    args = cuda_gemm.gemm_arguments(a.shape, a.strides, b.shape, b.strides, a.itemsize)
+    assert args is not None
+    transa, transb, m_, n_, k_, first, lda, second, ldb, ldc = args
+    ops = {"a": _flat(a), "b": _flat(b)}
+    c = _column_major_gemm(transa, transb, m_, n_, k_, ops[first], lda, ops[second], ldb, ldc)
+    np.testing.assert_allclose(c[:a.shape[0] * b.shape[1]].reshape(a.shape[0], b.shape[1]), a @ b,
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gemm_arguments_copy_views_whose_rows_overlap(transposed):
+    """cuBLAS requires a leading dimension of at least the stored rows (lda >= max(1, rows)); a
+    view whose rows overlap (a sliding window) has none, so it must be copied first."""
+    base = np.arange(12.0)
+    window = np.lib.stride_tricks.as_strided(base, shape=(4, 3), strides=(8, 8))   # rows overlap
+    a = window.T if transposed else window
+    b = np.ones((a.shape[1], 2))
+    assert cuda_gemm.gemm_arguments(a.shape, a.strides, b.shape, b.strides, 8) is None
+    assert cuda_gemm.gemm_arguments(b.T.shape, b.T.strides, a.T.shape, a.T.strides, 8) is None
+
+
+class _FakeCublas:
+    """Records the products cuda_gemm.matmul hands to cuBLAS."""
+    made = 0
+
+    def __init__(self, cp=None):
+        type(self).made += 1
+        self.calls = []
+
+    def matmul(self, a, b):
+        self.calls.append((a.shape, b.shape))
+        return "cublas"
+
+
+@pytest.mark.parametrize("shapes, dtypes, to_cublas", [
+    (((2, 3), (3, 4)), ("float32", "float32"), True),
+    (((2, 3), (3, 4)), ("float64", "float64"), True),
+    (((2, 3), (3, 4)), ("float16", "float16"), False),     # cublasGemmEx is called for f/d only
+    (((2, 3), (3, 4)), ("float32", "float64"), False),     # mixed dtypes: CuPy promotes
+    (((5, 2, 3), (3, 4)), ("float32", "float32"), False),   # batched products
+    (((2, 3), (3, 3, 4)), ("float32", "float32"), False),   # (its first axis is k)
+    (((2, 3), (4, 5)), ("float32", "float32"), False),     # mismatched: CuPy's own error
+])
+def test_matmul_hands_cublas_only_2d_float_products_that_fit(monkeypatch, shapes, dtypes, to_cublas):
+    """Anything cublasGemmEx is not called for goes to CuPy's product (``fallback``); a product of
+    mismatched shapes must reach CuPy's error, not a GEMM that reads past an operand."""
+    fake = _FakeCublas()
+    monkeypatch.setattr(cuda_gemm, "_state", {"cublas": fake})
+    a, b = (np.ones(s, dtype=d) for s, d in zip(shapes, dtypes))
+    out = cuda_gemm.matmul(a, b, lambda a, b: "fallback")
+    assert out == ("cublas" if to_cublas else "fallback")
+    assert fake.calls == ([shapes] if to_cublas else [])
+
+
+def test_matmul_sets_up_cublas_once(monkeypatch):
+    """One handle and one workspace per process: set up anew for each product, a capture would
+    allocate a workspace and create a handle inside the graph."""
+    monkeypatch.setattr(_FakeCublas, "made", 0)
+    monkeypatch.setattr(cuda_gemm, "_Cublas", _FakeCublas)
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    monkeypatch.setattr(cuda_gemm, "_state", {})
+    a = np.ones((2, 3), dtype=np.float32)
+    for _ in range(3):
+        assert cuda_gemm.matmul(a, a.T, None) == "cublas"
+    assert _FakeCublas.made == 1
+
+
+@pytest.mark.parametrize("error", [OSError("libcublas.so.12: cannot open shared object file"),
+                                   RuntimeError("cublasCreate_v2 failed with cuBLAS status 1")])
+def test_cublas_without_a_library_or_a_handle_is_one_line(monkeypatch, error):
+    """A libcublas that ctypes cannot open, or cublasCreate failing (_Cublas._check): the same
+    one-line GraphStepError as a missing library."""
+    def failing(cp):
+        raise error
+    monkeypatch.setattr(cuda_gemm, "_Cublas", failing)
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    monkeypatch.setattr(cuda_gemm, "_state", {})
+    a = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(GraphStepError, match=str(error).split(":")[0]):
+        cuda_gemm.matmul(a, a.T, None)
