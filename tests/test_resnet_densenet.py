@@ -203,6 +203,19 @@ def test_zero_pad_shortcut_and_concat():
     assert out.shape == (2, 5, 4, 4)
 
 
+
+def test_concat_and_dense_layer_name_the_feature_maps_they_refuse():
+    """Mismatched batch or spatial sizes, or a DenseLayer given the wrong channel count: a
+    ValueError naming the layer and the shapes, not NumPy's or a child BN's message."""
+    x = np.zeros((2, 3, 4, 4))
+    for other in (np.zeros((2, 1, 4, 5)), np.zeros((3, 1, 4, 4))):
+        with pytest.raises(ValueError, match=r"cannot concatenate feature maps \(2, 3, 4, 4\) and"):
+            concat_channels(x, other)
+    layer = DenseLayer(2, 3, bn_size=1, dtype=np.float64, rng=0)
+    with pytest.raises(ValueError, match=r"DenseLayer expects \(N, 2, H, W\), got \(2, 3, 4, 4\)"):
+        layer.forward(x)
+
+
 # ---------------------------------------------------------------------------- whole models
 H = 1e-7
 
