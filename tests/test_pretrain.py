@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from npmask import pretrain
-from npmask.pretrained import load_backbone, read_info, shipped_path
+from npmask import models, pretrain
+from npmask.pretrained import (BackboneError, exists, info_path, load_backbone, read_info,
+                               save_backbone, shipped_path)
 from test_train import write_tiny_benchmark
 
 
@@ -140,3 +142,67 @@ def test_shipped_backbone_reaches_its_recorded_base_accuracy():
     tol = 0.5 if same_data else 5.0
     assert abs(acc - info["subset_acc"]) <= tol, (acc, info["subset_acc"], same_data)
     assert info["subset_acc"] > 100.0 / info["num_classes"] * 3  # far above chance
+
+
+# ------------------------------------------------------------ a backbone's files, checked
+def _backbone(tmp_path, **info) -> Path:
+    """A tiny wrn10_1 backbone (float32) at tmp_path/bb.npz; ``info`` replaces fields of its JSON."""
+    npz = tmp_path / "bb.npz"
+    save_backbone(npz, models.create("wrn10_1", num_classes=5, input_size=8, seed=0),
+                  {"model": "wrn10_1", "num_classes": 5, "input_size": 8, **info})
+    return npz
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_classes": 0}, "field 'num_classes' must be an integer >= 1, got 0"),
+    ({"input_size": True}, "field 'input_size' must be an integer >= 1, got true"),
+    ({"model": None}, "field 'model' must be a model name, got null"),
+    ({"dtype": "float16"}, "field 'dtype' must be float32 or float64, got \"float16\""),
+    ({"domain": 3}, "field 'domain' must be a string"),
+])
+def test_read_info_names_the_field_that_is_wrong(tmp_path, change, message):
+    """Each field load_backbone relies on is checked with its type and range (a bool is not an
+    integer in JSON; a null field is present but wrong, not missing; float16 is no backbone dtype)."""
+    npz = _backbone(tmp_path, **change)
+    with pytest.raises(BackboneError, match=re.escape(f"backbone description {info_path(npz)}: {message}")):
+        read_info(npz)
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object, got list"),
+                                            (b"\xff\xfe{", "is not valid JSON")])
+def test_read_info_refuses_a_description_that_is_no_json_object(tmp_path, text, message):
+    """A JSON list, or bytes that are not UTF-8: a BackboneError, not a TypeError or a traceback."""
+    npz = _backbone(tmp_path)
+    info = info_path(npz)
+    info.write_bytes(text) if isinstance(text, bytes) else info.write_text(text)
+    with pytest.raises(BackboneError, match=re.escape(message)):
+        read_info(npz)
+
+
+def test_load_backbone_takes_the_dtype_asked_for_over_the_stored_one(tmp_path):
+    """--dtype float64 on a float32 backbone: the model is built (and the weights loaded) in float64."""
+    model, info = load_backbone(_backbone(tmp_path), dtype="float64")
+    assert info.get("dtype", "float32") == "float32"
+    assert {str(v.dtype) for v in model.state_dict().values() if v.dtype.kind == "f"} == {"float64"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "nope"}, "unknown model 'nope'"),                      # models.create's ValueError
+    ({"num_classes": 7}, "does not fit model 'wrn10_1'"),             # load_state_dict's ValueError
+])
+def test_load_backbone_turns_a_description_that_does_not_fit_into_a_backbone_error(tmp_path, change,
+                                                                                  message):
+    with pytest.raises(BackboneError, match=re.escape(message)):
+        load_backbone(_backbone(tmp_path, **change))
+
+
+def test_pytorch_weights_are_recognised_whatever_the_case_of_their_suffix(tmp_path):
+    (tmp_path / "MODEL.PTH").write_bytes(b"weights")
+    with pytest.raises(BackboneError, match="is PyTorch weights, not an npmask backbone"):
+        load_backbone(tmp_path / "MODEL.PTH")
+
+
+def test_exists_is_false_for_a_folder(tmp_path):
+    """exists() says whether load_backbone could read the path: a folder named .npz is none."""
+    (tmp_path / "bb.npz").mkdir()
+    assert not exists(tmp_path / "bb.npz") and exists(_backbone(tmp_path / "bb.npz"))
