@@ -4,7 +4,7 @@ import pytest
 
 from npmask.data import synthetic
 from npmask.data.format import load_domain
-from npmask.data.synthetic import DOMAINS, ensure_synthetic, generate_domain, generation, save_grid
+from npmask.data.synthetic import DOMAINS, drawing, ensure_synthetic, generate_domain, generation, save_grid
 
 TINY = dict(n_train=60, n_test=50, base_train=120, base_test=60, workers=1)
 
@@ -155,3 +155,66 @@ def test_save_grid_shows_each_class_in_its_row(tiny_root, tmp_path):
     for k in (0, d.num_classes - 1):
         for j, i in enumerate(np.flatnonzero(labels == k)[:2]):
             np.testing.assert_array_equal(grid[k * 32:(k + 1) * 32, j * 32:(j + 1) * 32], images[i])
+
+
+# ------------------------------------------------------------- the shared drawing helpers
+def test_gradient_backgrounds_run_from_one_colour_to_the_other():
+    """A gradient background mixes its two colours with weights in [0, 1] whatever its angle: every
+    pixel lies between them and both ends are reached (not extrapolated past one of them)."""
+    seen = 0
+    for seed in range(60):
+        probe = np.random.default_rng(seed)              # the draws _background starts with
+        kind, c1, c2 = probe.integers(4), probe.uniform(0, 255, 3), probe.uniform(0, 255, 3)
+        if kind != 1:
+            continue
+        seen += 1
+        img = drawing._background(np.random.default_rng(seed), 32).reshape(-1, 3)
+        lo, hi = np.minimum(c1, c2), np.maximum(c1, c2)
+        assert (img >= lo - 1e-3).all() and (img <= hi + 1e-3).all(), seed
+        np.testing.assert_allclose(img.min(axis=0), lo, atol=0.05 * (hi - lo).max() + 1e-3)
+        np.testing.assert_allclose(img.max(axis=0), hi, atol=0.05 * (hi - lo).max() + 1e-3)
+    assert seen >= 8
+
+
+def test_paint_blends_by_the_mask():
+    """Mask 255 replaces the canvas by the fill, 0 keeps it, 51 mixes a fifth of the fill in."""
+    from PIL import Image
+    canvas = np.full((1, 3, 3), 100.0, dtype=np.float32)
+    mask = Image.fromarray(np.array([[255, 0, 51]], dtype=np.uint8), "L")
+    out = drawing._paint(canvas, mask, (200, 0, 50))
+    np.testing.assert_array_equal(out[0, 0], [200, 0, 50])
+    np.testing.assert_array_equal(out[0, 1], [100, 100, 100])
+    np.testing.assert_allclose(out[0, 2], [120, 80, 90], rtol=1e-6)
+
+
+def test_unit_coordinates_scale_to_the_drawing_size():
+    """Unit coordinates lie in [0, 1]: 1 is the drawing's far edge, S pixels."""
+    assert drawing._pixels(np.array([[0.0, 0.0], [1.0, 0.5]]), 8) == [(0.0, 0.0), (8.0, 4.0)]
+
+
+def test_polyline_draws_a_two_point_line_with_round_caps_of_half_its_width():
+    from PIL import Image, ImageDraw
+    img = Image.new("L", (40, 40))
+    drawing._polyline(ImageDraw.Draw(img), [(10.0, 20.0), (30.0, 20.0)], 6, 255)
+    on = np.argwhere(np.asarray(img) > 0)                      # (y, x)
+    assert np.asarray(img)[20, 20] == 255                      # the segment itself
+    (y0, x0), (y1, x1) = on.min(axis=0), on.max(axis=0)
+    assert 6 <= x0 <= 8 and 32 <= x1 <= 34 and 16 <= y0 <= 18 and 22 <= y1 <= 24
+
+
+def test_arc_is_an_ellipse_with_its_own_radii():
+    pts = drawing._arc(0.5, 0.4, 0.3, 0.1, n=33)
+    np.testing.assert_allclose(pts[0], pts[-1], atol=1e-12)     # a whole turn closes
+    np.testing.assert_allclose([pts[:, 0].min(), pts[:, 0].max()], [0.2, 0.8], atol=1e-12)
+    np.testing.assert_allclose([pts[:, 1].min(), pts[:, 1].max()], [0.3, 0.5], atol=1e-12)
+
+
+def test_chaikin_cuts_each_corner_at_a_quarter_and_keeps_the_end_points():
+    pts = drawing._chaikin(np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]), iterations=1)
+    np.testing.assert_allclose(pts, [[0, 0], [0.25, 0], [0.75, 0], [1, 0.25], [1, 0.75], [1, 1]])
+
+
+def test_fonts_are_cached_per_size():
+    name = synthetic.available_fonts()[0]
+    small, large = drawing._font(name, 11), drawing._font(name, 23)
+    assert (small.size, large.size) == (11, 23) and drawing._font(name, 11) is small
