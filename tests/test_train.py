@@ -616,3 +616,89 @@ def test_cupy_training_is_reproducible_and_agrees_with_numpy(tiny, reference_run
     same = sum(int((np.unpackbits(a[k]) == np.unpackbits(b[k])).sum()) for k in masks)
     total = sum(8 * a[k].size for k in masks)
     assert masks and same >= 0.99 * total, f"{total - same} of {total} mask bits differ"
+
+
+# ------------------------------------------------------------------ flags shared by the commands
+def test_flag_parsers_accept_none_and_spaces_around_names():
+    """--lr-decay-epochs none means no decay (the help's [] case), and --domains "a, b" names a and
+    b: a space after the comma must not make an unknown domain ' b'."""
+    assert cli.int_list("none") == cli.int_list("None") == cli.int_list(" ") == []
+    assert cli.int_list("10,13") == [10, 13]
+    assert cli.name_list("a, b ,c,") == ["a", "b", "c"]
+    assert cli.float_pair("1e-4,2e-4") == [1e-4, 2e-4]  # LO then HI, as --mask-init says
+
+
+def test_workers_must_be_a_positive_integer(capsys):
+    """--workers 0 would fall back silently to the default count; argparse refuses it instead."""
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as e:
+            train.build_parser().parse_args(["--workers", bad])
+        assert e.value.code == 2
+        assert "--workers: must be a positive integer" in capsys.readouterr().err
+    assert train.build_parser().parse_args(["--workers", "1"]).workers == 1
+
+
+def test_default_out_and_the_recorded_command():
+    """A run without --out lands in runs/train-<variant>-<time>, where a plain --resume looks for
+    it (the prefix train-), and config.json records a command the shell can take back as it is."""
+    out = Path(cli.default_out("train", "full", ""))
+    assert out.parent == Path("runs") and out.name.startswith("train-full-")
+    assert cli.command_line("npmask.train", ["--out", "my runs/x", "--domains", "a"]) == \
+        "python -m npmask.train --out 'my runs/x' --domains a"
+
+
+def test_a_relative_backbone_is_recorded_as_an_absolute_path(tiny, tmp_path, monkeypatch):
+    """config.json must name the backbone so that --resume finds it from another folder."""
+    import shutil
+    shutil.copy(tiny["backbone"], tmp_path / "bb.npz")
+    shutil.copy(tiny["backbone"].with_suffix(".json"), tmp_path / "bb.json")
+    monkeypatch.chdir(tmp_path)
+    cfg = cli.train_config_from_args({"benchmark": "folder", "data_root": str(tiny["data"]),
+                                      "domains": ["a"], "model": "wrn10_1", "input_size": 16,
+                                      "backbone": "bb.npz"})
+    assert cfg.backbone == str((tmp_path / "bb.npz").resolve())
+
+
+def test_the_synthetic_notes_say_when_its_protocol_was_changed(tiny):
+    """The synthetic preset's note explains its scaled rates; once a flag changes the protocol the
+    note says so instead. The other presets keep their own note whatever the flags."""
+    common = {"data_root": str(tiny["data"]), "domains": ["a"], "model": "wrn10_1",
+              "input_size": 16, "backbone": str(tiny["backbone"])}
+    syn = cli.train_config_from_args({"benchmark": "synthetic", **common})
+    assert syn.notes == cli.BENCHMARKS["synthetic"].notes and "x10" in syn.notes
+    changed = cli.train_config_from_args({"benchmark": "synthetic", **common, "epochs": 2})
+    assert changed.notes == "protocol settings changed on the command line (see the fields above)"
+    folder = cli.train_config_from_args({"benchmark": "folder", **common, "epochs": 2})
+    assert folder.notes == cli.BENCHMARKS["folder"].notes
+
+
+def test_the_pretraining_domain_as_a_target_is_refused_before_any_work(tiny, tmp_path):
+    out = tmp_path / "x"
+    args = base_args(tiny, out, "--domains", "a,base")
+    args[args.index("folder")] = "synthetic"
+    expect_exit(args, "'base' is the pretraining domain of the synthetic benchmark")
+    assert not out.exists()
+
+
+def test_a_missing_shipped_backbone_is_pretrained_with_the_runs_settings(tiny, tmp_path,
+                                                                          monkeypatch):
+    """No shipped backbone for --model: npmask.train pretrains one on the spot with the run's seed,
+    input size, backend and dtype, into runs/pretrain-<model>-synthetic, and unlocks the folder."""
+    from npmask.training.config import TrainConfig
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_pretrain(pcfg, folder):
+        seen["cfg"] = pcfg
+    monkeypatch.setattr(cli, "pretrain", fake_pretrain)
+    cfg = TrainConfig(model="wrn10_1", input_size=16, seed=7, dtype="float64")
+    path = cli.resolve_backbone(cfg, cli.BENCHMARKS["synthetic"], tiny["data"])
+    pcfg = seen["cfg"]
+    out = Path("runs/pretrain-wrn10_1-synthetic")
+    assert Path(path) == out / "backbone.npz" == Path(pcfg.save)
+    assert (pcfg.model, pcfg.input_size, pcfg.seed, pcfg.dtype, pcfg.backend) == \
+        ("wrn10_1", 16, 7, "float64", "numpy")
+    assert pcfg.data_root == str(tiny["data"]) and (out / "config.json").is_file()
+    from npmask.training.run_folder import RunFolder
+    RunFolder(out).lock()   # released by resolve_backbone: a later train may take it
+    RunFolder(out).unlock()
