@@ -167,3 +167,30 @@ def test_imagenet_to_sketch_preset(sketch, tmp_path):
                        "--quiet"]) == 0
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["score_per_domain"]["imagenet"] == pytest.approx(250.0)
+
+
+def test_every_preset_has_the_documented_defaults():
+    """The presets as docs/design.md and the README state them: network, input size, epochs, decay
+    epochs, rates (the synthetic ones 10x the paper's), batch and augmentation."""
+    from npmask.training.suites import PAPER_LR_BODY, PAPER_LR_HEAD, SYNTHETIC_LR_SCALE
+    assert (PAPER_LR_BODY, PAPER_LR_HEAD, SYNTHETIC_LR_SCALE) == (1e-4, 1e-3, 10.0)
+    want = {  # model, input size, epochs, decay after, lr body, lr head, augmentation
+        "synthetic": ("wrn16_1", 32, 5, [4], 1e-3, 1e-2, "pad_crop"),
+        "decathlon": ("wrn28_4", 64, 60, [45], 1e-4, 1e-3, "decathlon"),
+        "imagenet_to_sketch": ("resnet50", 224, 30, [15], 1e-4, 1e-3, "imagenet"),
+        "folder": ("wrn16_1", 32, 10, [8], 1e-4, 1e-3, "auto"),
+    }
+    for name, (model, size, epochs, decay, lr_body, lr_head, aug) in want.items():
+        b = get_benchmark(name)
+        assert (b.model, b.input_size, b.epochs, b.lr_decay_epochs, b.augmentation) == \
+            (model, size, epochs, decay, aug), name
+        assert (b.lr_body, b.lr_head, b.batch_size) == (pytest.approx(lr_body),
+                                                        pytest.approx(lr_head), 32), name
+
+
+def test_requested_domains_keep_their_order(decathlon):
+    """--domains gtsrb,dtd trains gtsrb first and lists it first in results: not sorted."""
+    from npmask.training.suites import choose_domains
+    root = decathlon / "data"
+    assert choose_domains(get_benchmark("folder"), root, ["gtsrb", "dtd"]) == ["gtsrb", "dtd"]
+    assert choose_domains(get_benchmark("decathlon"), root, ["gtsrb", "dtd"]) == ["gtsrb", "dtd"]
