@@ -702,3 +702,24 @@ def test_a_missing_shipped_backbone_is_pretrained_with_the_runs_settings(tiny, t
     from npmask.training.run_folder import RunFolder
     RunFolder(out).lock()   # released by resolve_backbone: a later train may take it
     RunFolder(out).unlock()
+
+
+def test_the_backbones_own_domain_is_no_target_of_a_folder_run(tiny, tmp_path):
+    """--benchmark folder has no pretraining domain of its own: the backbone's (its JSON's domain,
+    here base, which the data folder holds too) is left out of the default targets, and naming it
+    in --domains is refused before the run folder exists (training would refuse it only after)."""
+    cfg = cli.train_config_from_args({"benchmark": "folder", "data_root": str(tiny["data"]),
+                                      "model": "wrn10_1", "input_size": 16,
+                                      "backbone": str(tiny["backbone"])})
+    assert cfg.domains == ["a", "b"]
+    out = tmp_path / "x"
+    expect_exit(base_args(tiny, out, "--domains", "a,base"),
+                "'base' is the pretraining domain of backbone", "leave it out of --domains")
+    assert not out.exists()
+    only = tmp_path / "only-base"
+    only.mkdir()
+    (only / "base").symlink_to(tiny["data"] / "base")
+    expect_exit(["--benchmark", "folder", "--data-root", str(only), "--model", "wrn10_1",
+                 "--input-size", "16", "--backbone", str(tiny["backbone"]), "--out", str(out)],
+                "holds no target domain besides 'base'")
+    assert not out.exists()

@@ -223,9 +223,25 @@ def train_config_from_args(ns: dict) -> TrainConfig:
     cfg.data_root = str(root)
     cfg.domains = choose_domains(bench, root, cfg.domains or None)
     cfg.backbone = resolve_backbone(cfg, bench, root)
+    if "domains" not in given:
+        cfg.domains = without_backbone_domain(cfg.domains, cfg.backbone, root)
     if ns.get("emax_from"):
         cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
     return validate.check_train_run(cfg)  # data (channels, labels, archives) and the backbone
+
+
+def without_backbone_domain(domains: list, backbone, root) -> list:
+    """The default targets less the domain the backbone was pretrained on (its JSON's ``domain``):
+    the folder preset knows no pretraining domain of its own, and a data folder often holds it."""
+    try:
+        base = pretrained.read_info(backbone).get("domain", "base")  # as load_run_backbone
+    except (pretrained.BackboneError, OSError):
+        return domains  # a bad description: check_train_run says what is wrong with it
+    targets = [d for d in domains if d != base]
+    if not targets:
+        raise ConfigError(f"data folder {root} holds no target domain besides {base!r}, the "
+                          "backbone's pretraining domain")
+    return targets
 
 
 def resolve_backbone(cfg: TrainConfig, bench, root) -> str:

@@ -270,10 +270,15 @@ def check_data(root, domains, *, input_size: int, augmentation: str, batch_size:
 
 
 def check_train_backbone(cfg) -> None:
-    """Load the run's backbone as the run will (description, weights, model and input size)."""
+    """Load the run's backbone as the run will (description, weights, model and input size); its
+    pretraining domain is no target (training would refuse it after the run folder exists)."""
     if not _DEVICE_HERE.get():  # the device is the jobs' business: read the weights on the CPU
         cfg = dataclasses.replace(cfg, backend="numpy")
-    load_run_backbone(cfg)
+    model, _ = load_run_backbone(cfg)
+    if model.base_domain in (cfg.domains or []):
+        raise ConfigError(f"{model.base_domain!r} is the pretraining domain of backbone "
+                          f"{cfg.backbone}; it is the backbone itself and is not trained again: "
+                          "leave it out of --domains")
 
 
 def check_train_run(cfg, where: str = "the command line"):
