@@ -723,3 +723,69 @@ def test_the_backbones_own_domain_is_no_target_of_a_folder_run(tiny, tmp_path):
                  "--input-size", "16", "--backbone", str(tiny["backbone"]), "--out", str(out)],
                 "holds no target domain besides 'base'")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------- domain training
+def test_each_domain_gets_its_own_seed_from_the_run_seed_and_its_name():
+    """A domain's seed depends on its name, not only on the run seed: two domains of one run must
+    not share mask inits, batch orders and augmentation. The values are pinned: changing the
+    derivation changes every recorded run's numbers."""
+    from npmask.training.domain_training import domain_seed
+    assert (domain_seed(0, "a"), domain_seed(0, "b"), domain_seed(1, "a")) == \
+        (2598482685, 4059100481, 121187926)
+
+
+def test_decay_epochs_in_any_order_make_one_schedule():
+    """--lr-decay-epochs 2,1 is 1,2 (the scheduler itself refuses unsorted milestones)."""
+    from npmask.training.config import TrainConfig
+    from npmask.training.domain_training import build_optimizers
+
+    class NoParameters:
+        def parameter_groups(self):
+            return {"body": [], "head": []}
+    _, sched = build_optimizers(NoParameters(), TrainConfig(lr_decay_epochs=[2, 1]))
+    assert sched.milestones == [1, 2]
+
+
+def test_both_optimisers_take_the_runs_rates_momentum_and_weight_decay():
+    """--weight-decay reaches Adam (body) and SGD (head) alike, --momentum the head's SGD."""
+    from npmask.training.config import TrainConfig
+    from npmask.training.domain_training import build_optimizers
+
+    class NoParameters:
+        def parameter_groups(self):
+            return {"body": [], "head": []}
+    cfg = TrainConfig(lr_body=2e-4, lr_head=3e-3, momentum=0.5, weight_decay=5e-4)
+    opt, _ = build_optimizers(NoParameters(), cfg)
+    body, head = opt.groups["body"], opt.groups["head"]
+    assert (body.lr, body.weight_decay) == (2e-4, 5e-4)
+    assert (head.lr, head.momentum, head.weight_decay) == (3e-3, 0.5, 5e-4)
+
+
+def test_the_printed_results_say_whether_the_s_score_is_known(capsys):
+    """Without Emax the summary says the S-score is missing; with it, where Emax came from."""
+    from npmask.training.config import TrainConfig
+
+    class Folder:
+        path = "runs/x"
+    res = {"acc": {"a": 50.0}, "score": None, "params": 1.1, "sp": None}
+    cfg = TrainConfig(emax_source="2 x the test error of the finetune run in ft")
+    train.print_results(cfg, res, Folder, 1.0)
+    out = capsys.readouterr().out
+    assert "S-score, S_p: missing" in out and "Emax:" not in out
+    train.print_results(cfg, {**res, "score": 120.0, "sp": 109.0}, Folder, 1.0)
+    out = capsys.readouterr().out
+    assert "Emax: 2 x the test error of the finetune run in ft" in out and "missing" not in out
+
+
+def test_emax_from_given_on_resume_is_saved_with_the_run(tiny, tmp_path):
+    """--resume --emax-from scores the run and records Emax in config.json, so a later --resume
+    (or reading the folder) keeps it."""
+    ft = tmp_path / "ft"
+    assert run_cli(base_args(tiny, ft, "--variant", "finetune", "--epochs", "1")) == 0
+    out = tmp_path / "full"
+    assert run_cli(base_args(tiny, out, "--epochs", "1", "--stop-after-epochs", "1")) == 0
+    assert run_cli(["--resume", "--out", str(out), "--quiet", "--emax-from", str(ft)]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert set(saved["emax"]) == {"base", "a", "b"} and "finetune run" in saved["emax_source"]
+    assert json.loads((out / "results.json").read_text())["score"] is not None
