@@ -683,7 +683,8 @@ def test_the_pretraining_domain_as_a_target_is_refused_before_any_work(tiny, tmp
 def test_a_missing_shipped_backbone_is_pretrained_with_the_runs_settings(tiny, tmp_path,
                                                                           monkeypatch):
     """No shipped backbone for --model: npmask.train pretrains one on the spot with the run's seed,
-    input size, backend and dtype, into runs/pretrain-<model>-synthetic, and unlocks the folder."""
+    input size, backend and dtype, into runs/pretrain-<model>-synthetic, and unlocks the folder;
+    the run records the backbone's absolute path (a --resume from another folder finds it)."""
     from npmask.training.config import TrainConfig
     monkeypatch.chdir(tmp_path)
     seen = {}
@@ -695,7 +696,8 @@ def test_a_missing_shipped_backbone_is_pretrained_with_the_runs_settings(tiny, t
     path = cli.resolve_backbone(cfg, cli.BENCHMARKS["synthetic"], tiny["data"])
     pcfg = seen["cfg"]
     out = Path("runs/pretrain-wrn10_1-synthetic")
-    assert Path(path) == out / "backbone.npz" == Path(pcfg.save)
+    assert Path(pcfg.save) == out / "backbone.npz"
+    assert Path(path) == (tmp_path / out / "backbone.npz").resolve()     # absolute in config.json
     assert (pcfg.model, pcfg.input_size, pcfg.seed, pcfg.dtype, pcfg.backend) == \
         ("wrn10_1", 16, 7, "float64", "numpy")
     assert pcfg.data_root == str(tiny["data"]) and (out / "config.json").is_file()

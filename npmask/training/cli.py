@@ -260,7 +260,7 @@ def resolve_backbone(cfg: TrainConfig, bench, root) -> str:
     path = pretrained.shipped_path(f"{cfg.model}_synthetic")
     if not path.is_file():
         path = pretrain_on_the_spot(cfg, root)
-    return str(path)
+    return str(path.resolve())  # recorded in config.json: --resume from another folder finds it
 
 
 def pretrain_on_the_spot(cfg: TrainConfig, root) -> Path:

@@ -15,7 +15,8 @@
   resize 256, centre 224: store the images at 256 with ``--size 256``), Adam 1e-4 / SGD 1e-3
   momentum 0.9, batch 32, both x0.1 after 15 of 30 epochs (the paper gives the decay; 30 epochs is
   Piggyback's schedule), Emax from a finetune run.
-- ``folder``: any set of converted domains under ``--data-root``, WRN-16-1 at 32x32 unless
+- ``folder``: any set of converted domains under ``--data-root`` (by default every one but the
+  backbone's pretraining domain, named in its JSON), WRN-16-1 at 32x32 unless
   ``--model``/``--input-size`` say otherwise, the paper's rates, 10 epochs with decay after 8, the
   augmentation chosen from the images ("auto"); Emax from a finetune run.
 
