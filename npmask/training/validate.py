@@ -66,31 +66,23 @@ def check_environment() -> None:
 
 
 # ------------------------------------------------------------------------------- settings
+# Which values each annotation admits (a bool is an int in Python, but never a count or a rate here)
+_IS_TYPE = {"None": lambda v: v is None,
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+            "list": lambda v: isinstance(v, list), "dict": lambda v: isinstance(v, dict)}
+
+
 def _check_types(cfg, where: str) -> None:
     """Every field of a settings dataclass has the type its annotation names (config.json may be
     edited by hand: "epochs": "3" must not reach a comparison)."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         allowed = [t.strip().split("[")[0] for t in str(f.type).split("|")]
-        if not set(allowed) <= {"None", "int", "float", "bool", "str", "list", "dict"}:
+        if not set(allowed) <= set(_IS_TYPE):
             continue  # a type this check does not know: the field's own checks apply
-        ok = False
-        for t in allowed:
-            if t == "None" and v is None:
-                ok = True
-            elif t == "int" and isinstance(v, int) and not isinstance(v, bool):
-                ok = True
-            elif t == "float" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                ok = True
-            elif t == "bool" and isinstance(v, bool):
-                ok = True
-            elif t == "str" and isinstance(v, str):
-                ok = True
-            elif t == "list" and isinstance(v, list):
-                ok = True
-            elif t == "dict" and isinstance(v, dict):
-                ok = True
-        if not ok:
+        if not any(_IS_TYPE[t](v) for t in allowed):
             raise ConfigError(f"{where}: setting {f.name!r} must be {' or '.join(allowed)}, got "
                               f"{v!r}")
 
