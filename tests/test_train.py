@@ -791,3 +791,33 @@ def test_emax_from_given_on_resume_is_saved_with_the_run(tiny, tmp_path):
     saved = json.loads((out / "config.json").read_text())["config"]
     assert set(saved["emax"]) == {"base", "a", "b"} and "finetune run" in saved["emax_source"]
     assert json.loads((out / "results.json").read_text())["score"] is not None
+
+
+def _train_without_fitting(tiny, out, monkeypatch, *extra):
+    """train.main on the tiny benchmark with fit() replaced by one instant epoch: everything that
+    builds a domain (data, masks, settings, storage) runs for real, the training steps do not."""
+    from npmask.training import domain_training
+    epoch = {"epoch": 1, "train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0, "test_acc": 50.0}
+    monkeypatch.setattr(domain_training, "fit", lambda **kw: [dict(epoch)])
+    assert run_cli(base_args(tiny, out, *extra)) == 0
+    return json.loads((out / "progress.json").read_text())["done"]
+
+
+def test_max_train_caps_the_training_images_of_every_domain(tiny, tmp_path, monkeypatch):
+    """--max-train N reaches each domain's loader: it trains on N images, not on all 64 (kills
+    the mutation that leaves max_train out of train_domain's make_iterators)."""
+    done = _train_without_fitting(tiny, tmp_path / "run", monkeypatch, "--max-train", "16")
+    assert {d: r["train_images"] for d, r in done.items()} == {"a": 16, "b": 16}
+    assert {d: r["test_images"] for d, r in done.items()} == {"a": 32, "b": 32}
+
+
+def test_tau_and_mask_init_reach_every_stored_domain(tiny, tmp_path, monkeypatch):
+    """--tau and --mask-init build the domain's masks and are recorded in its stored file (kills
+    the mutations that leave tau or mask_init out of train_domain's add_domain)."""
+    from npmask.storage import read_domain_file
+    out = tmp_path / "run"
+    _train_without_fitting(tiny, out, monkeypatch, "--tau", "0.25", "--mask-init", "0.01,0.02")
+    for d in ("a", "b"):
+        meta, _ = read_domain_file(out / "domains" / f"{d}.npz")
+        assert meta["tau"] == 0.25 and meta["mask_init"] == [0.01, 0.02], meta
+
