@@ -821,3 +821,22 @@ def test_tau_and_mask_init_reach_every_stored_domain(tiny, tmp_path, monkeypatch
         meta, _ = read_domain_file(out / "domains" / f"{d}.npz")
         assert meta["tau"] == 0.25 and meta["mask_init"] == [0.01, 0.02], meta
 
+
+@pytest.mark.parametrize("text", ["{ torn", "[]", '"base"', "null", '{"acc": 50.0}',
+                                  '{"domain": "base", "acc": 50.0}'])
+def test_a_base_accuracy_cache_that_is_not_a_full_record_is_not_used(tmp_path, text):
+    """base_accuracy.json is only a cache: torn JSON, a non-object or an object missing any of
+    domain/acc/source is measured again (here: no data, so "missing"), never returned as the
+    pretraining domain's accuracy (kills the mutations that drop the isinstance/keys check)."""
+    from types import SimpleNamespace
+
+    from npmask.training.domain_training import base_accuracy
+    (tmp_path / "base_accuracy.json").write_text(text, encoding="utf-8")
+    cfg = SimpleNamespace(backbone=str(tmp_path / "backbone.npz"))
+    model = SimpleNamespace(base_domain="base")
+    base = base_accuracy(cfg, SimpleNamespace(path=str(tmp_path)), model, {}, data_root=None)
+    assert base["domain"] == "base" and base["acc"] is None and base["source"].startswith("missing")
+    good = {"domain": "base", "acc": 50.0, "source": "measured on the 32 test images of 'base'"}
+    (tmp_path / "base_accuracy.json").write_text(json.dumps(good), encoding="utf-8")
+    assert base_accuracy(cfg, SimpleNamespace(path=str(tmp_path)), model, {}, data_root=None) == good
+
