@@ -840,3 +840,30 @@ def test_a_base_accuracy_cache_that_is_not_a_full_record_is_not_used(tmp_path, t
     (tmp_path / "base_accuracy.json").write_text(json.dumps(good), encoding="utf-8")
     assert base_accuracy(cfg, SimpleNamespace(path=str(tmp_path)), model, {}, data_root=None) == good
 
+
+def test_the_s_score_needs_emax_for_every_domain_including_the_base():
+    """score(): with Emax for only some domains the S-score and S_p are None, not a partial sum or
+    an error (kills all(...) -> any(...) in the Emax coverage check)."""
+    from npmask.training.domain_training import score
+    acc = {"base": 60.0, "a": 80.0}
+    assert score(acc, {"a": 0.4}, [])["score"] is None
+    assert score(acc, None, [])["score"] is None
+    full = score(acc, {"base": 0.8, "a": 0.4}, [])
+    assert full["score"] == pytest.approx(1000.0 / 0.8 ** 2 * 0.4 ** 2 + 1000.0 / 0.4 ** 2 * 0.2 ** 2)
+
+
+def test_emax_from_a_100_percent_accurate_finetune_run_is_refused(tmp_path):
+    """A finetune run with 100% on a domain gives Emax 0 there, where the S-score is undefined:
+    --emax-from refuses it in one line naming the domain; below 100% is accepted (kills the
+    mutations that drop or invert the `perfect` check in _finetune_accuracies)."""
+    from npmask.training.domain_training import emax_from_run
+    from npmask.training.errors import ConfigError
+    res = {"variant": "finetune", "acc": {"base": 70.0, "a": 100.0, "b": 99.5}}
+    (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"100% accurate on a, so Emax"):
+        emax_from_run(tmp_path)
+    res["acc"]["a"] = 99.0
+    (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    emax, _ = emax_from_run(tmp_path)
+    assert emax == pytest.approx({"base": 0.6, "a": 0.02, "b": 0.01})
+
