@@ -82,3 +82,19 @@ def test_a_worker_takes_the_parents_settings(monkeypatch, tmp_path):
     with using(**{k: v for k, v in settings.as_dict().items()}):   # restored after the test
         domain_workers._train_one(fake_train_domain, Cfg, str(tmp_path), "a", None, False, chosen)
     assert seen == chosen
+
+
+def test_the_workers_flag_reaches_the_training(tiny, tmp_path, monkeypatch):
+    """--workers N is what train_domains gets, over NPMASK_TRAIN_WORKERS; without the flag the
+    variable decides (kills the mutation that drops --workers between main and train_domains,
+    which test_two_workers... cannot see: one and two workers give the same numbers)."""
+    seen = []
+
+    def fake_train_domains(cfg, folder, **kw):
+        seen.append(kw.get("workers"))
+        return {"acc": {}, "score": None, "params": None, "sp": None}
+    monkeypatch.setattr(train, "train_domains", fake_train_domains)
+    monkeypatch.setenv("NPMASK_TRAIN_WORKERS", "5")
+    assert train.main(base_args(tiny, tmp_path / "flag", "--workers", "3")) == 0
+    assert train.main(base_args(tiny, tmp_path / "env")) == 0
+    assert seen == [3, 5]
