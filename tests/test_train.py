@@ -867,3 +867,26 @@ def test_emax_from_a_100_percent_accurate_finetune_run_is_refused(tmp_path):
     emax, _ = emax_from_run(tmp_path)
     assert emax == pytest.approx({"base": 0.6, "a": 0.02, "b": 0.01})
 
+
+def test_resume_without_the_runs_backend_fails_before_touching_the_folder(tiny, tmp_path,
+                                                                         monkeypatch):
+    """--resume of a run whose backend (here cupy, made unimportable) is missing on this machine
+    is a one-line error before anything is written: --emax-from is not saved into config.json and
+    metrics.jsonl stays as it was. (check_train_run's check_backend and _resume_config's
+    get_backend both guard this; with neither, train_domains would fail after the rewrite.)"""
+    import npmask.backend
+    out = tmp_path / "run"
+    assert run_cli(base_args(tiny, out, "--epochs", "1", "--stop-after-epochs", "1")) == 0
+    stored = json.loads((out / "config.json").read_text())
+    stored["config"]["backend"] = "cupy"  # as if trained on a GPU machine
+    (out / "config.json").write_text(json.dumps(stored, indent=2))
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "results.json").write_text(json.dumps(
+        {"variant": "finetune", "acc": {"base": 60.0, "a": 80.0, "b": 70.0}}))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".lock"}
+    monkeypatch.setattr(npmask.backend, "_import_cupy", lambda: None)
+    expect_exit(["--resume", "--out", str(out), "--quiet", "--emax-from", str(ft)],
+                "CuPy is not installed")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".lock"}
+    assert after == before
