@@ -206,3 +206,59 @@ def test_exists_is_false_for_a_folder(tmp_path):
     """exists() says whether load_backbone could read the path: a folder named .npz is none."""
     (tmp_path / "bb.npz").mkdir()
     assert not exists(tmp_path / "bb.npz") and exists(_backbone(tmp_path / "bb.npz"))
+
+
+# ---------------------------------------------------------------------------------- flags reach the run
+def _pretrain_recorded(monkeypatch, calls):
+    """npmask.pretrain.pretrain replaced by a recorder: the CLI runs, the training does not."""
+    def fake(cfg, folder, **kw):
+        calls.append({"cfg": cfg, **kw})
+        return {"save": cfg.save, "test_acc": 81.25, "eval_subset": cfg.eval_subset,
+                "subset_acc": 55.0}
+    monkeypatch.setattr(pretrain, "pretrain", fake)
+
+
+def test_pretrain_flags_reach_the_training(data, tmp_path, monkeypatch, capsys):
+    """--max-train, --save, --quiet and --stop-after-epochs reach pretrain() with the recorded
+    command, and the summary line prints the whole-test-set and subset accuracies in their places
+    (kills dropping max_train from FLAGS, ignoring --save, progress/stop_after not passed, and
+    the two accuracies swapped in the printed line)."""
+    calls = []
+    _pretrain_recorded(monkeypatch, calls)
+    save = tmp_path / "elsewhere" / "bb.npz"
+    assert pretrain.main(args(data, tmp_path / "run", "--max-train", "32", "--save", str(save),
+                              "--stop-after-epochs", "1")) == 0
+    (call,) = calls
+    assert call["cfg"].max_train == 32 and call["cfg"].save == str(save)
+    assert call["progress"] is False and call["stop_after"] == 1
+    assert call["command"].startswith("python -m npmask.pretrain --data-root")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["max_train"] == 32 and saved["save"] == str(save)
+    out = capsys.readouterr().out
+    assert f"backbone written to {save} (test accuracy 81.25%, first 20 test images 55.00%)" in out
+    assert pretrain.main(args(data, tmp_path / "run2")[:-1]) == 0  # without --quiet
+    assert calls[-1]["progress"] is True and calls[-1]["stop_after"] is None
+    assert calls[-1]["cfg"].save == str(tmp_path / "run2" / "backbone.npz")
+
+
+def test_pretrain_resume_refuses_changed_settings_and_rechecks_the_data(data, tmp_path,
+                                                                         monkeypatch):
+    """--resume keeps the run's saved settings (a differing flag is a one-line error naming it)
+    and reads the domain's files again before continuing (kills dropping check_resume_conflicts
+    or the resume's _check_data)."""
+    import shutil
+    calls = []
+    _pretrain_recorded(monkeypatch, calls)
+    copy = shutil.copytree(data, tmp_path / "data")
+    out = tmp_path / "run"
+    assert pretrain.main(args(copy, out)) == 0
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--resume", "--out", str(out), "--quiet", "--epochs", "5"])
+    assert "these flags differ: --epochs 5 (the run has 2)" in str(e.value.code)
+    assert pretrain.main(["--resume", "--out", str(out), "--quiet", "--epochs", "2"]) == 0
+    (copy / "base" / "meta.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--resume", "--out", str(out), "--quiet"])
+    assert str(e.value.code).startswith("python -m npmask.pretrain: error: ") and "base" in str(
+        e.value.code)
+    assert len(calls) == 2
