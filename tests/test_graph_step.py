@@ -151,7 +151,6 @@ def test_device_scalars_are_0d_under_cupys_zeros_like(monkeypatch):
     assert [a.shape for a in pair] == [(), ()]
 
 
-
 def test_device_scalars_follow_step_counts_that_part_when_a_parameter_is_frozen():
     """A parameter frozen for a step (no gradient) is not stepped, so its step count falls behind
     the others': each group of equal counts is given its own (step size, bias2) pair, sync's
@@ -338,7 +337,6 @@ def test_another_hyper_parameter_captures_again_the_lr_does_not():
     opt["head"].momentum = 0.5
     step(x, y)
     assert step.steps == {"eager": 1, "captured": 2, "replayed": 2}
-
 
 
 def test_a_changed_nesterov_captures_again():

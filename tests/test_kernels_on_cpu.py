@@ -270,7 +270,6 @@ def test_channel_dot_kernel_is_the_einsum(monkeypatch):
     np.testing.assert_allclose(batchnorm._channel_dot(a, b), np.einsum("ncl,ncl->c", a, b), rtol=1e-13)
 
 
-
 # ------------------------------------------------------------------------------------ all at once
 def test_training_steps_with_every_cuda_kernel_in_c(monkeypatch):
     """A masked WRN's training steps with every fused kernel of the CuPy path running its C on

@@ -203,7 +203,6 @@ def test_zero_pad_shortcut_and_concat():
     assert out.shape == (2, 5, 4, 4)
 
 
-
 def test_concat_and_dense_layer_name_the_feature_maps_they_refuse():
     """Mismatched batch or spatial sizes, or a DenseLayer given the wrong channel count: a
     ValueError naming the layer and the shapes, not NumPy's or a child BN's message."""
