@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .io import atomic_write_text
 from .nn.module import Module
-from .pretrained import HERE, SHIPPED, BackboneError, load_backbone, shipped_path
+from .pretrained import HERE, SHIPPED, BackboneError, load_backbone, pretraining_domain, shipped_path
 from .storage import DomainFileError, load_domain, save_domain
 
 MODEL_FORMAT = "npmask-model"
@@ -45,7 +45,7 @@ def load_model(cls, path, backbone=None, *, domains=None, dtype=None, backend: s
     if backbone is None:
         backbone = source
     pretrained, source, info = _backbone(backbone, dtype=dtype, backend=backend)
-    model = cls(pretrained, base_domain=meta.get("base_domain") or info.get("domain", "base"))
+    model = cls(pretrained, base_domain=meta.get("base_domain") or pretraining_domain(info))
     model.backbone_source = source
     want = meta.get("backbone", {}).get("fingerprint")
     if want and want != model.fingerprint():

@@ -81,8 +81,13 @@ def check_info(info, p) -> None:
     if info.get("dtype", "float32") not in ("float32", "float64"):
         raise BackboneError(f"backbone description {p}: field 'dtype' must be float32 or float64, "
                             f"got {json.dumps(info.get('dtype'))[:60]}")
-    if not isinstance(info.get("domain", "base"), str):
+    if not isinstance(pretraining_domain(info), str):
         raise BackboneError(f"backbone description {p}: field 'domain' must be a string")
+
+
+def pretraining_domain(info: dict) -> str:
+    """The domain a backbone was pretrained on, from its description ("base" when it names none)."""
+    return info.get("domain", "base")
 
 
 def save_backbone(path, model, info: dict) -> None:

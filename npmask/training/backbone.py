@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..model_folder import backbone_source
 from ..multidomain import MultiDomainModel
-from ..pretrained import BackboneError, load_backbone
+from ..pretrained import BackboneError, load_backbone, pretraining_domain
 from .errors import ConfigError
 
 
@@ -24,6 +24,6 @@ def load_run_backbone(cfg):
     if int(info["input_size"]) != int(cfg.input_size):
         raise ConfigError(f"backbone {cfg.backbone} was trained on {info['input_size']}px inputs, "
                           f"the run uses {cfg.input_size}px")
-    model = MultiDomainModel(backbone, base_domain=info.get("domain", "base"))
+    model = MultiDomainModel(backbone, base_domain=pretraining_domain(info))
     model.backbone_source = backbone_source(cfg.backbone) if cfg.backbone else {"shipped": None}
     return model, info

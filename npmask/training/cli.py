@@ -221,27 +221,23 @@ def train_config_from_args(ns: dict) -> TrainConfig:
                           "benchmark; it is the backbone itself and is not trained again")
     root = resolve_data_root(bench.name, cfg.data_root, cfg.domains or None)
     cfg.data_root = str(root)
-    cfg.domains = choose_domains(bench, root, cfg.domains or None)
+    cfg.domains = choose_domains(bench, root, cfg.domains or None, backbone_domain(cfg.backbone))
     cfg.backbone = resolve_backbone(cfg, bench, root)
-    if "domains" not in given:
-        cfg.domains = without_backbone_domain(cfg.domains, cfg.backbone, root)
     if ns.get("emax_from"):
         cfg.emax, cfg.emax_source = emax_from_run(ns["emax_from"])
     return validate.check_train_run(cfg)  # data (channels, labels, archives) and the backbone
 
 
-def without_backbone_domain(domains: list, backbone, root) -> list:
-    """The default targets less the domain the backbone was pretrained on (its JSON's ``domain``):
-    the folder preset knows no pretraining domain of its own, and a data folder often holds it."""
+def backbone_domain(backbone) -> str | None:
+    """The domain a ``--backbone`` was pretrained on (its JSON), left out of the default targets:
+    the folder preset knows none of its own, and a data folder often holds it. None without a
+    readable description (resolve_backbone and the checks after it say what is wrong)."""
+    if backbone is None:
+        return None
     try:
-        base = pretrained.read_info(backbone).get("domain", "base")  # as load_run_backbone
+        return pretrained.pretraining_domain(pretrained.read_info(backbone))
     except (pretrained.BackboneError, OSError):
-        return domains  # a bad description: check_train_run says what is wrong with it
-    targets = [d for d in domains if d != base]
-    if not targets:
-        raise ConfigError(f"data folder {root} holds no target domain besides {base!r}, the "
-                          "backbone's pretraining domain")
-    return targets
+        return None
 
 
 def resolve_backbone(cfg: TrainConfig, bench, root) -> str:

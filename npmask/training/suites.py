@@ -150,20 +150,21 @@ def available_domains(root) -> list[str]:
     return list_domains(root)
 
 
-def choose_domains(bench: Benchmark, root, requested) -> list[str]:
-    """The target domains of a run: ``requested`` (checked to exist) or the benchmark default.
+def choose_domains(bench: Benchmark, root, requested, base_domain: str | None = None) -> list[str]:
+    """The target domains of a run: ``requested`` (checked to exist) or the benchmark default, which
+    leaves out ``base_domain``, the backbone's pretraining domain (default: the benchmark's own).
 
     Each chosen domain's meta.json and the headers of its npz files are checked here (a few
     hundred bytes each), so a malformed or truncated folder stops the command before a run folder
     is created.
     """
-    chosen = _choose(bench, root, requested)
+    chosen = _choose(bench, root, requested, base_domain or bench.base_domain)
     for d in chosen:
         check_domain_files(Path(root) / d)  # DataFormatError naming the file and the problem
     return chosen
 
 
-def _choose(bench: Benchmark, root, requested) -> list[str]:
+def _choose(bench: Benchmark, root, requested, base_domain) -> list[str]:
     have = available_domains(root)
     if not have:
         raise ConfigError(f"data folder {root} holds no domain (no sub-folder with a meta.json)")
@@ -179,7 +180,8 @@ def _choose(bench: Benchmark, root, requested) -> list[str]:
             raise ConfigError(f"data folder {root} lacks the {bench.name} domain(s) "
                               f"{', '.join(missing)}; available: {', '.join(have)}")
         return list(bench.default_domains)
-    targets = [d for d in have if d != bench.base_domain]
+    targets = [d for d in have if d != base_domain]
     if not targets:
-        raise ConfigError(f"data folder {root} holds no target domain besides {bench.base_domain!r}")
+        raise ConfigError(f"data folder {root} holds no target domain besides {base_domain!r}, the "
+                          "backbone's pretraining domain")
     return targets
