@@ -385,3 +385,10 @@ def skip_reason(fma: bool = False) -> str | None:
         return "no x86-64 CPU with FMA here: the kernels cannot be run with fused multiply-adds"
     return None
 
+
+def skip_unless_runnable(fma: bool = False) -> None:
+    """pytest.skip with :func:`skip_reason` when the kernels' C (or its FMA build) cannot run here."""
+    import pytest
+    if skip_reason(fma):
+        pytest.skip(skip_reason(fma))
+

@@ -109,10 +109,10 @@ def emulated(request, monkeypatch):
     may, so the tolerances are known to hold for fused arithmetic too)."""
     if request.param == "numpy-emulation":
         fake_cupy = types.SimpleNamespace(ElementwiseKernel=_Elementwise, ReductionKernel=_Reduction)
-    elif cuda_on_cpu.skip_reason(request.param.endswith("fma")):
-        pytest.skip(cuda_on_cpu.skip_reason(request.param.endswith("fma")))
     else:
-        fake_cupy = cuda_on_cpu.fake_cupy(fma=request.param.endswith("fma"))
+        fma = request.param.endswith("fma")
+        cuda_on_cpu.skip_unless_runnable(fma)
+        fake_cupy = cuda_on_cpu.fake_cupy(fma=fma)
     monkeypatch.setattr(batchnorm_cuda, "_import_cupy", lambda: fake_cupy)
     kernels = batchnorm_cuda.kernels.__wrapped__()
     monkeypatch.setattr(batchnorm_cuda, "kernels", lambda: kernels)

@@ -169,8 +169,7 @@ def emulated(request, monkeypatch):
     names = [p.split()[-1] for p in ("raw T first, " + conv_cuda._SHAPE).split(",")]
     in_c = request.param == "c-on-cpu"
     if in_c:
-        if not cuda_on_cpu.available():
-            pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
+        cuda_on_cpu.skip_unless_runnable()
         c_kernels = cuda_on_cpu.build(monkeypatch, conv_cuda)
 
     def fake(kind):
@@ -306,8 +305,7 @@ def kernels_on(request, monkeypatch):
             pytest.skip(needs_gpu.kwargs["reason"])
         import cupy as cp
         return (lambda a: to_device(a, "cupy")), cp.empty
-    if not cuda_on_cpu.available():
-        pytest.skip("no C++ compiler (g++, c++ or clang++): the kernels' C cannot run on the CPU")
+    cuda_on_cpu.skip_unless_runnable()
     cuda_on_cpu.build(monkeypatch, conv_cuda)
     return (lambda a: a), np.empty
 

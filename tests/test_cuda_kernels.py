@@ -44,8 +44,7 @@ def kernels_on(request, monkeypatch):
             pytest.skip(needs_gpu.kwargs["reason"])
         return lambda a: a if isinstance(a, float) else to_device(a, "cupy")
     fma = request.param.endswith("fma")
-    if cuda_on_cpu.skip_reason(fma):
-        pytest.skip(cuda_on_cpu.skip_reason(fma))
+    cuda_on_cpu.skip_unless_runnable(fma)
     cuda_on_cpu.build(monkeypatch, cuda, fma=fma)
     return lambda a: a
 

@@ -13,19 +13,18 @@ from __future__ import annotations
 import cuda_on_cpu
 import numpy as np
 import pytest
+from test_conv_cuda import _bits, _masked_wrn_steps
+from test_graph_step import _assert_same_state, _train
 
-from npmask.nn import batchnorm
-from npmask.optim import Adam
-from npmask.optim import optimizers
+from npmask import config
+from npmask.masking import cuda as masking_cuda
+from npmask.nn import batchnorm, batchnorm_cuda, conv_cuda
+from npmask.optim import Adam, optimizers
+from npmask.optim import cuda as optim_cuda
 
-pytestmark = pytest.mark.skipif(not cuda_on_cpu.available(),
-                                reason="no C++ compiler (g++, c++ or clang++) to run the kernels' C")
+pytestmark = pytest.mark.skipif(not cuda_on_cpu.available(), reason=str(cuda_on_cpu.skip_reason()))
 
 ElementwiseKernel, ReductionKernel = cuda_on_cpu.ElementwiseKernel, cuda_on_cpu.ReductionKernel
-
-
-def _bits(a):
-    return np.asarray(a).view({4: np.uint32, 8: np.uint64}[np.asarray(a).dtype.itemsize])
 
 
 # ------------------------------------------------------------------------------------ the runner
@@ -229,7 +228,6 @@ def test_adam_kernel_through_adams_cupy_branch_gives_the_numpy_bits(weight_decay
             opt._update("w", p, g, state)
         return p, state["exp_avg"], state["exp_avg_sq"]
     want = run()
-    from npmask.optim import cuda as optim_cuda
     cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
     calls = []
     kernel = optim_cuda.adam_kernel()
@@ -244,7 +242,6 @@ def test_adam_kernel_through_adams_cupy_branch_gives_the_numpy_bits(weight_decay
 def test_adam_kernel_reads_device_scalars_as_it_reads_scalars(monkeypatch):
     """The captured step passes step_size and bias2 as 0-d arrays (npmask.optim.device): the
     kernel gives the same bits as with scalars."""
-    from npmask.optim import cuda as optim_cuda
     kernel = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
     rng = np.random.default_rng(4)
     g, p = rng.standard_normal(30).astype(np.float32), rng.standard_normal(30).astype(np.float32)
@@ -276,13 +273,6 @@ def test_training_steps_with_every_cuda_kernel_in_c(monkeypatch):
     the CPU at once (mask transform, batch norm + ReLU (+ residual), im2col/col2im, Adam), each
     taken where the CuPy path takes it: the losses and the final state agree with the NumPy path
     to float32 rounding, and every kind of kernel ran."""
-    from test_conv_cuda import _masked_wrn_steps
-
-    from npmask import config
-    from npmask.masking import cuda as masking_cuda
-    from npmask.nn import batchnorm_cuda, conv_cuda
-    from npmask.optim import cuda as optim_cuda
-
     with config.using(folded_rows=False):
         want_losses, want = _masked_wrn_steps(False, "full")
     ran = set()
@@ -320,9 +310,6 @@ def test_graph_step_with_adams_kernel_in_c_trains_bit_for_bit_as_train_step(monk
     (npmask.optim.device), rewritten in place before every replay; with Adam's kernel in C taking
     them (GraphStep's NumPy emulation of capture and replay around it), the training is the plain
     NumPy loop's, bit for bit, over a change of learning rate."""
-    from test_graph_step import _assert_same_state, _train
-
-    from npmask.optim import cuda as optim_cuda
     plain, plain_state, _ = _train("plain")
     adam = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
     scalars = []
