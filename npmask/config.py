@@ -73,8 +73,9 @@ _DOCS = {
     "fuse_bn_relu": (bool, "a batch norm directly followed by ReLU (and a residual block's sum "
                            "before its ReLU) runs as one layer: the ReLU and the addition inside "
                            "batch norm's passes, the ReLU's mask taken from the output (the same "
-                           "bits on NumPy; fused CUDA kernels on CuPy); False: the separate "
-                           "BatchNorm2d, addition and ReLU modules, as the code reads"),
+                           "bits on NumPy; fused CUDA kernels on CuPy, also for a batch norm with no "
+                           "ReLU after it); False: the separate BatchNorm2d, addition and ReLU "
+                           "modules, as the code reads"),
     "cuda_conv_kernels": (bool, "on CuPy, a convolution's im2col and its input gradient's col2im "
                                 "each run as ONE CUDA kernel (npmask/nn/conv_cuda.py) instead of a "
                                 "strided copy or addition per kernel offset: fewer kernel launches, "

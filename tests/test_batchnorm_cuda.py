@@ -168,7 +168,7 @@ def _close(got, want, dtype, float32_tol=None):
 CASES = [(shape, training, frozen, relu, residual)
          for shape in [(4, 3, 5, 6), (7, 5), (2, 6, 1, 1)]
          for training in (True, False) for frozen in (False, True)
-         for relu, residual in ((True, False), (True, True), (False, True))]
+         for relu, residual in ((True, False), (True, True), (False, True), (False, False))]
 
 
 @pytest.mark.parametrize("shape, training, frozen, relu, residual", CASES)
@@ -186,11 +186,15 @@ def _ref_of(a):
     return None if a is None else a.copy()
 
 
-@pytest.mark.parametrize("name, size, fused_bns", [("wrn10_1", 8, 7), ("resnet_bottleneck", 32, 16),
-                                                   ("densenet", 32, 15)])
+@pytest.mark.parametrize("name, size, shortcut_bns", [("wrn10_1", 8, 3), ("resnet_bottleneck", 32, 4),
+                                                      ("densenet", 32, 0)])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("training", [True, False])
-def test_emulated_kernels_run_whole_networks(emulated, name, size, fused_bns, dtype, training):
+def test_emulated_kernels_run_whole_networks(emulated, name, size, shortcut_bns, dtype, training):
+    """Every batch norm takes the kernels: those with a ReLU (and a residual sum) fused in, and a
+    shortcut's, which has no ReLU after it."""
+    norms = []
+
     def run():
         if name == "wrn10_1":
             net = models.create(name, num_classes=5, input_size=size, dtype=dtype, seed=0)
@@ -201,6 +205,7 @@ def test_emulated_kernels_run_whole_networks(emulated, name, size, fused_bns, dt
             net = models.ResNet("bottleneck", (1, 2, 1, 1), num_classes=3, input_size=size, width=2,
                                 dtype=dtype, rng=1)
         net.train(training)
+        norms[:] = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm)]
         rng = np.random.default_rng(0)
         y = net.forward(rng.standard_normal((4, 3, size, size)).astype(dtype))
         dx = net.backward(rng.standard_normal(y.shape).astype(dtype))
@@ -209,7 +214,8 @@ def test_emulated_kernels_run_whole_networks(emulated, name, size, fused_bns, dt
     want = run()
     emulated.on = True
     got = run()
-    assert emulated.calls == fused_bns                      # every fused batch norm took the kernels
+    assert emulated.calls == len(norms)                     # every batch norm took the kernels
+    assert len([n for n in norms if "shortcut" in n or "downsample" in n]) == shortcut_bns
     # float32: the deepest stages normalise 4 values per channel (1x1 maps), which magnifies the
     # rounding of sums taken in another order; float64 checks the formulas to 1e-10
     _close(got, want, dtype, float32_tol=dict(rtol=1e-3, atol=2e-4))
@@ -261,7 +267,8 @@ def test_gpu_fused_wrn_matches_numpy(dtype, training, monkeypatch):
     want = run("numpy")
     assert not calls
     got = run("cupy")
-    assert len(calls) == 7             # every fused batch norm of wrn10_1 took the kernels (as emulated)
+    assert len(calls) == 10            # every batch norm of wrn10_1 took the kernels (as emulated):
+                                       # 7 with a ReLU fused in, the 3 shortcuts' without
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-3, atol=1e-4)
     for i, (a, b) in enumerate(zip(got, want)):
         np.testing.assert_allclose(a, b, err_msg=f"output {i}", **tol)
