@@ -210,7 +210,7 @@ def test_every_step_after_the_first_launches_the_same_sequence(variant, settings
 
 def test_the_fused_kernels_are_what_the_cupy_path_takes():
     """Counted per step of a masked WRN-16-1 (`full`): one transform forward per masked
-    convolution, one Adam kernel per array Adam trains, batch norm's fused forward and backward
+    convolution, one Adam kernel per array Adam trains, one memset per optimiser's gradients, batch norm's fused forward and backward
     for every batch norm (a shortcut's too, with no ReLU), and with cuda_conv_kernels one im2col kernel per convolution's forward
     (and fewer launches than without)."""
     _, events, _, model, opt = _on_cupy("full", cuda_conv_kernels=True)
@@ -223,6 +223,8 @@ def test_the_fused_kernels_are_what_the_cupy_path_takes():
     names = [e.name for e in step if e.kind == "fused"]
     assert masked and names.count("npmask_mask_transform_forward") == len(masked)
     assert names.count("npmask_adam_update") == len(opt.groups["body"].refs)
+    zeroing = [(e.kind, e.name) for e in step if e.where.startswith("optim/grads.py")]
+    assert zeroing == [("memset", "fill")] * 2              # one per optimiser (body, head)
     assert len(norms) and sum(names.count(k) for k in ("npmask_bn_forward", "npmask_bn_forward_residual")) \
         == len(norms)
     assert sum(names.count(k) for k in ("npmask_bn_backward", "npmask_bn_backward_d")) == len(norms)

@@ -460,3 +460,54 @@ def _params(m):
 
 def _grads(m):
     return sorted((ref.name, ref.grad) for ref in m.parameter_refs() if ref.grad is not None)
+
+
+# ---------------------------------------------------------------- zero_grad's flat arrays
+def _three(dtypes=(np.float32, np.float32, np.float64)):
+    m = Module()
+    for i, dtype in enumerate(dtypes):
+        setattr(m, f"p{i}", Params(dtype, w=np.arange(6.0).reshape(2, 3) + i))
+    return m
+
+
+def test_zero_grad_holds_the_gradients_in_one_flat_array_per_dtype():
+    m = _three()
+    opt = SGD(m.parameters(), lr=0.1)
+    for i in range(3):
+        getattr(m, f"p{i}").grads["w"][...] = 7.0
+    opt.zero_grad()
+    g = [getattr(m, f"p{i}").grads["w"] for i in range(3)]
+    assert all(a.shape == (2, 3) and not a.any() for a in g)
+    assert g[0].base is g[1].base and g[0].base.size == 12 and g[2].base.size == 6    # float32 x2, float64
+    assert g[0].dtype == np.float32 and g[2].dtype == np.float64
+    for a in g:
+        a += 1.0                                     # the layers accumulate into the views
+    opt.zero_grad()
+    assert all(getattr(m, f"p{i}").grads["w"] is g[i] for i in range(3))   # the same arrays, zeroed
+    assert not any(a.any() for a in g)
+
+
+def test_zero_grad_after_a_gradient_was_replaced_or_a_parameter_frozen():
+    m = _three()
+    opt = SGD(m.parameters(), lr=0.1)
+    opt.zero_grad()
+    m.p1.grads["w"] = np.full((2, 3), 5.0, np.float32)          # as Module.to or unfreeze would
+    opt.zero_grad()
+    assert not m.p1.grads["w"].any()
+    m.p0.freeze()
+    m.p1.grads["w"] += 2.0
+    opt.zero_grad()
+    assert m.p0.grads.get("w") is None and not m.p1.grads["w"].any() and not m.p2.grads["w"].any()
+    m.p0.unfreeze()
+    m.p0.grads["w"][...] = 3.0
+    opt.zero_grad()
+    assert not m.p0.grads["w"].any()
+
+
+def test_zero_grad_keeps_a_gradient_array_two_parameters_share():
+    m = _three((np.float64, np.float64, np.float64))
+    m.p1.grads["w"] = m.p0.grads["w"]
+    m.p0.grads["w"][...] = 2.0
+    opt = SGD(m.parameters(), lr=0.1)
+    opt.zero_grad()
+    assert m.p1.grads["w"] is m.p0.grads["w"] and not m.p0.grads["w"].any()

@@ -53,7 +53,7 @@ import numpy as np
 from ..backend import backend_name, get_array_module, to_device, to_numpy
 from ..nn.module import Module, NamedParameter, ParamRef
 from ..nn.parallel import each_chunk
-from . import cuda
+from . import cuda, grads
 
 
 class Optimizer:
@@ -109,11 +109,9 @@ class Optimizer:
         raise NotImplementedError
 
     def zero_grad(self) -> None:
-        """Set the gradients of this optimiser's parameters to zero, in place."""
-        for ref in self.refs:
-            g = ref.grad
-            if g is not None:
-                g.fill(0)
+        """Set the gradients of this optimiser's parameters to zero: one fill per flat array that
+        holds them (:mod:`npmask.optim.grads`), on a GPU one launch instead of one per parameter."""
+        self._grads = grads.zero(self.refs, getattr(self, "_grads", None))
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict:
