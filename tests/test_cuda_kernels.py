@@ -72,9 +72,9 @@ def test_module_imports_without_cupy():
 def test_kernel_objects_build_without_a_device():
     pytest.importorskip("cupy")
     k = cuda.kernels()
-    assert set(k) == {"forward", "grad_r", "grad_w", "sums"} and len(k["sums"]) == 4
+    assert set(k) == {"forward", "grad_r", "grad_w", "sums"}
     assert type(k["forward"]).__name__ == "ElementwiseKernel"
-    assert type(k["sums"][3]).__name__ == "ReductionKernel"
+    assert type(k["sums"]).__name__ == "ReductionKernel"
 
 
 def test_numpy_arrays_take_the_generic_path(monkeypatch):

@@ -8,16 +8,17 @@ forward (one ElementwiseKernel)::
 
     W~ = [R >= tau] * (k3*W + k2) + k0*W + k1
 
-backward (one ElementwiseKernel for dL/dR, one ReductionKernel per learned k)::
+backward (one ElementwiseKernel for dL/dR, one ReductionKernel for all the learned k's)::
 
     dL/dR  = G * (k3*W + k2) * h~'(R - tau)          h~' = 1 (identity) or s(1-s), s = sigmoid
     dL/dk0 = sum G*W   dL/dk1 = sum G   dL/dk2 = sum G*[R >= tau]   dL/dk3 = sum G*W*[R >= tau]
     dL/dW  = G * (k0 + k3*[R >= tau])                 (on request; npmask never asks for it)
 
 The mask M = [R >= tau] is recomputed inside each kernel from R (one comparison) instead of being
-stored: on the GPU that is cheaper than writing and re-reading a mask array. Sums run over all
-elements for a (1,) k (per output channel first, then over the channels), and over every axis but
-the first for a channel-wise (O,) k.
+stored: on the GPU that is cheaper than writing and re-reading a mask array. The k's sums come out
+of one reduction as J rows of O (J learned k's, O output channels: each row's term picked by a
+small index array broadcast against W); a (1,) k then sums its row over the channels, a
+channel-wise (O,) k is its row.
 
 The numbers equal the generic path's up to float rounding (the order of the additions in a GPU sum
 differs from NumPy's); ``tests/test_cuda_kernels.py`` checks that whenever a GPU is present.
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..backend import _import_cupy, backend_name
+import numpy as np
+
+from ..backend import _import_cupy, backend_name, get_array_module
 from .common import TransformCache, is_fixed
 
 # One expression per coefficient: dL/dk_j = sum over the weights of this term.
@@ -72,10 +75,25 @@ def kernels() -> dict:
         "T G, T R, T k0, T k3, T tau", "T dW",
         "dW = G * (k0 + (R >= tau ? k3 : (T)0));",
         "npmask_mask_transform_grad_w")
-    sums = tuple(cp.ReductionKernel("T G, T W, T R, T tau", "T out", term, "a + b", "out = a", "0",
-                                    f"npmask_mask_transform_dk{j}")
-                 for j, term in enumerate(_DK_TERMS))
+    # Every learned k's sums in ONE reduction: the index array j (J, 1, ..., 1), broadcast against
+    # the weight, picks each row's term, and the J x O sums come out together.
+    pick = "".join(f"j == {j} ? ({term}) : " for j, term in enumerate(_DK_TERMS[:-1])) + f"({_DK_TERMS[-1]})"
+    sums = cp.ReductionKernel("T G, T W, T R, T tau, int32 j", "T out", pick, "a + b", "out = a", "0",
+                              "npmask_mask_transform_dk")
     return {"forward": forward, "grad_r": grad_r, "grad_w": grad_w, "sums": sums}
+
+
+_ROWS: dict = {}    # (array type, device, k indices, weight ndim) -> the index array, made once
+
+
+def _rows(W, js: tuple):
+    """The index array (J, 1, ..., 1) of the learned k's ``js``, on W's device: made at the first
+    step and kept, so that no later step copies it from the host (and a CUDA graph can replay it)."""
+    key = (type(W), getattr(getattr(W, "device", None), "id", None), js, W.ndim)
+    if key not in _ROWS:
+        rows = np.array(js, dtype=np.int32).reshape((len(js),) + (1,) * W.ndim)
+        _ROWS[key] = get_array_module(W).asarray(rows)
+    return _ROWS[key]
 
 
 def _kernel_arg(k, W):
@@ -104,13 +122,16 @@ def transform_backward(G, cache, need_k=(True, True, True, True), need_R: bool =
     kern = kernels()
     t = W.dtype.type(tau)
     dks = [None] * 4
-    for j in range(4):
-        if need_k[j] and not is_fixed(ks[j]):
-            # Always one sum per output channel (a thread block each), then the (O,) vector is
-            # summed for a scalar k: a ReductionKernel with a single output runs in ONE block, several
-            # times slower on large weights (benchmarks/results/gpu_h100.md, "CuPy reductions").
-            per_channel = kern["sums"][j](G, W, R, t, axis=tuple(range(1, W.ndim)))
-            dks[j] = (per_channel if ks[j].shape[0] != 1 else per_channel.sum()).reshape(ks[j].shape)
+    js = tuple(j for j in range(4) if need_k[j] and not is_fixed(ks[j]))
+    if js:
+        # One sum per output channel and k (a thread block each), then each (O,) row summed for a
+        # scalar k: a ReductionKernel with a single output runs in ONE block, several times slower
+        # on large weights (benchmarks/results/gpu_h100.md, "CuPy reductions").
+        per_channel = kern["sums"](G, W, R, t, _rows(W, js), axis=tuple(range(2, W.ndim + 1)))
+        scalar = [ks[j].shape[0] == 1 for j in js]
+        totals = per_channel.sum(axis=1) if any(scalar) else None
+        for row, j in enumerate(js):
+            dks[j] = (totals[row] if scalar[row] else per_channel[row]).reshape(ks[j].shape)
     dR = None
     if need_R:
         k2, k3 = _kernel_arg(ks[2], W), _kernel_arg(ks[3], W)
