@@ -137,6 +137,9 @@ def _bn(c, dtype, training, frozen, ndim=4):
     layer.buffers["running_var"][...] = rng.uniform(0.5, 2, c)
     if frozen:
         layer.freeze()
+    else:                               # backward adds to the gradients already there
+        layer.grads["weight"][...] = rng.standard_normal(c)
+        layer.grads["bias"][...] = rng.standard_normal(c)
     return layer.train(training)
 
 

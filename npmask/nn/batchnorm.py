@@ -256,11 +256,13 @@ class BatchNorm(Module):
         length = dy3.shape[2]
         m = n * length
         if kernels:                             # the forward ran the CuPy kernels: so does backward
+            into = (self.grads["weight"], self.grads["bias"]) if need_w and need_b else None
             dx3, d3, dweight, dbias = batchnorm_cuda.backward(
                 dy3, kept.reshape(dy3.shape), None if y is None else y.reshape(dy3.shape), mean,
-                inv_std, self.params["weight"], training, need_w or need_b, residual and y is not None)
+                inv_std, self.params["weight"], training, need_w or need_b, residual and y is not None,
+                into)                           # the kernel adds into the gradients itself
             return self._gradients(dy.shape, dx3, dy3 if d3 is None else d3, dweight, dbias,
-                                   need_w, need_b, residual)
+                                   need_w and into is None, need_b and into is None, residual)
         scale = self.params["weight"] * inv_std  # weight * s, per channel
         dx = xp.empty_like(dy)
         dx3 = dx.reshape(n, c, length)

@@ -65,6 +65,9 @@ _ELEMENTWISE = {
     "grads": ("T dbias, T dw_sum, T inv_std, T w, T m", "T dweight, T k1, T k2, T scale",
               "dweight = dw_sum * inv_std; k1 = inv_std * (dweight / m); k2 = dbias / m; "
               "scale = w * inv_std;"),
+    "grads_into": ("T dbias, T dw_sum, T inv_std, T w, T m", "T k1, T k2, T scale, T gw, T gb",
+                   "T dweight = dw_sum * inv_std; k1 = inv_std * (dweight / m); k2 = dbias / m; "
+                   "scale = w * inv_std; gw = gw + dweight; gb = gb + dbias;"),
     "backward": ("T dy, T y, T x, T mean, T k1, T k2, T scale, int32 relu", "T dx",
                  "T d = dy * npmask_mask_if(relu, y); dx = (d - ((x - mean) * k1 + k2)) * scale;"),
     "backward_d": ("T dy, T y, T x, T mean, T k1, T k2, T scale, int32 relu", "T dx, T d",
@@ -146,12 +149,13 @@ def forward(x3, weight, bias, running_mean, running_var, eps, momentum, training
     return y3, mean, inv_std
 
 
-def backward(dy3, x3, y3, mean, inv_std, weight, training, need_params, want_d):
+def backward(dy3, x3, y3, mean, inv_std, weight, training, need_params, want_d, grads=None):
     """``(dx3, d3, dweight, dbias)``; y3 is the forward's output when a ReLU was fused, else None.
 
     d3 (the masked gradient dy * [y > 0], for a residual's branch) only with ``want_d``, else None;
     dweight and dbias are None for a frozen layer in eval mode (``need_params`` False), whose dx
-    is a fixed scaling.
+    is a fixed scaling. With ``grads`` (the layer's weight and bias gradients) dweight and dbias
+    are added into them by the channel kernel itself (two launches fewer) and returned as None.
     """
     k = kernels()
     c = dy3.shape[1]
@@ -165,8 +169,13 @@ def backward(dy3, x3, y3, mean, inv_std, weight, training, need_params, want_d):
     if training or need_params:
         dbias = k["dsum"](dy3, y, relu, axis=(0, 2))
         dw_sum = k["ddot"](dy3, y, x3, col(mean), relu, axis=(0, 2))
-        m = dy3.shape[0] * dy3.shape[2]
-        dweight, k1, k2, scale = k["grads"](dbias, dw_sum, inv_std, weight, dy3.dtype.type(m))
+        m = dy3.dtype.type(dy3.shape[0] * dy3.shape[2])
+        if grads is None:
+            dweight, k1, k2, scale = k["grads"](dbias, dw_sum, inv_std, weight, m)
+        else:                                     # CuPy: all outputs given, or none
+            k1, k2, scale = (get_array_module(dy3).empty_like(inv_std) for _ in range(3))
+            k["grads_into"](dbias, dw_sum, inv_std, weight, m, k1, k2, scale, *grads)
+            dweight = dbias = None
     else:
         scale = weight * inv_std
     if training:
