@@ -49,7 +49,8 @@ COMPILER = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
 FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
 # As a GPU may compute: every a * b + c the compiler can fuse, fused (one rounding; GCC fuses at -O2)
 FLAGS_FMA = ("-std=c++17", "-O2", "-ffp-contract=fast", "-mfma", "-fno-fast-math", "-shared", "-fPIC")
-_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int32): "int"}
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int32): "int",
+          np.dtype(np.int64): "long long", np.dtype(np.uint64): "unsigned long long"}
 _PRELUDE = """#include <math.h>
 #include <stddef.h>
 #define __device__
@@ -106,7 +107,7 @@ class _Kernel:
         self.ins, self.outs = _param_list(in_params), _param_list(out_params)
         self.name, self.preamble = name, preamble
         for raw, type_, pname in self.ins + self.outs:
-            if type_ not in ("T", "int32", "float32", "float64"):
+            if type_ not in ("T", "int32", "float32", "float64", "int64", "uint64"):
                 raise NotImplementedError(f"parameter type {type_} of {name}")
             if pname == "i":
                 raise ValueError("CuPy refuses a parameter named i")

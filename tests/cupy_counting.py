@@ -62,7 +62,7 @@ _BACKEND_FILE = str(Path(backend.__file__))
 # ``_import_cupy()`` once and caches them; under the stand-in they are built again, with its classes.
 FACTORIES = (("npmask.masking.cuda", "kernels"), ("npmask.nn.batchnorm_cuda", "kernels"),
              ("npmask.nn.conv_cuda", "kernels"), ("npmask.optim.cuda", "adam_kernel"),
-             ("npmask.nn.batchnorm", "_cupy_dot_kernel"))
+             ("npmask.optim.cuda", "adam_all_kernel"), ("npmask.nn.batchnorm", "_cupy_dot_kernel"))
 
 _state = threading.local()
 
@@ -357,6 +357,11 @@ class DeviceArray(np.ndarray):
 
     def get(self, stream=None, order="C", out=None):
         return self._to_host("get").copy()
+
+    @property
+    def data(self):
+        """As CuPy's ``a.data``, a memory pointer: its ``ptr`` is the first element's address."""
+        return types.SimpleNamespace(ptr=self.ctypes.data)
 
     def set(self, host):
         _record("to_device", "set")

@@ -186,7 +186,7 @@ def _record_kernels(monkeypatch):
         return build
     monkeypatch.setattr(cp, "ElementwiseKernel", recorder("elementwise"))
     monkeypatch.setattr(cp, "ReductionKernel", recorder("reduction"))
-    for factory in (cuda.kernels, optim_cuda.adam_kernel, batchnorm._cupy_dot_kernel,
+    for factory in (cuda.kernels, optim_cuda.adam_kernel, optim_cuda.adam_all_kernel, batchnorm._cupy_dot_kernel,
                     batchnorm_cuda.kernels, conv_cuda.kernels):
         factory.__wrapped__()
     _record_kernels.records = records          # (kind, args, kwargs): for CuPy's own code generator
@@ -201,7 +201,8 @@ def _kernel_source(kind, in_params, out_params, body, *rest, T="float", preamble
     The kernel's ``preamble`` (helper functions) comes after the type definition, as in CuPy.
     """
     def params(text):
-        return [({"int32": "int"}.get(t, t), name) for t, name in (p.split()[-2:] for p in text.split(","))]
+        ctypes = {"int32": "int", "int64": "long long", "uint64": "unsigned long long"}
+        return [(ctypes.get(t, t), name) for t, name in (p.split()[-2:] for p in text.split(","))]
     raw = {p.split()[-1] for p in in_params.split(",") if p.split()[0] == "raw"}
     ins, outs = params(in_params), params(out_params)
     args = ", ".join(f"{t}* {'' if name in raw else '_'}{name}" for t, name in ins + outs)
@@ -270,12 +271,14 @@ _NDARRAY, _INDEXER, _SCALAR = 1, 2, 3           # cupy/_core/_kernel.pxd: enum _
 
 def _cupy_generated_source(cp, kind, args, kwargs, dtype, scalars=False):
     """CuPy's source for a call with T = dtype: fixed-type parameters (int32) as scalars, as npmask
-    passes them; T inputs as arrays, or with ``scalars`` all but the first as scalars (the two
+    passes them (raw ones as arrays); T inputs as arrays, or with ``scalars`` all but the first as scalars (the two
     declare a parameter differently: a function parameter, or a reference into ``_raw_<name>``)."""
     from cupy._core import _carray, _kernel, _reduction, _scalar
     dtype = np.dtype(dtype)
 
     def info(p, ndim, first=False):
+        if p.raw and p.dtype is not None:          # a raw array of a fixed type (Adam's addresses)
+            return _kernel._ArgInfo(_NDARRAY, cp.ndarray, p.dtype, 1, True, True)
         if p.dtype is not None or (scalars and not first):
             return _kernel._ArgInfo(_SCALAR, _scalar.CScalar, p.dtype or dtype, 0, True, True)
         return _kernel._ArgInfo(_NDARRAY, cp.ndarray, dtype, ndim, False, True)

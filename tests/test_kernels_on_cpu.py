@@ -257,6 +257,61 @@ def test_adam_kernel_reads_device_scalars_as_it_reads_scalars(monkeypatch):
         assert np.array_equal(_bits(a), _bits(b))
 
 
+def _adam_in_c(monkeypatch):
+    """Adam's CuPy branch for NumPy arrays (addresses as NumPy's), both its kernels' C on the CPU;
+    returns the one-launch kernel."""
+    monkeypatch.setattr(optimizers, "get_array_module", lambda *a: _NotNumPy())
+    monkeypatch.setattr(optim_cuda, "address", lambda a: a.ctypes.data)
+    cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
+    return cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_all_kernel")
+
+
+def _adam_run(weight_decay, dtype, steps=4):
+    """Parameters and moments after Adam's steps on three parameters: one frozen for the third
+    step (the others in one launch), then unfrozen and the state saved and loaded (step counts
+    differ: one launch each)."""
+    from npmask.nn.module import Module
+    rng = np.random.default_rng(5)
+    m = Module()
+    for i, shape in enumerate([(3, 4), (7,), (2, 2, 5)]):
+        m.register_param(f"w{i}", rng.standard_normal(shape).astype(dtype))
+    opt = Adam(m.parameters(), lr=1e-2, weight_decay=weight_decay)
+    grads = [[rng.standard_normal(p.shape).astype(dtype) for p in m.params.values()] for _ in range(steps)]
+    for n, step_grads in enumerate(grads):
+        if n == 2:
+            m.freeze("w1")
+        if n == 3:
+            m.unfreeze("w1")
+            opt.load_state_dict(opt.state_dict())
+        opt.zero_grad()
+        for name, value in zip(m.params, step_grads):
+            if name in m.grads:
+                m.grads[name] += value
+        opt.step()
+    return {k: v.copy() for k, v in m.params.items()}, {k: {b: np.array(x) for b, x in st.items()}
+                                                        for k, st in opt.state.items()}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_in_one_launch_gives_the_numpy_bits(weight_decay, dtype, monkeypatch):
+    """Every parameter of the optimiser in one launch (the flat gradients of zero_grad, flat
+    moments beside them, the parameters found by their addresses): the NumPy path's bits, over
+    steps with a parameter frozen, unfrozen and the state saved and loaded in between."""
+    want = _adam_run(weight_decay, dtype)
+    kernel = _adam_in_c(monkeypatch)
+    calls = []
+    monkeypatch.setattr(optim_cuda, "adam_all_kernel", lambda: lambda *a: calls.append(a[3]) or kernel(*a))
+    got = _adam_run(weight_decay, dtype)
+    assert calls == [3, 3, 2]              # several parameters per launch; the last step: one each
+    for name in want[0]:
+        assert np.array_equal(_bits(got[0][name]), _bits(want[0][name])), name
+    assert want[1].keys() == got[1].keys()
+    for name in want[1]:
+        for key in want[1][name]:
+            assert np.array_equal(got[1][name][key], want[1][name][key]), (name, key)
+
+
 # ------------------------------------------------------------------------------------ batch norm's dot
 def test_channel_dot_kernel_is_the_einsum(monkeypatch):
     kernel = cuda_on_cpu.build(monkeypatch, batchnorm, "_cupy_dot_kernel")
@@ -292,13 +347,12 @@ def test_training_steps_with_every_cuda_kernel_in_c(monkeypatch):
     conv = counted(cuda_on_cpu.build(monkeypatch, conv_cuda), "conv")
     monkeypatch.setattr(conv_cuda, "kernels", lambda: conv)
     monkeypatch.setattr(conv_cuda, "enabled", lambda xp: config.settings.cuda_conv_kernels)
-    adam = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
-    monkeypatch.setattr(optim_cuda, "adam_kernel", lambda: lambda *a: ran.add("adam") or adam(*a))
-    monkeypatch.setattr(optimizers, "get_array_module", lambda *a: _NotNumPy())
+    adam = _adam_in_c(monkeypatch)
+    monkeypatch.setattr(optim_cuda, "adam_all_kernel", lambda: lambda *a: ran.add("adam") or adam(*a))
     with config.using(folded_rows=False):
         got_losses, got = _masked_wrn_steps(True, "full")
     assert {"mask.forward", "mask.grad_r", "mask.sums", "bn.forward", "bn.backward", "bn.sum",
-            "conv.im2col", "conv.col2im", "adam"} <= ran, sorted(ran)
+            "bn.grads_into", "conv.im2col", "conv.col2im", "adam"} <= ran, sorted(ran)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
@@ -310,14 +364,13 @@ def test_graph_step_with_adams_kernel_in_c_trains_bit_for_bit_as_train_step(monk
     them (GraphStep's NumPy emulation of capture and replay around it), the training is the plain
     NumPy loop's, bit for bit, over a change of learning rate."""
     plain, plain_state, _ = _train("plain")
-    adam = cuda_on_cpu.build(monkeypatch, optim_cuda, "adam_kernel")
+    adam = _adam_in_c(monkeypatch)
     scalars = []
 
     def kernel(*args):
-        scalars.append((type(args[1]), type(args[6])))        # step_size, bias2
+        scalars.append((type(args[4]), type(args[9])))        # step_size, bias2
         return adam(*args)
-    monkeypatch.setattr(optim_cuda, "adam_kernel", lambda: kernel)
-    monkeypatch.setattr(optimizers, "get_array_module", lambda *a: _NotNumPy())
+    monkeypatch.setattr(optim_cuda, "adam_all_kernel", lambda: kernel)
     steps, state, step = _train("graph")
     assert step.steps["replayed"] > 0 and scalars
     assert set(scalars) == {(np.ndarray, np.ndarray)}          # the device scalars, not floats

@@ -320,6 +320,8 @@ class Adam(Optimizer):
 
     def step(self) -> None:
         todo = [ref for ref in self.refs if ref.grad is not None]
+        if todo and get_array_module(todo[0].data) is not np and cuda.step_all(self, todo):
+            return                                      # CuPy: every parameter in one launch
         if (not todo or self.together_max <= 0 or get_array_module(todo[0].data) is not np
                 or len({id(ref.data) for ref in todo}) < len(todo)):
             return self._step_each(todo)                # CuPy, tied arrays, or switched off
