@@ -17,12 +17,20 @@ What one operation on a :class:`DeviceArray` counts, following what CuPy 14 laun
 ``a.sum(axis)``, ``a.mean()``, ``a.argmax()``   one ``reduction`` (CuPy's mean is one kernel)
 ``a @ b``, ``xp.dot``                           one ``gemm``, plus a ``copy`` per operand that is
                                                 neither C- nor F-contiguous (CuPy copies those
-                                                before it calls cuBLAS)
+                                                before it calls cuBLAS; C-contiguous for a
+                                                product of more than two dimensions)
 ``a.copy()``, ``astype``, ``b[...] = a``,       one ``copy`` (a reshape, ravel or
-``xp.concatenate``, a reshape that copies       ascontiguousarray that is a view: nothing)
-``xp.zeros``, ``zeros_like``                    one ``memset``; ``xp.empty``: nothing
+a reshape that copies                           ascontiguousarray that is a view: nothing;
+                                                ``b[s] += a`` writes b[s] in the addition: nothing)
+``xp.concatenate`` of n arrays                  n ``copy`` (n <= 8), else a table of them copied
+                                                to the device and one ``kernel``
+``xp.zeros``, ``zeros_like``, ``fill(0)`` and   one ``memset``; ``xp.empty``: nothing
+``a[...] = 0`` into contiguous memory
 ``xp.ones``, ``full``, ``a.fill(v)``,           one ``kernel``
-``a[...] = 0``, ``xp.arange``
+``a[s] = v``, ``xp.arange``
+``a[idx]``, ``a[idx] = v`` (index arrays)       one ``kernel``; with two or more index arrays also
+                                                a ``memset`` and a ``kernel`` per array; a host
+                                                index array one ``to_device``
 views (slices, ``.T``, ``reshape``)             nothing
 npmask's own ElementwiseKernel/ReductionKernel  one ``fused``, named by the kernel
 ``float(a)``, ``a.item()``, ``a.get()``,        one ``to_host``: a copy to the host, which waits for
@@ -32,8 +40,11 @@ any other function of the array module          one ``kernel`` named by it (an e
                                                 may be a few)
 =============================================  =====================================================
 
-A host NumPy array where CuPy takes only device arrays raises TypeError, as CuPy does, so a host
-array leaking into the step is an error here too. Each launch is recorded with the first npmask
+Nothing is counted for an empty array (CuPy launches nothing). A host NumPy array where CuPy takes
+device arrays (operands, ``out=``, values assigned, any function but the ones that copy host data
+to the device) raises TypeError, as CuPy does, so a host array leaking into the step is an error
+here too. What a NumPy subclass cannot see: ``numpy.asarray(a)`` and ``host[...] = a`` of a
+device array, which CuPy refuses. Each launch is recorded with the first npmask
 function on the stack (``nn/conv_fast.py:forward``), so a count can be read by where it comes from.
 The graph step (``--cuda-graphs``) is not modelled: it replays what the plain step launches.
 """
@@ -176,11 +187,13 @@ def _is_device(values) -> bool:
 def _gemm_copies(a, b) -> None:
     """CuPy's product (``_routines_linalg``: tensordot_core for 2-D operands, the strided-batched
     GEMM above) hands cuBLAS an operand as it is when it is C- or F-contiguous (2-D) or
-    C-contiguous (more dimensions) and copies any other first. (The graph step's own GEMMs,
+    C-contiguous (a product with more dimensions, both operands) and copies any other first; a
+    batched product's pointer kernels are not counted (npmask makes none). (The graph step's own GEMMs,
     npmask.training.cuda_gemm, also read rows with a leading dimension, without a copy.)"""
+    batched = max(np.ndim(a), np.ndim(b)) > 2       # then both are made C-contiguous
     for x in (a, b):
         if isinstance(x, np.ndarray) and x.ndim >= 2 and x.size and not (
-                x.flags.c_contiguous or (x.ndim == 2 and x.flags.f_contiguous)):
+                x.flags.c_contiguous or (not batched and x.flags.f_contiguous)):
             _record("copy", "copy for cuBLAS")
 
 
@@ -199,14 +212,14 @@ _COPIES = {"copy", "copyto", "concatenate", "stack", "hstack", "vstack", "column
 _FILLS = {"zeros_like": "memset", "ones_like": "kernel", "full_like": "kernel", "empty_like": None}
 _CREATE = {"zeros": "memset", "empty": None, "ones": "kernel", "full": "kernel",
            "arange": "kernel", "eye": "kernel", "identity": "kernel", "linspace": "kernel"}
-_REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin", "prod", "any",
+_REDUCTIONS = {"vdot", "sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin", "prod", "any",
                "all", "count_nonzero", "nansum", "nanmax", "nanmin"}
-_GEMMS = {"dot", "matmul", "tensordot", "vdot", "inner"}
+_GEMMS = {"dot", "matmul", "tensordot", "inner"}
 
 
 def _counted_function(name: str, func, args, kwargs):
     """A function of the array module called with device arrays, counted by the table above."""
-    _refuse_host(args, f"cupy.{name}")
+    _refuse_host(list(args) + list(kwargs.values()), f"cupy.{name}")
     with _quiet():
         result = func(*_plain(args), **_plain(kwargs))
     first = args[0] if args else None
@@ -218,6 +231,14 @@ def _counted_function(name: str, func, args, kwargs):
     elif name in _FILLS:
         if _FILLS[name]:
             _record(_FILLS[name], name)
+    elif name in ("concatenate", "stack", "hstack", "vstack", "column_stack"):
+        parts = args[0] if args else ()
+        if len(parts) <= 8:                    # CuPy: one copy per array, or one kernel after
+            for _ in parts:                    # copying a table of their pointers to the device
+                _record("copy", name)
+        else:
+            _record("to_device", f"{name}'s table of arrays")
+            _record("kernel", name)
     elif name in _COPIES:
         _record("copy", name)
     elif name in _REDUCTIONS:
@@ -235,7 +256,7 @@ class DeviceArray(np.ndarray):
     """A NumPy array standing for a ``cupy.ndarray``: what CuPy would launch for it is counted."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-        _refuse_host(inputs, f"cupy.{ufunc.__name__}")
+        _refuse_host(list(inputs) + list(out or ()), f"cupy.{ufunc.__name__}")
         with _quiet():
             plain_out = None if out is None else tuple(_plain(o) for o in out)
             extra = {} if plain_out is None else {"out": plain_out}
@@ -256,14 +277,16 @@ class DeviceArray(np.ndarray):
 
     # ---- methods NumPy implements in C, past the two hooks above
     def copy(self, order="C"):
-        _record("copy", "copy")
+        if self.size:
+            _record("copy", "copy")
         with _quiet():
             return _device(self.view(np.ndarray).copy(order))
 
     def astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
         if not copy and np.dtype(dtype) == self.dtype:
             return self
-        _record("copy", "astype")
+        if self.size:
+            _record("copy", "astype")
         with _quiet():
             return _device(self.view(np.ndarray).astype(dtype, order, casting))
 
@@ -312,23 +335,45 @@ class DeviceArray(np.ndarray):
 
     def __getitem__(self, key):
         keys = key if isinstance(key, tuple) else (key,)
-        _refuse_host([k for k in keys if isinstance(k, np.ndarray) and k.dtype != bool], "indexing")
+        arrays = [k for k in keys if isinstance(k, (np.ndarray, list))]
+        self._index_arrays(arrays)
         with _quiet():
             result = self.view(np.ndarray)[_plain(key)]
-        if any(isinstance(k, np.ndarray) and k.dtype == bool for k in keys):
-            _record("to_host", "boolean mask (its count)")
-        if any(isinstance(k, (np.ndarray, list)) for k in keys):
+        if arrays:
             _record("kernel", "take")
         return _device(result)
 
+    def _index_arrays(self, arrays) -> None:
+        """What CuPy launches to prepare index arrays: a host one is copied to the device, a
+        boolean mask is counted on the host first; with several, a memset and one kernel each
+        combine them into one flat index (cupy/_core/_routines_indexing.pyx)."""
+        for k in arrays:
+            if not isinstance(k, DeviceArray):
+                _record("to_device", "index array")
+            elif k.dtype == bool:
+                _record("to_host", "boolean mask (its count)")
+        if len(arrays) >= 2:
+            _record("memset", "index")
+            for _ in arrays:
+                _record("kernel", "index")
+
     def __setitem__(self, key, value):
-        _refuse_host([value], "assignment")
-        target = self.view(np.ndarray)[_plain(key)] if not isinstance(key, np.ndarray) else None
-        if target is None or target.size:
+        if isinstance(value, np.ndarray) and value.ndim:
+            _refuse_host([value], "assignment")
+        keys = key if isinstance(key, tuple) else (key,)
+        arrays = [k for k in keys if isinstance(k, (np.ndarray, list))]
+        with _quiet():
+            target = None if arrays else self.view(np.ndarray)[_plain(key)]
+        same = (isinstance(value, DeviceArray) and target is not None and value.shape == target.shape
+                and value.strides == target.strides and value.ctypes.data == target.ctypes.data)
+        if arrays:                             # a scatter
+            self._index_arrays(arrays)
+            _record("kernel", "scatter")
+        elif target.size and not same:         # a[s] += b has already written a[s]: nothing
             if isinstance(value, np.ndarray) and value.ndim:
                 _record("copy", "setitem")
-            else:
-                _record("kernel", "fill" if target is not None else "scatter")
+            else:                              # CuPy's fill: a memset for 0 into contiguous memory
+                _record("memset" if value == 0 and target.flags.c_contiguous else "kernel", "fill")
         with _quiet():
             self.view(np.ndarray)[_plain(key)] = _plain(value)
 
@@ -377,7 +422,8 @@ class _CountedKernel:
 
     def __call__(self, *args, **kwargs):
         _refuse_host(args, self.kernel.name)
-        _record("fused", self.kernel.name)
+        if any(isinstance(a, np.ndarray) and a.size for a in args) or kwargs.get("size"):
+            _record("fused", self.kernel.name)     # CuPy launches nothing for an empty loop
         plain = _plain(args)
         originals = {id(p): a for p, a in zip(plain, args) if isinstance(a, DeviceArray)}
         with _quiet():
@@ -395,6 +441,30 @@ def _kernel_class(base):
     return make
 
 
+def _is_host(values) -> bool:
+    return any((isinstance(v, np.ndarray) and not isinstance(v, DeviceArray))
+               or (isinstance(v, (list, tuple)) and _is_host(v)) for v in values)
+
+
+_HOST_IN = {"asarray", "array", "ascontiguousarray", "asanyarray"}    # host data to the device
+
+
+class _Ufunc:
+    """A NumPy ufunc as CuPy's: device arrays only (their hook counts the call)."""
+
+    def __init__(self, ufunc):
+        self.ufunc = ufunc
+
+    def __call__(self, *args, **kwargs):
+        if not _is_device(args) and _is_host(list(args) + list(kwargs.values())):
+            raise TypeError(f"cupy.{self.ufunc.__name__}: a NumPy array where CuPy takes device "
+                            "arrays; CuPy does not copy it to the GPU implicitly")
+        return self.ufunc(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.ufunc, name)
+
+
 class CountingCupy(types.ModuleType):
     """The stand-in for the ``cupy`` module: NumPy's names, their results on the device, counted."""
 
@@ -408,15 +478,19 @@ class CountingCupy(types.ModuleType):
 
     def __getattr__(self, name):
         attr = getattr(np, name)
-        if not isinstance(attr, (types.FunctionType, types.BuiltinFunctionType)) or \
-                not callable(attr) or isinstance(attr, type):
-            return attr
+        if isinstance(attr, np.ufunc):
+            return _Ufunc(attr)
+        if not callable(attr) or isinstance(attr, type):
+            return attr                            # dtypes, constants, submodules
         return functools.partial(self._call, name, attr)
 
     @staticmethod
     def _call(name, fn, *args, **kwargs):
         if _is_device(args) or _is_device(kwargs.values()):
             return _counted_function(name, fn, args, kwargs)
+        if name not in _HOST_IN and _is_host(list(args) + list(kwargs.values())):
+            raise TypeError(f"cupy.{name}: a NumPy array where CuPy takes device arrays; CuPy "
+                            "does not copy it to the GPU implicitly")
         with _quiet():
             result = fn(*args, **kwargs)
         if name in ("asarray", "array", "ascontiguousarray", "asanyarray"):

@@ -57,7 +57,9 @@ def _count(fn):
     (lambda cp, a, b: a.fill(0), [("memset", "fill")]),
     (lambda cp, a, b: a[:, :2].fill(0), [("kernel", "fill")]),               # not contiguous
     (lambda cp, a, b: a.__setitem__((slice(None), slice(0, 5)), b[:4]), [("copy", "setitem")]),
-    (lambda cp, a, b: a.__setitem__(Ellipsis, 0), [("kernel", "fill")]),
+    (lambda cp, a, b: a.__setitem__(Ellipsis, 0), [("memset", "fill")]),
+    (lambda cp, a, b: a.__setitem__((slice(None), slice(0, 2)), 1.0), [("kernel", "fill")]),
+    (lambda cp, a, b: a.__setitem__(slice(0, 2), a[:2].__iadd__(1)), [("kernel", "add")]),  # a[:2] += 1
     (lambda cp, a, b: a.astype(np.float64), [("copy", "astype")]),
     (lambda cp, a, b: a.astype(np.float32, copy=False), []),
     (lambda cp, a, b: float(a.sum()), [("reduction", "add.reduce"), ("to_host", "float")]),
@@ -65,7 +67,16 @@ def _count(fn):
     (lambda cp, a, b: cp.asarray(np.ones(3)), [("to_device", "asarray")]),
     (lambda cp, a, b: cp.asarray(a), []),
     (lambda cp, a, b: a[cp.arange(2)], [("kernel", "arange"), ("kernel", "take")]),
-    (lambda cp, a, b: cp.concatenate([a, a]), [("copy", "concatenate")]),
+    (lambda cp, a, b: cp.concatenate([a, a]), [("copy", "concatenate")] * 2),
+    (lambda cp, a, b: cp.concatenate([a] * 9), [("to_device", "concatenate's table of arrays"),
+                                                ("kernel", "concatenate")]),
+    (lambda cp, a, b: a[cp.arange(2), cp.arange(2)], [("kernel", "arange")] * 2 + [
+        ("memset", "index"), ("kernel", "index"), ("kernel", "index"), ("kernel", "take")]),
+    (lambda cp, a, b: a[np.arange(2)], [("to_device", "index array"), ("kernel", "take")]),
+    (lambda cp, a, b: a.reshape(1, 4, 6) @ b.T.T, [("gemm", "matmul")]),
+    (lambda cp, a, b: a.reshape(1, 4, 6) @ cp.ascontiguousarray(b.T).T,
+     [("copy", "ascontiguousarray"), ("copy", "copy for cuBLAS"), ("gemm", "matmul")]),
+    (lambda cp, a, b: a[:0].copy(), []),
     (lambda cp, a, b: a + cp.empty((0, 6), np.float32)[:0].sum(axis=0), [("reduction", "add.reduce"),
                                                                            ("kernel", "add")]),
 ])
@@ -76,7 +87,9 @@ def test_what_an_operation_counts(fn, events):
 def test_a_host_array_where_cupy_takes_device_arrays_is_refused_as_cupy_does():
     for fn in (lambda cp, a, b: a + np.ones(6, np.float32), lambda cp, a, b: np.ones((5, 4)) @ a,
                lambda cp, a, b: cp.concatenate([a, np.ones((1, 6))]),
-               lambda cp, a, b: a.__setitem__(0, np.ones(6))):
+               lambda cp, a, b: a.__setitem__(0, np.ones(6)),
+               lambda cp, a, b: cp.exp(np.ones(3)), lambda cp, a, b: cp.add(a, a, out=np.empty((4, 6))),
+               lambda cp, a, b: cp.zeros_like(np.ones(3)), lambda cp, a, b: cp.where(a > 0, a, np.ones(6))):
         with pytest.raises(TypeError, match="NumPy array where CuPy takes device arrays"):
             _count(fn)
     assert _count(lambda cp, a, b: a * np.float32(2)) == [("kernel", "multiply")]     # a scalar is

@@ -511,3 +511,14 @@ def test_zero_grad_keeps_a_gradient_array_two_parameters_share():
     opt = SGD(m.parameters(), lr=0.1)
     opt.zero_grad()
     assert m.p1.grads["w"] is m.p0.grads["w"] and not m.p0.grads["w"].any()
+
+
+def test_zero_grad_keeps_gradients_that_share_memory_through_views():
+    m = _three((np.float64, np.float64, np.float64))
+    shared = np.zeros(6)
+    m.p0.grads["w"], m.p1.grads["w"] = shared.reshape(2, 3), shared.reshape(2, 3)[:]   # two views
+    shared[...] = 4.0
+    opt = SGD(m.parameters(), lr=0.1)
+    opt.zero_grad()
+    assert m.p0.grads["w"].base is shared and m.p1.grads["w"].base is shared
+    assert not shared.any() and not m.p2.grads["w"].any()

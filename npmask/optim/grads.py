@@ -9,7 +9,10 @@ zeroes that array in one fill. The numbers are the same; only where the gradient
 
 A gradient array replaced since (``Module.to``, ``freeze``/``unfreeze``) is seen at the next
 ``zero_grad`` (the module no longer holds the view) and the gradients move to new flat arrays.
-Two parameters that share one gradient array keep it, zeroed one by one.
+Gradients that may share memory (one array for two parameters, views of one array) are kept as
+they are and zeroed one by one. Not supported: one gradient array shared by parameters
+of two optimisers (each would take it into its own flat array), or two optimisers over the same
+parameters (they would take the gradients from each other at every ``zero_grad``).
 """
 from __future__ import annotations
 
@@ -34,9 +37,20 @@ def zero(refs, held: FlatGrads | None) -> FlatGrads:
     return held
 
 
+def _overlap(arrays) -> bool:
+    """Whether two of the arrays may share memory (a non-contiguous one is taken to)."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        return True
+    spans = sorted((start, start + a.nbytes) for a in arrays if a.nbytes
+                   for start in [a.data.ptr if hasattr(a.data, "ptr")           # CuPy
+                                 else a.__array_interface__["data"][0]])        # NumPy
+    return any(lo < end for (_, end), (lo, _) in zip(spans, spans[1:]))
+
+
 def gather(refs) -> FlatGrads:
-    """Each gradient of ``refs`` replaced on its module by a view of a new zero array."""
-    if len({id(ref.grad) for ref in refs}) < len(refs):       # a shared gradient array
+    """Each gradient of ``refs`` replaced on its module by a view of a new zero array; the arrays
+    kept as they are when two of them may share memory."""
+    if _overlap([ref.grad for ref in refs]):
         return FlatGrads([ref.grad for ref in refs], [ref.grad for ref in refs])
     kinds: dict = {}
     for ref in refs:
