@@ -107,3 +107,35 @@ def test_training_steps_match_numpy(variant, dtype):
             off = ~np.isclose(p_gpu[n], p_cpu[n], **tol)
             assert off.sum() <= max(1, 0.005 * off.size), f"{n}: {off.sum()} of {off.size} values differ"
             np.testing.assert_allclose(p_gpu[n], p_cpu[n], rtol=0, atol=5e-3, err_msg=n)
+
+
+def test_adam_in_one_launch_matches_adam_per_parameter_on_the_device(monkeypatch):
+    """Adam's one-launch kernel (device addresses, start offsets, flat moments) against its kernel
+    per parameter, on the GPU, three steps: the same statements, so the same numbers (to float32
+    rounding, should NVRTC contract the two kernels' arithmetic differently)."""
+    from npmask.nn.module import Module
+    from npmask.optim import cuda as optim_cuda
+    rng = np.random.default_rng(7)
+    shapes = [(16, 3, 3, 3), (16,), (1,), (10, 16)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    step_all, results = optim_cuda.step_all, []
+    for one_launch in (True, False):
+        taken = []
+        monkeypatch.setattr(optim_cuda, "step_all",
+                            lambda *a: taken.append(one_launch and step_all(*a)) or taken[-1])
+        m = Module()
+        for i, a in enumerate(start):
+            m.register_param(f"w{i}", a.copy())
+        m.to("cupy")
+        opt = Adam(m.parameters(), lr=1e-2, weight_decay=1e-3)
+        for step in grads:
+            opt.zero_grad()
+            for (name, g), value in zip(m.grads.items(), step):
+                g += to_device(value, "cupy")
+            opt.step()
+        assert taken == [one_launch] * 3
+        results.append([to_numpy(m.params[f"w{i}"]) for i in range(4)]
+                       + [to_numpy(opt.state[f"w{i}"][k]) for i in range(4) for k in ("exp_avg", "exp_avg_sq")])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
