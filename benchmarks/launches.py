@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from npmask import config, models  # noqa: E402
 from npmask.backend import to_device  # noqa: E402
+from npmask.masking.variants import get_variant  # noqa: E402
 from npmask.multidomain import MultiDomainModel  # noqa: E402
 from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
 from npmask.training.loop import train_step  # noqa: E402
@@ -79,6 +80,12 @@ def main(argv=None) -> int:
     if not cuda_on_cpu.available():
         raise SystemExit(cuda_on_cpu.skip_reason())
     variants = [v for v in args.variants.split(",") if v]
+    try:                                           # an unknown model or variant: one line, first
+        for variant in variants:
+            get_variant(variant)
+        models.create(args.model, num_classes=10, input_size=args.size, seed=0)
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"launches.py: {exc.args[0] if exc.args else exc}")
     name, values = parse_setting(args.setting) if args.setting else (None, [None])
     print("command: python benchmarks/launches.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}: launches of one training step "
