@@ -234,26 +234,33 @@ def test_host_code_with_emulated_kernels_gives_the_readable_convolution(emulated
 
 def _masked_wrn_steps(on, variant, backend="numpy", sizes=(8, 8, 5)):
     """Losses and final state of a few training steps of a masked WRN-16-1, cuda_conv_kernels = on."""
+    with config.using(cuda_conv_kernels=on):
+        losses, state, _, _ = masked_wrn_training(variant, backend, sizes)
+    return losses, state
+
+
+def masked_wrn_training(variant, backend="numpy", sizes=(8, 8, 5), step=None):
+    """(losses, final state, model, optimiser) of training steps of a masked WRN-16-1 on batches
+    of ``sizes``, each ``step(model, optimiser, x, y) -> (loss, logits)`` (default: train_step)."""
     from npmask.multidomain import MultiDomainModel
     from npmask.optim import SGD, Adam, Optimizers
     from npmask.training.loop import train_step
-    with config.using(cuda_conv_kernels=on):
-        model = MultiDomainModel(models.create("wrn16_1", num_classes=5, input_size=16, seed=0))
-        model.add_domain("d", num_classes=4, variant=variant, seed=1, mask_init=(-1e-4, 2e-4))
-        model.set_domain("d").train()
-        if backend == "cupy":
-            model.to("cupy")
-        groups = model.parameter_groups()
-        opt = Optimizers(body=Adam(groups["body"], lr=1e-3, weight_decay=1e-4),
-                         head=SGD(groups["head"], lr=1e-2, momentum=0.9, weight_decay=5e-4))
-        rng = np.random.default_rng(0)
-        losses = []
-        for n in sizes:
-            x = to_device(rng.standard_normal((n, 3, 16, 16)).astype(np.float32), backend)
-            y = to_device(rng.integers(0, 4, n), backend)
-            loss, _ = train_step(model, opt, x, y)
-            losses.append(float(loss))
-        return losses, {k: to_numpy(v) for k, v in model.network().state_dict().items()}
+    model = MultiDomainModel(models.create("wrn16_1", num_classes=5, input_size=16, seed=0))
+    model.add_domain("d", num_classes=4, variant=variant, seed=1, mask_init=(-1e-4, 2e-4))
+    model.set_domain("d").train()
+    if backend == "cupy":
+        model.to("cupy")
+    groups = model.parameter_groups()
+    opt = Optimizers(body=Adam(groups["body"], lr=1e-3, weight_decay=1e-4),
+                     head=SGD(groups["head"], lr=1e-2, momentum=0.9, weight_decay=5e-4))
+    rng = np.random.default_rng(0)
+    losses = []
+    for n in sizes:
+        x = to_device(rng.standard_normal((n, 3, 16, 16)).astype(np.float32), backend)
+        y = to_device(rng.integers(0, 4, n), backend)
+        loss, _ = (step or train_step)(model, opt, x, y)
+        losses.append(float(loss))
+    return losses, {k: to_numpy(v) for k, v in model.network().state_dict().items()}, model, opt
 
 
 def test_masked_wrn_training_steps_with_emulated_kernels(emulated):

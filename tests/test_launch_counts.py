@@ -17,10 +17,11 @@ import cuda_on_cpu
 import numpy as np
 import pytest
 from cupy_counting import FACTORIES, counting_cupy
+from test_conv_cuda import masked_wrn_training
 
 import npmask
-from npmask import config, models
-from npmask.backend import get_backend, to_device, to_numpy
+from npmask import config
+from npmask.backend import get_backend, to_numpy
 
 pytestmark = pytest.mark.skipif(not cuda_on_cpu.available(), reason=str(cuda_on_cpu.skip_reason()))
 
@@ -142,39 +143,20 @@ def test_every_kernel_factory_of_npmask_is_rebuilt_with_the_stand_in():
 
 
 # ------------------------------------------------------------------------------------ training
-def _masked_steps(variant, backend, log=None, sizes=(8, 8, 8)):
-    """(losses, each step's events (with the counting ``log``), final state, model, optimiser) of
-    training steps of a masked WRN-16-1."""
-    from npmask.multidomain import MultiDomainModel
-    from npmask.optim import SGD, Adam, Optimizers
+def _on_cupy(variant, sizes=(8, 8, 8), **settings):
+    """(losses, each step's events, final state, model, optimiser) of training steps of a masked
+    WRN-16-1 (test_conv_cuda's) on the counting CuPy, under the npmask ``settings``."""
     from npmask.training.loop import train_step
-    model = MultiDomainModel(models.create("wrn16_1", num_classes=5, input_size=16, seed=0))
-    model.add_domain("d", num_classes=4, variant=variant, seed=1, mask_init=(-1e-4, 2e-4))
-    model.set_domain("d").train()
-    model.to(backend)
-    groups = model.parameter_groups()
-    opt = Optimizers(body=Adam(groups["body"], lr=1e-3, weight_decay=1e-4),
-                     head=SGD(groups["head"], lr=1e-2, momentum=0.9, weight_decay=5e-4))
-    rng = np.random.default_rng(0)
-    losses, events = [], []
-    for n in sizes:
-        x = to_device(rng.standard_normal((n, 3, 16, 16)).astype(np.float32), backend)
-        y = to_device(rng.integers(0, 4, n), backend)
-        if log is None:
-            loss, _ = train_step(model, opt, x, y)
-        else:
+    events = []
+    with config.using(**settings), counting_cupy() as log:
+        def recorded(*args):
             log.clear()
             with log.recording():
-                loss, _ = train_step(model, opt, x, y)
+                out = train_step(*args)
             events.append(list(log.events))
-        losses.append(loss)
-    state = {k: to_numpy(v) for k, v in model.network().state_dict().items()}
+            return out
+        losses, state, model, opt = masked_wrn_training(variant, "cupy", sizes, recorded)
     return losses, events, state, model, opt
-
-
-def _on_cupy(variant, sizes=(8, 8, 8), **settings):
-    with config.using(**settings), counting_cupy() as log:
-        return _masked_steps(variant, "cupy", log, sizes)
 
 
 @pytest.mark.parametrize("variant, settings", [
@@ -188,9 +170,9 @@ def test_the_cupy_path_trains_as_the_numpy_path(variant, settings):
     off, and none by more than 5e-3. Two steps (the second on a smaller batch): from the third, a
     mask bit that rounding put on the other side of the threshold changes everything after it."""
     with config.using(**settings):
-        want_losses, _, want, *_ = _masked_steps(variant, "numpy", sizes=(8, 5))
+        want_losses, want, *_ = masked_wrn_training(variant, "numpy", sizes=(8, 5))
     got_losses, events, got, *_ = _on_cupy(variant, sizes=(8, 5), **settings)
-    assert all(any(e.kind == "fused" for e in step) for step in events)
+    assert len(events) == 2 and all(any(e.kind == "fused" for e in step) for step in events)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     for name in want:
         off = ~np.isclose(got[name], want[name], rtol=1e-4, atol=1e-5)
