@@ -10,6 +10,7 @@ import functools
 import numpy as np
 
 from ..backend import _import_cupy, get_array_module
+from .grads import same
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +69,7 @@ def step_all(adam, todo) -> bool:
     gradients must be the views of one flat array that ``zero_grad`` made (one dtype), each
     parameter a contiguous array of its own, all at the same step count."""
     grads = getattr(adam, "_grads", None)
-    if (grads is None or len(grads.flats) != 1 or len(grads.views) != len(todo)
-            or any(r.grad is not g for r, g in zip(todo, grads.views))
+    if (grads is None or len(grads.flats) != 1 or not same([r.grad for r in todo], grads.views)
             or len({id(r.data) for r in todo}) < len(todo)
             or not all(r.data.flags.c_contiguous for r in todo)):
         return False
@@ -99,8 +99,8 @@ def _flat_moments(adam, todo, states, flat_grad, step):
     zeros at the first step, else the moments there gathered once (a state loaded from a file, or
     made by per-parameter steps); None when some parameter lacks them."""
     held = getattr(adam, "_moments", None)
-    if held is not None and len(held[2]) == len(states) and all(
-            s.get("exp_avg") is m and s.get("exp_avg_sq") is v for s, m, v in zip(states, held[2], held[3])):
+    if held is not None and same([s.get("exp_avg") for s in states], held[2]) \
+            and same([s.get("exp_avg_sq") for s in states], held[3]):
         return held[0], held[1]
     xp = get_array_module(flat_grad)
     flats = []
@@ -108,7 +108,8 @@ def _flat_moments(adam, todo, states, flat_grad, step):
         if step == 0:
             flats.append(xp.zeros_like(flat_grad))
         elif all(key in s for s in states):
-            flats.append(xp.concatenate([s[key].reshape(-1) for s in states]).astype(flat_grad.dtype))
+            flats.append(xp.concatenate([s[key].reshape(-1) for s in states]).astype(
+                flat_grad.dtype, copy=False))
         else:
             return None
     views = ([], [])
@@ -128,7 +129,7 @@ def _table(adam, todo):
     """The parameters' device addresses and start offsets, made when the parameter arrays change
     (the arrays are held with the table, so an address cannot be reused by another array)."""
     held = getattr(adam, "_table", None)
-    if held is None or len(held[0]) != len(todo) or any(r.data is not a for r, a in zip(todo, held[0])):
+    if not same([r.data for r in todo], held and held[0]):
         xp = get_array_module(todo[0].data)
         sizes = np.array([0] + [r.data.size for r in todo], dtype=np.int64)
         params = xp.asarray(np.array([address(r.data) for r in todo], dtype=np.uint64))

@@ -26,12 +26,16 @@ class FlatGrads(NamedTuple):
     flats: list        # the arrays to fill with zeros (the views' bases)
 
 
+def same(arrays, kept) -> bool:
+    """Whether ``arrays`` are the very arrays ``kept`` (None: nothing kept), in order."""
+    return kept is not None and len(arrays) == len(kept) and all(a is b for a, b in zip(arrays, kept))
+
+
 def zero(refs, held: FlatGrads | None) -> FlatGrads:
     """Zero the gradients of ``refs`` (those not frozen); returns what to pass as ``held`` next time."""
-    current = [ref.grad for ref in refs if ref.grad is not None]
-    if held is None or len(held.views) != len(current) or any(
-            g is not v for g, v in zip(current, held.views)):
-        held = gather([ref for ref in refs if ref.grad is not None])
+    trained = [ref for ref in refs if ref.grad is not None]
+    if not same([ref.grad for ref in trained], held and held.views):
+        held = gather(trained)
     for flat in held.flats:
         flat.fill(0)
     return held
