@@ -42,13 +42,12 @@ from npmask.optim import SGD, Adam, Optimizers  # noqa: E402
 from npmask.training.loop import train_step  # noqa: E402
 
 from _settings import parse_setting  # noqa: E402
+import cupy_counting  # noqa: E402  (tests/: the counting stand-in for CuPy)
 
-KINDS = ("kernel", "reduction", "gemm", "copy", "memset", "fused")
 
 
 def count_step(model_name: str, size: int, batch: int, variant: str, steps: int = 3):
     """The cupy_counting Log of the last of ``steps`` training steps of ``variant`` on CuPy."""
-    import cupy_counting
     with cupy_counting.counting_cupy() as log:
         model = MultiDomainModel(models.create(model_name, num_classes=10, input_size=size, seed=0))
         model.add_domain(variant, num_classes=10, variant=variant, seed=0)
@@ -76,9 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--where", default="full", help="variants whose launches are listed by origin")
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args(argv)
-    import cuda_on_cpu
-    if not cuda_on_cpu.available():
-        raise SystemExit(cuda_on_cpu.skip_reason())
+    if not cupy_counting.cuda_on_cpu.available():
+        raise SystemExit(cupy_counting.cuda_on_cpu.skip_reason())
     variants = [v for v in args.variants.split(",") if v]
     try:                                           # an unknown model or variant: one line, first
         for variant in variants:
@@ -91,7 +89,8 @@ def main(argv=None) -> int:
     print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}: launches of one training step "
           f"on CuPy (the third), counted on the CPU; settings (unless varied below): cuda_conv_kernels="
           f"{config.settings.cuda_conv_kernels}, fuse_bn_relu={config.settings.fuse_bn_relu}")
-    head = f"{'variant':<40}{'launches':>9}" + "".join(f"{k:>10}" for k in KINDS) + f"{'to_host':>9}"
+    kinds = cupy_counting.LAUNCHES
+    head = f"{'variant':<40}{'launches':>9}" + "".join(f"{k:>10}" for k in kinds) + f"{'to_host':>9}"
     print(head)
     print("-" * len(head))
     logs = {}
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
                 log = count_step(args.model, args.size, args.batch, variant)
             logs[label] = log
             counts = log.counts()
-            print(f"{label:<40}{log.launches():>9}" + "".join(f"{counts[k]:>10}" for k in KINDS)
+            print(f"{label:<40}{log.launches():>9}" + "".join(f"{counts[k]:>10}" for k in kinds)
                   + f"{counts['to_host']:>9}", flush=True)
     print("-" * len(head))
     for label, log in logs.items():

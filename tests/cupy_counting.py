@@ -207,8 +207,8 @@ _VIEWS = {"transpose", "swapaxes", "moveaxis", "expand_dims", "broadcast_to", "b
           "may_share_memory", "shares_memory", "iscomplexobj", "isrealobj", "split", "array_split"}
 _MAYBE_COPY = {"reshape", "ravel", "ascontiguousarray", "asarray", "asanyarray", "asfortranarray",
                "require", "squeeze", "array"}
-_COPIES = {"copy", "copyto", "concatenate", "stack", "hstack", "vstack", "column_stack", "flip",
-           "roll", "pad", "repeat", "tile"}
+_JOINS = {"concatenate", "stack", "hstack", "vstack", "column_stack"}
+_COPIES = {"copy", "copyto", "flip", "roll", "pad", "repeat", "tile"}
 _FILLS = {"zeros_like": "memset", "ones_like": "kernel", "full_like": "kernel", "empty_like": None}
 _CREATE = {"zeros": "memset", "empty": None, "ones": "kernel", "full": "kernel",
            "arange": "kernel", "eye": "kernel", "identity": "kernel", "linspace": "kernel"}
@@ -231,7 +231,7 @@ def _counted_function(name: str, func, args, kwargs):
     elif name in _FILLS:
         if _FILLS[name]:
             _record(_FILLS[name], name)
-    elif name in ("concatenate", "stack", "hstack", "vstack", "column_stack"):
+    elif name in _JOINS:
         parts = args[0] if args else ()
         if len(parts) <= 8:                    # CuPy: one copy per array, or one kernel after
             for _ in parts:                    # copying a table of their pointers to the device
